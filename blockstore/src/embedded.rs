@@ -1,0 +1,83 @@
+//! The embedded pool: with no pool directory configured, a sparse XFS image
+//! (`reflink=1`) under the state root, loop-mounted at `<root>/pool`. Its loop
+//! device is attached with autoclear, so unmounting the pool frees it.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
+
+use crate::error::{Error, Result};
+use crate::fs::run;
+use crate::loops::{self, AttachOpts};
+use crate::units::Bytes;
+
+/// Makes sure the embedded pool exists and is mounted; returns its mount point.
+pub(crate) fn ensure(root: &Path, size: Bytes, direct_io: bool) -> Result<PathBuf> {
+    let mp = root.join("pool");
+    if is_mountpoint(&mp)? {
+        return Ok(mp);
+    }
+    fs::create_dir_all(&mp).map_err(Error::io("create", &mp))?;
+    let img = root.join("pool.img");
+    if !img.exists() {
+        // Format under a temporary name so a crash never leaves a half-made pool image.
+        let tmp = root.join("pool.img.tmp");
+        let file = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(Error::io("create", &tmp))?;
+        file.set_len(size.get()).map_err(Error::io("size", &tmp))?;
+        drop(file);
+        run("mkfs.xfs", &["-q".as_ref(), "-f".as_ref(), "-K".as_ref(), "-m".as_ref(), "reflink=1".as_ref(), tmp.as_os_str()], &tmp)?;
+        fs::rename(&tmp, &img).map_err(Error::io("rename", &tmp))?;
+    }
+    let attached = loops::attach(&img, AttachOpts { read_only: false, direct_io, autoclear: true })?;
+    // `attached` stays open until the mount holds the device, or autoclear would free it.
+    mount(&attached.node, &mp, "xfs", MountFlags::NOATIME, c"").map_err(|e| Error::io("mount pool image", &img)(e.into()))?;
+    tracing::info!(image = %img.display(), mountpoint = %mp.display(), loop_dev = %attached.node.display(), %size, "embedded pool mounted");
+    Ok(mp)
+}
+
+/// Unmounts the embedded pool if nothing uses it any more; otherwise leaves it.
+pub(crate) fn release(mp: &Path) -> Result<()> {
+    match unmount(mp, UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => {
+            tracing::warn!(mountpoint = %mp.display(), "pool still in use; left mounted");
+            Ok(())
+        }
+        Err(e) => Err(Error::io("unmount", mp)(e.into())),
+    }
+}
+
+/// Whether `path` is a mount point, from `/proc/self/mountinfo`.
+pub(crate) fn is_mountpoint(path: &Path) -> Result<bool> {
+    let info = "/proc/self/mountinfo";
+    let text = fs::read_to_string(info).map_err(Error::io("read", info))?;
+    Ok(text.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| Path::new(&unescape(mp)) == path)))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(super::unescape(r"/a\040b\011c"), "/a b\tc");
+        assert_eq!(super::unescape(r"/plain"), "/plain");
+        assert_eq!(super::unescape(r"/trail\04"), r"/trail\04");
+    }
+}

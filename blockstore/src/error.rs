@@ -1,0 +1,109 @@
+//! Errors of the block engine. Each variant carries its context (device, path,
+//! operation) and maps to a stable [`ErrorKind`] that front ends translate into
+//! gRPC codes; nobody matches on message text.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::units::{Bytes, DeviceId};
+
+/// Stable classification of an error, independent of its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is malformed.
+    InvalidArgument,
+    /// The named object does not exist.
+    NotFound,
+    /// The object already exists.
+    AlreadyExists,
+    /// The object is not in a state that allows the operation.
+    FailedPrecondition,
+    /// The pool (or its backing filesystem) is out of space.
+    ResourceExhausted,
+    /// A bug or an unexpected failure of the kernel or a tool.
+    Internal,
+}
+
+/// Errors of the block engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("device {0} not found")]
+    DeviceNotFound(DeviceId),
+    #[error("device {id} is {state}, not ready")]
+    DeviceNotReady { id: DeviceId, state: &'static str },
+    #[error("device size {requested} is smaller than its origin's {origin}")]
+    SizeBelowOrigin { requested: Bytes, origin: Bytes },
+    #[error("shrinking device {id} from {current} to {requested} is not supported")]
+    Shrink { id: DeviceId, current: Bytes, requested: Bytes },
+    #[error("pool {path} is full: {free} free, {reserve} kept in reserve")]
+    PoolFull { path: PathBuf, free: Bytes, reserve: Bytes },
+    #[error("pool directory {path} cannot hold reflinked devices")]
+    NoReflink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{tool} on {path} failed ({status}): {stderr}")]
+    Tool { tool: &'static str, path: PathBuf, status: String, stderr: String },
+    #[error("metadata store")]
+    Store(#[from] redb::Error),
+    #[error("corrupt metadata record {key}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `op` on `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    /// The stable kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::DeviceNotFound(_) => ErrorKind::NotFound,
+            Error::DeviceNotReady { .. } | Error::NoReflink { .. } => ErrorKind::FailedPrecondition,
+            Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
+            Error::PoolFull { .. } => ErrorKind::ResourceExhausted,
+            Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
+            Error::Io { .. } | Error::Tool { .. } | Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() || code == rustix::io::Errno::DQUOT.raw_os_error())
+}
+
+macro_rules! store_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Store(e.into())
+            }
+        }
+    )*};
+}
+store_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Result alias of the block engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

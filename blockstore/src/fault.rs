@@ -1,0 +1,17 @@
+//! Crash injection for the crash-safety tests, compiled only with the
+//! `fault-injection` feature. `THINBOX_FAULT=<point>` makes the process abort
+//! (no unwinding, no destructors: like `kill -9`) when it reaches that point.
+
+/// Aborts the process if `THINBOX_FAULT` names `point`.
+#[cfg(feature = "fault-injection")]
+pub fn point(point: &'static str) {
+    if std::env::var("THINBOX_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("thinbox: injected crash at {point}");
+        std::process::abort();
+    }
+}
+
+/// Without the `fault-injection` feature this compiles to nothing.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_point: &'static str) {}

@@ -1,0 +1,39 @@
+//! Thinbox's block engine: a pool of copy-on-write block devices and the
+//! crash-safe metadata that describes them.
+//!
+//! # Lifecycle
+//! 1. [`Pool::open`] opens the metadata store (`<root>/meta.redb`), mounts the
+//!    embedded pool image when no pool directory is configured, and learns which
+//!    loop devices already belong to the pool.
+//! 2. The front end drops its own half-done records, then calls
+//!    [`Pool::reconcile`] with the device ids it still references: half-created
+//!    devices are rolled back, half-deleted ones finished, unreferenced ones and
+//!    stray files and loops removed, active devices re-attached after a reboot.
+//! 3. Each change is two-phased. In one write transaction the front end changes
+//!    its own records and the device records ([`Pool::plan_create`],
+//!    [`Pool::plan_delete`], or a record's `access`); after commit, the pool
+//!    makes the kernel match ([`Pool::build`], [`Pool::activate`],
+//!    [`Pool::deactivate`], [`Pool::destroy`]). A crash between the two leaves a
+//!    record that step 2 converges.
+//!
+//! # Backend
+//! The reflink backend keeps each device as a sparse image on XFS (`reflink=1`)
+//! or btrfs: a snapshot is a `FICLONE`, an active device a loop device with
+//! direct I/O.
+
+mod embedded;
+mod error;
+pub mod fault;
+mod fs;
+mod loops;
+mod pool;
+mod store;
+mod sys;
+mod units;
+
+pub use error::{Error, ErrorKind, Result};
+pub use loops::{BoundLoop, scan as scan_loops};
+pub use pool::{CreateSpec, Pool, PoolConfig, PoolStatus, ReconcileReport, Usage};
+pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
+pub use units::{Bytes, DeviceId, ParseBytesError};
+pub use redb;

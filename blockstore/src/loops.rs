@@ -1,0 +1,112 @@
+//! Loop devices: attach with direct I/O, lazy detach, and discovery of the loops a
+//! pool owns (by their backing file) after a restart.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use loopdev::{LoopControl, LoopDevice};
+
+use crate::error::{Error, Result};
+
+/// Attach attempts before giving up when other processes race us for free loops.
+const ATTACH_ATTEMPTS: usize = 16;
+
+/// Options for [`attach`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttachOpts {
+    /// Attach read-only.
+    pub read_only: bool,
+    /// Use direct I/O to the backing file (no double caching); falls back to
+    /// buffered I/O with a warning when the backing filesystem refuses.
+    pub direct_io: bool,
+    /// Detach automatically on last close (used for the embedded pool image, whose
+    /// loop must go away when the pool is unmounted).
+    pub autoclear: bool,
+}
+
+/// A loop device we just attached, still open. With `autoclear` the device goes
+/// away when this handle is dropped unless something else (a mount) holds it.
+#[derive(Debug)]
+pub struct Attached {
+    /// `/dev/loopN`.
+    pub node: PathBuf,
+    /// The open device, held only so it stays open while in scope.
+    pub _dev: LoopDevice,
+}
+
+/// Attaches `file` to a free loop device.
+pub fn attach(file: &Path, opts: AttachOpts) -> Result<Attached> {
+    let ctl = LoopControl::open().map_err(Error::io("open loop control", "/dev/loop-control"))?;
+    let mut last = None;
+    for _ in 0..ATTACH_ATTEMPTS {
+        let dev = ctl.next_free().map_err(Error::io("find free loop device for", file))?;
+        match dev.with().read_only(opts.read_only).autoclear(opts.autoclear).attach(file) {
+            Ok(()) => return finish_attach(dev, file, opts),
+            // Another process took this loop between GET_FREE and SET_FD.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => last = Some(e),
+            Err(e) => return Err(Error::io("attach loop device to", file)(e)),
+        }
+    }
+    Err(Error::io("attach loop device to", file)(last.unwrap_or_else(|| io::Error::other("no free loop device"))))
+}
+
+fn finish_attach(dev: LoopDevice, file: &Path, opts: AttachOpts) -> Result<Attached> {
+    let node = dev.path().ok_or_else(|| Error::io("name loop device of", file)(io::Error::other("unknown loop node")))?;
+    if opts.direct_io
+        && let Err(e) = dev.set_direct_io(true)
+    {
+        tracing::warn!(loop_dev = %node.display(), file = %file.display(), error = %e, "direct I/O refused; using buffered I/O");
+    }
+    Ok(Attached { node, _dev: dev })
+}
+
+/// Detaches a loop device. Lazy: if the device is still open (mounted, or held by
+/// a VMM) the kernel detaches it on last close. Detaching a loop that is already
+/// free is not an error.
+pub fn detach(node: &Path) -> Result<()> {
+    let dev = match LoopDevice::open(node) {
+        Ok(dev) => dev,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("open loop device", node)(e)),
+    };
+    match dev.detach() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => Ok(()),
+        Err(e) => Err(Error::io("detach loop device", node)(e)),
+    }
+}
+
+/// A bound loop device and the file behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundLoop {
+    /// `/dev/loopN`.
+    pub node: PathBuf,
+    /// The backing file's path as the kernel reports it (without " (deleted)").
+    pub backing: PathBuf,
+    /// The backing file has been unlinked.
+    pub deleted: bool,
+}
+
+/// Lists bound loop devices whose backing file lies under `dir`.
+pub fn scan(dir: &Path) -> Result<Vec<BoundLoop>> {
+    let mut out = Vec::new();
+    let sys = Path::new("/sys/block");
+    for entry in fs::read_dir(sys).map_err(Error::io("list", sys))? {
+        let entry = entry.map_err(Error::io("list", sys))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else { continue };
+        // Only bound loops have `backing_file`.
+        let Ok(raw) = fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+        let raw = raw.trim_end_matches('\n');
+        let (path, deleted) = match raw.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
+            None => (raw, false),
+        };
+        let backing = PathBuf::from(path);
+        if backing.starts_with(dir) {
+            out.push(BoundLoop { node: Path::new("/dev").join(name), backing, deleted });
+        }
+    }
+    Ok(out)
+}

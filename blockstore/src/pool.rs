@@ -1,0 +1,437 @@
+//! A pool of copy-on-write block devices on a reflink-capable filesystem.
+//!
+//! Each device is a sparse image file `<pool>/devices/<id>.img`; a snapshot is a
+//! `FICLONE` of its origin's image; an active device is that file on a loop
+//! device with direct I/O. Every change is two-phased: the caller writes the
+//! intent into a [`Devices`] table inside its own transaction, then asks the pool
+//! to make the kernel match (`build`, `activate`, `deactivate`, `destroy`).
+//! [`Pool::reconcile`] converges whatever a crash left half-done.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fault;
+use crate::fs as filesystem;
+use crate::loops::{self, AttachOpts};
+use crate::store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
+use crate::sys::{self, FIEMAP_EXTENT_SHARED};
+use crate::units::{Bytes, DeviceId};
+use crate::embedded;
+
+/// Pool configuration (the `[pool]` table of the daemons' config files).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Directory on a reflink-capable filesystem (XFS `reflink=1` or btrfs). When
+    /// absent, an embedded XFS image under the state root is created and used.
+    pub dir: Option<PathBuf>,
+    /// Size of the embedded pool image (sparse).
+    pub embedded_size: Bytes,
+    /// Free space kept back: creating a device fails with "pool full" below it, so
+    /// devices that already exist keep room to write.
+    pub reserve: Bytes,
+    /// Loop devices use direct I/O to their image (no double page cache).
+    pub direct_io: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { dir: None, embedded_size: Bytes(64 << 30), reserve: Bytes(512 << 20), direct_io: true }
+    }
+}
+
+impl PoolConfig {
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(dir) = &self.dir
+            && !dir.is_absolute()
+        {
+            return Err(Error::Config(format!("pool.dir {} must be an absolute path", dir.display())));
+        }
+        if self.embedded_size < Bytes(512 << 20) {
+            return Err(Error::Config(format!("pool.embedded_size {} is below the minimum 512MiB", self.embedded_size)));
+        }
+        if self.reserve >= self.embedded_size && self.dir.is_none() {
+            return Err(Error::Config(format!("pool.reserve {} leaves no room in a {} pool", self.reserve, self.embedded_size)));
+        }
+        Ok(())
+    }
+}
+
+/// What to create: see [`Pool::plan_create`].
+#[derive(Clone, Copy, Debug)]
+pub struct CreateSpec {
+    /// Virtual size; at least the origin's.
+    pub size: Bytes,
+    /// Snapshot this device's origin (copy-on-write); `None` for an empty device.
+    pub origin: Option<DeviceId>,
+    /// Filesystem for an empty device (a snapshot inherits its origin's).
+    pub fs: FsType,
+    /// Attach after creation.
+    pub access: Option<Access>,
+}
+
+/// Space a device holds on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of the image not shared with any other image (its origin or siblings).
+    pub bytes: Bytes,
+    /// Inodes in use beyond the origin's, from the superblocks.
+    pub inodes: u64,
+}
+
+/// Pool-wide figures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PoolStatus {
+    /// Directory holding the images.
+    pub dir: PathBuf,
+    /// Size of the backing filesystem.
+    pub total: Bytes,
+    /// Free space of the backing filesystem.
+    pub free: Bytes,
+    /// Space kept in reserve.
+    pub reserve: Bytes,
+}
+
+/// What start-up reconciliation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Devices rolled back or deleted (half-created, half-deleted, unreferenced).
+    pub devices_removed: Vec<DeviceId>,
+    /// Active devices whose loop device was attached again.
+    pub reattached: Vec<DeviceId>,
+    /// Inactive devices whose leftover loop device was detached.
+    pub detached: Vec<DeviceId>,
+    /// Image files with no record, removed.
+    pub orphan_files: Vec<PathBuf>,
+    /// Loop devices onto images with no record, detached.
+    pub orphan_loops: Vec<PathBuf>,
+}
+
+/// A pool of devices and its metadata store.
+#[derive(Debug)]
+pub struct Pool {
+    store: Store,
+    root: PathBuf,
+    devices_dir: PathBuf,
+    cfg: PoolConfig,
+    embedded: Option<PathBuf>,
+    /// Loop node of each attached device.
+    attached: Mutex<HashMap<DeviceId, PathBuf>>,
+}
+
+impl Pool {
+    /// Opens the pool whose state lives under `root`: opens the metadata store,
+    /// mounts the embedded pool image if one is used, checks that the pool
+    /// directory can reflink, and learns which loop devices are already ours.
+    /// Call [`Pool::reconcile`] next.
+    pub fn open(root: &Path, cfg: PoolConfig) -> Result<Pool> {
+        cfg.validate()?;
+        fs::create_dir_all(root).map_err(Error::io("create", root))?;
+        let root = root.canonicalize().map_err(Error::io("resolve", root))?;
+        let store = Store::open(&root.join("meta.redb"))?;
+        let (pool_dir, embedded) = match &cfg.dir {
+            Some(dir) => (dir.canonicalize().map_err(Error::io("resolve pool directory", dir))?, None),
+            None => {
+                let mp = embedded::ensure(&root, cfg.embedded_size, cfg.direct_io)?;
+                (mp.clone(), Some(mp))
+            }
+        };
+        let devices_dir = pool_dir.join("devices");
+        fs::create_dir_all(&devices_dir).map_err(Error::io("create", &devices_dir))?;
+        probe_reflink(&devices_dir)?;
+        let mut attached = HashMap::new();
+        let mut strays = Vec::new();
+        for l in loops::scan(&devices_dir)? {
+            match image_id(&l.backing).filter(|_| !l.deleted) {
+                Some(id) if !attached.contains_key(&id) => {
+                    attached.insert(id, l.node);
+                }
+                _ => strays.push(l.node),
+            }
+        }
+        // Loops onto deleted images or duplicates are leftovers of interrupted work.
+        for node in strays {
+            loops::detach(&node)?;
+        }
+        Ok(Pool { store, root, devices_dir, cfg, embedded, attached: Mutex::new(attached) })
+    }
+
+    /// The metadata store (shared with the front end's own tables).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Path of a device's image file.
+    pub fn image(&self, id: DeviceId) -> PathBuf {
+        self.devices_dir.join(format!("{}.img", id.0))
+    }
+
+    /// Phase one of creation, inside the caller's transaction: checks the origin
+    /// and the free space, allocates an id and records the intent (`Creating`).
+    pub fn plan_create(&self, devs: &mut Devices<'_>, spec: CreateSpec) -> Result<DeviceRecord> {
+        let (fs, origin_size) = match spec.origin {
+            Some(origin) => {
+                let o = devs.require(origin)?;
+                if o.state != DeviceState::Ready {
+                    return Err(Error::DeviceNotReady { id: origin, state: o.state.as_str() });
+                }
+                if spec.size < o.size {
+                    return Err(Error::SizeBelowOrigin { requested: spec.size, origin: o.size });
+                }
+                (o.fs, Some(o.size))
+            }
+            None => (spec.fs, None),
+        };
+        self.check_space()?;
+        let rec = DeviceRecord {
+            id: devs.allocate_id()?,
+            size: spec.size.align_up(4096),
+            origin: spec.origin,
+            fs,
+            state: DeviceState::Creating,
+            access: spec.access,
+            origin_size,
+        };
+        devs.put(&rec)?;
+        Ok(rec)
+    }
+
+    /// Phase two of creation: makes the image (clone or mkfs), grows its
+    /// filesystem if the device is larger than its origin, and attaches it if the
+    /// record asks. On error, what was made is undone; the record stays
+    /// `Creating` for the caller to discard.
+    pub fn build(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
+        let result = self.try_build(rec);
+        if result.is_err() {
+            // Best effort: the record is still `Creating`, so reconciliation retries.
+            if let Err(e) = self.remove_kernel_state(rec.id) {
+                tracing::warn!(device = %rec.id, error = %e, "cleanup after failed create");
+            }
+        }
+        result
+    }
+
+    fn try_build(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
+        let img = self.image(rec.id);
+        let file = OpenOptions::new().create_new(true).write(true).open(&img).map_err(Error::io("create", &img))?;
+        match rec.origin {
+            Some(origin) => {
+                let src_path = self.image(origin);
+                let src = File::open(&src_path).map_err(Error::io("open", &src_path))?;
+                rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
+                file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
+            }
+            None => {
+                file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
+                drop(file);
+                filesystem::mkfs(rec.fs, &img)?;
+            }
+        }
+        fault::point("create.after_image");
+        let grow = rec.origin_size.is_some_and(|o| o < rec.size);
+        if grow && rec.fs == FsType::Ext4 {
+            filesystem::grow_ext4(&img)?;
+        }
+        let Some(access) = rec.access else { return Ok(None) };
+        let node = self.activate(rec.id, access)?;
+        if grow && rec.fs == FsType::Xfs {
+            filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?;
+        }
+        fault::point("create.after_attach");
+        Ok(Some(node))
+    }
+
+    /// Attaches a device's image to a loop device (no-op if already attached) and
+    /// returns the node.
+    pub fn activate(&self, id: DeviceId, access: Access) -> Result<PathBuf> {
+        let mut attached = self.lock();
+        if let Some(node) = attached.get(&id) {
+            return Ok(node.clone());
+        }
+        let img = self.image(id);
+        let opts = AttachOpts { read_only: access == Access::ReadOnly, direct_io: self.cfg.direct_io, autoclear: false };
+        let node = loops::attach(&img, opts)?.node;
+        attached.insert(id, node.clone());
+        Ok(node)
+    }
+
+    /// Detaches a device's loop (lazily, if something still holds it open) and
+    /// flushes its image to stable storage.
+    pub fn deactivate(&self, id: DeviceId) -> Result<()> {
+        let node = self.lock().remove(&id);
+        if let Some(node) = node {
+            loops::detach(&node)?;
+        }
+        let img = self.image(id);
+        File::open(&img).and_then(|f| f.sync_all()).map_err(Error::io("sync", &img))
+    }
+
+    /// The loop node of an attached device.
+    pub fn node(&self, id: DeviceId) -> Option<PathBuf> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Phase two of deletion (the caller has marked the record `Deleting` or
+    /// dropped its reference): detaches, unlinks, then removes the record.
+    pub fn destroy(&self, id: DeviceId) -> Result<()> {
+        self.remove_kernel_state(id)?;
+        fault::point("destroy.after_unlink");
+        let txn = self.store.write()?;
+        Devices::open(&txn)?.delete(id)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Marks a device `Deleting` inside the caller's transaction.
+    pub fn plan_delete(&self, devs: &mut Devices<'_>, id: DeviceId) -> Result<()> {
+        let mut rec = devs.require(id)?;
+        rec.state = DeviceState::Deleting;
+        rec.access = None;
+        devs.put(&rec)
+    }
+
+    fn remove_kernel_state(&self, id: DeviceId) -> Result<()> {
+        if let Some(node) = self.lock().remove(&id) {
+            loops::detach(&node)?;
+        }
+        let img = self.image(id);
+        match fs::remove_file(&img) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", &img)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes the device's image holds that no other image shares, and inodes in
+    /// use beyond its origin.
+    pub fn usage(&self, rec: &DeviceRecord) -> Result<Usage> {
+        let img = self.image(rec.id);
+        let file = File::open(&img).map_err(Error::io("open", &img))?;
+        let mut bytes = 0;
+        sys::for_each_extent(&file, |e| {
+            if e.flags & FIEMAP_EXTENT_SHARED == 0 {
+                bytes += e.length;
+            }
+        })
+        .map_err(Error::io("map extents of", &img))?;
+        let mine = filesystem::inodes_used(rec.fs, &img)?.unwrap_or(0);
+        let origin = match rec.origin {
+            Some(o) if self.image(o).exists() => filesystem::inodes_used(rec.fs, &self.image(o))?.unwrap_or(0),
+            _ => 0,
+        };
+        Ok(Usage { bytes: Bytes(bytes), inodes: mine.saturating_sub(origin) })
+    }
+
+    /// Size and free space of the pool's filesystem.
+    pub fn status(&self) -> Result<PoolStatus> {
+        let st = rustix::fs::statvfs(&self.devices_dir).map_err(|e| Error::io("statvfs", &self.devices_dir)(e.into()))?;
+        Ok(PoolStatus {
+            dir: self.devices_dir.clone(),
+            total: Bytes(st.f_blocks * st.f_frsize),
+            free: Bytes(st.f_bavail * st.f_frsize),
+            reserve: self.cfg.reserve,
+        })
+    }
+
+    fn check_space(&self) -> Result<()> {
+        let st = self.status()?;
+        if st.free < st.reserve {
+            return Err(Error::PoolFull { path: st.dir, free: st.free, reserve: st.reserve });
+        }
+        Ok(())
+    }
+
+    /// Converges the kernel with the store: a device lives only if its record is
+    /// `Ready` and `referenced` holds its id; everything else (half-created,
+    /// half-deleted, unreferenced devices, image files and loops without a
+    /// record) is removed; active devices get their loop back (after a reboot),
+    /// inactive ones lose a leftover loop.
+    pub fn reconcile(&self, referenced: &HashSet<DeviceId>) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let mut known = HashSet::new();
+        for rec in self.store.devices()? {
+            if rec.state != DeviceState::Ready || !referenced.contains(&rec.id) {
+                tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
+                self.destroy(rec.id)?;
+                report.devices_removed.push(rec.id);
+                continue;
+            }
+            known.insert(rec.id);
+            match (rec.access, self.node(rec.id)) {
+                (Some(access), None) => {
+                    self.activate(rec.id, access)?;
+                    report.reattached.push(rec.id);
+                }
+                (None, Some(_)) => {
+                    self.deactivate(rec.id)?;
+                    report.detached.push(rec.id);
+                }
+                _ => {}
+            }
+        }
+        let strays: Vec<_> = self.lock().iter().filter(|(id, _)| !known.contains(id)).map(|(id, n)| (*id, n.clone())).collect();
+        for (id, node) in strays {
+            self.lock().remove(&id);
+            loops::detach(&node)?;
+            report.orphan_loops.push(node);
+        }
+        for entry in fs::read_dir(&self.devices_dir).map_err(Error::io("list", &self.devices_dir))? {
+            let path = entry.map_err(Error::io("list", &self.devices_dir))?.path();
+            if image_id(&path).is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
+            fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            report.orphan_files.push(path);
+        }
+        Ok(report)
+    }
+
+    /// Called on daemon exit. With `release`, every loop is detached (lazily: one
+    /// still in use stays until its user lets go) and the embedded pool is
+    /// unmounted if nothing uses it; without, everything stays attached so running
+    /// containers keep their devices.
+    pub fn shutdown(&self, release: bool) -> Result<()> {
+        if !release {
+            return Ok(());
+        }
+        let nodes: Vec<_> = self.lock().drain().map(|(_, n)| n).collect();
+        for node in nodes {
+            loops::detach(&node)?;
+        }
+        match &self.embedded {
+            Some(mp) => embedded::release(mp),
+            None => Ok(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
+        // A panic while holding the map cannot leave it inconsistent (single inserts/removes).
+        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The device id an image path names (`<id>.img`).
+fn image_id(path: &Path) -> Option<DeviceId> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".img")?.parse().ok().map(DeviceId)
+}
+
+/// Fails unless files in `dir` can be reflinked.
+fn probe_reflink(dir: &Path) -> Result<()> {
+    let a = dir.join(".reflink-probe-a");
+    let b = dir.join(".reflink-probe-b");
+    let result = (|| {
+        let src = File::create(&a)?;
+        let dst = File::create(&b)?;
+        rustix::fs::ioctl_ficlone(&dst, &src).map_err(io::Error::from)
+    })();
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    result.map_err(|source| Error::NoReflink { path: dir.to_owned(), source })
+}

@@ -1,0 +1,196 @@
+//! Device records in the embedded transactional store (`redb`).
+//!
+//! A record is the *desired* state of one device; the kernel state (image file,
+//! loop device) is made to match it, and start-up reconciliation converges any
+//! difference left by a crash. Front ends (snapshotter, CSI) keep their own
+//! tables in the same database and change them in the same transactions, so a
+//! snapshot record and its device record never disagree.
+
+use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::units::{Bytes, DeviceId};
+
+const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("blockstore.devices");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("blockstore.counters");
+const NEXT_ID: &str = "next_device_id";
+
+/// Filesystem created inside a fresh device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    /// ext4: fast to create (lazy init, no discard), default.
+    #[default]
+    Ext4,
+    /// xfs: mounted with `nouuid`, since clones share the origin's UUID.
+    Xfs,
+}
+
+impl FsType {
+    /// The name `mount(2)` knows it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+/// How an active device is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Read-write block device.
+    ReadWrite,
+    /// Read-only block device.
+    ReadOnly,
+}
+
+/// Lifecycle of a device record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// Intent written; the image may be missing or incomplete. Rolled back on recovery.
+    Creating,
+    /// Image complete.
+    Ready,
+    /// Intent to delete written; the image may still exist. Rolled forward on recovery.
+    Deleting,
+}
+
+impl DeviceState {
+    /// Lower-case name for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Creating => "creating",
+            DeviceState::Ready => "ready",
+            DeviceState::Deleting => "deleting",
+        }
+    }
+}
+
+/// The stored description of one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    /// Never reused.
+    pub id: DeviceId,
+    /// Virtual size of the block device.
+    pub size: Bytes,
+    /// The device this one is a copy-on-write snapshot of, if any.
+    pub origin: Option<DeviceId>,
+    /// Filesystem inside.
+    pub fs: FsType,
+    /// Lifecycle state.
+    pub state: DeviceState,
+    /// Whether (and how) the device should be attached.
+    pub access: Option<Access>,
+    /// Size of the origin when this device was made: the filesystem is grown once
+    /// if the device is larger.
+    pub origin_size: Option<Bytes>,
+}
+
+/// Handle to the metadata database.
+#[derive(Debug)]
+pub struct Store {
+    db: redb::Database,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`. Fails if another process holds it.
+    pub fn open(path: &std::path::Path) -> Result<Store> {
+        let db = redb::Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(DEVICES)?;
+        txn.open_table(COUNTERS)?;
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// The underlying database, for front ends' own tables.
+    pub fn db(&self) -> &redb::Database {
+        &self.db
+    }
+
+    /// Starts a write transaction.
+    pub fn write(&self) -> Result<WriteTransaction> {
+        Ok(self.db.begin_write()?)
+    }
+
+    /// Reads one device record.
+    pub fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DEVICES)?;
+        get(&table, id)
+    }
+
+    /// Reads every device record.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DEVICES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+/// Device-record operations inside a caller's write transaction.
+pub struct Devices<'txn> {
+    table: Table<'txn, u64, &'static [u8]>,
+    counters: Table<'txn, &'static str, u64>,
+}
+
+impl std::fmt::Debug for Devices<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Devices")
+    }
+}
+
+impl<'txn> Devices<'txn> {
+    /// Opens the device tables in `txn`.
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+        Ok(Devices { table: txn.open_table(DEVICES)?, counters: txn.open_table(COUNTERS)? })
+    }
+
+    /// Allocates a fresh, never-used id.
+    pub fn allocate_id(&mut self) -> Result<DeviceId> {
+        let next = self.counters.get(NEXT_ID)?.map(|v| v.value()).unwrap_or(1);
+        self.counters.insert(NEXT_ID, next + 1)?;
+        Ok(DeviceId(next))
+    }
+
+    /// Reads one record.
+    pub fn get(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
+        get(&self.table, id)
+    }
+
+    /// Reads one record that must exist.
+    pub fn require(&self, id: DeviceId) -> Result<DeviceRecord> {
+        self.get(id)?.ok_or(Error::DeviceNotFound(id))
+    }
+
+    /// Inserts or replaces a record.
+    pub fn put(&mut self, rec: &DeviceRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(rec).map_err(|source| Error::Corrupt { key: rec.id.to_string(), source })?;
+        self.table.insert(rec.id.0, bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a record.
+    pub fn delete(&mut self, id: DeviceId) -> Result<()> {
+        self.table.remove(id.0)?;
+        Ok(())
+    }
+}
+
+fn get(table: &impl ReadableTable<u64, &'static [u8]>, id: DeviceId) -> Result<Option<DeviceRecord>> {
+    table.get(id.0)?.map(|v| decode(id.0, v.value())).transpose()
+}
+
+fn decode(key: u64, bytes: &[u8]) -> Result<DeviceRecord> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Corrupt { key: DeviceId(key).to_string(), source })
+}
