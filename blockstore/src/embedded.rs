@@ -29,7 +29,7 @@ pub(crate) fn ensure(root: &Path, size: Bytes, direct_io: bool) -> Result<PathBu
         run("mkfs.xfs", &["-q".as_ref(), "-f".as_ref(), "-K".as_ref(), "-m".as_ref(), "reflink=1".as_ref(), tmp.as_os_str()], &tmp)?;
         fs::rename(&tmp, &img).map_err(Error::io("rename", &tmp))?;
     }
-    let attached = loops::attach(&img, AttachOpts { read_only: false, direct_io, autoclear: true })?;
+    let attached = loops::attach(&img, AttachOpts { read_only: false, direct_io, autoclear: true, block_size: 0 })?;
     // `attached` stays open until the mount holds the device, or autoclear would free it.
     mount(&attached.node, &mp, "xfs", MountFlags::NOATIME, c"").map_err(|e| Error::io("mount pool image", &img)(e.into()))?;
     tracing::info!(image = %img.display(), mountpoint = %mp.display(), loop_dev = %attached.node.display(), %size, "embedded pool mounted");

@@ -42,12 +42,13 @@ pub fn mkfs(fs: FsType, img: &Path) -> Result<()> {
         FsType::Ext4 => {
             run(
                 "mkfs.ext4",
-                args!["-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,assume_storage_prezeroed=1", p],
+                args!["-q", "-F", "-b", "4096", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,assume_storage_prezeroed=1", p],
                 img,
             )?;
             run("debugfs", args!["-w", "-R", "rmdir lost+found", p], img)
         }
-        FsType::Xfs => run("mkfs.xfs", args!["-q", "-f", "-K", p], img),
+        // Sector size 4096 to match the loop device's logical block size.
+        FsType::Xfs => run("mkfs.xfs", args!["-q", "-f", "-K", "-s", "size=4096", p], img),
     }
 }
 

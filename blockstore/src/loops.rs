@@ -23,6 +23,9 @@ pub struct AttachOpts {
     /// Detach automatically on last close (used for the embedded pool image, whose
     /// loop must go away when the pool is unmounted).
     pub autoclear: bool,
+    /// Logical block size to set (0: the kernel's default). Reflinked XFS files
+    /// accept direct I/O only in whole filesystem blocks, hence 4096 for devices.
+    pub block_size: u32,
 }
 
 /// A loop device we just attached, still open. With `autoclear` the device goes
@@ -53,6 +56,12 @@ pub fn attach(file: &Path, opts: AttachOpts) -> Result<Attached> {
 
 fn finish_attach(dev: LoopDevice, file: &Path, opts: AttachOpts) -> Result<Attached> {
     let node = dev.path().ok_or_else(|| Error::io("name loop device of", file)(io::Error::other("unknown loop node")))?;
+    if opts.block_size != 0
+        && let Err(e) = crate::sys::set_loop_block_size(&dev, opts.block_size)
+    {
+        let _ = dev.detach();
+        return Err(Error::io("set block size of loop device for", file)(e));
+    }
     if opts.direct_io
         && let Err(e) = dev.set_direct_io(true)
     {

@@ -143,6 +143,17 @@ impl Pool {
                 (mp.clone(), Some(mp))
             }
         };
+        let opened = Self::open_devices(store, root, pool_dir, cfg, embedded.clone());
+        if opened.is_err()
+            && let Some(mp) = &embedded
+        {
+            // Do not leave a pool mounted by a daemon that failed to start.
+            let _ = embedded::release(mp);
+        }
+        opened
+    }
+
+    fn open_devices(store: Store, root: PathBuf, pool_dir: PathBuf, cfg: PoolConfig, embedded: Option<PathBuf>) -> Result<Pool> {
         let devices_dir = pool_dir.join("devices");
         fs::create_dir_all(&devices_dir).map_err(Error::io("create", &devices_dir))?;
         probe_reflink(&devices_dir)?;
@@ -256,7 +267,7 @@ impl Pool {
             return Ok(node.clone());
         }
         let img = self.image(id);
-        let opts = AttachOpts { read_only: access == Access::ReadOnly, direct_io: self.cfg.direct_io, autoclear: false };
+        let opts = AttachOpts { read_only: access == Access::ReadOnly, direct_io: self.cfg.direct_io, autoclear: false, block_size: 4096 };
         let node = loops::attach(&img, opts)?.node;
         attached.insert(id, node.clone());
         Ok(node)
@@ -427,8 +438,8 @@ fn probe_reflink(dir: &Path) -> Result<()> {
     let a = dir.join(".reflink-probe-a");
     let b = dir.join(".reflink-probe-b");
     let result = (|| {
-        let src = File::create(&a)?;
-        let dst = File::create(&b)?;
+        let src = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+        let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
         rustix::fs::ioctl_ficlone(&dst, &src).map_err(io::Error::from)
     })();
     let _ = fs::remove_file(&a);

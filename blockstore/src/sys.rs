@@ -1,11 +1,27 @@
-//! The only `unsafe` code of the block engine: the FIEMAP ioctl, which no
-//! maintained crate wraps. Loop ioctls go through `loopdev-3`, FICLONE and mounts
-//! through `rustix`'s safe wrappers.
+//! The only `unsafe` code of the block engine: the ioctls no maintained crate
+//! wraps (FIEMAP, and a loop device's logical block size, which `loopdev-3`
+//! lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
+//! `rustix`'s safe wrappers.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
-use rustix::ioctl::{Updater, ioctl, opcode};
+use rustix::ioctl::{IntegerSetter, Opcode, Updater, ioctl, opcode};
+
+/// `LOOP_SET_BLOCK_SIZE` from `<linux/loop.h>` (a plain number, not `_IO`-encoded).
+const LOOP_SET_BLOCK_SIZE: Opcode = 0x4C09;
+
+/// Sets a bound loop device's logical block size.
+pub fn set_loop_block_size(dev: &impl AsRawFd, size: u32) -> io::Result<()> {
+    // SAFETY: the descriptor belongs to `dev`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(dev.as_raw_fd()) };
+    // SAFETY: LOOP_SET_BLOCK_SIZE is a valid opcode whose argument is the size itself.
+    let setter = unsafe { IntegerSetter::<LOOP_SET_BLOCK_SIZE>::new_usize(size as usize) };
+    // SAFETY: the kernel reads nothing through the argument; it is a plain integer.
+    unsafe { ioctl(fd, setter) }?;
+    Ok(())
+}
 
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
@@ -46,7 +62,7 @@ struct FiemapBuf {
 }
 
 /// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`.
-const FS_IOC_FIEMAP: rustix::ioctl::Opcode = opcode::read_write::<FiemapHeader>(b'f', 11);
+const FS_IOC_FIEMAP: Opcode = opcode::read_write::<FiemapHeader>(b'f', 11);
 
 /// One mapped extent of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,9 +89,11 @@ pub fn for_each_extent(file: &File, mut f: impl FnMut(Extent)) -> io::Result<()>
             },
             extents: [FiemapExtent::default(); BATCH],
         };
-        // SAFETY: `buf` is a `struct fiemap` followed by `extent_count` extents, exactly
-        // the layout FS_IOC_FIEMAP reads and writes; it lives across the call.
-        unsafe { ioctl(file, Updater::<FS_IOC_FIEMAP, FiemapBuf>::new(&mut buf)) }?;
+        // SAFETY: FS_IOC_FIEMAP reads and writes a `struct fiemap` followed by
+        // `extent_count` extents: exactly `FiemapBuf`'s layout.
+        let updater = unsafe { Updater::<FS_IOC_FIEMAP, FiemapBuf>::new(&mut buf) };
+        // SAFETY: `buf` outlives the call and is large enough for the extents requested.
+        unsafe { ioctl(file, updater) }?;
         let n = (buf.header.mapped_extents as usize).min(BATCH);
         if n == 0 {
             return Ok(());

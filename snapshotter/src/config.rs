@@ -1,0 +1,129 @@
+//! Daemon configuration: a TOML file (all keys optional) plus command-line flags.
+//!
+//! ```toml
+//! release_on_exit = false      # detach loops and unmount the embedded pool on SIGTERM
+//! [pool]
+//! dir = "/var/lib/thinbox-pool"  # reflink-capable directory; absent: embedded XFS image
+//! embedded_size = "64GiB"
+//! reserve = "512MiB"
+//! direct_io = true
+//! [snapshot]
+//! default_size = "10GiB"       # unless the label containerd.io/snapshot/max-size says otherwise
+//! filesystem = "ext4"          # or "xfs"
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thinbox_blockstore::{Bytes, FsType, PoolConfig};
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse config {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Snapshot defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Size of a snapshot without a `containerd.io/snapshot/max-size` label.
+    pub default_size: Bytes,
+    /// Filesystem of a snapshot without a parent.
+    pub filesystem: FsType,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { default_size: Bytes(10 << 30), filesystem: FsType::Ext4 }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The block pool.
+    pub pool: PoolConfig,
+    /// Snapshot defaults.
+    pub snapshot: SnapshotConfig,
+    /// On SIGTERM, detach every loop (lazily: in-use ones stay until released) and
+    /// unmount the embedded pool. Off by default so running containers keep their
+    /// devices across a restart of the daemon.
+    pub release_on_exit: bool,
+}
+
+/// Smallest snapshot: room for an ext4 or xfs filesystem.
+pub const MIN_SNAPSHOT_SIZE: Bytes = Bytes(300 << 20);
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p, source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.snapshot.default_size < MIN_SNAPSHOT_SIZE {
+            return Err(ConfigError::Invalid(format!(
+                "snapshot.default_size {} is below the minimum {MIN_SNAPSHOT_SIZE}",
+                self.snapshot.default_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_config() {
+        let cfg: Config = toml::from_str(
+            r#"
+            release_on_exit = true
+            [pool]
+            dir = "/srv/pool"
+            reserve = "1GiB"
+            [snapshot]
+            default_size = "20GiB"
+            filesystem = "xfs"
+            "#,
+        )
+        .expect("valid config");
+        cfg.validate().expect("valid values");
+        assert_eq!(cfg.snapshot.default_size, Bytes(20 << 30));
+        assert_eq!(cfg.snapshot.filesystem, FsType::Xfs);
+        assert_eq!(cfg.pool.reserve, Bytes(1 << 30));
+        assert!(cfg.release_on_exit);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<Config>("[pool]\nsize = 1").is_err());
+        assert!(toml::from_str::<Config>("[snapshot]\nfilesystem = \"zfs\"").is_err());
+        let small: Config = toml::from_str("[snapshot]\ndefault_size = \"1MiB\"").expect("parses");
+        assert!(small.validate().is_err());
+        let rel: Config = toml::from_str("[pool]\ndir = \"relative\"").expect("parses");
+        assert!(rel.validate().is_err());
+    }
+}

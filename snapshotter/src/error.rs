@@ -1,0 +1,132 @@
+//! Snapshotter errors and their gRPC codes, which containerd's errdefs turns back
+//! into its own error kinds (`IsNotFound`, `IsAlreadyExists`, ...).
+
+use thinbox_blockstore::ErrorKind;
+use tonic::{Code, Status};
+
+use crate::filter::FilterError;
+
+/// Errors of the snapshot service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snapshot {0:?} not found")]
+    NotFound(String),
+    #[error("parent snapshot {0:?} not found")]
+    ParentNotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("parent {0:?} is not a committed snapshot")]
+    ParentNotCommitted(String),
+    #[error("snapshot {0:?} is not active")]
+    NotActive(String),
+    #[error("snapshot {0:?} is committed and has no mounts")]
+    Committed(String),
+    #[error("cannot remove snapshot {0:?}: it has children")]
+    HasChildren(String),
+    #[error("snapshot {key:?} cannot be rebased onto {parent:?} at commit")]
+    Rebase { key: String, parent: String },
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("label {key:?}: key and value exceed {max} bytes")]
+    LabelTooLarge { key: String, max: usize },
+    #[error("label {label}={value:?}: {reason}")]
+    BadLabel { label: &'static str, value: String, reason: String },
+    #[error("cannot update field {0:?}: only labels are mutable")]
+    ImmutableField(String),
+    #[error("update needs the snapshot info")]
+    MissingInfo,
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("snapshot {0:?} has no attached device")]
+    NotAttached(String),
+    #[error(transparent)]
+    Block(#[from] thinbox_blockstore::Error),
+    #[error("corrupt snapshot record {key:?}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("worker task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    /// The stable kind, mapped explicitly to a gRPC code by [`Error::code`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound(_) | Error::ParentNotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::ParentNotCommitted(_)
+            | Error::NotActive(_)
+            | Error::Committed(_)
+            | Error::HasChildren(_)
+            | Error::Rebase { .. }
+            | Error::NotAttached(_) => ErrorKind::FailedPrecondition,
+            Error::InvalidKey { .. }
+            | Error::LabelTooLarge { .. }
+            | Error::BadLabel { .. }
+            | Error::ImmutableField(_)
+            | Error::MissingInfo
+            | Error::Filter(_) => ErrorKind::InvalidArgument,
+            Error::Block(e) => e.kind(),
+            Error::Corrupt { .. } | Error::Join(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self.kind() {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::Internal => Code::Internal,
+        }
+    }
+}
+
+/// Renders the whole source chain once, here at the top.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = e.code();
+        let msg = chain(&e);
+        if code == Code::Internal {
+            tracing::error!(error = %msg, "request failed");
+        } else {
+            tracing::debug!(error = %msg, ?code, "request refused");
+        }
+        Status::new(code, msg)
+    }
+}
+
+macro_rules! store_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Block(thinbox_blockstore::Error::Store(e.into()))
+            }
+        }
+    )*};
+}
+store_errors!(
+    thinbox_blockstore::redb::TransactionError,
+    thinbox_blockstore::redb::TableError,
+    thinbox_blockstore::redb::StorageError,
+    thinbox_blockstore::redb::CommitError
+);
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,28 @@
+//! Thinbox's containerd proxy snapshotter.
+//!
+//! # Lifecycle
+//! * Start: [`Snapshots::open`] opens the pool under `--root` (mounting the
+//!   embedded pool image if no pool directory is configured), drops snapshot
+//!   records a crash left half-made, removes devices nobody references, and
+//!   re-attaches active snapshots after a reboot. Then [`server::serve`] listens
+//!   on the unix socket (mode 0660).
+//! * Prepare/View: one transaction writes the snapshot and its device intent; the
+//!   device is then cloned from the parent (or made with mkfs) and attached to a
+//!   loop device; a second transaction marks it ready. The response is one mount
+//!   `{type: ext4|xfs, source: /dev/loopN, options: [rw|ro]}`.
+//! * Commit: the record becomes committed and the device is detached.
+//! * Remove: the record goes and the device with it (refused with children).
+//! * Stop (SIGTERM): stop accepting, finish requests in flight; devices stay
+//!   attached unless `release_on_exit` is set.
+
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod meta;
+pub mod server;
+pub mod service;
+pub mod snapshots;
+
+pub use config::Config;
+pub use error::Error;
+pub use snapshots::Snapshots;

@@ -1,0 +1,72 @@
+//! Serving on a unix socket: mode 0660, graceful stop on SIGTERM/SIGINT.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use thinbox_proto::snapshots::snapshots_server::SnapshotsServer;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::service::Service;
+use crate::snapshots::Snapshots;
+
+/// Errors of the server loop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is in use by another process")]
+    InUse { path: String },
+    #[error("serve gRPC")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `address`, serves until SIGTERM or SIGINT, then returns (requests in
+/// flight complete first).
+pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), ServeError> {
+    let listener = bind(address)?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| io("install SIGTERM handler", address, source))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| io("install SIGINT handler", address, source))?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    };
+    tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1");
+    let result = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(Service::new(snapshots)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        .await;
+    let _ = std::fs::remove_file(address);
+    Ok(result?)
+}
+
+fn bind(address: &Path) -> Result<UnixListener, ServeError> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| io("create", dir, source))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(address)
+        && meta.file_type().is_socket()
+    {
+        // A live peer means another daemon; a dead one is a leftover of a crash.
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            return Err(ServeError::InUse { path: address.display().to_string() });
+        }
+        std::fs::remove_file(address).map_err(|source| io("remove stale socket", address, source))?;
+    }
+    let listener = UnixListener::bind(address).map_err(|source| io("bind", address, source))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660)).map_err(|source| io("chmod", address, source))?;
+    Ok(listener)
+}
+
+fn io(op: &'static str, path: &Path, source: std::io::Error) -> ServeError {
+    ServeError::Io { op, path: path.display().to_string(), source }
+}

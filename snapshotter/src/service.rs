@@ -1,0 +1,107 @@
+//! The `containerd.services.snapshots.v1.Snapshots` gRPC service. Thin: decodes
+//! requests, runs the blocking work off the async runtime, encodes responses.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use thinbox_proto::snapshots::snapshots_server::Snapshots as SnapshotsApi;
+use thinbox_proto::snapshots::*;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::meta::Kind;
+use crate::snapshots::Snapshots;
+
+/// Infos per `List` response message.
+const LIST_BATCH: usize = 100;
+
+/// The gRPC front of [`Snapshots`].
+#[derive(Debug, Clone)]
+pub struct Service {
+    inner: Arc<Snapshots>,
+}
+
+impl Service {
+    /// Wraps the snapshotter.
+    pub fn new(inner: Arc<Snapshots>) -> Service {
+        Service { inner }
+    }
+
+    async fn run<T: Send + 'static>(&self, op: &'static str, f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static) -> Result<T, Status> {
+        let inner = self.inner.clone();
+        let start = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || f(&inner)).await.map_err(Error::from).and_then(|r| r);
+        tracing::debug!(op, elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), "rpc");
+        out.map_err(Status::from)
+    }
+}
+
+type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotsApi for Service {
+    async fn prepare(&self, req: Request<PrepareSnapshotRequest>) -> Result<Response<PrepareSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self.run("prepare", move |s| s.prepare(Kind::Active, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        Ok(Response::new(PrepareSnapshotResponse { mounts }))
+    }
+
+    async fn view(&self, req: Request<ViewSnapshotRequest>) -> Result<Response<ViewSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self.run("view", move |s| s.prepare(Kind::View, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        Ok(Response::new(ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(&self, req: Request<MountsRequest>) -> Result<Response<MountsResponse>, Status> {
+        let r = req.into_inner();
+        let mounts = self.run("mounts", move |s| s.mounts(&r.key)).await?;
+        Ok(Response::new(MountsResponse { mounts }))
+    }
+
+    async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        self.run("commit", move |s| s.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        self.run("remove", move |s| s.remove(&r.key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(&self, req: Request<StatSnapshotRequest>) -> Result<Response<StatSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = self.run("stat", move |s| s.stat(&r.key)).await?;
+        Ok(Response::new(StatSnapshotResponse { info: Some(info) }))
+    }
+
+    async fn update(&self, req: Request<UpdateSnapshotRequest>) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = r.info.ok_or_else(|| Status::from(Error::MissingInfo))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let info = self.run("update", move |s| s.update(info, &paths)).await?;
+        Ok(Response::new(UpdateSnapshotResponse { info: Some(info) }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(&self, req: Request<ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
+        let r = req.into_inner();
+        let infos = self.run("list", move |s| s.list(&r.filters)).await?;
+        let batches: Vec<_> = infos.chunks(LIST_BATCH).map(|c| Ok(ListSnapshotsResponse { info: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
+        let r = req.into_inner();
+        let u = self.run("usage", move |s| s.usage(&r.key)).await?;
+        Ok(Response::new(UsageResponse { size: u.size as i64, inodes: u.inodes as i64 }))
+    }
+
+    async fn cleanup(&self, _req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        self.run("cleanup", |s| s.cleanup().map(|_| ())).await?;
+        Ok(Response::new(()))
+    }
+}

@@ -1,0 +1,465 @@
+//! containerd snapshot semantics on top of blockstore devices.
+//!
+//! Each snapshot owns one device: a fresh device with an empty filesystem when it
+//! has no parent, otherwise a copy-on-write snapshot of its parent's device.
+//! Active snapshots are attached read-write, views read-only; committing
+//! detaches. Every operation writes the snapshot record and the device intent in
+//! one transaction before touching the kernel, so [`Snapshots::open`] can
+//! converge any crash: a snapshot whose device never became ready is dropped,
+//! devices nobody references are deleted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, Pool, ReconcileReport, fault};
+use thinbox_proto::Mount;
+use thinbox_proto::snapshots::{Info, Kind as ProtoKind};
+
+use crate::config::{Config, MIN_SNAPSHOT_SIZE};
+use crate::error::{Error, Result};
+use crate::filter::{Fields, Filter};
+use crate::meta::{self, CHILDREN, Kind, Record, SNAPSHOTS};
+
+/// Label that sets a snapshot's size in bytes.
+pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
+/// containerd's limit on a label's key plus value.
+pub const MAX_LABEL_BYTES: usize = 4096;
+/// Our limit on a key's length.
+pub const MAX_KEY_BYTES: usize = 4096;
+
+/// Space and inodes a snapshot holds beyond its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes.
+    pub size: u64,
+    /// Inodes.
+    pub inodes: u64,
+}
+
+/// The snapshotter: a pool plus snapshot records.
+#[derive(Debug)]
+pub struct Snapshots {
+    pool: Pool,
+    cfg: Config,
+    /// Ordinary operations share it; `cleanup` takes it alone, so it never
+    /// mistakes an operation in flight for a leftover.
+    gate: RwLock<()>,
+}
+
+impl Snapshots {
+    /// Opens the state under `root` and converges it with the kernel.
+    pub fn open(root: &Path, cfg: Config) -> Result<(Snapshots, ReconcileReport)> {
+        let pool = Pool::open(root, cfg.pool.clone())?;
+        let s = Snapshots { pool, cfg, gate: RwLock::new(()) };
+        let report = s.reconcile()?;
+        Ok((s, report))
+    }
+
+    /// The device pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Drops snapshot records whose device never became ready, then lets the pool
+    /// remove every device no record references.
+    fn reconcile(&self) -> Result<ReconcileReport> {
+        let txn = self.pool.store().write()?;
+        let mut referenced = HashSet::new();
+        {
+            let devs = Devices::open(&txn)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut children = txn.open_multimap_table(CHILDREN)?;
+            let mut dropped = Vec::new();
+            for row in snaps.iter()? {
+                let (k, v) = row?;
+                let rec = meta::decode(k.value(), v.value())?;
+                match devs.get(rec.device)? {
+                    Some(d) if d.state == DeviceState::Ready => {
+                        referenced.insert(rec.device);
+                    }
+                    _ => dropped.push((k.value().to_owned(), rec.parent)),
+                }
+            }
+            for (key, parent) in dropped {
+                tracing::info!(key, "dropping snapshot whose device was never completed");
+                snaps.remove(key.as_str())?;
+                children.remove(parent.as_str(), key.as_str())?;
+            }
+        }
+        txn.commit()?;
+        let report = self.pool.reconcile(&referenced)?;
+        tracing::info!(?report, "reconciled");
+        Ok(report)
+    }
+
+    /// Creates an active snapshot (or a view) `key` on `parent` ("" for none).
+    pub fn prepare(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        let _g = self.shared();
+        validate_key(key)?;
+        validate_labels(&labels)?;
+        let requested = size_label(&labels)?;
+        let access = if kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
+        let txn = self.pool.store().write()?;
+        let dev = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut devs = Devices::open(&txn)?;
+            if snaps.get(key)?.is_some() {
+                return Err(Error::AlreadyExists(key.to_owned()));
+            }
+            let origin = if parent.is_empty() {
+                None
+            } else {
+                let p = meta::get(&snaps, parent)?.ok_or_else(|| Error::ParentNotFound(parent.to_owned()))?;
+                if p.kind != Kind::Committed {
+                    return Err(Error::ParentNotCommitted(parent.to_owned()));
+                }
+                Some(devs.require(p.device)?)
+            };
+            let size = match (&origin, requested) {
+                // A view never writes, so it keeps its parent's size.
+                (Some(o), _) if kind == Kind::View => o.size,
+                (_, Some(size)) => size,
+                (Some(o), None) => o.size.max(self.cfg.snapshot.default_size),
+                (None, None) => self.cfg.snapshot.default_size,
+            };
+            let spec = CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.snapshot.filesystem, access: Some(access) };
+            let dev = self.pool.plan_create(&mut devs, spec)?;
+            let now = meta::now();
+            let rec = Record { kind, parent: parent.to_owned(), labels, created: now, updated: now, device: dev.id };
+            snaps.insert(key, meta::encode(key, &rec)?.as_slice())?;
+            if !parent.is_empty() {
+                txn.open_multimap_table(CHILDREN)?.insert(parent, key)?;
+            }
+            dev
+        };
+        txn.commit()?;
+        fault::point("prepare.after_intent");
+        let node = match self.pool.build(&dev) {
+            Ok(node) => node.ok_or_else(|| Error::NotAttached(key.to_owned()))?,
+            Err(e) => {
+                self.discard(key, parent, dev.id);
+                return Err(e.into());
+            }
+        };
+        fault::point("prepare.after_build");
+        let txn = self.pool.store().write()?;
+        {
+            let mut devs = Devices::open(&txn)?;
+            let mut d = devs.require(dev.id)?;
+            d.state = DeviceState::Ready;
+            devs.put(&d)?;
+        }
+        txn.commit()?;
+        fault::point("prepare.after_ready");
+        Ok(vec![mount(&node, dev.fs, kind)])
+    }
+
+    /// Undoes a prepare whose kernel work failed: the record goes, the device with it.
+    fn discard(&self, key: &str, parent: &str, dev: thinbox_blockstore::DeviceId) {
+        let result = (|| -> Result<()> {
+            let txn = self.pool.store().write()?;
+            remove_record(&txn, key, parent)?;
+            self.pool.plan_delete(&mut Devices::open(&txn)?, dev)?;
+            txn.commit()?;
+            Ok(self.pool.destroy(dev)?)
+        })();
+        if let Err(e) = result {
+            tracing::warn!(key, device = %dev, error = %crate::error::chain(&e), "discarding failed prepare; left for reconciliation");
+        }
+    }
+
+    /// The mounts of an active snapshot or view.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.record(key)?;
+        if rec.kind == Kind::Committed {
+            return Err(Error::Committed(key.to_owned()));
+        }
+        let node = self.pool.node(rec.device).ok_or_else(|| Error::NotAttached(key.to_owned()))?;
+        let dev = self.pool.store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
+        Ok(vec![mount(&node, dev.fs, rec.kind)])
+    }
+
+    /// Commits active snapshot `key` as `name`; its device is detached.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>, rebase_parent: &str) -> Result<()> {
+        let _g = self.shared();
+        validate_key(name)?;
+        validate_labels(&labels)?;
+        let txn = self.pool.store().write()?;
+        let device = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let rec = meta::get(&snaps, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
+            if rec.kind != Kind::Active {
+                return Err(Error::NotActive(key.to_owned()));
+            }
+            if !rebase_parent.is_empty() && rebase_parent != rec.parent {
+                return Err(Error::Rebase { key: key.to_owned(), parent: rebase_parent.to_owned() });
+            }
+            if snaps.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(name.to_owned()));
+            }
+            let now = meta::now();
+            let committed = Record { kind: Kind::Committed, labels, created: now, updated: now, ..rec.clone() };
+            snaps.remove(key)?;
+            snaps.insert(name, meta::encode(name, &committed)?.as_slice())?;
+            if !rec.parent.is_empty() {
+                let mut children = txn.open_multimap_table(CHILDREN)?;
+                children.remove(rec.parent.as_str(), key)?;
+                children.insert(rec.parent.as_str(), name)?;
+            }
+            let mut devs = Devices::open(&txn)?;
+            let mut d = devs.require(rec.device)?;
+            d.access = None;
+            devs.put(&d)?;
+            rec.device
+        };
+        txn.commit()?;
+        fault::point("commit.after_record");
+        self.pool.deactivate(device)?;
+        fault::point("commit.after_detach");
+        Ok(())
+    }
+
+    /// Removes a snapshot without children; its device is deleted.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let _g = self.shared();
+        let txn = self.pool.store().write()?;
+        let device = {
+            let rec = meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
+            if txn.open_multimap_table(CHILDREN)?.get(key)?.next().is_some() {
+                return Err(Error::HasChildren(key.to_owned()));
+            }
+            remove_record(&txn, key, &rec.parent)?;
+            self.pool.plan_delete(&mut Devices::open(&txn)?, rec.device)?;
+            rec.device
+        };
+        txn.commit()?;
+        fault::point("remove.after_record");
+        Ok(self.pool.destroy(device)?)
+    }
+
+    /// Info of one snapshot.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(info(key, &self.record(key)?))
+    }
+
+    /// Changes labels (field paths `labels` or `labels.<key>`; none: all labels).
+    pub fn update(&self, new: Info, paths: &[String]) -> Result<Info> {
+        let _g = self.shared();
+        let key = new.name.as_str();
+        validate_labels(&new.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())?;
+        let mut changes: Vec<(String, Option<String>)> = Vec::new();
+        let mut replace_all = paths.is_empty();
+        for p in paths {
+            if p == "labels" {
+                replace_all = true;
+            } else if let Some(label) = p.strip_prefix("labels.") {
+                changes.push((label.to_owned(), new.labels.get(label).cloned()));
+            } else {
+                return Err(Error::ImmutableField(p.clone()));
+            }
+        }
+        let txn = self.pool.store().write()?;
+        let rec = {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut rec = meta::get(&snaps, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
+            if replace_all {
+                rec.labels = new.labels.into_iter().collect();
+            }
+            for (label, value) in changes {
+                match value {
+                    Some(v) if !v.is_empty() => rec.labels.insert(label, v),
+                    _ => rec.labels.remove(&label),
+                };
+            }
+            rec.updated = meta::now();
+            snaps.insert(key, meta::encode(key, &rec)?.as_slice())?;
+            rec
+        };
+        txn.commit()?;
+        Ok(info(key, &rec))
+    }
+
+    /// Every snapshot matching `filters` (containerd filter syntax; any string matches).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filter = Filter::parse(filters)?;
+        let txn = self.pool.store().db().begin_read()?;
+        let snaps = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for row in snaps.iter()? {
+            let (k, v) = row?;
+            let rec = meta::decode(k.value(), v.value())?;
+            if filter.matches(&Matchable { name: k.value(), rec: &rec }) {
+                out.push(info(k.value(), &rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes and inodes a snapshot holds beyond its parent.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self.record(key)?;
+        let dev = self.pool.store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
+        let u = self.pool.usage(&dev)?;
+        Ok(Usage { size: u.bytes.get(), inodes: u.inodes })
+    }
+
+    /// Reclaims what interrupted operations left behind.
+    pub fn cleanup(&self) -> Result<ReconcileReport> {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.reconcile()
+    }
+
+    /// Called on exit; see [`Config::release_on_exit`].
+    pub fn shutdown(&self) -> Result<()> {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        Ok(self.pool.shutdown(self.cfg.release_on_exit)?)
+    }
+
+    fn record(&self, key: &str) -> Result<Record> {
+        let txn = self.pool.store().db().begin_read()?;
+        meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn remove_record(txn: &WriteTransaction, key: &str, parent: &str) -> Result<()> {
+    txn.open_table(SNAPSHOTS)?.remove(key)?;
+    if !parent.is_empty() {
+        txn.open_multimap_table(CHILDREN)?.remove(parent, key)?;
+    }
+    Ok(())
+}
+
+fn mount(node: &Path, fs: thinbox_blockstore::FsType, kind: Kind) -> Mount {
+    let mut options = vec![if kind == Kind::View { "ro" } else { "rw" }.to_owned()];
+    if fs == thinbox_blockstore::FsType::Xfs {
+        // Clones share their origin's UUID.
+        options.push("nouuid".to_owned());
+    }
+    Mount { r#type: fs.as_str().to_owned(), source: PathBuf::from(node).display().to_string(), target: String::new(), options }
+}
+
+fn info(name: &str, rec: &Record) -> Info {
+    let kind = match rec.kind {
+        Kind::View => ProtoKind::View,
+        Kind::Active => ProtoKind::Active,
+        Kind::Committed => ProtoKind::Committed,
+    };
+    Info {
+        name: name.to_owned(),
+        parent: rec.parent.clone(),
+        kind: kind as i32,
+        created_at: Some(meta::timestamp(rec.created)),
+        updated_at: Some(meta::timestamp(rec.updated)),
+        labels: rec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+    }
+}
+
+struct Matchable<'a> {
+    name: &'a str,
+    rec: &'a Record,
+}
+
+impl Fields for Matchable<'_> {
+    fn field(&self, path: &[String]) -> Option<&str> {
+        match path {
+            [f] if f == "name" => Some(self.name),
+            [f] if f == "parent" => Some(&self.rec.parent),
+            [f] if f == "kind" => Some(self.rec.kind.as_str()),
+            [f, rest @ ..] if f == "labels" && !rest.is_empty() => self.rec.labels.get(&rest.join(".")).map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+/// Keys are opaque to us but must be usable: non-empty, bounded, no NUL.
+pub fn validate_key(key: &str) -> Result<()> {
+    let reason = if key.is_empty() {
+        "empty"
+    } else if key.len() > MAX_KEY_BYTES {
+        "longer than 4096 bytes"
+    } else if key.contains('\0') {
+        "contains NUL"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidKey { key: key.chars().take(64).collect(), reason })
+}
+
+/// containerd's rule: a label's key and value together fit in 4 KiB.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    match labels.iter().find(|(k, v)| k.len() + v.len() > MAX_LABEL_BYTES) {
+        Some((k, _)) => Err(Error::LabelTooLarge { key: k.chars().take(64).collect(), max: MAX_LABEL_BYTES }),
+        None => Ok(()),
+    }
+}
+
+fn size_label(labels: &BTreeMap<String, String>) -> Result<Option<Bytes>> {
+    let Some(v) = labels.get(MAX_SIZE_LABEL) else { return Ok(None) };
+    let bad = |reason: String| Error::BadLabel { label: MAX_SIZE_LABEL, value: v.clone(), reason };
+    let n: u64 = v.trim().parse().map_err(|e| bad(format!("not a byte count: {e}")))?;
+    if n < MIN_SNAPSHOT_SIZE.get() {
+        return Err(bad(format!("below the minimum {MIN_SNAPSHOT_SIZE}")));
+    }
+    Ok(Some(Bytes(n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn keys() {
+        assert!(validate_key("default/3/sha256:abc").is_ok());
+        assert!(validate_key("/tmp/work/preparing").is_ok());
+        assert!(validate_key("").is_err());
+        assert!(validate_key("a\0b").is_err());
+        assert!(validate_key(&"k".repeat(4097)).is_err());
+    }
+
+    #[test]
+    fn label_limits() {
+        assert!(validate_labels(&labels(&[("a", &"v".repeat(4095))])).is_ok());
+        let err = validate_labels(&labels(&[("a", &"v".repeat(4096))])).expect_err("too large");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn size_labels() {
+        assert_eq!(size_label(&labels(&[])).expect("none"), None);
+        assert_eq!(size_label(&labels(&[(MAX_SIZE_LABEL, "1073741824")])).expect("1GiB"), Some(Bytes(1 << 30)));
+        for bad in ["1GiB", "-1", "1000"] {
+            let e = size_label(&labels(&[(MAX_SIZE_LABEL, bad)])).expect_err(bad);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn filter_fields() {
+        let rec = Record {
+            kind: Kind::Active,
+            parent: "p".into(),
+            labels: labels(&[("containerd.io/gc.root", "x"), ("l", "2")]),
+            created: 0,
+            updated: 0,
+            device: thinbox_blockstore::DeviceId(1),
+        };
+        let m = Matchable { name: "a", rec: &rec };
+        let f = |s: &str| Filter::parse(&[s]).expect("valid").matches(&m);
+        assert!(f("kind==active"));
+        assert!(!f("kind==committed"));
+        assert!(f("parent==p"));
+        assert!(f(r#"labels."containerd.io/gc.root"==x"#));
+        assert!(f("labels.l==2,name==a"));
+        assert!(!f("labels.l==2,name==b"));
+    }
+}

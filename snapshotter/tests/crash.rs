@@ -1,0 +1,1 @@
+//! Crash-safety tests (host tier, fault-injection build); written next.
