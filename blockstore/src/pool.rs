@@ -319,24 +319,27 @@ impl Pool {
         }
     }
 
-    /// Bytes the device's image holds that no other image shares, and inodes in
-    /// use beyond its origin.
+    /// Bytes and inodes the device holds beyond its origin: its allocated extents
+    /// less those it still shares, block for block, with the origin's image.
     pub fn usage(&self, rec: &DeviceRecord) -> Result<Usage> {
         let img = self.image(rec.id);
-        let file = File::open(&img).map_err(Error::io("open", &img))?;
-        let mut bytes = 0;
-        sys::for_each_extent(&file, |e| {
-            if e.flags & FIEMAP_EXTENT_SHARED == 0 {
-                bytes += e.length;
+        let mine = extents(&img)?;
+        let total: u64 = mine.iter().map(|e| e.length).sum();
+        let origin = rec.origin.map(|o| self.image(o)).filter(|p| p.exists());
+        let shared = match &origin {
+            // Only extents the filesystem flags as shared can overlap the origin's.
+            Some(o) if mine.iter().any(|e| e.flags & FIEMAP_EXTENT_SHARED != 0) => {
+                let theirs: Vec<(u64, u64)> = extents(o)?.iter().map(|e| (e.physical, e.physical + e.length)).collect();
+                overlap(&mine.iter().filter(|e| e.flags & FIEMAP_EXTENT_SHARED != 0).map(|e| (e.physical, e.physical + e.length)).collect::<Vec<_>>(), theirs)
             }
-        })
-        .map_err(Error::io("map extents of", &img))?;
-        let mine = filesystem::inodes_used(rec.fs, &img)?.unwrap_or(0);
-        let origin = match rec.origin {
-            Some(o) if self.image(o).exists() => filesystem::inodes_used(rec.fs, &self.image(o))?.unwrap_or(0),
             _ => 0,
         };
-        Ok(Usage { bytes: Bytes(bytes), inodes: mine.saturating_sub(origin) })
+        let inodes = filesystem::inodes_used(rec.fs, &img)?.unwrap_or(0);
+        let origin_inodes = match &origin {
+            Some(o) => filesystem::inodes_used(rec.fs, o)?.unwrap_or(0),
+            None => 0,
+        };
+        Ok(Usage { bytes: Bytes(total - shared.min(total)), inodes: inodes.saturating_sub(origin_inodes) })
     }
 
     /// Size and free space of the pool's filesystem.
@@ -424,6 +427,53 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
         // A panic while holding the map cannot leave it inconsistent (single inserts/removes).
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Every mapped extent of the file at `path`.
+fn extents(path: &Path) -> Result<Vec<sys::Extent>> {
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let mut out = Vec::new();
+    sys::for_each_extent(&file, |e| out.push(e)).map_err(Error::io("map extents of", path))?;
+    Ok(out)
+}
+
+/// Total length of the intersection of two sets of half-open ranges.
+fn overlap(a: &[(u64, u64)], mut b: Vec<(u64, u64)>) -> u64 {
+    b.sort_unstable();
+    // Merge so the ranges of `b` are disjoint and sorted.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(b.len());
+    for (s, e) in b {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    a.iter()
+        .map(|&(s, e)| {
+            let first = merged.partition_point(|&(_, me)| me <= s);
+            merged[first..].iter().take_while(|&&(ms, _)| ms < e).map(|&(ms, me)| me.min(e) - ms.max(s)).sum::<u64>()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_of_ranges() {
+        assert_eq!(overlap(&[(0, 10)], vec![(5, 20)]), 5);
+        assert_eq!(overlap(&[(0, 10), (20, 30)], vec![(25, 26), (0, 2), (1, 3)]), 4);
+        assert_eq!(overlap(&[(0, 10)], vec![]), 0);
+        assert_eq!(overlap(&[(10, 20)], vec![(0, 10), (20, 30)]), 0);
+    }
+
+    #[test]
+    fn image_names() {
+        assert_eq!(image_id(Path::new("/p/devices/42.img")), Some(DeviceId(42)));
+        assert_eq!(image_id(Path::new("/p/devices/42.img.tmp")), None);
+        assert_eq!(image_id(Path::new("/p/devices/x.img")), None);
     }
 }
 

@@ -69,6 +69,8 @@ const FS_IOC_FIEMAP: Opcode = opcode::read_write::<FiemapHeader>(b'f', 11);
 pub struct Extent {
     /// Offset in the file.
     pub logical: u64,
+    /// Offset on the filesystem's device.
+    pub physical: u64,
     /// Length in bytes.
     pub length: u64,
     /// `FIEMAP_EXTENT_*` flags.
@@ -99,7 +101,7 @@ pub fn for_each_extent(file: &File, mut f: impl FnMut(Extent)) -> io::Result<()>
             return Ok(());
         }
         for e in &buf.extents[..n] {
-            f(Extent { logical: e.logical, length: e.length, flags: e.flags });
+            f(Extent { logical: e.logical, physical: e.physical, length: e.length, flags: e.flags });
         }
         let last = buf.extents[n - 1];
         if last.flags & FIEMAP_EXTENT_LAST != 0 {

@@ -3,6 +3,7 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thinbox_proto::snapshots::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
@@ -28,25 +29,52 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Binds `address`, serves until SIGTERM or SIGINT, then returns (requests in
-/// flight complete first).
+/// How long open connections get to finish after SIGTERM. containerd keeps its
+/// connection open forever, so the wait must be bounded; operations in flight
+/// are waited for separately (see [`Snapshots::shutdown`]).
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Binds `address`, serves until SIGTERM or SIGINT, then returns.
 pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), ServeError> {
     let listener = bind(address)?;
     let mut term = signal(SignalKind::terminate()).map_err(|source| io("install SIGTERM handler", address, source))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| io("install SIGINT handler", address, source))?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1");
-    let result = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(snapshots)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
-        .await;
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SnapshotsServer::new(Service::new(snapshots)))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); stop(stop_tx, server).await }
+        _ = int.recv() => { tracing::info!("SIGINT: stopping"); stop(stop_tx, server).await }
+    };
     let _ = std::fs::remove_file(address);
-    Ok(result?)
+    match result {
+        Ok(r) => Ok(r?),
+        // The server task panicked or was aborted after the grace period.
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(io("serve", address, std::io::Error::other(e))),
+    }
+}
+
+async fn stop(
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> Result<Result<(), tonic::transport::Error>, tokio::task::JoinError> {
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(GRACE, &mut server).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::info!(grace_s = GRACE.as_secs(), "clients still connected; closing");
+            server.abort();
+            server.await
+        }
+    }
 }
 
 fn bind(address: &Path) -> Result<UnixListener, ServeError> {

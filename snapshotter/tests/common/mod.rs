@@ -1,0 +1,228 @@
+//! Harness for tests that drive the real `thinbox-snapshotter` binary over its
+//! socket, as containerd's proxy client does. Needs root (loop devices, mounts).
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
+use thinbox_proto::snapshots::*;
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = SnapshotsClient<Channel>;
+
+pub fn require_root() {
+    assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
+}
+
+/// A running daemon with its own state root.
+pub struct Daemon {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon on `dir/state` with an optional TOML config and environment.
+    pub async fn start(dir: &Path, config: Option<&str>, env: &[(&str, &str)]) -> (Daemon, Client) {
+        let root = dir.join("state");
+        let socket = dir.join("snap.sock");
+        let config = config.map(|c| {
+            let p = dir.join("config.toml");
+            std::fs::write(&p, c).unwrap();
+            p
+        });
+        let mut d = Daemon { root, socket, config, child: None };
+        let client = d.spawn(env).await;
+        (d, client)
+    }
+
+    /// (Re)starts the process on the same state.
+    pub async fn spawn(&mut self, env: &[(&str, &str)]) -> Client {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"));
+        cmd.arg("--root").arg(&self.root).arg("--address").arg(&self.socket).stdin(Stdio::null());
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("THINBOX_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn thinbox-snapshotter"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("thinbox-snapshotter exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "socket did not appear");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        connect(&self.socket).await
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+        child.wait().unwrap()
+    }
+
+    /// Waits for the process to end by itself (e.g. an injected crash).
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.take().expect("daemon running").wait().unwrap()
+    }
+
+    /// Stops with `--release-on-exit` semantics by restarting once with the flag,
+    /// leaving no loop device or mount behind.
+    pub async fn release(mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"));
+        cmd.arg("--root").arg(&self.root).arg("--address").arg(&self.socket).arg("--release-on-exit");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            assert!(Instant::now() < deadline, "socket did not appear");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(self.stop().success());
+        assert_eq!(loops_under(&self.root), Vec::<PathBuf>::new(), "loops left after release");
+    }
+
+    pub fn devices_dir(&self) -> PathBuf {
+        self.root.join("pool/devices")
+    }
+}
+
+impl Drop for Daemon {
+    /// A test that panicked still leaves no loop or mount behind.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            for node in loops_under(&self.root) {
+                let _ = Command::new("losetup").arg("-d").arg(node).status();
+            }
+            let _ = Command::new("umount").arg(self.root.join("pool")).status();
+        }
+    }
+}
+
+pub async fn connect(socket: &Path) -> Client {
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .expect("connect to snapshotter");
+    SnapshotsClient::new(channel)
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+pub async fn prepare(c: &mut Client, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Vec<thinbox_proto::Mount>, tonic::Status> {
+    c.prepare(PrepareSnapshotRequest { snapshotter: "thinbox".into(), key: key.into(), parent: parent.into(), labels })
+        .await
+        .map(|r| r.into_inner().mounts)
+}
+
+pub async fn view(c: &mut Client, key: &str, parent: &str) -> Result<Vec<thinbox_proto::Mount>, tonic::Status> {
+    c.view(ViewSnapshotRequest { snapshotter: "thinbox".into(), key: key.into(), parent: parent.into(), labels: HashMap::new() })
+        .await
+        .map(|r| r.into_inner().mounts)
+}
+
+pub async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), tonic::Status> {
+    c.commit(CommitSnapshotRequest { snapshotter: "thinbox".into(), name: name.into(), key: key.into(), labels: HashMap::new(), parent: String::new() })
+        .await
+        .map(|_| ())
+}
+
+pub async fn remove(c: &mut Client, key: &str) -> Result<(), tonic::Status> {
+    c.remove(RemoveSnapshotRequest { snapshotter: "thinbox".into(), key: key.into() }).await.map(|_| ())
+}
+
+pub async fn stat(c: &mut Client, key: &str) -> Result<Info, tonic::Status> {
+    c.stat(StatSnapshotRequest { snapshotter: "thinbox".into(), key: key.into() }).await.map(|r| r.into_inner().info.unwrap())
+}
+
+pub async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<String>, tonic::Status> {
+    let mut stream =
+        c.list(ListSnapshotsRequest { snapshotter: "thinbox".into(), filters: filters.iter().map(|s| s.to_string()).collect() }).await?.into_inner();
+    let mut names = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        names.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Mounts the single mount a snapshot returned on `target`.
+pub fn mount(m: &[thinbox_proto::Mount], target: &Path) {
+    assert_eq!(m.len(), 1, "exactly one mount");
+    let m = &m[0];
+    std::fs::create_dir_all(target).unwrap();
+    let st = std::fs::metadata(&m.source).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_block_device(&st.file_type()), "{} is a block device", m.source);
+    let out = Command::new("mount").args(["-t", &m.r#type, "-o", &m.options.join(","), &m.source]).arg(target).output().unwrap();
+    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn umount(target: &Path) {
+    let out = Command::new("umount").arg(target).output().unwrap();
+    assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Loop devices whose backing file lies under `dir`.
+pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
+    thinbox_blockstore::scan_loops(dir).unwrap().into_iter().map(|l| l.node).collect()
+}
+
+/// Image files in the pool.
+pub fn image_files(d: &Daemon) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.devices_dir())
+        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Writes a file inside a mounted snapshot and commits it under `name`.
+pub async fn layer(c: &mut Client, work: &Path, name: &str, parent: &str, files: &[(&str, &str)]) {
+    let key = format!("{name}-active");
+    let m = prepare(c, &key, parent, HashMap::new()).await.unwrap();
+    let mp = work.join(&key);
+    mount(&m, &mp);
+    for (f, content) in files {
+        std::fs::write(mp.join(f), content).unwrap();
+    }
+    umount(&mp);
+    commit(c, name, &key).await.unwrap();
+}
+
+/// Reads a file from a committed snapshot through a temporary view.
+pub async fn read_through_view(c: &mut Client, work: &Path, committed: &str, file: &str) -> String {
+    let key = format!("{committed}-readview");
+    let m = view(c, &key, committed).await.unwrap();
+    let mp = work.join(&key);
+    mount(&m, &mp);
+    let content = std::fs::read_to_string(mp.join(file)).unwrap_or_default();
+    umount(&mp);
+    remove(c, &key).await.unwrap();
+    content
+}

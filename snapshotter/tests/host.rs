@@ -1,0 +1,241 @@
+//! Host tier: the real daemon on real loop devices and a real XFS pool, driven
+//! over its socket. Every error path answers with the right gRPC code and leaves
+//! nothing behind. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+use thinbox_proto::snapshots::{Info, UpdateSnapshotRequest, UsageRequest};
+use tonic::Code;
+
+const SMALL: &str = "[pool]\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[snapshot]\ndefault_size = \"512MiB\"\n";
+
+fn tmp() -> tempfile::TempDir {
+    require_root();
+    tempfile::Builder::new().prefix("thinbox-host-").tempdir().unwrap()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error").code()
+}
+
+/// Files in the pool and attached loops match the records: nothing leaked.
+async fn assert_no_leaks(c: &mut Client, d: &Daemon, active_or_view: usize) {
+    let all = list(c, &[]).await.unwrap();
+    assert_eq!(image_files(d).len(), all.len(), "one image per snapshot: {:?} vs {:?}", image_files(d), all);
+    assert_eq!(loops_under(&d.root.join("pool")).len(), active_or_view, "one loop per active snapshot or view");
+}
+
+#[tokio::test]
+async fn error_paths_have_the_right_codes_and_leak_nothing() {
+    let dir = tmp();
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("hello", "world")]).await;
+    prepare(&mut c, "active", "base", HashMap::new()).await.unwrap();
+    view(&mut c, "view", "base").await.unwrap();
+
+    // NOT_FOUND
+    assert_eq!(code(stat(&mut c, "missing").await), Code::NotFound);
+    assert_eq!(code(remove(&mut c, "missing").await), Code::NotFound);
+    assert_eq!(code(commit(&mut c, "x", "missing").await), Code::NotFound);
+    assert_eq!(code(prepare(&mut c, "k", "missing", HashMap::new()).await), Code::NotFound);
+    assert_eq!(code(c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "missing".into() }).await), Code::NotFound);
+    assert_eq!(code(c.usage(UsageRequest { snapshotter: String::new(), key: "missing".into() }).await), Code::NotFound);
+    // ALREADY_EXISTS
+    assert_eq!(code(prepare(&mut c, "active", "base", HashMap::new()).await), Code::AlreadyExists);
+    assert_eq!(code(prepare(&mut c, "base", "", HashMap::new()).await), Code::AlreadyExists);
+    prepare(&mut c, "active2", "base", HashMap::new()).await.unwrap();
+    assert_eq!(code(commit(&mut c, "base", "active2").await), Code::AlreadyExists);
+    // FAILED_PRECONDITION
+    assert_eq!(code(prepare(&mut c, "k", "active", HashMap::new()).await), Code::FailedPrecondition);
+    assert_eq!(code(view(&mut c, "k", "view").await), Code::FailedPrecondition);
+    assert_eq!(code(remove(&mut c, "base").await), Code::FailedPrecondition);
+    assert_eq!(code(commit(&mut c, "x", "view").await), Code::FailedPrecondition);
+    assert_eq!(code(commit(&mut c, "x", "base").await), Code::FailedPrecondition);
+    assert_eq!(code(c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "base".into() }).await), Code::FailedPrecondition);
+    // INVALID_ARGUMENT
+    assert_eq!(code(prepare(&mut c, "", "", HashMap::new()).await), Code::InvalidArgument);
+    assert_eq!(code(prepare(&mut c, "a\0b", "", HashMap::new()).await), Code::InvalidArgument);
+    let big = "v".repeat(4096);
+    assert_eq!(code(prepare(&mut c, "k", "", labels(&[("l", &big)])).await), Code::InvalidArgument);
+    assert_eq!(code(prepare(&mut c, "k", "", labels(&[("containerd.io/snapshot/max-size", "lots")])).await), Code::InvalidArgument);
+    assert_eq!(code(prepare(&mut c, "k", "", labels(&[("containerd.io/snapshot/max-size", "4096")])).await), Code::InvalidArgument);
+    assert_eq!(code(list(&mut c, &["name=="]).await), Code::InvalidArgument);
+    assert_eq!(code(list(&mut c, &["labels.\"open"]).await), Code::InvalidArgument);
+    let update = |paths: &[&str]| UpdateSnapshotRequest {
+        snapshotter: String::new(),
+        info: Some(Info { name: "base".into(), parent: "elsewhere".into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|s| s.to_string()).collect() }),
+    };
+    assert_eq!(code(c.update(update(&["parent"])).await), Code::InvalidArgument);
+    assert_eq!(code(c.update(update(&["kind"])).await), Code::InvalidArgument);
+    let mut no_info = update(&["labels"]);
+    no_info.info = None;
+    assert_eq!(code(c.update(no_info).await), Code::InvalidArgument);
+
+    // Nothing failed half-way: the committed data is intact and nothing leaked.
+    assert_eq!(stat(&mut c, "base").await.unwrap().parent, "");
+    assert_eq!(read_through_view(&mut c, &work, "base", "hello").await, "world");
+    assert_no_leaks(&mut c, &d, 3).await;
+    d.release().await;
+}
+
+#[tokio::test]
+async fn size_label_sets_size_and_a_larger_child_grows_its_filesystem() {
+    for fs in ["ext4", "xfs"] {
+        let dir = tmp();
+        let cfg = format!("{SMALL}filesystem = \"{fs}\"\n");
+        let (d, mut c) = Daemon::start(dir.path(), Some(&cfg), &[]).await;
+        let work = dir.path().join("work");
+        let m = prepare(&mut c, "base-a", "", labels(&[("containerd.io/snapshot/max-size", "536870912")])).await.unwrap();
+        assert_eq!(m[0].r#type, fs);
+        assert_eq!(m[0].options.contains(&"nouuid".to_string()), fs == "xfs");
+        mount(&m, &work.join("b"));
+        std::fs::write(work.join("b/keep"), "kept").unwrap();
+        umount(&work.join("b"));
+        commit(&mut c, "base", "base-a").await.unwrap();
+
+        let m = prepare(&mut c, "big", "base", labels(&[("containerd.io/snapshot/max-size", "1073741824")])).await.unwrap();
+        let mp = work.join("big");
+        mount(&m, &mp);
+        let st = rustix::fs::statvfs(&mp).unwrap();
+        let total = st.f_blocks * st.f_frsize;
+        assert!(total > 900 << 20, "{fs}: filesystem grew to fill 1GiB, has {total} bytes");
+        assert_eq!(std::fs::read_to_string(mp.join("keep")).unwrap(), "kept");
+        umount(&mp);
+        assert_eq!(
+            code(prepare(&mut c, "small", "base", labels(&[("containerd.io/snapshot/max-size", "400000000")])).await),
+            Code::InvalidArgument,
+            "{fs}: a child smaller than its parent is refused"
+        );
+        assert_no_leaks(&mut c, &d, 1).await;
+        d.release().await;
+    }
+}
+
+#[tokio::test]
+async fn usage_counts_only_what_the_child_wrote() {
+    let dir = tmp();
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    let blob = "x".repeat(8 << 20);
+    layer(&mut c, &work, "base", "", &[("big", &blob)]).await;
+    let m = prepare(&mut c, "child", "base", HashMap::new()).await.unwrap();
+    let mp = work.join("child");
+    mount(&m, &mp);
+    for i in 0..4 {
+        std::fs::write(mp.join(format!("f{i}")), "y".repeat(1 << 20)).unwrap();
+    }
+    umount(&mp);
+    let u = c.usage(UsageRequest { snapshotter: String::new(), key: "child".into() }).await.unwrap().into_inner();
+    assert!(u.size >= 4 << 20, "child wrote 4MiB, usage {}", u.size);
+    assert!(u.size < 8 << 20, "the parent's 8MiB are shared, usage {}", u.size);
+    assert!(u.inodes >= 4, "4 new inodes, usage {}", u.inodes);
+    let base = c.usage(UsageRequest { snapshotter: String::new(), key: "base".into() }).await.unwrap().into_inner();
+    assert!(base.size >= 8 << 20, "a layer without parent holds all its data, usage {}", base.size);
+    d.release().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_devices_attached_and_reboot_reattaches_them() {
+    let dir = tmp();
+    let (mut d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("a", "1")]).await;
+    let m = prepare(&mut c, "ctr", "base", labels(&[("team", "x")])).await.unwrap();
+    let mp = work.join("ctr");
+    mount(&m, &mp);
+    std::fs::write(mp.join("b"), "2").unwrap();
+
+    // A daemon restart while the container runs: the device stays, same node.
+    assert!(d.stop().success());
+    assert!(std::fs::read_to_string(mp.join("b")).is_ok(), "rootfs still usable while the daemon is down");
+    let mut c = d.spawn(&[]).await;
+    let again = c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "ctr".into() }).await.unwrap().into_inner().mounts;
+    assert_eq!(again[0].source, m[0].source);
+    assert_eq!(stat(&mut c, "ctr").await.unwrap().labels.get("team").map(String::as_str), Some("x"));
+    umount(&mp);
+
+    // A reboot: loops and the pool mount are gone; start-up re-attaches.
+    d.release().await;
+    assert!(loops_under(dir.path()).is_empty());
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let m = c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "ctr".into() }).await.unwrap().into_inner().mounts;
+    mount(&m, &mp);
+    assert_eq!(std::fs::read_to_string(mp.join("a")).unwrap(), "1");
+    assert_eq!(std::fs::read_to_string(mp.join("b")).unwrap(), "2");
+    umount(&mp);
+    assert_eq!(list(&mut c, &["kind==active"]).await.unwrap(), vec!["ctr"]);
+    d.release().await;
+}
+
+#[tokio::test]
+async fn a_full_pool_refuses_new_snapshots_and_keeps_serving() {
+    let dir = tmp();
+    let cfg = "[pool]\nembedded_size = \"1GiB\"\nreserve = \"128MiB\"\n[snapshot]\ndefault_size = \"2GiB\"\n";
+    let (d, mut c) = Daemon::start(dir.path(), Some(cfg), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("keep", "safe")]).await;
+    let m = prepare(&mut c, "hog", "base", HashMap::new()).await.unwrap();
+    let mp = work.join("hog");
+    mount(&m, &mp);
+    // The device is larger than the pool: writing runs the pool out of space.
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=1400", "conv=fsync"])
+        .arg(format!("of={}", mp.join("fill").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the writer must see an I/O error or ENOSPC");
+    let _ = std::process::Command::new("umount").arg(&mp).status();
+    assert_eq!(code(prepare(&mut c, "next", "base", HashMap::new()).await), Code::ResourceExhausted);
+    assert_eq!(stat(&mut c, "base").await.unwrap().name, "base", "the daemon keeps serving");
+    remove(&mut c, "hog").await.unwrap();
+    assert_eq!(read_through_view(&mut c, &work, "base", "keep").await, "safe", "committed data survives");
+    prepare(&mut c, "next", "base", HashMap::new()).await.unwrap();
+    assert_no_leaks(&mut c, &d, 1).await;
+    d.release().await;
+}
+
+#[tokio::test]
+async fn socket_is_0660_and_a_second_daemon_on_the_same_root_is_refused() {
+    let dir = tmp();
+    let (d, _c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
+        .arg("--root")
+        .arg(&d.root)
+        .arg("--address")
+        .arg(dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second daemon on the same root must fail");
+    d.release().await;
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_at_start() {
+    let dir = tmp();
+    for cfg in ["[pool]\nsize = 1\n", "[snapshot]\ndefault_size = \"1MiB\"\n", "[pool]\ndir = \"relative/path\"\n"] {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, cfg).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
+            .arg("--root")
+            .arg(dir.path().join("state"))
+            .arg("--address")
+            .arg(dir.path().join("s.sock"))
+            .arg("--config")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "config {cfg:?} must be refused");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+    }
+    assert!(loops_under(dir.path()).is_empty());
+}
