@@ -1,13 +1,16 @@
 //! Loop devices: attach with direct I/O, lazy detach, and discovery of the loops a
 //! pool owns (by their backing file) after a restart.
 
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use loopdev::{LoopControl, LoopDevice};
+use rustix::io::Errno;
 
 use crate::error::{Error, Result};
+use crate::sys;
 
 /// Attach attempts before giving up when other processes race us for free loops.
 const ATTACH_ATTEMPTS: usize = 16;
@@ -40,34 +43,32 @@ pub struct Attached {
 
 /// Attaches `file` to a free loop device.
 pub fn attach(file: &Path, opts: AttachOpts) -> Result<Attached> {
+    let backing = OpenOptions::new().read(true).write(!opts.read_only).open(file).map_err(Error::io("open", file))?;
     let ctl = LoopControl::open().map_err(Error::io("open loop control", "/dev/loop-control"))?;
+    let mut flags = if opts.read_only { sys::LO_FLAGS_READ_ONLY } else { 0 };
+    if opts.autoclear {
+        flags |= sys::LO_FLAGS_AUTOCLEAR;
+    }
+    let mut dio = opts.direct_io;
     let mut last = None;
     for _ in 0..ATTACH_ATTEMPTS {
         let dev = ctl.next_free().map_err(Error::io("find free loop device for", file))?;
-        match dev.with().read_only(opts.read_only).autoclear(opts.autoclear).attach(file) {
-            Ok(()) => return finish_attach(dev, file, opts),
-            // Another process took this loop between GET_FREE and SET_FD.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => last = Some(e),
+        let f = if dio { flags | sys::LO_FLAGS_DIRECT_IO } else { flags };
+        match sys::loop_configure(&dev, &backing, f, opts.block_size, file.as_os_str().as_bytes()) {
+            Ok(()) => {
+                let node = dev.path().ok_or_else(|| Error::io("name loop device of", file)(io::Error::other("unknown loop node")))?;
+                return Ok(Attached { node, _dev: dev });
+            }
+            // Another process took this loop between GET_FREE and CONFIGURE.
+            Err(e) if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => last = Some(e),
+            Err(e) if dio && e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {
+                tracing::warn!(file = %file.display(), error = %e, "direct I/O refused; using buffered I/O");
+                dio = false;
+            }
             Err(e) => return Err(Error::io("attach loop device to", file)(e)),
         }
     }
     Err(Error::io("attach loop device to", file)(last.unwrap_or_else(|| io::Error::other("no free loop device"))))
-}
-
-fn finish_attach(dev: LoopDevice, file: &Path, opts: AttachOpts) -> Result<Attached> {
-    let node = dev.path().ok_or_else(|| Error::io("name loop device of", file)(io::Error::other("unknown loop node")))?;
-    if opts.block_size != 0
-        && let Err(e) = crate::sys::set_loop_block_size(&dev, opts.block_size)
-    {
-        let _ = dev.detach();
-        return Err(Error::io("set block size of loop device for", file)(e));
-    }
-    if opts.direct_io
-        && let Err(e) = dev.set_direct_io(true)
-    {
-        tracing::warn!(loop_dev = %node.display(), file = %file.display(), error = %e, "direct I/O refused; using buffered I/O");
-    }
-    Ok(Attached { node, _dev: dev })
 }
 
 /// Detaches a loop device. Lazy: if the device is still open (mounted, or held by
@@ -81,7 +82,7 @@ pub fn detach(node: &Path) -> Result<()> {
     };
     match dev.detach() {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(Errno::NXIO.raw_os_error()) => Ok(()),
         Err(e) => Err(Error::io("detach loop device", node)(e)),
     }
 }

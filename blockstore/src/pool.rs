@@ -261,15 +261,18 @@ impl Pool {
 
     /// Attaches a device's image to a loop device (no-op if already attached) and
     /// returns the node.
+    ///
+    /// Callers never activate the same device concurrently: the snapshot record
+    /// serialises its operations, and reconciliation runs alone.
     pub fn activate(&self, id: DeviceId, access: Access) -> Result<PathBuf> {
-        let mut attached = self.lock();
-        if let Some(node) = attached.get(&id) {
-            return Ok(node.clone());
+        if let Some(node) = self.node(id) {
+            return Ok(node);
         }
         let img = self.image(id);
         let opts = AttachOpts { read_only: access == Access::ReadOnly, direct_io: self.cfg.direct_io, autoclear: false, block_size: 4096 };
+        // Not under the map's lock: attaching takes a while and others must not wait.
         let node = loops::attach(&img, opts)?.node;
-        attached.insert(id, node.clone());
+        self.lock().insert(id, node.clone());
         Ok(node)
     }
 
@@ -457,26 +460,6 @@ fn overlap(a: &[(u64, u64)], mut b: Vec<(u64, u64)>) -> u64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlap_of_ranges() {
-        assert_eq!(overlap(&[(0, 10)], vec![(5, 20)]), 5);
-        assert_eq!(overlap(&[(0, 10), (20, 30)], vec![(25, 26), (0, 2), (1, 3)]), 4);
-        assert_eq!(overlap(&[(0, 10)], vec![]), 0);
-        assert_eq!(overlap(&[(10, 20)], vec![(0, 10), (20, 30)]), 0);
-    }
-
-    #[test]
-    fn image_names() {
-        assert_eq!(image_id(Path::new("/p/devices/42.img")), Some(DeviceId(42)));
-        assert_eq!(image_id(Path::new("/p/devices/42.img.tmp")), None);
-        assert_eq!(image_id(Path::new("/p/devices/x.img")), None);
-    }
-}
-
 /// The device id an image path names (`<id>.img`).
 fn image_id(path: &Path) -> Option<DeviceId> {
     let name = path.file_name()?.to_str()?;
@@ -495,4 +478,24 @@ fn probe_reflink(dir: &Path) -> Result<()> {
     let _ = fs::remove_file(&a);
     let _ = fs::remove_file(&b);
     result.map_err(|source| Error::NoReflink { path: dir.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_of_ranges() {
+        assert_eq!(overlap(&[(0, 10)], vec![(5, 20)]), 5);
+        assert_eq!(overlap(&[(0, 10), (20, 30)], vec![(25, 26), (0, 2), (1, 3)]), 4);
+        assert_eq!(overlap(&[(0, 10)], vec![]), 0);
+        assert_eq!(overlap(&[(10, 20)], vec![(0, 10), (20, 30)]), 0);
+    }
+
+    #[test]
+    fn image_names() {
+        assert_eq!(image_id(Path::new("/p/devices/42.img")), Some(DeviceId(42)));
+        assert_eq!(image_id(Path::new("/p/devices/42.img.tmp")), None);
+        assert_eq!(image_id(Path::new("/p/devices/x.img")), None);
+    }
 }

@@ -26,3 +26,21 @@ pub mod containerd {
 
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+
+/// A gRPC channel over a unix socket (containerd and CSI speak gRPC on unix
+/// sockets); `timeout` bounds connecting and each request.
+pub async fn unix_channel(
+    socket: impl AsRef<std::path::Path>,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.as_ref().to_owned();
+    // The URI is required but unused: the connector ignores it.
+    tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        }))
+        .await
+}

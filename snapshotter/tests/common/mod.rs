@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub type Client = SnapshotsClient<Channel>;
 
@@ -119,15 +119,7 @@ impl Drop for Daemon {
 }
 
 pub async fn connect(socket: &Path) -> Client {
-    let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .expect("connect to snapshotter");
+    let channel = thinbox_proto::unix_channel(socket, Duration::from_secs(120)).await.expect("connect to snapshotter");
     SnapshotsClient::new(channel)
 }
 

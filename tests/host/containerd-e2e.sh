@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# End-to-end test: a real containerd using thinbox-snapshotter as a proxy
+# snapshotter imports a 3-layer image, runs containers on it, and everything
+# (snapshots, loop devices, mounts) is gone afterwards. Needs root.
+#
+#   sudo tests/host/containerd-e2e.sh
+#
+# Environment: THINBOX_SNAPSHOTTER (binary; default target/debug/thinbox-snapshotter,
+# built with cargo if missing), THINBOX_E2E_KEEP=1 (keep the temp dir),
+# THINBOX_LOG (snapshotter log filter, default debug), TMPDIR.
+# Last line: "containerd-e2e: N passed, M failed"; exit status 0 only if M is 0.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib/containerd.sh
+source "$REPO/tests/lib/containerd.sh"
+
+IMAGE=localhost/thinbox-test:3layers
+SN=thinbox
+GC_TIMEOUT=30
+PASSED=0
+FAILED=0
+TMP=
+SNAP_PID=
+SNAP_STATUS=
+RUN_PID=
+ERR_LINE=
+SIGNALLED=
+
+ok() { PASSED=$((PASSED + 1)); echo "ok   - $*"; }
+not_ok() { FAILED=$((FAILED + 1)); echo "FAIL - $*" >&2; }
+# check DESCRIPTION COMMAND...: one assertion.
+check() { local d=$1; shift; if "$@"; then ok "$d"; else not_ok "$d"; fi; }
+# check_eq DESCRIPTION EXPECTED ACTUAL
+check_eq() {
+    if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: expected '$2', got '$3'"; fi
+}
+die() { not_ok "$*"; exit 1; }
+# must DESCRIPTION COMMAND...: run a setup step; on failure show its output and stop.
+must() {
+    local d=$1 out; shift
+    if ! out=$("$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "$d"
+    fi
+    [[ -z $out ]] || printf '%s\n' "$out"
+}
+
+log_tails() {
+    local f
+    for f in "$TMP/snapshotter.log" "$TMP/ctd/containerd.log"; do
+        [[ -s $f ]] || continue
+        echo "---- last lines of $f ----" >&2
+        tail -n 60 "$f" | sed 's/\x1b\[[0-9;]*m//g' >&2
+    done
+}
+
+# Loop devices whose backing file lies under $1, as "NODE BACKING".
+loops_under() {
+    losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
+        awk -v p="$1/" 'index($2, p) == 1'
+}
+mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
+
+stop_snapshotter() {
+    local i
+    [[ -n $SNAP_PID ]] || return 0
+    kill -TERM "$SNAP_PID" 2>/dev/null || true
+    for (( i = 0; i < 300; i++ )); do
+        kill -0 "$SNAP_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$SNAP_PID" 2>/dev/null; then
+        echo "thinbox-snapshotter $SNAP_PID ignored SIGTERM for 30s, killing" >&2
+        kill -KILL "$SNAP_PID" 2>/dev/null || true
+    fi
+    SNAP_STATUS=0
+    wait "$SNAP_PID" 2>/dev/null || SNAP_STATUS=$?
+    SNAP_PID=
+}
+
+cleanup() {
+    local rc=$? m l
+    trap - EXIT
+    set +e
+    if [[ -n $SIGNALLED ]]; then
+        not_ok "interrupted by SIG$SIGNALLED"
+    elif (( rc != 0 && FAILED == 0 )); then
+        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
+    fi
+    if [[ -n $RUN_PID ]]; then kill "$RUN_PID" 2>/dev/null; wait "$RUN_PID" 2>/dev/null; fi
+    if [[ -n $TMP ]]; then
+        if [[ -n $SNAP_PID ]] && ! kill -0 "$SNAP_PID" 2>/dev/null; then
+            not_ok "thinbox-snapshotter died unexpectedly"
+        fi
+        (( FAILED == 0 )) || log_tails
+        containerd_stop
+        stop_snapshotter
+        # Last resort, so a failed run leaves nothing behind on the host. Loop
+        # files live inside the pool mount, so alternate unmounting and
+        # detaching (a busy loop is marked to detach on last close).
+        for _ in 1 2 3; do
+            while read -r m; do umount "$m" 2>/dev/null; done < <(mounts_under "$TMP" | sort -r)
+            while read -r l _; do losetup -d "$l" 2>/dev/null; done < <(loops_under "$TMP")
+        done
+        while read -r m; do
+            echo "lazily unmounting $m" >&2
+            umount -l "$m"
+        done < <(mounts_under "$TMP" | sort -r)
+        if [[ ${THINBOX_E2E_KEEP:-0} == 1 ]]; then
+            echo "kept $TMP"
+        elif [[ -z $(mounts_under "$TMP") ]]; then
+            rm -rf --one-file-system "$TMP"
+        else
+            echo "left $TMP: still mounted" >&2
+        fi
+    fi
+    echo "containerd-e2e: $PASSED passed, $FAILED failed"
+    (( FAILED == 0 )) && exit 0 || exit 1
+}
+trap cleanup EXIT
+trap 'ERR_LINE=$LINENO' ERR
+trap 'SIGNALLED=INT; exit 130' INT
+trap 'SIGNALLED=TERM; exit 143' TERM
+
+[[ $EUID -eq 0 ]] || die "must run as root"
+
+# ---- prerequisites -------------------------------------------------------
+need=()
+for c in containerd:containerd ctr:containerd runc:runc \
+         mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:mount findmnt:util-linux \
+         python3:python3; do
+    command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
+done
+# The plain busybox package also ships /bin/busybox, but dynamically linked.
+[[ $(dpkg-query -W -f '${Status}' busybox-static 2>/dev/null) == "install ok installed" ]] ||
+    need+=(busybox-static)
+if (( ${#need[@]} )); then
+    echo "installing: ${need[*]}"
+    must "apt-get update" apt-get update -qq
+    must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq "${need[@]}"
+fi
+
+SNAPSHOTTER=${THINBOX_SNAPSHOTTER:-$REPO/target/debug/thinbox-snapshotter}
+if [[ ! -x $SNAPSHOTTER ]]; then
+    [[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER=$SNAPSHOTTER is not executable"
+    echo "building thinbox-snapshotter"
+    (cd "$REPO" && cargo build -p thinbox-snapshotter) || die "cargo build -p thinbox-snapshotter failed"
+    [[ -x $SNAPSHOTTER ]] || die "cargo build did not produce $SNAPSHOTTER"
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-e2e.XXXXXX")
+ROOT=$TMP/root
+SOCK=$TMP/thinbox.sock
+
+# ---- snapshotter ---------------------------------------------------------
+# Small sizes keep the sparse files modest; exercises --config as well.
+cat >"$TMP/thinbox.toml" <<'EOF'
+[pool]
+embedded_size = "8GiB"
+[snapshot]
+default_size = "1GiB"
+EOF
+THINBOX_LOG=${THINBOX_LOG:-debug} "$SNAPSHOTTER" --root "$ROOT" --address "$SOCK" \
+    --config "$TMP/thinbox.toml" --release-on-exit >"$TMP/snapshotter.log" 2>&1 </dev/null &
+SNAP_PID=$!
+for (( i = 0; i < 300; i++ )); do
+    kill -0 "$SNAP_PID" 2>/dev/null || die "thinbox-snapshotter exited during startup"
+    [[ -S $SOCK ]] && break
+    sleep 0.1
+done
+[[ -S $SOCK ]] || die "thinbox-snapshotter did not create $SOCK within 30s"
+ok "thinbox-snapshotter listening on $SOCK"
+
+# ---- containerd ----------------------------------------------------------
+containerd_start "$TMP/ctd" "$SOCK" || die "containerd did not start"
+plugins=$(ctr_ plugins ls) || die "ctr plugins ls failed"
+check_eq "containerd loaded the thinbox proxy plugin" ok \
+    "$(awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}' <<<"$plugins")"
+
+# ---- image import --------------------------------------------------------
+must "build OCI image" python3 "$REPO/tests/lib/make-oci-image.py" "$TMP/image.tar" --ref "$IMAGE"
+must "ctr image import --snapshotter $SN" ctr_t 120 image import --snapshotter "$SN" "$TMP/image.tar"
+snaps=$(ctr_ snapshots --snapshotter "$SN" ls | tail -n +2)
+echo "$snaps"
+check_eq "import left 3 committed snapshots" 3 "$(awk '$NF == "Committed"' <<<"$snaps" | wc -l)"
+check_eq "snapshots form one parent chain" 2 "$(awk 'NF == 3 {print $2}' <<<"$snaps" | wc -l)"
+top=$(awk 'NR == FNR {if (NF == 3) p[$2] = 1; next} !($1 in p) {print $1}' <(echo "$snaps") <(echo "$snaps"))
+[[ $(wc -w <<<"$top") -eq 1 ]] || die "cannot find the top of the snapshot chain"
+
+# A read-only view of the image, mounted on the host.
+must "ctr snapshots view" ctr_ snapshots --snapshotter "$SN" view e2e-view "$top"
+read -r _ _ vtype vsrc _ _ vopts < <(ctr_ snapshots --snapshotter "$SN" mounts /x e2e-view) || true
+check_eq "view mount type" ext4 "$vtype"
+check "view source $vsrc is a block device" test -b "$vsrc"
+check "view mount options include ro" grep -qw ro <<<"${vopts//,/ }"
+mkdir "$TMP/view"
+if mount -t ext4 -o ro "$vsrc" "$TMP/view"; then
+    check_eq "view shows layer 3's overwrite" layer3 "$(cat "$TMP/view/data/overwrite.txt" 2>&1)"
+    check "view has no whited-out file" test ! -e "$TMP/view/data/remove.txt"
+    umount "$TMP/view"
+else
+    not_ok "mount -o ro $vsrc"
+fi
+must "ctr snapshots rm view" ctr_ snapshots --snapshotter "$SN" rm e2e-view
+
+# ---- a container ---------------------------------------------------------
+ID=e2e-$$
+# Prints facts for the host to check, then waits (bounded) for /release.
+# shellcheck disable=SC2016 # expanded inside the container
+script='
+echo "overwrite=$(cat /data/overwrite.txt)"
+echo "keep=$(cat /data/keep.txt)"
+echo "layer1=$(cat /etc/layer1)"
+echo "layer3=$(cat /etc/layer3)"
+[ -e /data/remove.txt ] && echo remove=present || echo remove=absent
+[ -e /data/gone ] && echo gone=present || echo gone=absent
+echo "opaque=$(ls /data/opaque | tr "\n" " ")"
+echo "owned=$(stat -c %u:%g:%a /data/owned)"
+echo "hardlink=$(stat -c %h /data/keep.txt):$(cat /data/hardlink)"
+echo "symlink=$(readlink /data/symlink):$(cat /data/symlink)"
+echo thinbox-e2e >/written.txt && sync && echo "written=$(cat /written.txt)"
+echo "mountinfo=$(awk "\$5 == \"/\"" /proc/self/mountinfo)"
+echo "mounts=$(grep " / " /proc/mounts)"
+echo READY
+i=0
+while [ ! -e /release ] && [ $i -lt 1200 ]; do usleep 100000; i=$((i + 1)); done
+[ -e /release ] && echo released
+'
+ctr_t 300 run --rm "${CTR_RUN_FLAGS[@]}" --snapshotter "$SN" "$IMAGE" "$ID" sh -c "$script" \
+    >"$TMP/run1.out" 2>&1 </dev/null &
+RUN_PID=$!
+for (( i = 0; i < 600; i++ )); do
+    grep -q '^READY$' "$TMP/run1.out" && break
+    kill -0 "$RUN_PID" 2>/dev/null || break
+    sleep 0.1
+done
+if ! grep -q '^READY$' "$TMP/run1.out"; then
+    cat "$TMP/run1.out" >&2
+    die "container $ID did not start (output above)"
+fi
+cat "$TMP/run1.out"
+fact() { sed -n "s/^$1=//p" "$TMP/run1.out"; }
+
+check_eq "overwritten file shows layer 3" layer3 "$(fact overwrite)"
+check_eq "layer 2 file present" layer2-keep "$(fact keep)"
+check_eq "layer 1 file present" layer1 "$(fact layer1)"
+check_eq "layer 3 file present" layer3 "$(fact layer3)"
+check_eq "whited-out file absent" absent "$(fact remove)"
+check_eq "whited-out directory absent" absent "$(fact gone)"
+check_eq "opaque directory holds only layer 3's entry" "c " "$(fact opaque)"
+check_eq "owner and mode kept" 1000:1000:640 "$(fact owned)"
+check_eq "hard link kept" 2:layer2-keep "$(fact hardlink)"
+check_eq "symlink kept" keep.txt:layer2-keep "$(fact symlink)"
+check_eq "container can write its rootfs" thinbox-e2e "$(fact written)"
+
+# mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER
+read -r c_devno c_fstype c_source < <(fact mountinfo |
+    awk '{for (i = 7; i <= NF; i++) if ($i == "-") {print $3, $(i + 1), $(i + 2); exit}}') || true
+check_eq "container root fstype (mountinfo)" ext4 "$c_fstype"
+check "container root source $c_source is /dev/loopN" grep -Eq '^/dev/loop[0-9]+$' <<<"$c_source"
+read -r m_src m_type m_opts _ < <(fact mounts | awk '{print $1, $3, $4}') || true
+check_eq "container root in /proc/mounts" "$c_source ext4" "$m_src $m_type"
+check "container root mounted rw" grep -qw rw <<<"${m_opts//,/ }"
+
+# The host side of the same mount.
+read -r _ _ h_type h_src _ _ h_opts < <(ctr_ snapshots --snapshotter "$SN" mounts /x "$ID") || true
+check_eq "snapshot mount type" ext4 "$h_type"
+check "snapshot source $h_src is a block device on the host" test -b "$h_src"
+check "snapshot mount options include rw" grep -qw rw <<<"${h_opts//,/ }"
+check_eq "container root is the snapshot's device" "$h_src" "$c_source"
+if [[ -b $h_src ]]; then
+    h_devno=$(stat -c '%t %T' "$h_src" | { read -r a b; printf '%d:%d' "0x$a" "0x$b"; })
+    check_eq "container root device number matches $h_src" "$h_devno" "$c_devno"
+fi
+check "$h_src is a loop device backed by a file under the snapshotter root" \
+    grep -q "^$h_src $ROOT/" <<<"$(loops_under "$ROOT")"
+bundle=$CONTAINERD_WORKDIR/state/io.containerd.runtime.v2.task/$CTR_NAMESPACE/$ID/rootfs
+check_eq "bundle rootfs mounted from the snapshot device" "$h_src ext4" \
+    "$(findmnt -n -o SOURCE,FSTYPE --mountpoint "$bundle" | tr -s ' ')"
+check_eq "container's write visible on the host" thinbox-e2e "$(cat "$bundle/written.txt" 2>&1)"
+
+touch "$bundle/release"
+wait "$RUN_PID" && rc=0 || rc=$?
+RUN_PID=
+check_eq "container exited cleanly" 0 "$rc"
+check "container saw the release" grep -q '^released$' "$TMP/run1.out"
+
+# A second container gets a fresh writable layer.
+out=$(ctr_t 120 run --rm "${CTR_RUN_FLAGS[@]}" --snapshotter "$SN" "$IMAGE" "$ID-2" \
+    sh -c '[ -e /written.txt ] && echo leaked || echo fresh; cat /data/overwrite.txt' </dev/null 2>&1) ||
+    { echo "$out" >&2; die "second container failed"; }
+check_eq "second container starts from the image, not the first's writes" "fresh layer3" "$(paste -sd " " <<<"$out")"
+check_eq "container snapshots removed with the containers" 3 \
+    "$(ctr_ snapshots --snapshotter "$SN" ls | tail -n +2 | wc -l)"
+
+# ---- removal and garbage collection --------------------------------------
+must "ctr image rm" ctr_ image rm "$IMAGE"
+gc_start=$SECONDS
+deadline=$((SECONDS + GC_TIMEOUT))
+while :; do
+    left=$(ctr_ snapshots --snapshotter "$SN" ls | tail -n +2)
+    devs=$(loops_under "$ROOT/pool")
+    imgs=$(find "$ROOT/pool" -xdev -type f -name '*.img')
+    [[ -z $left && -z $devs && -z $imgs ]] && break
+    (( SECONDS < deadline )) || break
+    # Nudge the garbage collector: a synchronous lease delete runs a collection.
+    if lease=$(ctr_ leases create 2>/dev/null); then
+        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
+    fi
+    sleep 1
+done
+check_eq "containerd GC removed every thinbox snapshot (waited $((SECONDS - gc_start))s)" "" "$left"
+check_eq "no loop device left on snapshot images" "" "$devs"
+check_eq "snapshotter deleted its device images" "" "$imgs"
+
+# ---- shutdown ------------------------------------------------------------
+check "thinbox-snapshotter still running" kill -0 "$SNAP_PID"
+containerd_stop
+check "containerd stopped" test -z "$CONTAINERD_PID"
+stop_snapshotter
+check_eq "thinbox-snapshotter exited cleanly on SIGTERM" 0 "$SNAP_STATUS"
+check_eq "no loop device backed by a file under $ROOT" "" "$(loops_under "$ROOT")"
+check_eq "nothing mounted under $TMP" "" "$(mounts_under "$TMP")"

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Runs Thinbox's test tiers. Usage: tests/run.sh [tier...]   (default: all)
+#
+#   unit         cargo tests of the pure parts (no root)
+#   host         blockstore + snapshotter on real loop devices and XFS/btrfs pools (root)
+#   crash        fault-injection build: abort at each step of Prepare/Commit/Remove, restart, check (root)
+#   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
+#   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
+#
+# Installs what it needs (apt, cargo) and fails loudly: a tier that cannot run fails.
+# Ends by checking that no loop device or mount of ours is left.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here=$PWD
+tiers=("$@")
+[ ${#tiers[@]} -gt 0 ] || tiers=(unit host crash conformance containerd)
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "tier $1 needs root (loop devices, mounts)" >&2; exit 1; }; }
+
+install_deps() {
+  local pkgs=(xfsprogs btrfs-progs e2fsprogs util-linux containerd runc busybox-static libclang-dev clang golang-go golang-github-containerd-containerd-dev)
+  local missing=()
+  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { echo "missing packages: ${missing[*]} (run as root to install)" >&2; exit 1; }
+    echo "installing: ${missing[*]}"
+    apt-get -o DPkg::Lock::Timeout=600 -qq update
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y "${missing[@]}" >/dev/null
+  fi
+  command -v cargo-nextest >/dev/null || command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+}
+
+# Loop devices and mounts that belong to any Thinbox test root.
+leftovers() {
+  { losetup -a 2>/dev/null | grep -E 'thinbox|snapshot-suite|/devices/[0-9]+\.img' || true; } 
+  { findmnt -rn -o TARGET 2>/dev/null | grep -E 'thinbox|snapshot-suite' || true; }
+}
+
+summary=()
+run_tier() {
+  local t=$1; shift
+  echo "=== tier $t"
+  local start=$SECONDS
+  if "$@"; then summary+=("$t: ok ($((SECONDS - start))s)"); else summary+=("$t: FAILED"); failed=1; fi
+}
+failed=0
+
+tier_unit() { cargo test --workspace --lib --bins; }
+tier_host() {
+  need_root host
+  cargo test -p thinbox-blockstore --test host -- --test-threads=2
+  cargo test -p thinbox-snapshotter --test host -- --test-threads=2
+}
+tier_crash() {
+  need_root crash
+  # A separate target dir keeps the fault-injection build away from the real binary.
+  cargo test --target-dir target/fault -p thinbox-snapshotter --features fault-injection --test crash -- --test-threads=1
+}
+tier_conformance() {
+  need_root conformance
+  cargo build -p thinbox-snapshotter
+  bash ../shared/conformance/containerd-snapshotter/run.sh test \
+    "$here/target/debug/thinbox-snapshotter --root \"\$SNAPSHOTTER_ROOT\" --address \"\$SNAPSHOTTER_SOCKET\" --release-on-exit" thinbox \
+    2>&1 | tee target/conformance.log | grep -E '^\s*--- (PASS|FAIL|SKIP)|^(PASS|FAIL|ok)' 
+  local pass fail
+  pass=$(grep -c -- '--- PASS: TestContainerdSnapshotterSuite/' target/conformance.log || true)
+  fail=$(grep -c -- '--- FAIL' target/conformance.log || true)
+  echo "conformance: $pass passed, $fail failed"
+  [ "$fail" = 0 ] && [ "$pass" -ge 20 ]
+}
+tier_containerd() { need_root containerd; bash tests/host/containerd-e2e.sh; }
+
+install_deps
+mkdir -p target
+for t in "${tiers[@]}"; do
+  declare -F "tier_$t" >/dev/null || { echo "unknown tier $t" >&2; exit 2; }
+  run_tier "$t" "tier_$t"
+done
+
+left=$(leftovers)
+if [ -n "$left" ]; then
+  echo "left behind after the tests:"; echo "$left"; summary+=("leftovers: FAILED"); failed=1
+else
+  summary+=("leftovers: none")
+fi
+printf '%s\n' "=== summary" "${summary[@]}"
+exit $failed
