@@ -1,0 +1,193 @@
+//! Host tier for the block engine: real loop devices, real XFS and btrfs pools,
+//! reconciliation of what a crash can leave. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceState, Devices, ErrorKind, FsType, Pool, PoolConfig, scan_loops};
+
+fn tmp() -> tempfile::TempDir {
+    assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
+    tempfile::Builder::new().prefix("thinbox-bs-").tempdir().unwrap()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn small() -> PoolConfig {
+    PoolConfig { embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() }
+}
+
+/// Creates and builds a device in one go.
+fn create(pool: &Pool, spec: CreateSpec) -> (DeviceId, Option<PathBuf>) {
+    let txn = pool.store().write().unwrap();
+    let rec = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec).unwrap();
+    txn.commit().unwrap();
+    let node = pool.build(&rec).unwrap();
+    let txn = pool.store().write().unwrap();
+    {
+        let mut devs = Devices::open(&txn).unwrap();
+        let mut r = devs.require(rec.id).unwrap();
+        r.state = DeviceState::Ready;
+        devs.put(&r).unwrap();
+    }
+    txn.commit().unwrap();
+    (rec.id, node)
+}
+
+fn with_mounted<T>(node: &Path, fs: FsType, dir: &Path, f: impl FnOnce(&Path) -> T) -> T {
+    std::fs::create_dir_all(dir).unwrap();
+    let opts = if fs == FsType::Xfs { "nouuid" } else { "defaults" };
+    sh("mount", &["-t", fs.as_str(), "-o", opts, node.to_str().unwrap(), dir.to_str().unwrap()]);
+    let out = f(dir);
+    sh("umount", &[dir.to_str().unwrap()]);
+    out
+}
+
+fn spec(size: u64, origin: Option<DeviceId>, access: Option<Access>) -> CreateSpec {
+    CreateSpec { size: Bytes(size), origin, fs: FsType::Ext4, access }
+}
+
+/// Snapshot, write, read back, delete: on `pool`.
+fn exercise(pool: &Pool, work: &Path) {
+    let (base, node) = create(pool, spec(512 << 20, None, Some(Access::ReadWrite)));
+    let node = node.unwrap();
+    with_mounted(&node, FsType::Ext4, &work.join("base"), |m| {
+        assert!(!m.join("lost+found").exists(), "a fresh filesystem is empty");
+        std::fs::write(m.join("f"), "base").unwrap();
+    });
+    pool.deactivate(base).unwrap();
+    assert!(pool.node(base).is_none());
+    let (child, cnode) = create(pool, spec(512 << 20, Some(base), Some(Access::ReadWrite)));
+    let content = with_mounted(&cnode.unwrap(), FsType::Ext4, &work.join("child"), |m| {
+        std::fs::write(m.join("f"), "child").unwrap();
+        std::fs::read_to_string(m.join("f")).unwrap()
+    });
+    assert_eq!(content, "child");
+    let (view, vnode) = create(pool, spec(512 << 20, Some(base), Some(Access::ReadOnly)));
+    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/ro", vnode.unwrap().file_name().unwrap().to_str().unwrap())).unwrap().trim(), "1");
+    for id in [view, child, base] {
+        let txn = pool.store().write().unwrap();
+        pool.plan_delete(&mut Devices::open(&txn).unwrap(), id).unwrap();
+        txn.commit().unwrap();
+        pool.destroy(id).unwrap();
+        assert!(!pool.image(id).exists());
+    }
+    assert!(pool.store().devices().unwrap().is_empty());
+}
+
+#[test]
+fn embedded_xfs_pool_round_trip() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), small()).unwrap();
+    exercise(&pool, &dir.path().join("work"));
+    pool.shutdown(true).unwrap();
+    assert!(scan_loops(dir.path()).unwrap().is_empty(), "release leaves no loop");
+    assert!(!sh("findmnt", &["-rn", "-o", "TARGET"]).contains(dir.path().to_str().unwrap()));
+}
+
+#[test]
+fn btrfs_pool_directory_round_trip() {
+    let dir = tmp();
+    let img = dir.path().join("btrfs.img");
+    std::fs::File::create(&img).unwrap().set_len(1 << 30).unwrap();
+    sh("mkfs.btrfs", &["-q", img.to_str().unwrap()]);
+    let mnt = dir.path().join("btrfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    sh("mount", &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let result = std::panic::catch_unwind(|| {
+        let pool = Pool::open(&dir.path().join("state"), PoolConfig { dir: Some(mnt.clone()), ..small() }).unwrap();
+        exercise(&pool, &dir.path().join("work"));
+        pool.shutdown(true).unwrap();
+    });
+    sh("umount", &[mnt.to_str().unwrap()]);
+    result.unwrap();
+}
+
+#[test]
+fn a_directory_without_reflink_is_refused() {
+    // The host's root filesystem here is ext4: no reflink.
+    let dir = tempfile::Builder::new().prefix("thinbox-bs-").tempdir_in("/var/tmp").unwrap();
+    let cfg = PoolConfig { dir: Some(dir.path().to_owned()), ..small() };
+    let err = Pool::open(&dir.path().join("state"), cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+}
+
+#[test]
+fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
+    let dir = tmp();
+    let root = dir.path().join("state");
+    let (kept, half_made, deleting, unreferenced, stray_loop);
+    {
+        let pool = Pool::open(&root, small()).unwrap();
+        kept = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite))).0;
+        unreferenced = create(&pool, spec(512 << 20, None, None)).0;
+        deleting = create(&pool, spec(512 << 20, None, None)).0;
+        let txn = pool.store().write().unwrap();
+        {
+            let mut devs = Devices::open(&txn).unwrap();
+            pool.plan_delete(&mut devs, deleting).unwrap();
+            // Intent written, kernel never touched: as if the daemon died here.
+            half_made = pool.plan_create(&mut devs, spec(512 << 20, Some(kept), Some(Access::ReadWrite))).unwrap().id;
+        }
+        txn.commit().unwrap();
+        std::fs::write(pool.image(DeviceId(999)), "orphan").unwrap();
+        std::fs::File::create(pool.image(DeviceId(998))).unwrap().set_len(64 << 20).unwrap();
+        stray_loop = PathBuf::from(sh("losetup", &["-f", "--show", pool.image(DeviceId(998)).to_str().unwrap()]));
+        // A reboot: every device loop goes, the pool stays mounted.
+        pool.shutdown(false).unwrap();
+        for l in scan_loops(&pool.image(kept).parent().unwrap().to_owned()).unwrap() {
+            if l.node != stray_loop {
+                sh("losetup", &["-d", l.node.to_str().unwrap()]);
+            }
+        }
+    }
+    let pool = Pool::open(&root, small()).unwrap();
+    let report = pool.reconcile(&HashSet::from([kept, half_made, deleting])).unwrap();
+    let mut removed = report.devices_removed.clone();
+    removed.sort();
+    let mut want = vec![unreferenced, deleting, half_made];
+    want.sort();
+    assert_eq!(removed, want, "half-made, half-deleted and unreferenced devices go");
+    assert_eq!(report.reattached, vec![kept], "the active device is attached again");
+    assert_eq!(report.orphan_loops, vec![stray_loop.clone()]);
+    let mut orphans: Vec<_> = report.orphan_files.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+    orphans.sort();
+    assert_eq!(orphans, vec!["998.img", "999.img"]);
+    let ids: Vec<_> = pool.store().devices().unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, vec![kept]);
+    assert!(pool.node(kept).is_some());
+    // Converged: a second pass has nothing to do.
+    let again = pool.reconcile(&HashSet::from([kept])).unwrap();
+    assert_eq!(again, Default::default());
+    pool.shutdown(true).unwrap();
+    assert!(scan_loops(dir.path()).unwrap().is_empty());
+}
+
+#[test]
+fn a_pool_below_its_reserve_refuses_new_devices() {
+    let dir = tmp();
+    let cfg = PoolConfig { embedded_size: Bytes(600 << 20), reserve: Bytes(300 << 20), ..PoolConfig::default() };
+    let pool = Pool::open(&dir.path().join("state"), cfg).unwrap();
+    let (id, _) = create(&pool, spec(512 << 20, None, None));
+    // Eat the free space with a plain file on the pool's filesystem.
+    let hog = pool.image(id).parent().unwrap().parent().unwrap().join("hog");
+    let free = pool.status().unwrap().free.get();
+    let f = std::fs::File::create(&hog).unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, free - (200 << 20)).unwrap();
+    let txn = pool.store().write().unwrap();
+    let err = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec(512 << 20, Some(id), None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    drop(txn);
+    assert_eq!(pool.store().devices().unwrap().len(), 1, "nothing recorded for the refused device");
+    drop(f);
+    std::fs::remove_file(&hog).unwrap();
+    pool.shutdown(true).unwrap();
+    assert!(scan_loops(dir.path()).unwrap().is_empty(), "release leaves no loop");
+}
