@@ -45,7 +45,10 @@ run_tier() {
 }
 failed=0
 
-tier_unit() { cargo test --workspace --lib --bins; }
+tier_unit() {
+  cargo clippy --workspace --all-targets -- -D warnings
+  cargo test --workspace --lib --bins
+}
 tier_host() {
   need_root host
   cargo test -p thinbox-blockstore --test host -- --test-threads=2

@@ -142,7 +142,7 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
         stray_loop = PathBuf::from(sh("losetup", &["-f", "--show", pool.image(DeviceId(998)).to_str().unwrap()]));
         // A reboot: every device loop goes, the pool stays mounted.
         pool.shutdown(false).unwrap();
-        for l in scan_loops(&pool.image(kept).parent().unwrap().to_owned()).unwrap() {
+        for l in scan_loops(pool.image(kept).parent().unwrap()).unwrap() {
             if l.node != stray_loop {
                 sh("losetup", &["-d", l.node.to_str().unwrap()]);
             }
