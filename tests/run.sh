@@ -18,16 +18,8 @@ tiers=("$@")
 need_root() { [ "$(id -u)" = 0 ] || { echo "tier $1 needs root (loop devices, mounts)" >&2; exit 1; }; }
 
 install_deps() {
-  local pkgs=(xfsprogs btrfs-progs e2fsprogs util-linux containerd runc busybox-static libclang-dev clang golang-go golang-github-containerd-containerd-dev)
-  local missing=()
-  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || { echo "missing packages: ${missing[*]} (run as root to install)" >&2; exit 1; }
-    echo "installing: ${missing[*]}"
-    apt-get -o DPkg::Lock::Timeout=600 -qq update
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y "${missing[@]}" >/dev/null
-  fi
-  command -v cargo-nextest >/dev/null || command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+  bash scripts/install-deps.sh --test
+  command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
 }
 
 # Loop devices and mounts that belong to any Thinbox test root.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Thinbox needs; idempotent.
+#   scripts/install-deps.sh          build + run (xfsprogs, e2fsprogs, libclang for bindgen)
+#   scripts/install-deps.sh --test   also what the test tiers use (containerd, runc, btrfs, Go for the suite)
+set -euo pipefail
+pkgs=(xfsprogs e2fsprogs util-linux libclang-dev clang)
+[ "${1:-}" = --test ] && pkgs+=(btrfs-progs containerd runc busybox-static golang-go golang-github-containerd-containerd-dev)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+[ ${#missing[@]} -eq 0 ] && exit 0
+[ "$(id -u)" = 0 ] || { echo "missing packages: ${missing[*]} (run as root to install them)" >&2; exit 1; }
+echo "installing: ${missing[*]}"
+apt-get -o DPkg::Lock::Timeout=600 -qq update
+DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y "${missing[@]}" >/dev/null
