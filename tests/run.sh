@@ -33,7 +33,7 @@ run_tier() {
   local t=$1; shift
   echo "=== tier $t"
   local start=$SECONDS
-  if "$@"; then summary+=("$t: ok ($((SECONDS - start))s)"); else summary+=("$t: FAILED"); failed=1; fi
+  if "$@" 2>&1 | tee -a "$log"; then summary+=("$t: ok ($((SECONDS - start))s)"); else summary+=("$t: FAILED"); failed=1; fi
 }
 failed=0
 
@@ -67,6 +67,8 @@ tier_containerd() { need_root containerd; bash tests/host/containerd-e2e.sh; }
 
 install_deps
 mkdir -p target
+log=target/test-run.log
+: > "$log"
 for t in "${tiers[@]}"; do
   declare -F "tier_$t" >/dev/null || { echo "unknown tier $t" >&2; exit 2; }
   run_tier "$t" "tier_$t"
@@ -79,4 +81,11 @@ else
   summary+=("leftovers: none")
 fi
 printf '%s\n' "=== summary" "${summary[@]}"
+# One total over every tier: cargo's "test result" lines and the scripts' "N passed, M failed".
+read -r passed failures < <(sed -nE \
+  -e 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' \
+  -e 's/^[a-z-]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$log" |
+  awk '{p += $1; f += $2} END {print p + 0, f + 0}')
+[ "$failed" = 0 ] || [ "$failures" -gt 0 ] || failures=1
+echo "total: $passed passed, $failures failed"
 exit $failed

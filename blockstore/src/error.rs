@@ -43,6 +43,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("pool directory {0} is in use by another daemon")]
+    PoolInUse(PathBuf),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("{op} {path}")]
@@ -75,7 +77,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::DeviceNotFound(_) => ErrorKind::NotFound,
-            Error::DeviceNotReady { .. } | Error::NoReflink { .. } => ErrorKind::FailedPrecondition,
+            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) => ErrorKind::FailedPrecondition,
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,

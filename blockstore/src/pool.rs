@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -124,6 +125,9 @@ pub struct Pool {
     embedded: Option<PathBuf>,
     /// Loop node of each attached device.
     attached: Mutex<HashMap<DeviceId, PathBuf>>,
+    /// Held for the pool's lifetime: two daemons on one pool directory would
+    /// take each other's images for orphans.
+    lock: Mutex<Option<File>>,
 }
 
 impl Pool {
@@ -133,7 +137,7 @@ impl Pool {
     /// Call [`Pool::reconcile`] next.
     pub fn open(root: &Path, cfg: PoolConfig) -> Result<Pool> {
         cfg.validate()?;
-        fs::create_dir_all(root).map_err(Error::io("create", root))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(Error::io("create", root))?;
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
         let store = Store::open(&root.join("meta.redb"))?;
         let (pool_dir, embedded) = match &cfg.dir {
@@ -155,7 +159,8 @@ impl Pool {
 
     fn open_devices(store: Store, root: PathBuf, pool_dir: PathBuf, cfg: PoolConfig, embedded: Option<PathBuf>) -> Result<Pool> {
         let devices_dir = pool_dir.join("devices");
-        fs::create_dir_all(&devices_dir).map_err(Error::io("create", &devices_dir))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&devices_dir).map_err(Error::io("create", &devices_dir))?;
+        let lock = lock_pool(&devices_dir)?;
         probe_reflink(&devices_dir)?;
         let mut attached = HashMap::new();
         let mut strays = Vec::new();
@@ -171,7 +176,7 @@ impl Pool {
         for node in strays {
             loops::detach(&node)?;
         }
-        Ok(Pool { store, root, devices_dir, cfg, embedded, attached: Mutex::new(attached) })
+        Ok(Pool { store, root, devices_dir, cfg, embedded, attached: Mutex::new(attached), lock: Mutex::new(Some(lock)) })
     }
 
     /// The metadata store (shared with the front end's own tables).
@@ -231,7 +236,8 @@ impl Pool {
 
     fn try_build(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
         let img = self.image(rec.id);
-        let file = OpenOptions::new().create_new(true).write(true).open(&img).map_err(Error::io("create", &img))?;
+        // Images are container filesystems: readable by root only.
+        let file = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&img).map_err(Error::io("create", &img))?;
         match rec.origin {
             Some(origin) => {
                 let src_path = self.image(origin);
@@ -400,7 +406,7 @@ impl Pool {
         }
         for entry in fs::read_dir(&self.devices_dir).map_err(Error::io("list", &self.devices_dir))? {
             let path = entry.map_err(Error::io("list", &self.devices_dir))?.path();
-            if image_id(&path).is_some_and(|id| known.contains(&id)) {
+            if image_id(&path).is_some_and(|id| known.contains(&id)) || path.file_name() == Some(".lock".as_ref()) {
                 continue;
             }
             fs::remove_file(&path).map_err(Error::io("remove", &path))?;
@@ -421,6 +427,8 @@ impl Pool {
         for node in nodes {
             loops::detach(&node)?;
         }
+        // An open lock file would keep the pool's filesystem busy.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
         match &self.embedded {
             Some(mp) => embedded::release(mp),
             None => Ok(()),
@@ -464,6 +472,17 @@ fn overlap(a: &[(u64, u64)], mut b: Vec<(u64, u64)>) -> u64 {
 fn image_id(path: &Path) -> Option<DeviceId> {
     let name = path.file_name()?.to_str()?;
     name.strip_suffix(".img")?.parse().ok().map(DeviceId)
+}
+
+/// Takes the pool directory's lock, or fails if another daemon holds it.
+fn lock_pool(dir: &Path) -> Result<File> {
+    let path = dir.join(".lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(Error::io("open", &path))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::PoolInUse(dir.to_owned())),
+        Err(e) => Err(Error::io("lock", &path)(e.into())),
+    }
 }
 
 /// Fails unless files in `dir` can be reflinked.

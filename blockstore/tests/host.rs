@@ -103,6 +103,8 @@ fn btrfs_pool_directory_round_trip() {
     sh("mount", &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
     let result = std::panic::catch_unwind(|| {
         let pool = Pool::open(&dir.path().join("state"), PoolConfig { dir: Some(mnt.clone()), ..small() }).unwrap();
+        let other = Pool::open(&dir.path().join("state2"), PoolConfig { dir: Some(mnt.clone()), ..small() }).unwrap_err();
+        assert_eq!(other.kind(), ErrorKind::FailedPrecondition, "a second daemon on the same pool directory: {other}");
         exercise(&pool, &dir.path().join("work"));
         pool.shutdown(true).unwrap();
     });

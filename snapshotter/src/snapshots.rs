@@ -216,7 +216,11 @@ impl Snapshots {
         };
         txn.commit()?;
         fault::point("commit.after_record");
-        self.pool.deactivate(device)?;
+        // The commit is durable now; a failed detach is converged by the next
+        // reconciliation and must not make the client retry a done commit.
+        if let Err(e) = self.pool.deactivate(device) {
+            tracing::warn!(name, device = %device, error = %crate::error::chain(&e), "detach after commit failed; left for reconciliation");
+        }
         fault::point("commit.after_detach");
         Ok(())
     }
@@ -236,7 +240,12 @@ impl Snapshots {
         };
         txn.commit()?;
         fault::point("remove.after_record");
-        Ok(self.pool.destroy(device)?)
+        // The snapshot is gone for good; the device is marked `Deleting`, so
+        // `Cleanup` or the next start finishes what fails here.
+        if let Err(e) = self.pool.destroy(device) {
+            tracing::warn!(key, device = %device, error = %crate::error::chain(&e), "deleting device failed; left for reconciliation");
+        }
+        Ok(())
     }
 
     /// Info of one snapshot.

@@ -188,7 +188,7 @@ pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
 /// Image files in the pool.
 pub fn image_files(d: &Daemon) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(d.devices_dir())
-        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".img")).collect())
         .unwrap_or_default();
     v.sort();
     v
