@@ -84,7 +84,7 @@ printf '%s\n' "=== summary" "${summary[@]}"
 # One total over every tier: cargo's "test result" lines and the scripts' "N passed, M failed".
 read -r passed failures < <(sed -nE \
   -e 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' \
-  -e 's/^[a-z-]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$log" |
+  -e 's/^[a-z0-9-]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$log" |
   awk '{p += $1; f += $2} END {print p + 0, f + 0}')
 [ "$failed" = 0 ] || [ "$failures" -gt 0 ] || failures=1
 echo "total: $passed passed, $failures failed"

@@ -17,7 +17,6 @@
 #   BENCH_TARGETS=both|overlayfs|thinbox   which daemons to run (default both)
 #   BENCH_SKIP_BUILD=1    use the existing target/release binaries
 #   BENCH_OUT=DIR         output directory
-#   BENCH_LIB_WAIT=SECS   how long to wait for tests/lib/containerd.sh (default 0)
 #   THINBOX_LOG           thinbox-snapshotter log filter (default info)
 #   TMPDIR                where the daemons' state goes (default /tmp; keep it
 #                         short, unix socket paths are limited to 107 bytes)
@@ -54,17 +53,8 @@ fi
 [[ -x $BENCH_BIN ]] || die "missing $BENCH_BIN"
 (( want_thinbox == 0 )) || [[ -x $SNAPSHOTTER_BIN ]] || die "missing $SNAPSHOTTER_BIN"
 
-if (( want_overlayfs )); then
-    lib=$REPO/tests/lib/containerd.sh
-    for (( i = 0; i < ${BENCH_LIB_WAIT:-0}; i += 10 )); do
-        [[ -f $lib ]] && break
-        log "waiting for $lib"
-        sleep 10
-    done
-    [[ -f $lib ]] || die "missing $lib"
-    # shellcheck source=tests/lib/containerd.sh
-    source "$lib"
-fi
+# shellcheck source=tests/lib/containerd.sh
+source "$REPO/tests/lib/containerd.sh"
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-bench.XXXXXX")
@@ -75,7 +65,7 @@ CLEANED=
 # ---- cleanup -----------------------------------------------------------------
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
-    local status=$? i leaks
+    local status=$? leaks
     [[ -z $CLEANED ]] || return 0
     CLEANED=1
     trap - EXIT INT TERM
@@ -85,19 +75,10 @@ cleanup() {
         wait "$BENCH_PID" 2>/dev/null || true
     fi
     if [[ -n $THINBOX_PID ]] && kill -0 "$THINBOX_PID" 2>/dev/null; then
-        kill -TERM "$THINBOX_PID" 2>/dev/null || true
-        for (( i = 0; i < 300; i++ )); do
-            kill -0 "$THINBOX_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$THINBOX_PID" 2>/dev/null; then
-            log "thinbox-snapshotter ignored SIGTERM for 30 s, killing"
-            kill -KILL "$THINBOX_PID" 2>/dev/null || true
-            status=1
-        fi
+        terminate "$THINBOX_PID" 30 thinbox-snapshotter || status=1
         wait "$THINBOX_PID" 2>/dev/null || true
     fi
-    if (( want_overlayfs )) && declare -F containerd_stop >/dev/null; then
+    if (( want_overlayfs )); then
         containerd_stop || status=1
     fi
     [[ -f $WORK/thinbox.log ]] && cp "$WORK/thinbox.log" "$OUT/thinbox.log"

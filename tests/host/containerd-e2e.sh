@@ -64,17 +64,8 @@ loops_under() {
 mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
 
 stop_snapshotter() {
-    local i
     [[ -n $SNAP_PID ]] || return 0
-    kill -TERM "$SNAP_PID" 2>/dev/null || true
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$SNAP_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$SNAP_PID" 2>/dev/null; then
-        echo "thinbox-snapshotter $SNAP_PID ignored SIGTERM for 30s, killing" >&2
-        kill -KILL "$SNAP_PID" 2>/dev/null || true
-    fi
+    terminate "$SNAP_PID" 30 thinbox-snapshotter || true
     SNAP_STATUS=0
     wait "$SNAP_PID" 2>/dev/null || SNAP_STATUS=$?
     SNAP_PID=

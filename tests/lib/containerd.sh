@@ -125,8 +125,22 @@ EOF
     return 1
 }
 
+# terminate PID SECONDS NAME: SIGTERM, wait up to SECONDS for it to exit, then
+# SIGKILL. Returns 1 if it had to be killed. Does not reap it (call `wait`).
+terminate() {
+    local pid=$1 secs=$2 name=$3 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for (( i = 0; i < secs * 10; i++ )); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    echo "$name ($pid) ignored SIGTERM for ${secs}s, killing" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+    return 1
+}
+
 containerd_stop() {
-    local workdir=${CONTAINERD_WORKDIR:-} pid=${CONTAINERD_PID:-} t i shims m
+    local workdir=${CONTAINERD_WORKDIR:-} pid=${CONTAINERD_PID:-} t shims m
 
     if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
         # Shims outlive containerd: end tasks (and drop containers) first.
@@ -136,15 +150,7 @@ containerd_stop() {
         for t in $(_ctr_bounded container ls -q); do
             _ctr_bounded container delete "$t" >/dev/null || true
         done
-        kill -TERM "$pid" 2>/dev/null || true
-        for (( i = 0; i < CONTAINERD_STOP_TIMEOUT * 10; i++ )); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "containerd_stop: containerd $pid ignored SIGTERM, killing" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
+        terminate "$pid" "$CONTAINERD_STOP_TIMEOUT" containerd || true
         wait "$pid" 2>/dev/null || true
     fi
     # Shims started by this instance carry its unique address on their command line.
