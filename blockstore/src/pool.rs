@@ -162,6 +162,7 @@ impl Pool {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&devices_dir).map_err(Error::io("create", &devices_dir))?;
         let lock = lock_pool(&devices_dir)?;
         probe_reflink(&devices_dir)?;
+        clear_scratch(&root.join("tmp"))?;
         let mut attached = HashMap::new();
         let mut strays = Vec::new();
         for l in loops::scan(&devices_dir)? {
@@ -472,6 +473,21 @@ fn overlap(a: &[(u64, u64)], mut b: Vec<(u64, u64)>) -> u64 {
 fn image_id(path: &Path) -> Option<DeviceId> {
     let name = path.file_name()?.to_str()?;
     name.strip_suffix(".img")?.parse().ok().map(DeviceId)
+}
+
+/// Unmounts and removes scratch mount points a crash left (growing xfs mounts a
+/// device there for a moment); a leftover mount would pin its loop device.
+fn clear_scratch(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries {
+        let path = entry.map_err(Error::io("list", dir))?.path();
+        if embedded::is_mountpoint(&path)? {
+            tracing::info!(path = %path.display(), "unmounting leftover scratch mount");
+            rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH).map_err(|e| Error::io("unmount", &path)(e.into()))?;
+        }
+        fs::remove_dir(&path).map_err(Error::io("remove", &path))?;
+    }
+    Ok(())
 }
 
 /// Takes the pool directory's lock, or fails if another daemon holds it.

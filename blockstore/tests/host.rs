@@ -150,7 +150,12 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
             }
         }
     }
+    // An xfs grow interrupted while its scratch mount was up.
+    let scratch = root.join("tmp/77");
+    std::fs::create_dir_all(&scratch).unwrap();
+    sh("mount", &["-t", "tmpfs", "none", scratch.to_str().unwrap()]);
     let pool = Pool::open(&root, small()).unwrap();
+    assert!(!scratch.exists(), "leftover scratch mount cleared");
     let report = pool.reconcile(&HashSet::from([kept, half_made, deleting])).unwrap();
     let mut removed = report.devices_removed.clone();
     removed.sort();
