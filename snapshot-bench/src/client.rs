@@ -140,10 +140,7 @@ impl Target {
             parent: parent.to_owned(),
             labels: Self::labels(),
         });
-        let mut client = self.client.clone();
-        let start = Instant::now();
-        let res = client.prepare(req).await;
-        let took = start.elapsed();
+        let (res, took) = timed(self.client.clone().prepare(req)).await;
         res.map_err(|s| self.failed_create("prepare", key, s))?;
         Ok(took)
     }
@@ -157,10 +154,7 @@ impl Target {
             parent: parent.to_owned(),
             labels: Self::labels(),
         });
-        let mut client = self.client.clone();
-        let start = Instant::now();
-        let res = client.view(req).await;
-        let took = start.elapsed();
+        let (res, took) = timed(self.client.clone().view(req)).await;
         res.map_err(|s| self.failed_create("view", key, s))?;
         Ok(took)
     }
@@ -175,10 +169,7 @@ impl Target {
             labels: Self::labels(),
             parent: String::new(),
         });
-        let mut client = self.client.clone();
-        let start = Instant::now();
-        let res = client.commit(req).await;
-        let took = start.elapsed();
+        let (res, took) = timed(self.client.clone().commit(req)).await;
         res.map_err(|s| self.failed_create("commit", name, s))?;
         // The active snapshot is gone now; only `name` needs removing.
         self.forget(key);
@@ -191,10 +182,7 @@ impl Target {
             snapshotter: self.spec.snapshotter.clone(),
             key: key.to_owned(),
         });
-        let mut client = self.client.clone();
-        let start = Instant::now();
-        let res = client.remove(req).await;
-        let took = start.elapsed();
+        let (res, took) = timed(self.client.clone().remove(req)).await;
         match res {
             Ok(_) => {
                 self.forget(key);
@@ -230,6 +218,13 @@ impl Target {
         }
         failed
     }
+}
+
+/// Awaits `call` and measures how long it took.
+async fn timed<T>(call: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let start = Instant::now();
+    let out = call.await;
+    (out, start.elapsed())
 }
 
 /// Reads `VmRSS` of `pid` from `/proc/PID/status`, in KiB.
