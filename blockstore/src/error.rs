@@ -35,8 +35,8 @@ pub enum Error {
     SizeBelowOrigin { requested: Bytes, origin: Bytes },
     #[error("shrinking device {id} from {current} to {requested} is not supported")]
     Shrink { id: DeviceId, current: Bytes, requested: Bytes },
-    #[error("pool {path} is full: {free} free, {reserve} kept in reserve")]
-    PoolFull { path: PathBuf, free: Bytes, reserve: Bytes },
+    #[error("pool {pool} is full: {free} free, {reserve} kept in reserve")]
+    PoolFull { pool: String, free: Bytes, reserve: Bytes },
     #[error("pool directory {path} cannot hold reflinked devices")]
     NoReflink {
         path: PathBuf,

@@ -12,28 +12,32 @@
 //! 3. Each change is two-phased. In one write transaction the front end changes
 //!    its own records and the device records ([`Pool::plan_create`],
 //!    [`Pool::plan_delete`], or a record's `access`); after commit, the pool
-//!    makes the kernel match ([`Pool::build`], [`Pool::activate`],
-//!    [`Pool::deactivate`], [`Pool::destroy`]). A crash between the two leaves a
-//!    record that step 2 converges.
+//!    makes the kernel match ([`Pool::build`], [`Pool::deactivate`],
+//!    [`Pool::destroy`]). A crash between the two leaves a record that step 2
+//!    converges.
 //!
-//! # Backend
-//! The reflink backend keeps each device as a sparse image on XFS (`reflink=1`)
-//! or btrfs: a snapshot is a `FICLONE`, an active device a loop device with
-//! direct I/O.
+//! # Backends
+//! The kernel side sits behind the [`Backend`] trait. [`Reflink`] keeps each
+//! device as a sparse image on XFS (`reflink=1`) or btrfs: a snapshot is a
+//! `FICLONE`, an active device a loop device with direct I/O.
 
+mod backend;
 mod embedded;
 mod error;
 pub mod fault;
 mod fs;
 mod loops;
 mod pool;
+mod reflink;
 mod store;
 mod sys;
 mod units;
 
 pub use error::{Error, ErrorKind, Result};
 pub use loops::{BoundLoop, scan as scan_loops};
-pub use pool::{CreateSpec, Pool, PoolConfig, PoolStatus, ReconcileReport, Usage};
+pub use backend::{Backend, Orphan, PoolStatus, Usage};
+pub use pool::{CreateSpec, Pool, PoolConfig, ReconcileReport};
+pub use reflink::Reflink;
 pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 pub use units::{Bytes, DeviceId, ParseBytesError};
 pub use redb;

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceState, Devices, ErrorKind, FsType, Pool, PoolConfig, scan_loops};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceState, Devices, ErrorKind, FsType, Orphan, Pool, PoolConfig, scan_loops};
 
 fn tmp() -> tempfile::TempDir {
     assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
@@ -18,6 +18,11 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap();
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A device's image file (reflink backend).
+fn image(pool: &Pool, id: DeviceId) -> PathBuf {
+    PathBuf::from(pool.status().unwrap().location).join(format!("{}.img", id.0))
 }
 
 fn small() -> PoolConfig {
@@ -77,7 +82,7 @@ fn exercise(pool: &Pool, work: &Path) {
         pool.plan_delete(&mut Devices::open(&txn).unwrap(), id).unwrap();
         txn.commit().unwrap();
         pool.destroy(id).unwrap();
-        assert!(!pool.image(id).exists());
+        assert!(!image(pool, id).exists());
     }
     assert!(pool.store().devices().unwrap().is_empty());
 }
@@ -139,12 +144,12 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
             half_made = pool.plan_create(&mut devs, spec(512 << 20, Some(kept), Some(Access::ReadWrite))).unwrap().id;
         }
         txn.commit().unwrap();
-        std::fs::write(pool.image(DeviceId(999)), "orphan").unwrap();
-        std::fs::File::create(pool.image(DeviceId(998))).unwrap().set_len(64 << 20).unwrap();
-        stray_loop = PathBuf::from(sh("losetup", &["-f", "--show", pool.image(DeviceId(998)).to_str().unwrap()]));
+        std::fs::write(image(&pool, DeviceId(999)), "orphan").unwrap();
+        std::fs::File::create(image(&pool, DeviceId(998))).unwrap().set_len(64 << 20).unwrap();
+        stray_loop = PathBuf::from(sh("losetup", &["-f", "--show", image(&pool, DeviceId(998)).to_str().unwrap()]));
         // A reboot: every device loop goes, the pool stays mounted.
         pool.shutdown(false).unwrap();
-        for l in scan_loops(pool.image(kept).parent().unwrap()).unwrap() {
+        for l in scan_loops(image(&pool, kept).parent().unwrap()).unwrap() {
             if l.node != stray_loop {
                 sh("losetup", &["-d", l.node.to_str().unwrap()]);
             }
@@ -163,10 +168,17 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
     want.sort();
     assert_eq!(removed, want, "half-made, half-deleted and unreferenced devices go");
     assert_eq!(report.reattached, vec![kept], "the active device is attached again");
-    assert_eq!(report.orphan_loops, vec![stray_loop.clone()]);
-    let mut orphans: Vec<_> = report.orphan_files.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
-    orphans.sort();
-    assert_eq!(orphans, vec!["998.img", "999.img"]);
+    let mut loops = Vec::new();
+    let mut files = Vec::new();
+    for o in &report.orphans {
+        match o {
+            Orphan::Loop(node) => loops.push(node.clone()),
+            Orphan::File(path) => files.push(path.file_name().unwrap().to_owned()),
+        }
+    }
+    files.sort();
+    assert_eq!(loops, vec![stray_loop.clone()]);
+    assert_eq!(files, vec!["998.img", "999.img"]);
     let ids: Vec<_> = pool.store().devices().unwrap().into_iter().map(|d| d.id).collect();
     assert_eq!(ids, vec![kept]);
     assert!(pool.node(kept).is_some());
@@ -184,7 +196,7 @@ fn a_pool_below_its_reserve_refuses_new_devices() {
     let pool = Pool::open(&dir.path().join("state"), cfg).unwrap();
     let (id, _) = create(&pool, spec(512 << 20, None, None));
     // Eat the free space with a plain file on the pool's filesystem.
-    let hog = pool.image(id).parent().unwrap().parent().unwrap().join("hog");
+    let hog = image(&pool, id).parent().unwrap().parent().unwrap().join("hog");
     let free = pool.status().unwrap().free.get();
     let f = std::fs::File::create(&hog).unwrap();
     rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, free - (200 << 20)).unwrap();

@@ -1,0 +1,84 @@
+//! The kernel side of a pool, behind one small trait so that the reflink and
+//! dm-thin backends share the crash-safe record keeping in [`crate::Pool`].
+//!
+//! Every method is idempotent: reconciliation may repeat any of them after a
+//! crash.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::store::{Access, DeviceRecord};
+use crate::units::{Bytes, DeviceId};
+
+/// Space a device holds on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes the device holds beyond its origin.
+    pub bytes: Bytes,
+    /// Inodes in use beyond the origin's, from the superblocks.
+    pub inodes: u64,
+}
+
+/// Pool-wide figures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PoolStatus {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Where the devices live (a directory, a thin pool).
+    pub location: String,
+    /// Capacity for device data.
+    pub total: Bytes,
+    /// Free capacity for device data.
+    pub free: Bytes,
+    /// Space kept in reserve.
+    pub reserve: Bytes,
+}
+
+/// Kernel state found without a record, and removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Orphan {
+    /// An image file.
+    File(PathBuf),
+    /// A loop device.
+    Loop(PathBuf),
+}
+
+/// What a pool's kernel side must do.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Short name for logs and status ("reflink").
+    fn name(&self) -> &'static str;
+
+    /// Makes the device's storage: an empty device with a filesystem, or a
+    /// copy-on-write snapshot of `rec.origin` grown to `rec.size`; attaches it if
+    /// `rec.access` says so and returns the node.
+    fn create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>>;
+
+    /// Attaches the device (no-op if attached) and returns its node.
+    fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf>;
+
+    /// Detaches the device (lazily if still in use) and flushes it.
+    fn deactivate(&self, id: DeviceId) -> Result<()>;
+
+    /// The node of an attached device.
+    fn node(&self, id: DeviceId) -> Option<PathBuf>;
+
+    /// Removes everything the device has in the kernel and on disk.
+    fn remove(&self, id: DeviceId) -> Result<()>;
+
+    /// What the device holds beyond its origin.
+    fn usage(&self, rec: &DeviceRecord) -> Result<Usage>;
+
+    /// Pool-wide figures (the reserve is filled in by the pool).
+    fn status(&self) -> Result<PoolStatus>;
+
+    /// Removes kernel and disk state of devices not in `known`.
+    fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>>;
+
+    /// On exit: with `release`, detach everything (lazily) and unmount what the
+    /// backend mounted; without, leave devices attached.
+    fn shutdown(&self, release: bool) -> Result<()>;
+}

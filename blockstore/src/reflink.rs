@@ -1,0 +1,353 @@
+//! The reflink backend: each device is a sparse image file
+//! `<pool>/devices/<id>.img` on XFS (`reflink=1`) or btrfs; a snapshot is a
+//! `FICLONE` of its origin's image; an attached device is that file on a loop
+//! device with direct I/O. Without a configured directory the pool is the
+//! embedded XFS image under the state root.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::backend::{Backend, Orphan, PoolStatus, Usage};
+use crate::embedded;
+use crate::error::{Error, Result};
+use crate::fault;
+use crate::fs as filesystem;
+use crate::loops::{self, AttachOpts};
+use crate::pool::PoolConfig;
+use crate::store::{Access, DeviceRecord, FsType};
+use crate::sys::{self, FIEMAP_EXTENT_SHARED};
+use crate::units::{Bytes, DeviceId};
+
+/// Devices as reflinked image files on loop devices.
+#[derive(Debug)]
+pub struct Reflink {
+    root: PathBuf,
+    devices_dir: PathBuf,
+    direct_io: bool,
+    embedded: Option<PathBuf>,
+    /// Loop node of each attached device.
+    attached: Mutex<HashMap<DeviceId, PathBuf>>,
+    /// Held while the pool is open: two daemons on one pool directory would
+    /// take each other's images for orphans.
+    lock: Mutex<Option<File>>,
+}
+
+impl Reflink {
+    /// Opens the pool directory (mounting the embedded image if no directory is
+    /// configured), checks it can reflink, and adopts the loops already attached
+    /// to its images.
+    pub fn open(root: &Path, cfg: &PoolConfig) -> Result<Reflink> {
+        let (pool_dir, embedded) = match &cfg.dir {
+            Some(dir) => (dir.canonicalize().map_err(Error::io("resolve pool directory", dir))?, None),
+            None => {
+                let mp = embedded::ensure(root, cfg.embedded_size, cfg.direct_io)?;
+                (mp.clone(), Some(mp))
+            }
+        };
+        let opened = Self::open_dir(root, &pool_dir, cfg, embedded.clone());
+        if opened.is_err()
+            && let Some(mp) = &embedded
+        {
+            // Do not leave a pool mounted by a daemon that failed to start.
+            let _ = embedded::release(mp);
+        }
+        opened
+    }
+
+    fn open_dir(root: &Path, pool_dir: &Path, cfg: &PoolConfig, embedded: Option<PathBuf>) -> Result<Reflink> {
+        let devices_dir = pool_dir.join("devices");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&devices_dir).map_err(Error::io("create", &devices_dir))?;
+        let lock = lock_pool(&devices_dir)?;
+        probe_reflink(&devices_dir)?;
+        clear_scratch(&root.join("tmp"))?;
+        let mut attached = HashMap::new();
+        let mut strays = Vec::new();
+        for l in loops::scan(&devices_dir)? {
+            match image_id(&l.backing).filter(|_| !l.deleted) {
+                Some(id) if !attached.contains_key(&id) => {
+                    attached.insert(id, l.node);
+                }
+                _ => strays.push(l.node),
+            }
+        }
+        // Loops onto deleted images or duplicates are leftovers of interrupted work.
+        for node in strays {
+            loops::detach(&node)?;
+        }
+        Ok(Reflink {
+            root: root.to_owned(),
+            devices_dir,
+            direct_io: cfg.direct_io,
+            embedded,
+            attached: Mutex::new(attached),
+            lock: Mutex::new(Some(lock)),
+        })
+    }
+
+    /// Path of a device's image file.
+    pub fn image(&self, id: DeviceId) -> PathBuf {
+        self.devices_dir.join(format!("{}.img", id.0))
+    }
+
+    fn try_create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
+        let img = self.image(rec.id);
+        // Images are container filesystems: readable by root only.
+        let file = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&img).map_err(Error::io("create", &img))?;
+        match rec.origin {
+            Some(origin) => {
+                let src_path = self.image(origin);
+                let src = File::open(&src_path).map_err(Error::io("open", &src_path))?;
+                rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
+                file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
+            }
+            None => {
+                file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
+                drop(file);
+                filesystem::mkfs(rec.fs, &img)?;
+            }
+        }
+        fault::point("create.after_image");
+        let grow = rec.origin_size.is_some_and(|o| o < rec.size);
+        if grow && rec.fs == FsType::Ext4 {
+            filesystem::grow_ext4(&img)?;
+        }
+        let Some(access) = rec.access else { return Ok(None) };
+        let node = self.activate(rec, access)?;
+        if grow && rec.fs == FsType::Xfs {
+            filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?;
+        }
+        fault::point("create.after_attach");
+        Ok(Some(node))
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
+        // Single inserts and removes: a panic cannot leave the map inconsistent.
+        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for Reflink {
+    fn name(&self) -> &'static str {
+        "reflink"
+    }
+
+    fn create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
+        let result = self.try_create(rec);
+        if result.is_err() {
+            // Best effort: the record is still `Creating`, so reconciliation retries.
+            if let Err(e) = self.remove(rec.id) {
+                tracing::warn!(device = %rec.id, error = %e, "cleanup after failed create");
+            }
+        }
+        result
+    }
+
+    /// Callers never activate the same device concurrently: the snapshot record
+    /// serialises its operations, and reconciliation runs alone.
+    fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf> {
+        if let Some(node) = self.node(rec.id) {
+            return Ok(node);
+        }
+        let img = self.image(rec.id);
+        let opts = AttachOpts { read_only: access == Access::ReadOnly, direct_io: self.direct_io, autoclear: false, block_size: 4096 };
+        // Not under the map's lock: attaching takes a while and others must not wait.
+        let node = loops::attach(&img, opts)?.node;
+        self.map().insert(rec.id, node.clone());
+        Ok(node)
+    }
+
+    fn deactivate(&self, id: DeviceId) -> Result<()> {
+        let node = self.map().remove(&id);
+        if let Some(node) = node {
+            loops::detach(&node)?;
+        }
+        let img = self.image(id);
+        File::open(&img).and_then(|f| f.sync_all()).map_err(Error::io("sync", &img))
+    }
+
+    fn node(&self, id: DeviceId) -> Option<PathBuf> {
+        self.map().get(&id).cloned()
+    }
+
+    fn remove(&self, id: DeviceId) -> Result<()> {
+        let node = self.map().remove(&id);
+        if let Some(node) = node {
+            loops::detach(&node)?;
+        }
+        let img = self.image(id);
+        match fs::remove_file(&img) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", &img)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The image's allocated extents less those it still shares, block for
+    /// block, with the origin's image (so a layer with children still reports
+    /// its own data).
+    fn usage(&self, rec: &DeviceRecord) -> Result<Usage> {
+        let img = self.image(rec.id);
+        let mine = extents(&img)?;
+        let total: u64 = mine.iter().map(|e| e.length).sum();
+        let origin = rec.origin.map(|o| self.image(o)).filter(|p| p.exists());
+        let shared = match &origin {
+            // Only extents the filesystem flags as shared can overlap the origin's.
+            Some(o) if mine.iter().any(|e| e.flags & FIEMAP_EXTENT_SHARED != 0) => {
+                let theirs: Vec<(u64, u64)> = extents(o)?.iter().map(|e| (e.physical, e.physical + e.length)).collect();
+                let ours: Vec<(u64, u64)> =
+                    mine.iter().filter(|e| e.flags & FIEMAP_EXTENT_SHARED != 0).map(|e| (e.physical, e.physical + e.length)).collect();
+                overlap(&ours, theirs)
+            }
+            _ => 0,
+        };
+        let inodes = filesystem::inodes_used(rec.fs, &img)?.unwrap_or(0);
+        let origin_inodes = match &origin {
+            Some(o) => filesystem::inodes_used(rec.fs, o)?.unwrap_or(0),
+            None => 0,
+        };
+        Ok(Usage { bytes: Bytes(total - shared.min(total)), inodes: inodes.saturating_sub(origin_inodes) })
+    }
+
+    fn status(&self) -> Result<PoolStatus> {
+        let st = rustix::fs::statvfs(&self.devices_dir).map_err(|e| Error::io("statvfs", &self.devices_dir)(e.into()))?;
+        Ok(PoolStatus {
+            backend: self.name(),
+            location: self.devices_dir.display().to_string(),
+            total: Bytes(st.f_blocks * st.f_frsize),
+            free: Bytes(st.f_bavail * st.f_frsize),
+            reserve: Bytes(0),
+        })
+    }
+
+    fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>> {
+        let mut out = Vec::new();
+        let strays: Vec<_> = self.map().iter().filter(|(id, _)| !known.contains(id)).map(|(id, n)| (*id, n.clone())).collect();
+        for (id, node) in strays {
+            self.map().remove(&id);
+            loops::detach(&node)?;
+            out.push(Orphan::Loop(node));
+        }
+        for entry in fs::read_dir(&self.devices_dir).map_err(Error::io("list", &self.devices_dir))? {
+            let path = entry.map_err(Error::io("list", &self.devices_dir))?.path();
+            if image_id(&path).is_some_and(|id| known.contains(&id)) || path.file_name() == Some(".lock".as_ref()) {
+                continue;
+            }
+            fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            out.push(Orphan::File(path));
+        }
+        Ok(out)
+    }
+
+    fn shutdown(&self, release: bool) -> Result<()> {
+        if !release {
+            return Ok(());
+        }
+        let nodes: Vec<_> = self.map().drain().map(|(_, n)| n).collect();
+        for node in nodes {
+            loops::detach(&node)?;
+        }
+        // An open lock file would keep the pool's filesystem busy.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match &self.embedded {
+            Some(mp) => embedded::release(mp),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Every mapped extent of the file at `path`.
+fn extents(path: &Path) -> Result<Vec<sys::Extent>> {
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let mut out = Vec::new();
+    sys::for_each_extent(&file, |e| out.push(e)).map_err(Error::io("map extents of", path))?;
+    Ok(out)
+}
+
+/// Total length of the intersection of two sets of half-open ranges.
+fn overlap(a: &[(u64, u64)], mut b: Vec<(u64, u64)>) -> u64 {
+    b.sort_unstable();
+    // Merge so the ranges of `b` are disjoint and sorted.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(b.len());
+    for (s, e) in b {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    a.iter()
+        .map(|&(s, e)| {
+            let first = merged.partition_point(|&(_, me)| me <= s);
+            merged[first..].iter().take_while(|&&(ms, _)| ms < e).map(|&(ms, me)| me.min(e) - ms.max(s)).sum::<u64>()
+        })
+        .sum()
+}
+
+/// The device id an image path names (`<id>.img`).
+fn image_id(path: &Path) -> Option<DeviceId> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".img")?.parse().ok().map(DeviceId)
+}
+
+/// Unmounts and removes scratch mount points a crash left (growing xfs mounts a
+/// device there for a moment); a leftover mount would pin its loop device.
+fn clear_scratch(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries {
+        let path = entry.map_err(Error::io("list", dir))?.path();
+        if embedded::is_mountpoint(&path)? {
+            tracing::info!(path = %path.display(), "unmounting leftover scratch mount");
+            rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH).map_err(|e| Error::io("unmount", &path)(e.into()))?;
+        }
+        fs::remove_dir(&path).map_err(Error::io("remove", &path))?;
+    }
+    Ok(())
+}
+
+/// Takes the pool directory's lock, or fails if another daemon holds it.
+fn lock_pool(dir: &Path) -> Result<File> {
+    let path = dir.join(".lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(Error::io("open", &path))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::PoolInUse(dir.to_owned())),
+        Err(e) => Err(Error::io("lock", &path)(e.into())),
+    }
+}
+
+/// Fails unless files in `dir` can be reflinked.
+fn probe_reflink(dir: &Path) -> Result<()> {
+    let a = dir.join(".reflink-probe-a");
+    let b = dir.join(".reflink-probe-b");
+    let result = (|| {
+        let src = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+        let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
+        rustix::fs::ioctl_ficlone(&dst, &src).map_err(io::Error::from)
+    })();
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    result.map_err(|source| Error::NoReflink { path: dir.to_owned(), source })
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_of_ranges() {
+        assert_eq!(overlap(&[(0, 10)], vec![(5, 20)]), 5);
+        assert_eq!(overlap(&[(0, 10), (20, 30)], vec![(25, 26), (0, 2), (1, 3)]), 4);
+        assert_eq!(overlap(&[(0, 10)], vec![]), 0);
+        assert_eq!(overlap(&[(10, 20)], vec![(0, 10), (20, 30)]), 0);
+    }
+
+    #[test]
+    fn image_names() {
+        assert_eq!(image_id(Path::new("/p/devices/42.img")), Some(DeviceId(42)));
+        assert_eq!(image_id(Path::new("/p/devices/42.img.tmp")), None);
+        assert_eq!(image_id(Path::new("/p/devices/x.img")), None);
+    }
+}
