@@ -3,7 +3,7 @@
 #   scripts/install-deps.sh          build + run (xfsprogs, e2fsprogs, libclang for bindgen)
 #   scripts/install-deps.sh --test   also what the test tiers use (containerd, runc, btrfs, Go for the suite)
 set -euo pipefail
-pkgs=(xfsprogs e2fsprogs util-linux libclang-dev clang)
+pkgs=(xfsprogs e2fsprogs util-linux libclang-dev clang libdevmapper-dev pkg-config)
 [ "${1:-}" = --test ] && pkgs+=(btrfs-progs containerd runc busybox-static golang-go golang-github-containerd-containerd-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

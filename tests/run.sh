@@ -6,6 +6,7 @@
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove, restart, check (root)
 #   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
+#   uml          dm-thin backend tests and the conformance suite on a kernel thin pool inside user-mode Linux (root)
 #
 # Installs what it needs (apt, cargo) and fails loudly: a tier that cannot run fails.
 # Ends by checking that no loop device or mount of ours is left.
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$PWD
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(unit host crash conformance containerd)
+[ ${#tiers[@]} -gt 0 ] || tiers=(unit host crash conformance containerd uml)
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "tier $1 needs root (loop devices, mounts)" >&2; exit 1; }; }
 
@@ -64,6 +65,7 @@ tier_conformance() {
   [ "$fail" = 0 ] && [ "$pass" -ge 20 ]
 }
 tier_containerd() { need_root containerd; bash tests/host/containerd-e2e.sh; }
+tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 
 install_deps
 mkdir -p target

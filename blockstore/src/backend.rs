@@ -45,6 +45,10 @@ pub enum Orphan {
     File(PathBuf),
     /// A loop device.
     Loop(PathBuf),
+    /// An active dm device.
+    DmDevice(String),
+    /// A thin id held by the pool.
+    ThinId(u64),
 }
 
 /// What a pool's kernel side must do.

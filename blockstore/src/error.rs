@@ -56,6 +56,8 @@ pub enum Error {
     },
     #[error("{tool} on {path} failed ({status}): {stderr}")]
     Tool { tool: &'static str, path: PathBuf, status: String, stderr: String },
+    #[error("device-mapper {op} {what}: {detail}")]
+    Dm { op: &'static str, what: String, detail: String },
     #[error("metadata store")]
     Store(#[from] redb::Error),
     #[error("corrupt metadata record {key}")]
@@ -81,7 +83,7 @@ impl Error {
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
-            Error::Io { .. } | Error::Tool { .. } | Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
+            Error::Io { .. } | Error::Tool { .. } | Error::Dm { .. } | Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
         }
     }
 }

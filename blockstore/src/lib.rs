@@ -19,9 +19,12 @@
 //! # Backends
 //! The kernel side sits behind the [`Backend`] trait. [`Reflink`] keeps each
 //! device as a sparse image on XFS (`reflink=1`) or btrfs: a snapshot is a
-//! `FICLONE`, an active device a loop device with direct I/O.
+//! `FICLONE`, an active device a loop device with direct I/O. [`DmThin`] keeps
+//! each device as a thin device of a kernel thin pool (`create_snap` of an
+//! inactive origin). `auto` picks dm-thin where the kernel has device-mapper.
 
 mod backend;
+mod dmthin;
 mod embedded;
 mod error;
 pub mod fault;
@@ -36,7 +39,8 @@ mod units;
 pub use error::{Error, ErrorKind, Result};
 pub use loops::{BoundLoop, scan as scan_loops};
 pub use backend::{Backend, Orphan, PoolStatus, Usage};
-pub use pool::{CreateSpec, Pool, PoolConfig, ReconcileReport};
+pub use dmthin::DmThin;
+pub use pool::{BackendKind, CreateSpec, Pool, PoolConfig, ReconcileReport};
 pub use reflink::Reflink;
 pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 pub use units::{Bytes, DeviceId, ParseBytesError};

@@ -120,3 +120,11 @@ pub fn scan(dir: &Path) -> Result<Vec<BoundLoop>> {
     }
     Ok(out)
 }
+
+/// Size of a block device in 512-byte sectors, from sysfs.
+pub fn sectors(node: &Path) -> Result<u64> {
+    let name = node.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let path = Path::new("/sys/class/block").join(name).join("size");
+    let text = fs::read_to_string(&path).map_err(Error::io("read", &path))?;
+    text.trim().parse().map_err(|_| Error::io("parse", &path)(io::Error::from(io::ErrorKind::InvalidData)))
+}

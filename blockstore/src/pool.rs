@@ -16,14 +16,31 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Orphan, PoolStatus, Usage};
 use crate::error::{Error, Result};
 use crate::fault;
+use crate::dmthin::DmThin;
 use crate::reflink::Reflink;
 use crate::store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 use crate::units::{Bytes, DeviceId};
+
+/// Which backend holds the devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// dm-thin where the kernel has device-mapper, else reflink. Decided once, at
+    /// the first start on a root, and remembered.
+    #[default]
+    Auto,
+    /// Reflinked image files on loop devices.
+    Reflink,
+    /// Thin devices in a kernel thin pool.
+    DmThin,
+}
 
 /// Pool configuration (the `[pool]` table of the daemons' config files).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// Backend; see [`BackendKind`].
+    pub backend: BackendKind,
     /// Directory on a reflink-capable filesystem (XFS `reflink=1` or btrfs). When
     /// absent, an embedded XFS image under the state root is created and used.
     pub dir: Option<PathBuf>,
@@ -38,7 +55,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { dir: None, embedded_size: Bytes(64 << 30), reserve: Bytes(512 << 20), direct_io: true }
+        PoolConfig { backend: BackendKind::Auto, dir: None, embedded_size: Bytes(64 << 30), reserve: Bytes(512 << 20), direct_io: true }
     }
 }
 
@@ -102,7 +119,21 @@ impl Pool {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(Error::io("create", root))?;
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
         let store = Store::open(&root.join("meta.redb"))?;
-        let backend = Box::new(Reflink::open(&root, &cfg)?);
+        let kind = match (cfg.backend, store.backend()?) {
+            (BackendKind::Auto, Some(remembered)) => remembered,
+            (BackendKind::Auto, None) if DmThin::available() => BackendKind::DmThin,
+            (BackendKind::Auto, None) => BackendKind::Reflink,
+            (wanted, Some(remembered)) if wanted != remembered => {
+                return Err(Error::Config(format!("{} holds a {remembered:?} pool; pool.backend says {wanted:?}", root.display())));
+            }
+            (wanted, _) => wanted,
+        };
+        let backend: Box<dyn Backend> = match kind {
+            BackendKind::DmThin => Box::new(DmThin::open(&root, &cfg)?),
+            _ => Box::new(Reflink::open(&root, &cfg)?),
+        };
+        store.set_backend(kind)?;
+        tracing::info!(backend = backend.name(), "pool open");
         Ok(Pool { store, backend, cfg })
     }
 

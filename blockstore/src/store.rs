@@ -10,11 +10,14 @@ use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransac
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::pool::BackendKind;
 use crate::units::{Bytes, DeviceId};
 
 const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("blockstore.devices");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("blockstore.counters");
 const NEXT_ID: &str = "next_device_id";
+const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("blockstore.settings");
+const BACKEND: &str = "backend";
 
 /// Filesystem created inside a fresh device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,8 +107,29 @@ impl Store {
         let txn = db.begin_write()?;
         txn.open_table(DEVICES)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(SETTINGS)?;
         txn.commit()?;
         Ok(Store { db })
+    }
+
+    /// The backend this root was first opened with.
+    pub fn backend(&self) -> Result<Option<BackendKind>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        let Some(v) = table.get(BACKEND)? else { return Ok(None) };
+        serde_json::from_str(v.value()).map(Some).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })
+    }
+
+    /// Remembers the backend (a no-op if unchanged).
+    pub fn set_backend(&self, kind: BackendKind) -> Result<()> {
+        if self.backend()? == Some(kind) {
+            return Ok(());
+        }
+        let v = serde_json::to_string(&kind).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(BACKEND, v.as_str())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// The underlying database, for front ends' own tables.

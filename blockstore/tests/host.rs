@@ -1,24 +1,15 @@
-//! Host tier for the block engine: real loop devices, real XFS and btrfs pools,
-//! reconciliation of what a crash can leave. Needs root.
+//! Host tier for the block engine's reflink backend: real loop devices, real
+//! XFS and btrfs pools, reconciliation of what a crash can leave. Needs root.
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceState, Devices, ErrorKind, FsType, Orphan, Pool, PoolConfig, scan_loops};
-
-fn tmp() -> tempfile::TempDir {
-    assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
-    tempfile::Builder::new().prefix("thinbox-bs-").tempdir().unwrap()
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use common::*;
+use thinbox_blockstore::{Access, BackendKind, Bytes, DeviceId, Devices, ErrorKind, Orphan, Pool, PoolConfig, scan_loops};
 
 /// A device's image file (reflink backend).
 fn image(pool: &Pool, id: DeviceId) -> PathBuf {
@@ -26,65 +17,7 @@ fn image(pool: &Pool, id: DeviceId) -> PathBuf {
 }
 
 fn small() -> PoolConfig {
-    PoolConfig { embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() }
-}
-
-/// Creates and builds a device in one go.
-fn create(pool: &Pool, spec: CreateSpec) -> (DeviceId, Option<PathBuf>) {
-    let txn = pool.store().write().unwrap();
-    let rec = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec).unwrap();
-    txn.commit().unwrap();
-    let node = pool.build(&rec).unwrap();
-    let txn = pool.store().write().unwrap();
-    {
-        let mut devs = Devices::open(&txn).unwrap();
-        let mut r = devs.require(rec.id).unwrap();
-        r.state = DeviceState::Ready;
-        devs.put(&r).unwrap();
-    }
-    txn.commit().unwrap();
-    (rec.id, node)
-}
-
-fn with_mounted<T>(node: &Path, fs: FsType, dir: &Path, f: impl FnOnce(&Path) -> T) -> T {
-    std::fs::create_dir_all(dir).unwrap();
-    let opts = if fs == FsType::Xfs { "nouuid" } else { "defaults" };
-    sh("mount", &["-t", fs.as_str(), "-o", opts, node.to_str().unwrap(), dir.to_str().unwrap()]);
-    let out = f(dir);
-    sh("umount", &[dir.to_str().unwrap()]);
-    out
-}
-
-fn spec(size: u64, origin: Option<DeviceId>, access: Option<Access>) -> CreateSpec {
-    CreateSpec { size: Bytes(size), origin, fs: FsType::Ext4, access }
-}
-
-/// Snapshot, write, read back, delete: on `pool`.
-fn exercise(pool: &Pool, work: &Path) {
-    let (base, node) = create(pool, spec(512 << 20, None, Some(Access::ReadWrite)));
-    let node = node.unwrap();
-    with_mounted(&node, FsType::Ext4, &work.join("base"), |m| {
-        assert!(!m.join("lost+found").exists(), "a fresh filesystem is empty");
-        std::fs::write(m.join("f"), "base").unwrap();
-    });
-    pool.deactivate(base).unwrap();
-    assert!(pool.node(base).is_none());
-    let (child, cnode) = create(pool, spec(512 << 20, Some(base), Some(Access::ReadWrite)));
-    let content = with_mounted(&cnode.unwrap(), FsType::Ext4, &work.join("child"), |m| {
-        std::fs::write(m.join("f"), "child").unwrap();
-        std::fs::read_to_string(m.join("f")).unwrap()
-    });
-    assert_eq!(content, "child");
-    let (view, vnode) = create(pool, spec(512 << 20, Some(base), Some(Access::ReadOnly)));
-    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/ro", vnode.unwrap().file_name().unwrap().to_str().unwrap())).unwrap().trim(), "1");
-    for id in [view, child, base] {
-        let txn = pool.store().write().unwrap();
-        pool.plan_delete(&mut Devices::open(&txn).unwrap(), id).unwrap();
-        txn.commit().unwrap();
-        pool.destroy(id).unwrap();
-        assert!(!image(pool, id).exists());
-    }
-    assert!(pool.store().devices().unwrap().is_empty());
+    PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() }
 }
 
 #[test]
@@ -92,6 +25,7 @@ fn embedded_xfs_pool_round_trip() {
     let dir = tmp();
     let pool = Pool::open(&dir.path().join("state"), small()).unwrap();
     exercise(&pool, &dir.path().join("work"));
+    assert_eq!(std::fs::read_dir(image(&pool, DeviceId(1)).parent().unwrap()).unwrap().count(), 1, "only the lock file is left");
     pool.shutdown(true).unwrap();
     assert!(scan_loops(dir.path()).unwrap().is_empty(), "release leaves no loop");
     assert!(!sh("findmnt", &["-rn", "-o", "TARGET"]).contains(dir.path().to_str().unwrap()));
@@ -174,6 +108,7 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
         match o {
             Orphan::Loop(node) => loops.push(node.clone()),
             Orphan::File(path) => files.push(path.file_name().unwrap().to_owned()),
+            other => panic!("a reflink pool has no {other:?}"),
         }
     }
     files.sort();
@@ -192,7 +127,7 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
 #[test]
 fn a_pool_below_its_reserve_refuses_new_devices() {
     let dir = tmp();
-    let cfg = PoolConfig { embedded_size: Bytes(600 << 20), reserve: Bytes(300 << 20), ..PoolConfig::default() };
+    let cfg = PoolConfig { embedded_size: Bytes(600 << 20), reserve: Bytes(300 << 20), ..small() };
     let pool = Pool::open(&dir.path().join("state"), cfg).unwrap();
     let (id, _) = create(&pool, spec(512 << 20, None, None));
     // Eat the free space with a plain file on the pool's filesystem.

@@ -1,0 +1,113 @@
+//! UML tier: the dm-thin backend on a real kernel thin pool. Runs inside
+//! user-mode Linux (`tests/uml/run-in-uml.sh`); fails loudly where the kernel
+//! has no device-mapper. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, ErrorKind, Orphan, Pool, PoolConfig};
+
+fn cfg(size: u64) -> PoolConfig {
+    assert!(DmThin::available(), "no /dev/mapper/control: this is the uml tier (tests/run.sh uml)");
+    PoolConfig { backend: BackendKind::DmThin, embedded_size: Bytes(size), reserve: Bytes(64 << 20), ..PoolConfig::default() }
+}
+
+/// Names of dm devices whose name contains `needle`.
+fn dm_devices(needle: &str) -> Vec<String> {
+    sh("dmsetup", &["ls"]).lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.contains(needle)).map(str::to_owned).collect()
+}
+
+/// Thin ids the pool holds.
+fn thin_ids(pool: &Pool) -> Vec<u64> {
+    let name = pool.status().unwrap().location;
+    // No udev here: address the metadata device as /dev/dm-N.
+    let minor = sh("dmsetup", &["info", "-c", "--noheadings", "-o", "minor", &name.replace("-pool", "-meta")]);
+    sh("dmsetup", &["message", &name, "0", "reserve_metadata_snap"]);
+    let out = sh("thin_ls", &["--metadata-snap", "--no-headers", "-o", "DEV", &format!("/dev/dm-{minor}")]);
+    sh("dmsetup", &["message", &name, "0", "release_metadata_snap"]);
+    let mut ids: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn thin_devices_round_trip_and_release_leaves_nothing() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), cfg(2 << 30)).unwrap();
+    let status = pool.status().unwrap();
+    assert_eq!(status.backend, "dm-thin");
+    let prefix = status.location.trim_end_matches("-pool").to_owned();
+    exercise(&pool, &dir.path().join("work"));
+    assert_eq!(thin_ids(&pool), Vec::<u64>::new(), "every thin id deleted");
+    pool.shutdown(true).unwrap();
+    assert_eq!(dm_devices(&prefix), Vec::<String>::new(), "release removes pool, linear and thin devices");
+}
+
+#[test]
+fn reconcile_after_a_reboot_restores_active_devices_and_drops_the_rest() {
+    let dir = tmp();
+    let root = dir.path().join("state");
+    let (kept, unreferenced, half_made, prefix);
+    {
+        let pool = Pool::open(&root, cfg(2 << 30)).unwrap();
+        prefix = pool.status().unwrap().location.trim_end_matches("-pool").to_owned();
+        let (k, node) = create(&pool, spec(256 << 20, None, Some(Access::ReadWrite)));
+        kept = k;
+        with_mounted(&node.unwrap(), thinbox_blockstore::FsType::Ext4, &dir.path().join("m"), |m| std::fs::write(m.join("f"), "kept").unwrap());
+        unreferenced = create(&pool, spec(256 << 20, None, None)).0;
+        let txn = pool.store().write().unwrap();
+        // Intent written, kernel never touched: as if the daemon died here.
+        half_made = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec(256 << 20, Some(unreferenced), Some(Access::ReadWrite))).unwrap().id;
+        txn.commit().unwrap();
+        // A thin id nobody recorded.
+        sh("dmsetup", &["message", &format!("{prefix}-pool"), "0", "create_thin 777"]);
+        // Reboot: every dm device and loop goes; the files stay.
+        pool.shutdown(true).unwrap();
+        assert!(dm_devices(&prefix).is_empty());
+    }
+    let pool = Pool::open(&root, cfg(2 << 30)).unwrap();
+    let report = pool.reconcile(&HashSet::from([kept, half_made])).unwrap();
+    let mut removed = report.devices_removed.clone();
+    removed.sort();
+    assert_eq!(removed, vec![unreferenced, half_made]);
+    assert_eq!(report.reattached, vec![kept]);
+    assert_eq!(report.orphans, vec![Orphan::ThinId(777)]);
+    assert_eq!(thin_ids(&pool), vec![kept.0]);
+    let node = pool.node(kept).unwrap();
+    let content = with_mounted(&node, thinbox_blockstore::FsType::Ext4, &dir.path().join("m"), |m| std::fs::read_to_string(m.join("f")).unwrap());
+    assert_eq!(content, "kept", "data survives the reboot");
+    assert_eq!(pool.reconcile(&HashSet::from([kept])).unwrap(), Default::default(), "converged");
+    destroy(&pool, kept);
+    pool.shutdown(true).unwrap();
+    assert!(dm_devices(&prefix).is_empty());
+}
+
+#[test]
+fn a_full_thin_pool_fails_writes_and_new_devices_but_keeps_the_rest() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), cfg(512 << 20)).unwrap();
+    let (base, node) = create(&pool, spec(1 << 30, None, Some(Access::ReadWrite)));
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    sh("mount", &[node.unwrap().to_str().unwrap(), m.to_str().unwrap()]);
+    std::fs::write(m.join("keep"), "safe").unwrap();
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=700", "conv=fsync"])
+        .arg(format!("of={}", m.join("fill").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the writer gets an I/O error when the pool is full");
+    let _ = std::process::Command::new("umount").arg(&m).status();
+    let txn = pool.store().write().unwrap();
+    let err = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec(256 << 20, None, None)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    drop(txn);
+    assert_eq!(pool.store().devices().unwrap().len(), 1);
+    destroy(&pool, base);
+    assert!(pool.status().unwrap().free > Bytes(400 << 20), "deleting the device frees its blocks");
+    pool.shutdown(true).unwrap();
+}
