@@ -15,7 +15,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use devicemapper::{
     DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams,
@@ -35,8 +34,6 @@ use crate::units::{Bytes, DeviceId};
 const BLOCK_SECTORS: u64 = 128;
 /// Largest thin id the kernel accepts.
 const MAX_THIN_ID: u64 = (1 << 24) - 1;
-/// Attempts to remove a busy dm device before deferring its removal.
-const REMOVE_ATTEMPTS: u32 = 5;
 
 fn dm_err(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(devicemapper::DmError) -> Error {
     let what = what.to_string();
@@ -144,27 +141,22 @@ impl DmThin {
         Ok(Some(node))
     }
 
-    /// Removes a dm device; a busy one (mounted, held by a VMM) is retried a few
-    /// times and then left to the kernel's deferred removal.
+    /// Removes a dm device. One still open (mounted, held by a VMM) is left to
+    /// the kernel's deferred removal: it goes when its last user closes it.
     fn remove_dm(&self, name: &DmName) -> Result<()> {
         let id = DevId::Name(name);
         if !devicemapper::device_exists(&self.dm, name).map_err(dm_err("look up", name))? {
             return Ok(());
         }
-        for attempt in 1..=REMOVE_ATTEMPTS {
-            match self.dm.device_remove(&id, DmOptions::default()) {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt < REMOVE_ATTEMPTS => {
-                    tracing::debug!(device = %name, attempt, error = %e, "dm device busy; retrying");
-                    std::thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
-                }
-                Err(e) => tracing::info!(device = %name, error = %e, "dm device busy; deferring its removal"),
-            }
-        }
-        self.dm
-            .device_remove(&id, DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE))
-            .map(|_| ())
-            .map_err(dm_err("remove (deferred)", name))
+        let open = self.dm.device_info(&id).map_err(dm_err("inspect", name))?.open_count();
+        let options = if open > 0 {
+            tracing::info!(device = %name, open, "dm device in use; deferring its removal");
+            DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE)
+        } else {
+            DmOptions::default()
+        };
+        // device_remove itself retries a transient EBUSY.
+        self.dm.device_remove(&id, options).map(|_| ()).map_err(dm_err("remove", name))
     }
 
     /// Per thin id, the bytes mapped by that device alone, from `thin_ls` on a

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The uml tier, run on the host: builds the test binaries, boots user-mode Linux
+# (a real kernel with dm-thin) and runs inside it the dm-thin backend tests and
+# containerd's snapshotter conformance suite against thinbox-snapshotter on a
+# kernel thin pool. Ends with "uml-conformance: N passed, M failed"; fails if
+# anything failed or a dm device was left.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ "${1:-}" != --inside ]; then
+  bash tests/uml/install.sh
+  cargo build -p thinbox-snapshotter
+  # The path of the dm test binary, as cargo reports it.
+  dm_test=$(cargo test -p thinbox-blockstore --test dm --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dm" and m.get("executable"):
+        print(m["executable"])')
+  [ -x "$dm_test" ] || { echo "uml: no dm test binary" >&2; exit 1; }
+  # Build the conformance suite on the host (needs the network-free Go toolchain from apt).
+  bash ../shared/conformance/containerd-snapshotter/run.sh build
+  UML_PASS_ENV=DM_TEST exec env DM_TEST="$dm_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
+fi
+
+# Inside the guest: the kernel's thin pool first, then ours on top of it.
+failed=0
+log=/tmp/uml-tier.log
+bash tests/uml/smoke.sh || failed=1
+"$DM_TEST" --test-threads=1 || failed=1
+
+bash ../shared/conformance/containerd-snapshotter/run.sh test \
+  "$PWD/target/debug/thinbox-snapshotter --root \"\$SNAPSHOTTER_ROOT\" --address \"\$SNAPSHOTTER_SOCKET\" --release-on-exit" thinbox \
+  > "$log" 2>&1 || failed=1
+grep -E '^\s*--- (PASS|FAIL|SKIP)' "$log" || true
+grep -q 'backend="dm-thin"' "$log" || { echo "conformance did not run on dm-thin" >&2; failed=1; }
+pass=$(grep -c -- '--- PASS: TestContainerdSnapshotterSuite/' "$log" || true)
+fail=$(grep -c -- '--- FAIL' "$log" || true)
+echo "uml-conformance: $pass passed, $fail failed"
+[ "$fail" = 0 ] && [ "$pass" -ge 20 ] || failed=1
+
+left=$(dmsetup ls 2>/dev/null | grep thinbox || true)
+if [ -n "$left" ]; then echo "dm devices left behind:"; echo "$left"; failed=1; fi
+exit $failed
