@@ -4,7 +4,7 @@
 //! Every method is idempotent: reconciliation may repeat any of them after a
 //! crash.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -49,6 +49,19 @@ pub enum Orphan {
     DmDevice(String),
     /// A thin id held by the pool.
     ThinId(u64),
+}
+
+/// What the kernel and disk hold for a pool, read without its store (which the
+/// running daemon holds): for crash tests and consistency checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Inventory {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Devices with storage (image files, thin ids); `None` when the pool is
+    /// not live (a torn-down thin pool).
+    pub stored: Option<BTreeSet<DeviceId>>,
+    /// Attached devices and their nodes.
+    pub attached: BTreeMap<DeviceId, PathBuf>,
 }
 
 /// What a pool's kernel side must do.

@@ -9,7 +9,7 @@
 //! the prefix is unique per state root, and addressed as `/dev/dm-N`
 //! (devtmpfs), which needs no udev.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use devicemapper::{
     LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId, ThinPoolDev, ThinPoolStatus, message,
 };
 
-use crate::backend::{Backend, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
@@ -66,7 +66,7 @@ impl DmThin {
     /// thin devices already active.
     pub fn open(root: &Path, cfg: &PoolConfig) -> Result<DmThin> {
         let dm = DM::new().map_err(dm_err("open", "/dev/mapper/control"))?;
-        let prefix = format!("thinbox-{:08x}", fnv(root.as_os_str().as_encoded_bytes()));
+        let prefix = prefix(root);
         let dir = root.join("thin");
         fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         let meta_size = Bytes((cfg.embedded_size.get() / 1000).clamp(64 << 20, 16 << 30)).align_up(1 << 20);
@@ -85,12 +85,7 @@ impl DmThin {
             vec!["error_if_no_space".into()],
         )
         .map_err(dm_err("set up thin pool", &*pool_name))?;
-        let mut active = HashMap::new();
-        for (n, dev, _) in dm.list_devices().map_err(dm_err("list devices", "dm"))? {
-            if let Some(id) = n.to_string().strip_prefix(&format!("{prefix}-")).and_then(|s| s.parse().ok()) {
-                active.insert(DeviceId(id), PathBuf::from(format!("/dev/dm-{}", dev.minor)));
-            }
-        }
+        let active: HashMap<_, _> = active_devices(&dm, &prefix)?.into_iter().collect();
         tracing::info!(pool = %&*pool_name, devices = active.len(), "thin pool ready");
         Ok(DmThin { dm, root: root.to_owned(), prefix, pool: Mutex::new(pool), active: Mutex::new(active) })
     }
@@ -159,31 +154,73 @@ impl DmThin {
         self.dm.device_remove(&id, options).map(|_| ()).map_err(dm_err("remove", name))
     }
 
-    /// Per thin id, the bytes mapped by that device alone, from `thin_ls` on a
-    /// metadata snapshot (the live pool keeps running).
     fn thin_ls(&self) -> Result<HashMap<u64, u64>> {
-        let meta = self.pool().meta_dev().devnode();
-        self.send("reserve_metadata_snap")?;
-        let out = Command::new("thin_ls").args(["--metadata-snap", "--no-headers", "-o", "DEV,EXCLUSIVE_BYTES"]).arg(&meta).output();
-        let released = self.send("release_metadata_snap");
-        let out = out.map_err(Error::io("run thin_ls on", &meta))?;
-        released?;
-        if !out.status.success() {
-            return Err(Error::Tool {
-                tool: "thin_ls",
-                path: meta,
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-            })
-            .collect())
+        let (pool_name, meta) = {
+            let pool = self.pool();
+            (pool.name().to_owned(), pool.meta_dev().devnode())
+        };
+        thin_ls(&self.dm, &pool_name, &meta)
     }
+}
+
+/// Per thin id, the bytes mapped by that device alone, from `thin_ls` on a
+/// metadata snapshot of the live pool (which keeps running).
+fn thin_ls(dm: &DM, pool: &DmName, meta: &Path) -> Result<HashMap<u64, u64>> {
+    let msg = |m: &str| dm.target_msg(&DevId::Name(pool), None, m).map(|_| ()).map_err(dm_err("message", m));
+    msg("reserve_metadata_snap")?;
+    let out = Command::new("thin_ls").args(["--metadata-snap", "--no-headers", "-o", "DEV,EXCLUSIVE_BYTES"]).arg(meta).output();
+    let released = msg("release_metadata_snap");
+    let out = out.map_err(Error::io("run thin_ls on", meta))?;
+    released?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool: "thin_ls",
+            path: meta.to_owned(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect())
+}
+
+/// The dm names of the pool under `root` start with this.
+fn prefix(root: &Path) -> String {
+    format!("thinbox-{:08x}", fnv(root.as_os_str().as_encoded_bytes()))
+}
+
+/// Active thin devices of the pool with `prefix`, by id.
+fn active_devices(dm: &DM, prefix: &str) -> Result<BTreeMap<DeviceId, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for (n, dev, _) in dm.list_devices().map_err(dm_err("list devices", "dm"))? {
+        if let Some(id) = n.to_string().strip_prefix(&format!("{prefix}-")).and_then(|s| s.parse().ok()) {
+            out.insert(DeviceId(id), PathBuf::from(format!("/dev/dm-{}", dev.minor)));
+        }
+    }
+    Ok(out)
+}
+
+/// What the kernel holds for the pool under `root`, read without the store.
+pub(crate) fn inventory(root: &Path) -> Result<Inventory> {
+    let dm = DM::new().map_err(dm_err("open", "/dev/mapper/control"))?;
+    let prefix = prefix(root);
+    let pool_name = name(&format!("{prefix}-pool"))?;
+    let live = devicemapper::device_exists(&dm, &pool_name).map_err(dm_err("look up", &*pool_name))?;
+    // Thin ids are read from the live pool only: the tools cannot read the
+    // metadata file of a torn-down pool on every filesystem (O_DIRECT).
+    let stored = if live {
+        let meta = name(&format!("{prefix}-meta"))?;
+        let minor = dm.device_info(&DevId::Name(&meta)).map_err(dm_err("inspect", &*meta))?.device().minor;
+        Some(thin_ls(&dm, &pool_name, &PathBuf::from(format!("/dev/dm-{minor}")))?.into_keys().map(DeviceId).collect())
+    } else {
+        None
+    };
+    Ok(Inventory { backend: "dm-thin", stored, attached: active_devices(&dm, &prefix)? })
 }
 
 impl Backend for DmThin {

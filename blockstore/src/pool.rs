@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::dmthin::DmThin;
@@ -101,6 +101,13 @@ pub struct ReconcileReport {
     pub detached: Vec<DeviceId>,
     /// Kernel or disk state without a record, removed.
     pub orphans: Vec<Orphan>,
+}
+
+/// What the kernel and disk hold for the pool under `root` (configured with
+/// `cfg`), read without its store, so it works while a daemon runs.
+pub fn inventory(root: &Path, cfg: &PoolConfig) -> Result<Inventory> {
+    let root = root.canonicalize().map_err(Error::io("resolve", root))?;
+    if root.join("thin").exists() { crate::dmthin::inventory(&root) } else { crate::reflink::inventory(&root, cfg) }
 }
 
 /// A pool of devices and its metadata store.

@@ -4,14 +4,14 @@
 //! device with direct I/O. Without a configured directory the pool is the
 //! embedded XFS image under the state root.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{Backend, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::embedded;
 use crate::error::{Error, Result};
 use crate::fault;
@@ -256,6 +256,22 @@ impl Backend for Reflink {
             None => Ok(()),
         }
     }
+}
+
+/// What the pool under `root` holds on disk and in the kernel, read without the
+/// store: image files and the loops attached to them.
+pub(crate) fn inventory(root: &Path, cfg: &PoolConfig) -> Result<Inventory> {
+    let devices_dir = cfg.dir.clone().unwrap_or_else(|| root.join("pool")).join("devices");
+    let mut stored = BTreeSet::new();
+    if let Ok(entries) = fs::read_dir(&devices_dir) {
+        for entry in entries {
+            if let Some(id) = image_id(&entry.map_err(Error::io("list", &devices_dir))?.path()) {
+                stored.insert(id);
+            }
+        }
+    }
+    let attached = loops::scan(&devices_dir)?.into_iter().filter_map(|l| Some((image_id(&l.backing)?, l.node))).collect();
+    Ok(Inventory { backend: "reflink", stored: Some(stored), attached })
 }
 
 /// Every mapped extent of the file at `path`.

@@ -61,7 +61,8 @@ async fn assert_consistent(c: &mut Client, d: &Daemon) -> Vec<String> {
     for n in &names {
         assert_eq!(&stat(c, n).await.unwrap().name, n, "Stat agrees with List");
     }
-    assert_eq!(image_files(d).len(), names.len(), "one image per snapshot, no orphans: {:?} vs {names:?}", image_files(d));
+    let inv = d.inventory();
+    assert_eq!(inv.stored.as_ref().map_or(usize::MAX, |s| s.len()), names.len(), "one device per snapshot, no orphans: {inv:?} vs {names:?}");
     let mut expected = BTreeSet::new();
     for n in &names {
         if stat(c, n).await.unwrap().kind != Kind::Committed as i32 {
@@ -69,7 +70,7 @@ async fn assert_consistent(c: &mut Client, d: &Daemon) -> Vec<String> {
             expected.insert(std::path::PathBuf::from(&m[0].source));
         }
     }
-    let attached: BTreeSet<_> = loops_under(&d.root.join("pool")).into_iter().collect();
+    let attached: BTreeSet<_> = inv.attached.into_values().collect();
     assert_eq!(attached, expected, "exactly the active snapshots and views are attached");
     names
 }

@@ -27,8 +27,9 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
 /// Files in the pool and attached loops match the records: nothing leaked.
 async fn assert_no_leaks(c: &mut Client, d: &Daemon, active_or_view: usize) {
     let all = list(c, &[]).await.unwrap();
-    assert_eq!(image_files(d).len(), all.len(), "one image per snapshot: {:?} vs {:?}", image_files(d), all);
-    assert_eq!(loops_under(&d.root.join("pool")).len(), active_or_view, "one loop per active snapshot or view");
+    let inv = d.inventory();
+    assert_eq!(inv.stored.as_ref().map_or(usize::MAX, |s| s.len()), all.len(), "one device per snapshot: {inv:?} vs {all:?}");
+    assert_eq!(inv.attached.len(), active_or_view, "one attached device per active snapshot or view");
 }
 
 #[tokio::test]
@@ -164,7 +165,7 @@ async fn restart_keeps_devices_attached_and_reboot_reattaches_them() {
 
     // A reboot: loops and the pool mount are gone; start-up re-attaches.
     d.release().await;
-    assert!(loops_under(dir.path()).is_empty());
+    assert!(thinbox_blockstore::scan_loops(dir.path()).unwrap().is_empty());
     let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
     let m = c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "ctr".into() }).await.unwrap().into_inner().mounts;
     mount(&m, &mp);
@@ -237,5 +238,5 @@ async fn bad_config_is_refused_at_start() {
         assert!(!out.status.success(), "config {cfg:?} must be refused");
         assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
     }
-    assert!(loops_under(dir.path()).is_empty());
+    assert!(thinbox_blockstore::scan_loops(dir.path()).unwrap().is_empty());
 }

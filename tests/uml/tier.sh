@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The uml tier, run on the host: builds the test binaries, boots user-mode Linux
-# (a real kernel with dm-thin) and runs inside it the dm-thin backend tests and
-# containerd's snapshotter conformance suite against thinbox-snapshotter on a
-# kernel thin pool. Ends with "uml-conformance: N passed, M failed"; fails if
+# (a real kernel with dm-thin) and runs inside it the dm-thin backend tests, the
+# crash-safety test and containerd's snapshotter conformance suite against
+# thinbox-snapshotter on a kernel thin pool. Ends with "uml-conformance: N passed, M failed"; fails if
 # anything failed or a dm device was left.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,9 +17,17 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dm" and m.get("executable"):
         print(m["executable"])')
   [ -x "$dm_test" ] || { echo "uml: no dm test binary" >&2; exit 1; }
+  # The crash test needs the fault-injection build (own target dir, as in the crash tier).
+  crash_test=$(cargo test --target-dir target/fault -p thinbox-snapshotter --features fault-injection --test crash --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "crash" and m.get("executable"):
+        print(m["executable"])')
+  [ -x "$crash_test" ] || { echo "uml: no crash test binary" >&2; exit 1; }
   # Build the conformance suite on the host (needs the network-free Go toolchain from apt).
   bash ../shared/conformance/containerd-snapshotter/run.sh build
-  UML_PASS_ENV=DM_TEST exec env DM_TEST="$dm_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
+  UML_PASS_ENV="DM_TEST CRASH_TEST" exec env DM_TEST="$dm_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
 fi
 
 # Inside the guest: the kernel's thin pool first, then ours on top of it.
@@ -27,6 +35,8 @@ failed=0
 log=/tmp/uml-tier.log
 bash tests/uml/smoke.sh || failed=1
 "$DM_TEST" --test-threads=1 || failed=1
+# Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
+"$CRASH_TEST" --test-threads=1 || failed=1
 
 bash ../shared/conformance/containerd-snapshotter/run.sh test \
   "$PWD/target/debug/thinbox-snapshotter --root \"\$SNAPSHOTTER_ROOT\" --address \"\$SNAPSHOTTER_SOCKET\" --release-on-exit" thinbox \

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -78,8 +79,15 @@ impl Daemon {
     }
 
     /// Stops with `--release-on-exit` semantics by restarting once with the flag,
-    /// leaving no loop device or mount behind.
+    /// leaving no device or mount behind (either backend).
     pub async fn release(mut self) {
+        self.release_now();
+        assert_eq!(self.inventory().attached, Default::default(), "devices left attached after release");
+    }
+
+    /// Blocking: kill or stop the daemon, then let one started with
+    /// `--release-on-exit` tear down everything under the root.
+    fn release_now(&mut self) {
         if self.child.is_some() {
             self.stop();
         }
@@ -93,34 +101,43 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             assert!(Instant::now() < deadline, "socket did not appear");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            std::thread::sleep(Duration::from_millis(10));
         }
         assert!(self.stop().success());
-        assert_eq!(loops_under(&self.root), Vec::<PathBuf>::new(), "loops left after release");
     }
 
-    pub fn devices_dir(&self) -> PathBuf {
-        self.root.join("pool/devices")
+    /// What the kernel and disk hold for this root (embedded pool).
+    pub fn inventory(&self) -> thinbox_blockstore::Inventory {
+        thinbox_blockstore::inventory(&self.root, &thinbox_blockstore::PoolConfig::default()).unwrap()
     }
 }
 
 impl Drop for Daemon {
-    /// A test that panicked still leaves no loop or mount behind.
+    /// A test that panicked still leaves no device or mount behind.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            for node in loops_under(&self.root) {
-                let _ = Command::new("losetup").arg("-d").arg(node).status();
+            if self.root.exists() {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.release_now()));
             }
-            let _ = Command::new("umount").arg(self.root.join("pool")).status();
         }
     }
 }
 
+/// Connects, retrying briefly: the socket file appears between bind(2) and
+/// listen(2), when connecting is still refused.
 pub async fn connect(socket: &Path) -> Client {
-    let channel = thinbox_proto::unix_channel(socket, Duration::from_secs(120)).await.expect("connect to snapshotter");
-    SnapshotsClient::new(channel)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match thinbox_proto::unix_channel(socket, Duration::from_secs(120)).await {
+            Ok(channel) => return SnapshotsClient::new(channel),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect to snapshotter: {e}"),
+        }
+    }
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -178,20 +195,6 @@ pub fn mount(m: &[thinbox_proto::Mount], target: &Path) {
 pub fn umount(target: &Path) {
     let out = Command::new("umount").arg(target).output().unwrap();
     assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Loop devices whose backing file lies under `dir`.
-pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
-    thinbox_blockstore::scan_loops(dir).unwrap().into_iter().map(|l| l.node).collect()
-}
-
-/// Image files in the pool.
-pub fn image_files(d: &Daemon) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(d.devices_dir())
-        .map(|it| it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".img")).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Writes a file inside a mounted snapshot and commits it under `name`.
