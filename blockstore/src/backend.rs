@@ -92,6 +92,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Pool-wide figures (the reserve is filled in by the pool).
     fn status(&self) -> Result<PoolStatus>;
 
+    /// Adds room if the backend can (a file-backed thin pool grows its data
+    /// file); returns the new size, or `None` if it cannot grow.
+    fn grow(&self) -> Result<Option<Bytes>> {
+        Ok(None)
+    }
+
     /// Removes kernel and disk state of devices not in `known`.
     fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>>;
 

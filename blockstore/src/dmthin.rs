@@ -46,6 +46,10 @@ pub struct DmThin {
     root: PathBuf,
     prefix: String,
     pool: Mutex<ThinPoolDev>,
+    grow_step: Bytes,
+    max_size: Option<Bytes>,
+    /// Free space the filesystem under the data file keeps after growing.
+    host_reserve: Bytes,
     /// Name and node of each active thin device.
     active: Mutex<HashMap<DeviceId, PathBuf>>,
 }
@@ -87,7 +91,16 @@ impl DmThin {
         .map_err(dm_err("set up thin pool", &*pool_name))?;
         let active: HashMap<_, _> = active_devices(&dm, &prefix)?.into_iter().collect();
         tracing::info!(pool = %&*pool_name, devices = active.len(), "thin pool ready");
-        Ok(DmThin { dm, root: root.to_owned(), prefix, pool: Mutex::new(pool), active: Mutex::new(active) })
+        Ok(DmThin {
+            dm,
+            root: root.to_owned(),
+            prefix,
+            pool: Mutex::new(pool),
+            grow_step: cfg.grow_step,
+            max_size: cfg.max_size,
+            host_reserve: cfg.reserve,
+            active: Mutex::new(active),
+        })
     }
 
     fn dev_name(&self, id: DeviceId) -> Result<DmNameBuf> {
@@ -293,6 +306,40 @@ impl Backend for DmThin {
             free: Bytes((w.usage.total_data.0 - w.usage.used_data.0) * block),
             reserve: Bytes(0),
         })
+    }
+
+    /// Grows the data file by `grow_step` (up to `max_size`, and only while the
+    /// filesystem under it keeps its reserve), then the loop, the dm-linear data
+    /// device and the pool's table, without stopping the pool's users.
+    fn grow(&self) -> Result<Option<Bytes>> {
+        let data = self.root.join("thin/data.img");
+        let current = fs::metadata(&data).map_err(Error::io("stat", &data))?.len();
+        let mut target = current.saturating_add(self.grow_step.get());
+        if let Some(max) = self.max_size {
+            target = target.min(max.get());
+        }
+        if target <= current {
+            return Ok(None);
+        }
+        let dir = self.root.join("thin");
+        let st = rustix::fs::statvfs(&dir).map_err(|e| Error::io("statvfs", &dir)(e.into()))?;
+        let host_free = st.f_bavail * st.f_frsize;
+        if host_free < target - current + self.host_reserve.get() {
+            tracing::warn!(free = %Bytes(host_free), "no room to grow the thin pool's data file");
+            return Ok(None);
+        }
+        let Some(node) = loops::scan(&dir)?.into_iter().find(|l| l.backing == data && !l.deleted).map(|l| l.node) else {
+            return Ok(None);
+        };
+        let mut pool = self.pool();
+        OpenOptions::new().write(true).open(&data).and_then(|f| f.set_len(target)).map_err(Error::io("grow", &data))?;
+        loops::refresh_capacity(&node)?;
+        let rdev = fs::metadata(&node).map_err(Error::io("stat", &node))?.rdev();
+        let params = LinearDevTargetParams::Linear(LinearTargetParams::new(Device::from(rdev), Sectors(0)));
+        let table = vec![TargetLine::new(Sectors(0), Sectors(loops::sectors(&node)?), params)];
+        pool.set_data_table(&self.dm, table).map_err(dm_err("load grown table", pool.name()))?;
+        pool.resume(&self.dm).map_err(dm_err("resume", pool.name()))?;
+        Ok(Some(Bytes(target)))
     }
 
     fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>> {

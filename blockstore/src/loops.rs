@@ -128,3 +128,8 @@ pub fn sectors(node: &Path) -> Result<u64> {
     let text = fs::read_to_string(&path).map_err(Error::io("read", &path))?;
     text.trim().parse().map_err(|_| Error::io("parse", &path)(io::Error::from(io::ErrorKind::InvalidData)))
 }
+
+/// Makes a loop device pick up its backing file's new size.
+pub fn refresh_capacity(node: &Path) -> Result<()> {
+    LoopDevice::open(node).and_then(|d| d.set_capacity()).map_err(Error::io("refresh capacity of", node))
+}

@@ -51,11 +51,24 @@ pub struct PoolConfig {
     pub reserve: Bytes,
     /// Loop devices use direct I/O to their image (no double page cache).
     pub direct_io: bool,
+    /// A file-backed thin pool running low grows its data file by this much
+    /// while the filesystem under it has room (0: never grow).
+    pub grow_step: Bytes,
+    /// Ceiling for that growth (absent: as long as the filesystem has room).
+    pub max_size: Option<Bytes>,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { backend: BackendKind::Auto, dir: None, embedded_size: Bytes(64 << 30), reserve: Bytes(512 << 20), direct_io: true }
+        PoolConfig {
+            backend: BackendKind::Auto,
+            dir: None,
+            embedded_size: Bytes(64 << 30),
+            reserve: Bytes(512 << 20),
+            direct_io: true,
+            grow_step: Bytes(4 << 30),
+            max_size: None,
+        }
     }
 }
 
@@ -69,6 +82,11 @@ impl PoolConfig {
         }
         if self.embedded_size < Bytes(512 << 20) {
             return Err(Error::Config(format!("pool.embedded_size {} is below the minimum 512MiB", self.embedded_size)));
+        }
+        if let Some(max) = self.max_size
+            && max < self.embedded_size
+        {
+            return Err(Error::Config(format!("pool.max_size {max} is below pool.embedded_size {}", self.embedded_size)));
         }
         if self.reserve >= self.embedded_size && self.dir.is_none() {
             return Err(Error::Config(format!("pool.reserve {} leaves no room in a {} pool", self.reserve, self.embedded_size)));
@@ -226,12 +244,27 @@ impl Pool {
         Ok(PoolStatus { reserve: self.cfg.reserve, ..self.backend.status()? })
     }
 
+    /// Below the reserve, a pool that can grow does; otherwise new devices are
+    /// refused so existing ones keep room to write.
     fn check_space(&self) -> Result<()> {
-        let st = self.status()?;
+        let st = self.maintain()?;
         if st.free < st.reserve {
             return Err(Error::PoolFull { pool: st.location, free: st.free, reserve: st.reserve });
         }
         Ok(())
+    }
+
+    /// Keeps free space above twice the reserve by growing the pool where the
+    /// backend can (call it periodically: running containers consume space too).
+    /// Returns the status afterwards.
+    pub fn maintain(&self) -> Result<PoolStatus> {
+        let mut st = self.status()?;
+        while st.free < Bytes(st.reserve.get().saturating_mul(2)) {
+            let Some(size) = self.backend.grow()? else { break };
+            tracing::info!(pool = %st.location, free = %st.free, new_size = %size, "pool grown");
+            st = self.status()?;
+        }
+        Ok(st)
     }
 
     /// Converges the kernel with the store: a device lives only if its record is

@@ -11,9 +11,20 @@ use std::collections::HashSet;
 use common::*;
 use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, ErrorKind, Orphan, Pool, PoolConfig};
 
+/// A thin pool of `size` that does not grow.
 fn cfg(size: u64) -> PoolConfig {
     assert!(DmThin::available(), "no /dev/mapper/control: this is the uml tier (tests/run.sh uml)");
-    PoolConfig { backend: BackendKind::DmThin, embedded_size: Bytes(size), reserve: Bytes(64 << 20), ..PoolConfig::default() }
+    PoolConfig { backend: BackendKind::DmThin, embedded_size: Bytes(size), reserve: Bytes(64 << 20), grow_step: Bytes(0), ..PoolConfig::default() }
+}
+
+fn dd(dir: &std::path::Path, file: &str, mib: u32) -> bool {
+    std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"])
+        .arg(format!("of={}", dir.join(file).display()))
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 /// Names of dm devices whose name contains `needle`.
@@ -95,12 +106,7 @@ fn a_full_thin_pool_fails_writes_and_new_devices_but_keeps_the_rest() {
     std::fs::create_dir_all(&m).unwrap();
     sh("mount", &[node.unwrap().to_str().unwrap(), m.to_str().unwrap()]);
     std::fs::write(m.join("keep"), "safe").unwrap();
-    let out = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M", "count=700", "conv=fsync"])
-        .arg(format!("of={}", m.join("fill").display()))
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "the writer gets an I/O error when the pool is full");
+    assert!(!dd(&m, "fill", 700), "the writer gets an I/O error when the pool is full");
     let _ = std::process::Command::new("umount").arg(&m).status();
     let txn = pool.store().write().unwrap();
     let err = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec(256 << 20, None, None)).unwrap_err();
@@ -109,5 +115,28 @@ fn a_full_thin_pool_fails_writes_and_new_devices_but_keeps_the_rest() {
     assert_eq!(pool.store().devices().unwrap().len(), 1);
     destroy(&pool, base);
     assert!(pool.status().unwrap().free > Bytes(400 << 20), "deleting the device frees its blocks");
+    pool.shutdown(true).unwrap();
+}
+
+#[test]
+fn a_file_backed_pool_running_low_grows_and_writers_carry_on() {
+    let dir = tmp();
+    let cfg = PoolConfig { grow_step: Bytes(512 << 20), max_size: Some(Bytes(1 << 30)), ..cfg(512 << 20) };
+    let pool = Pool::open(&dir.path().join("state"), cfg).unwrap();
+    let before = pool.status().unwrap().total;
+    let (base, node) = create(&pool, spec(1 << 30, None, Some(Access::ReadWrite)));
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    sh("mount", &[node.unwrap().to_str().unwrap(), m.to_str().unwrap()]);
+    assert!(dd(&m, "a", 400), "400MiB fit in the 512MiB pool");
+    let st = pool.maintain().unwrap();
+    assert!(st.total > before, "the pool grew: {before} -> {}", st.total);
+    assert!(st.total <= Bytes(1 << 30), "up to its ceiling");
+    assert!(dd(&m, "b", 300), "the writer carries on after the growth");
+    assert_eq!(std::fs::metadata(m.join("a")).unwrap().len(), 400 << 20);
+    sh("umount", &[m.to_str().unwrap()]);
+    // At the ceiling: no more growth, new devices are refused below the reserve.
+    assert_eq!(pool.maintain().unwrap().total, st.total);
+    destroy(&pool, base);
     pool.shutdown(true).unwrap();
 }

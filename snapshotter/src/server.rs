@@ -41,6 +41,7 @@ pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), Serv
     let mut int = signal(SignalKind::interrupt()).map_err(|source| io("install SIGINT handler", address, source))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1");
+    let maintenance = tokio::spawn(maintain(snapshots.clone()));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(Service::new(snapshots)))
@@ -53,6 +54,7 @@ pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), Serv
         _ = term.recv() => { tracing::info!("SIGTERM: stopping"); stop(stop_tx, server).await }
         _ = int.recv() => { tracing::info!("SIGINT: stopping"); stop(stop_tx, server).await }
     };
+    maintenance.abort();
     let _ = std::fs::remove_file(address);
     match result {
         Ok(r) => Ok(r?),
@@ -73,6 +75,23 @@ async fn stop(
             tracing::info!(grace_s = GRACE.as_secs(), "clients still connected; closing");
             server.abort();
             server.await
+        }
+    }
+}
+
+/// How often the pool's free space is checked (running containers consume it).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Grows the pool ahead of need where the backend can.
+async fn maintain(snapshots: Arc<Snapshots>) {
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    loop {
+        tick.tick().await;
+        let s = snapshots.clone();
+        match tokio::task::spawn_blocking(move || s.pool().maintain()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %crate::error::chain(&e), "pool maintenance"),
+            Err(e) => tracing::warn!(error = %e, "pool maintenance task"),
         }
     }
 }
