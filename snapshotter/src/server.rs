@@ -36,9 +36,10 @@ const GRACE: Duration = Duration::from_secs(2);
 
 /// Binds `address`, serves until SIGTERM or SIGINT, then returns.
 pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), ServeError> {
-    let listener = bind(address)?;
+    // Handlers first: once the socket exists, a client may already ask us to stop.
     let mut term = signal(SignalKind::terminate()).map_err(|source| io("install SIGTERM handler", address, source))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| io("install SIGINT handler", address, source))?;
+    let listener = bind(address)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1");
     let maintenance = tokio::spawn(maintain(snapshots.clone()));

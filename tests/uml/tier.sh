@@ -6,26 +6,27 @@
 # anything failed or a dm device was left.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# test_binary NAME CARGO-ARGS...: builds integration test NAME and prints the
+# path of its executable, as cargo reports it; fails if there is none.
+test_binary() {
+  local name=$1 path; shift
+  path=$(cargo test "$@" --test "$name" --no-run --message-format=json | python3 -c '
+import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$name")
+  [ -x "$path" ] || { echo "uml: no $name test binary" >&2; return 1; }
+  echo "$path"
+}
+
 if [ "${1:-}" != --inside ]; then
   bash tests/uml/install.sh
   cargo build -p thinbox-snapshotter
-  # The path of the dm test binary, as cargo reports it.
-  dm_test=$(cargo test -p thinbox-blockstore --test dm --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dm" and m.get("executable"):
-        print(m["executable"])')
-  [ -x "$dm_test" ] || { echo "uml: no dm test binary" >&2; exit 1; }
+  dm_test=$(test_binary dm -p thinbox-blockstore)
   # The crash test needs the fault-injection build (own target dir, as in the crash tier).
-  crash_test=$(cargo test --target-dir target/fault -p thinbox-snapshotter --features fault-injection --test crash --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "crash" and m.get("executable"):
-        print(m["executable"])')
-  [ -x "$crash_test" ] || { echo "uml: no crash test binary" >&2; exit 1; }
-  # Build the conformance suite on the host (needs the network-free Go toolchain from apt).
+  crash_test=$(test_binary crash --target-dir target/fault -p thinbox-snapshotter --features fault-injection)
+  # The conformance suite is built on the host (Go comes from apt), run in the guest.
   bash ../shared/conformance/containerd-snapshotter/run.sh build
   UML_PASS_ENV="DM_TEST CRASH_TEST" exec env DM_TEST="$dm_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
 fi
