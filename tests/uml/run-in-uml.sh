@@ -12,12 +12,14 @@
 # COMMAND sees the host's files: be careful where it writes. Inside the guest:
 #   - COMMAND runs as root with cwd = the repository root, stdin = /dev/null;
 #   - /tmp, /run and /dev/shm are fresh tmpfs mounts private to the guest (the
-#     host's are hidden); use /var/tmp or the repository to exchange files;
+#     host's are hidden, except one the repository lives under); TMPDIR is a
+#     private tmpfs in the run directory; use /var/tmp or the repository to
+#     exchange files;
 #   - modules loop, dm-mod, dm-bufio, dm-bio-prison, dm-persistent-data and
 #     dm-thin-pool are loaded, /dev/mapper/control exists; there is no udev;
 #   - environment (nothing else is inherited): PATH=/usr/local/sbin:/usr/local/bin:
 #     /usr/sbin:/usr/bin:/sbin:/bin (plus $CARGO_HOME/bin if CARGO_HOME is set),
-#     HOME=/root, TMPDIR=/tmp, DM_DISABLE_UDEV=1, THINBOX_UML=1, CARGO_HOME and
+#     HOME=/root, TMPDIR=(private tmpfs), DM_DISABLE_UDEV=1, THINBOX_UML=1, CARGO_HOME and
 #     RUSTUP_HOME if set, and every variable named in UML_PASS_ENV (space-separated
 #     names, copied from the host environment if set there; they override the
 #     defaults, e.g. UML_PASS_ENV=PATH passes the host's PATH).
@@ -125,7 +127,8 @@ trap 'echo "$prog: hung up" >&2; exit 129' HUP
 # The command, its working directory and its environment, as bash source.
 guest_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 [ -z "${CARGO_HOME:-}" ] || guest_path+=":$CARGO_HOME/bin"
-declare -A guest_env=([PATH]=$guest_path [HOME]=/root [TMPDIR]=/tmp [DM_DISABLE_UDEV]=1 [THINBOX_UML]=1)
+mkdir -p "$run/tmp"
+declare -A guest_env=([PATH]=$guest_path [HOME]=/root [TMPDIR]=$run/tmp [DM_DISABLE_UDEV]=1 [THINBOX_UML]=1)
 read -ra pass_env <<<"${UML_PASS_ENV:-}"
 for name in CARGO_HOME RUSTUP_HOME "${pass_env[@]}"; do
   [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "UML_PASS_ENV: '$name' is not a variable name"
@@ -178,8 +181,14 @@ is_mounted /dev || mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpf
 mkdir -p /dev/pts /dev/shm || fail "cannot create /dev/pts, /dev/shm"
 mount -t devpts devpts /dev/pts || fail "cannot mount /dev/pts"
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd || fail "cannot create /dev/fd"
-# Private tmpfs mounts: the host's /tmp, /run and /dev/shm stay out of reach.
-for m in /dev/shm:1777 /tmp:1777 /run:755; do
+. "$run/command.sh" || fail "cannot read $run/command.sh"
+# Private tmpfs mounts: the host's /tmp, /run and /dev/shm stay out of reach,
+# unless the repository lives under one of them (a CI clone in /tmp). TMPDIR is
+# always a private tmpfs in the run directory.
+for m in /dev/shm:1777 /tmp:1777 /run:755 "$run/tmp:1777"; do
+  case "$cwd/" in
+    "${m%:*}"/*) note "keeping the host's ${m%:*}: the repository is under it"; continue ;;
+  esac
   mount -t tmpfs -o "mode=${m#*:}" tmpfs "${m%:*}" || fail "cannot mount a tmpfs on ${m%:*}"
 done
 
@@ -196,7 +205,6 @@ done
 [[ $(dmsetup targets 2>&1) == *thin-pool* ]] || fail "dmsetup targets does not list thin-pool"
 note "modules loaded"
 
-. "$run/command.sh" || fail "cannot read $run/command.sh"
 cd "$cwd" || fail "cannot cd to $cwd"
 # tty1 is connected to the host's stdout; no \n -> \r\n translation on it.
 stty -F /dev/tty1 -opost -echo 2>/dev/null

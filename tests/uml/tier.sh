@@ -33,7 +33,7 @@ fi
 
 # Inside the guest: the kernel's thin pool first, then ours on top of it.
 failed=0
-log=/tmp/uml-tier.log
+log=$TMPDIR/uml-tier.log
 bash tests/uml/smoke.sh || failed=1
 "$DM_TEST" --test-threads=1 || failed=1
 # Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
