@@ -63,6 +63,14 @@ loops_under() {
 }
 mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
 
+# Runs a garbage collection now: a synchronous lease delete does.
+gc_now() {
+    local lease
+    if lease=$(ctr_ leases create 2>/dev/null); then
+        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
+    fi
+}
+
 stop_snapshotter() {
     [[ -n $SNAP_PID ]] || return 0
     terminate "$SNAP_PID" 30 thinbox-snapshotter || true
@@ -181,9 +189,17 @@ check_eq "snapshots form one parent chain" 2 "$(awk 'NF == 3 {print $2}' <<<"$sn
 top=$(awk 'NR == FNR {if (NF == 3) p[$2] = 1; next} !($1 in p) {print $1}' <(echo "$snaps") <(echo "$snaps"))
 [[ $(wc -w <<<"$top") -eq 1 ]] || die "cannot find the top of the snapshot chain"
 
-# A read-only view of the image, mounted on the host.
-must "ctr snapshots view" ctr_ snapshots --snapshotter "$SN" view e2e-view "$top"
-read -r _ _ vtype vsrc _ _ vopts < <(ctr_ snapshots --snapshotter "$SN" mounts /x e2e-view) || true
+# A read-only view of the image, mounted on the host. ctr makes it without a
+# lease, so a collection still running after the import may take it: let that
+# finish first, and make the view again if it went all the same.
+for attempt in 1 2 3; do
+    gc_now
+    must "ctr snapshots view" ctr_ snapshots --snapshotter "$SN" view e2e-view "$top"
+    vtype=
+    read -r _ _ vtype vsrc _ _ vopts < <(ctr_ snapshots --snapshotter "$SN" mounts /x e2e-view) || true
+    [[ -n $vtype ]] && break
+    echo "view collected by containerd's GC (attempt $attempt); making it again"
+done
 check_eq "view mount type" ext4 "$vtype"
 check "view source $vsrc is a block device" test -b "$vsrc"
 check "view mount options include ro" grep -qw ro <<<"${vopts//,/ }"
@@ -302,10 +318,7 @@ while :; do
     imgs=$(find "$ROOT/pool" -xdev -type f -name '*.img')
     [[ -z $left && -z $devs && -z $imgs ]] && break
     (( SECONDS < deadline )) || break
-    # Nudge the garbage collector: a synchronous lease delete runs a collection.
-    if lease=$(ctr_ leases create 2>/dev/null); then
-        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
-    fi
+    gc_now
     sleep 1
 done
 check_eq "containerd GC removed every thinbox snapshot (waited $((SECONDS - gc_start))s)" "" "$left"
