@@ -334,10 +334,7 @@ impl Backend for DmThin {
         let mut pool = self.pool();
         OpenOptions::new().write(true).open(&data).and_then(|f| f.set_len(target)).map_err(Error::io("grow", &data))?;
         loops::refresh_capacity(&node)?;
-        let rdev = fs::metadata(&node).map_err(Error::io("stat", &node))?.rdev();
-        let params = LinearDevTargetParams::Linear(LinearTargetParams::new(Device::from(rdev), Sectors(0)));
-        let table = vec![TargetLine::new(Sectors(0), Sectors(loops::sectors(&node)?), params)];
-        pool.set_data_table(&self.dm, table).map_err(dm_err("load grown table", pool.name()))?;
+        pool.set_data_table(&self.dm, whole_device(&node)?).map_err(dm_err("load grown table", pool.name()))?;
         pool.resume(&self.dm).map_err(dm_err("resume", pool.name()))?;
         Ok(Some(Bytes(target)))
     }
@@ -395,10 +392,14 @@ fn linear(dm: &DM, file: &Path, size: Bytes, dm_name: &str) -> Result<LinearDev>
 }
 
 fn setup_linear(dm: &DM, dm_name: &DmName, node: &Path) -> Result<LinearDev> {
-    let meta = fs::metadata(node).map_err(Error::io("stat", node))?;
-    let sectors = loops::sectors(node)?;
-    let params = LinearDevTargetParams::Linear(LinearTargetParams::new(Device::from(meta.rdev()), Sectors(0)));
-    LinearDev::setup(dm, dm_name, None, vec![TargetLine::new(Sectors(0), Sectors(sectors), params)]).map_err(dm_err("set up linear", dm_name))
+    LinearDev::setup(dm, dm_name, None, whole_device(node)?).map_err(dm_err("set up linear", dm_name))
+}
+
+/// A dm-linear table mapping all of the block device `node`.
+fn whole_device(node: &Path) -> Result<Vec<TargetLine<LinearDevTargetParams>>> {
+    let rdev = fs::metadata(node).map_err(Error::io("stat", node))?.rdev();
+    let params = LinearDevTargetParams::Linear(LinearTargetParams::new(Device::from(rdev), Sectors(0)));
+    Ok(vec![TargetLine::new(Sectors(0), Sectors(loops::sectors(node)?), params)])
 }
 
 fn name(s: &str) -> Result<DmNameBuf> {
