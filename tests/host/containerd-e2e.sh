@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end test: a real containerd using thinbox-snapshotter as a proxy
 # snapshotter imports a 3-layer image, runs containers on it, and everything
-# (snapshots, loop devices, mounts) is gone afterwards. Needs root.
+# (snapshots, loop devices or thin devices, mounts) is gone afterwards. Needs
+# root. Runs on whichever backend the snapshotter picks: reflink on the host,
+# dm-thin where the kernel has device-mapper (the uml tier runs it there).
 #
 #   sudo tests/host/containerd-e2e.sh
 #
@@ -172,6 +174,28 @@ for (( i = 0; i < 300; i++ )); do
 done
 [[ -S $SOCK ]] || die "thinbox-snapshotter did not create $SOCK within 30s"
 ok "thinbox-snapshotter listening on $SOCK"
+BACKEND=$(grep -o 'backend="[a-z-]*"' "$TMP/snapshotter.log" | head -n 1 | cut -d'"' -f2)
+case $BACKEND in
+    reflink | dm-thin) ok "pool backend: $BACKEND" ;;
+    *) die "cannot tell the pool backend from the snapshotter log" ;;
+esac
+
+# Active devices of the pool: loops on its images, or its thin dm devices.
+pool_devices() {
+    if [[ $BACKEND == reflink ]]; then loops_under "$ROOT/pool"; return; fi
+    dmsetup ls 2>/dev/null | awk -v p="$DM_PREFIX-" 'index($1, p) == 1 && $1 !~ /-(meta|data|pool)$/'
+}
+# Thin ids the pool holds (read from a metadata snapshot of the live pool).
+thin_ids() {
+    dmsetup message "$DM_PREFIX-pool" 0 reserve_metadata_snap
+    thin_ls --metadata-snap --no-headers -o DEV "/dev/mapper/$DM_PREFIX-meta"
+    dmsetup message "$DM_PREFIX-pool" 0 release_metadata_snap
+}
+if [[ $BACKEND == dm-thin ]]; then
+    DM_PREFIX=$(dmsetup ls | awk '$1 ~ /^thinbox-[0-9a-f]+-pool$/ {sub(/-pool$/, "", $1); print $1}')
+    [[ $(wc -w <<<"$DM_PREFIX") == 1 ]] || die "expected one thinbox thin pool, found: $DM_PREFIX"
+    check_eq "fresh thin pool holds no thin ids" "" "$(thin_ids)"
+fi
 
 # ---- containerd ----------------------------------------------------------
 containerd_start "$TMP/ctd" "$SOCK" || die "containerd did not start"
@@ -272,7 +296,11 @@ check_eq "container can write its rootfs" thinbox-e2e "$(fact written)"
 read -r c_devno c_fstype c_source < <(fact mountinfo |
     awk '{for (i = 7; i <= NF; i++) if ($i == "-") {print $3, $(i + 1), $(i + 2); exit}}') || true
 check_eq "container root fstype (mountinfo)" ext4 "$c_fstype"
-check "container root source $c_source is /dev/loopN" grep -Eq '^/dev/loop[0-9]+$' <<<"$c_source"
+if [[ $BACKEND == reflink ]]; then
+    check "container root source $c_source is /dev/loopN" grep -Eq '^/dev/loop[0-9]+$' <<<"$c_source"
+else
+    check "container root source $c_source is /dev/dm-N" grep -Eq '^/dev/dm-[0-9]+$' <<<"$c_source"
+fi
 read -r m_src m_type m_opts _ < <(fact mounts | awk '{print $1, $3, $4}') || true
 check_eq "container root in /proc/mounts" "$c_source ext4" "$m_src $m_type"
 check "container root mounted rw" grep -qw rw <<<"${m_opts//,/ }"
@@ -287,8 +315,14 @@ if [[ -b $h_src ]]; then
     h_devno=$(stat -c '%t %T' "$h_src" | { read -r a b; printf '%d:%d' "0x$a" "0x$b"; })
     check_eq "container root device number matches $h_src" "$h_devno" "$c_devno"
 fi
-check "$h_src is a loop device backed by a file under the snapshotter root" \
-    grep -q "^$h_src $ROOT/" <<<"$(loops_under "$ROOT")"
+if [[ $BACKEND == reflink ]]; then
+    check "$h_src is a loop device backed by a file under the snapshotter root" \
+        grep -q "^$h_src $ROOT/" <<<"$(loops_under "$ROOT")"
+else
+    dm_name=$(cat "/sys/block/${h_src#/dev/}/dm/name" 2>/dev/null || true)
+    check "$h_src ($dm_name) is a thin device of the snapshotter's pool" \
+        grep -Eq "^0 [0-9]+ thin " <<<"$(dmsetup table "$dm_name" 2>/dev/null)"
+fi
 bundle=$CONTAINERD_WORKDIR/state/io.containerd.runtime.v2.task/$CTR_NAMESPACE/$ID/rootfs
 check_eq "bundle rootfs mounted from the snapshot device" "$h_src ext4" \
     "$(findmnt -n -o SOURCE,FSTYPE --mountpoint "$bundle" | tr -s ' ')"
@@ -314,16 +348,16 @@ gc_start=$SECONDS
 deadline=$((SECONDS + GC_TIMEOUT))
 while :; do
     left=$(ctr_ snapshots --snapshotter "$SN" ls | tail -n +2)
-    devs=$(loops_under "$ROOT/pool")
-    imgs=$(find "$ROOT/pool" -xdev -type f -name '*.img')
+    devs=$(pool_devices)
+    if [[ $BACKEND == reflink ]]; then imgs=$(find "$ROOT/pool" -xdev -type f -name '*.img'); else imgs=$(thin_ids); fi
     [[ -z $left && -z $devs && -z $imgs ]] && break
     (( SECONDS < deadline )) || break
     gc_now
     sleep 1
 done
 check_eq "containerd GC removed every thinbox snapshot (waited $((SECONDS - gc_start))s)" "" "$left"
-check_eq "no loop device left on snapshot images" "" "$devs"
-check_eq "snapshotter deleted its device images" "" "$imgs"
+check_eq "no $BACKEND device left active" "" "$devs"
+check_eq "snapshotter deleted its device storage (images or thin ids)" "" "$imgs"
 
 # ---- shutdown ------------------------------------------------------------
 check "thinbox-snapshotter still running" kill -0 "$SNAP_PID"
@@ -333,3 +367,6 @@ stop_snapshotter
 check_eq "thinbox-snapshotter exited cleanly on SIGTERM" 0 "$SNAP_STATUS"
 check_eq "no loop device backed by a file under $ROOT" "" "$(loops_under "$ROOT")"
 check_eq "nothing mounted under $TMP" "" "$(mounts_under "$TMP")"
+if [[ $BACKEND == dm-thin ]]; then
+    check_eq "no dm device of the pool left (released on exit)" "" "$(dmsetup ls 2>/dev/null | grep -F "$DM_PREFIX-" || true)"
+fi

@@ -177,6 +177,8 @@ is_mounted() {
 : >"$run/booted"
 mount -t proc proc /proc || fail "cannot mount /proc"
 mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+# runc needs a cgroup hierarchy to place containers in.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "cannot mount cgroup2 on /sys/fs/cgroup"
 is_mounted /dev || mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs on /dev"
 mkdir -p /dev/pts /dev/shm || fail "cannot create /dev/pts, /dev/shm"
 mount -t devpts devpts /dev/pts || fail "cannot mount /dev/pts"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The uml tier, run on the host: builds the test binaries, boots user-mode Linux
 # (a real kernel with dm-thin) and runs inside it the dm-thin backend tests, the
-# crash-safety test and containerd's snapshotter conformance suite against
-# thinbox-snapshotter on a kernel thin pool. Ends with "uml-conformance: N passed, M failed"; fails if
+# crash-safety test, containerd's snapshotter conformance suite against
+# thinbox-snapshotter on a kernel thin pool, and real containerd + runc running
+# containers on thin devices. Ends with "uml-conformance: N passed, M failed"; fails if
 # anything failed or a dm device was left.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,6 +49,9 @@ pass=$(grep -c -- '--- PASS: TestContainerdSnapshotterSuite/' "$log" || true)
 fail=$(grep -c -- '--- FAIL' "$log" || true)
 echo "uml-conformance: $pass passed, $fail failed"
 [ "$fail" = 0 ] && [ "$pass" -ge 20 ] || failed=1
+
+# Real containers on thin devices (runc works here: the guest mounts cgroup2).
+bash tests/host/containerd-e2e.sh || failed=1
 
 left=$(dmsetup ls 2>/dev/null | grep thinbox || true)
 if [ -n "$left" ]; then echo "dm devices left behind:"; echo "$left"; failed=1; fi
