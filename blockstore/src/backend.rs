@@ -35,6 +35,24 @@ pub struct PoolStatus {
     pub free: Bytes,
     /// Space kept in reserve.
     pub reserve: Bytes,
+    /// Devices recorded in the store (filled in by the pool).
+    pub devices: u64,
+    /// Thin pool metadata: capacity and use (dm-thin only).
+    pub metadata: Option<Space>,
+    /// Free data space at which the kernel raises its low-water event (dm-thin only).
+    pub low_water: Option<Bytes>,
+    /// Pool health as the kernel reports it ("rw", "ro", "out_of_data_space",
+    /// "needs_check"; dm-thin only).
+    pub mode: Option<String>,
+}
+
+/// Capacity and use of one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Space {
+    /// Capacity.
+    pub total: Bytes,
+    /// In use.
+    pub used: Bytes,
 }
 
 /// Kernel state found without a record, and removed.
@@ -83,8 +101,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The node of an attached device.
     fn node(&self, id: DeviceId) -> Option<PathBuf>;
 
-    /// Removes everything the device has in the kernel and on disk.
-    fn remove(&self, id: DeviceId) -> Result<()>;
+    /// Removes everything the device has in the kernel and on disk (`size`, if
+    /// known, lets a thin device be discarded first).
+    fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()>;
 
     /// What the device holds beyond its origin.
     fn usage(&self, rec: &DeviceRecord) -> Result<Usage>;
@@ -98,8 +117,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Removes kernel and disk state of devices not in `known`.
-    fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>>;
+    /// Finds kernel and disk state of devices not in `known` and, with `apply`,
+    /// removes it.
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>>;
+
+    /// Devices that have storage (image files, thin ids in the pool).
+    fn stored(&self) -> Result<BTreeSet<DeviceId>>;
 
     /// On exit: with `release`, detach everything (lazily) and unmount what the
     /// backend mounted; without, leave devices attached.

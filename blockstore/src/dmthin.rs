@@ -1,39 +1,45 @@
 //! The dm-thin backend: every device is a thin device in a kernel thin pool.
 //!
-//! The pool is the embedded default here: sparse metadata and data files under
-//! `<root>/thin/` on loop devices (autoclear: they go when the pool is torn
-//! down), wrapped in dm-linear devices and a `thin-pool` target. A device's thin
-//! id is its [`DeviceId`] (ids are never reused; the pool's ids are 24-bit). A
-//! snapshot is the pool message `create_snap` of an *inactive* origin, so no
-//! running device is ever suspended. Devices are named `<prefix>-<id>`, where
-//! the prefix is unique per state root, and addressed as `/dev/dm-N`
-//! (devtmpfs), which needs no udev.
+//! The pool comes from one of three sources (`[pool.thin]`): the embedded
+//! default, sparse metadata and data files under `<root>/thin/` on loop devices
+//! (autoclear: they go when the pool is torn down) wrapped in dm-linear devices
+//! and a `thin-pool` target; a pool Thinbox creates the same way on two given
+//! block devices; or an existing pool, by name, that Thinbox only uses. A
+//! device's thin id is its [`DeviceId`] (ids are never reused; the pool's ids
+//! are 24-bit). A snapshot is the pool message `create_snap` of an *inactive*
+//! origin, so no running device is ever suspended. Devices are named
+//! `<prefix>-<id>`, where the prefix is unique per state root, and addressed as
+//! `/dev/dm-N` (devtmpfs), which needs no udev.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use devicemapper::{
-    DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams,
-    LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId, ThinPoolDev, ThinPoolStatus, message,
+    DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams, LinearTargetParams,
+    Sectors, TargetLine, ThinDevId, ThinDevTargetTable, ThinPoolDev, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
+    TargetTable, ThinTargetParams,
 };
 
-use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
 use crate::loops::{self, AttachOpts};
-use crate::pool::PoolConfig;
+use crate::pool::{PoolConfig, ThinConfig};
 use crate::store::{Access, DeviceRecord, FsType};
+use crate::sys;
 use crate::units::{Bytes, DeviceId};
 
-/// Data block size of the embedded pool: 64 KiB, as containerd's devmapper.
+/// Data block size of pools Thinbox creates: 64 KiB, as containerd's devmapper.
 const BLOCK_SECTORS: u64 = 128;
 /// Largest thin id the kernel accepts.
 const MAX_THIN_ID: u64 = (1 << 24) - 1;
+/// Thin pool metadata blocks are 4 KiB.
+const META_BLOCK: u64 = 4096;
 
 fn dm_err(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(devicemapper::DmError) -> Error {
     let what = what.to_string();
@@ -45,18 +51,28 @@ pub struct DmThin {
     dm: DM,
     root: PathBuf,
     prefix: String,
-    pool: Mutex<ThinPoolDev>,
+    pool_name: DmNameBuf,
+    /// The pool's device number, for thin tables.
+    pool_dev: Device,
+    /// Data block size of the pool.
+    block: Bytes,
+    /// The pool, when Thinbox set it up (not an existing one): it is grown and
+    /// torn down. The lock also serialises pool messages and table reloads.
+    owned: Mutex<Option<ThinPoolDev>>,
+    /// The data lives in `<root>/thin/data.img`, which can grow.
+    file_backed: bool,
     grow_step: Bytes,
     max_size: Option<Bytes>,
     /// Free space the filesystem under the data file keeps after growing.
     host_reserve: Bytes,
+    discard: bool,
     /// Name and node of each active thin device.
     active: Mutex<HashMap<DeviceId, PathBuf>>,
 }
 
 impl std::fmt::Debug for DmThin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmThin").field("root", &self.root).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("DmThin").field("root", &self.root).field("pool", &self.pool_name).finish_non_exhaustive()
     }
 }
 
@@ -66,49 +82,78 @@ impl DmThin {
         Path::new("/dev/mapper/control").exists()
     }
 
-    /// Creates or re-opens the embedded thin pool under `root` and adopts the
-    /// thin devices already active.
-    pub fn open(root: &Path, cfg: &PoolConfig) -> Result<DmThin> {
+    /// Where the pool configured by `cfg` lives, as remembered per root.
+    pub fn source(cfg: &ThinConfig) -> String {
+        match (&cfg.pool_name, &cfg.metadata_device, &cfg.data_device) {
+            (Some(name), ..) => format!("pool {name}"),
+            (None, Some(m), Some(d)) => format!("devices {} {}", m.display(), d.display()),
+            _ => "embedded files".into(),
+        }
+    }
+
+    /// Sets up or re-opens the configured thin pool and adopts the thin devices
+    /// of this root already active. On the `first` start on a root, a pool not
+    /// embedded must hold no thin devices yet: Thinbox would delete them.
+    pub fn open(root: &Path, cfg: &PoolConfig, first: bool) -> Result<DmThin> {
         let dm = DM::new().map_err(dm_err("open", "/dev/mapper/control"))?;
         let prefix = prefix(root);
         let dir = root.join("thin");
         fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-        let meta_size = Bytes((cfg.embedded_size.get() / 1000).clamp(64 << 20, 16 << 30)).align_up(1 << 20);
-        let meta = linear(&dm, &dir.join("meta.img"), meta_size, &format!("{prefix}-meta"))?;
-        let data = linear(&dm, &dir.join("data.img"), cfg.embedded_size, &format!("{prefix}-data"))?;
-        let pool_name = name(&format!("{prefix}-pool"))?;
-        let data_blocks = data.size().0 / BLOCK_SECTORS;
-        let pool = ThinPoolDev::setup(
-            &dm,
-            &pool_name,
-            None,
-            meta,
-            data,
-            Sectors(BLOCK_SECTORS),
-            DataBlocks(data_blocks / 10),
-            vec!["error_if_no_space".into()],
-        )
-        .map_err(dm_err("set up thin pool", &*pool_name))?;
+        let thin = &cfg.thin;
+        let (pool_name, owned) = match (&thin.pool_name, &thin.metadata_device, &thin.data_device) {
+            (Some(existing), ..) => (name(existing)?, None),
+            (None, Some(m), Some(d)) => {
+                let meta = linear_on_device(&dm, m, &format!("{prefix}-meta"))?;
+                let data = linear_on_device(&dm, d, &format!("{prefix}-data"))?;
+                let pool_name = name(&format!("{prefix}-pool"))?;
+                (pool_name.clone(), Some(setup_pool(&dm, &pool_name, meta, data)?))
+            }
+            _ => {
+                let meta_size = Bytes((cfg.embedded_size.get() / 1000).clamp(64 << 20, 16 << 30)).align_up(1 << 20);
+                let meta = linear_on_file(&dm, &dir.join("meta.img"), meta_size, &format!("{prefix}-meta"))?;
+                let data = linear_on_file(&dm, &dir.join("data.img"), cfg.embedded_size, &format!("{prefix}-data"))?;
+                let pool_name = name(&format!("{prefix}-pool"))?;
+                (pool_name.clone(), Some(setup_pool(&dm, &pool_name, meta, data)?))
+            }
+        };
+        let params = pool_table(&dm, &pool_name)?;
+        let pool_dev = dm.device_info(&DevId::Name(&pool_name)).map_err(dm_err("inspect", &*pool_name))?.device();
         let active: HashMap<_, _> = active_devices(&dm, &prefix)?.into_iter().collect();
-        tracing::info!(pool = %&*pool_name, devices = active.len(), "thin pool ready");
-        Ok(DmThin {
+        let dm_thin = DmThin {
             dm,
             root: root.to_owned(),
             prefix,
-            pool: Mutex::new(pool),
+            pool_name,
+            pool_dev,
+            block: Bytes(params.data_block_size.0 * 512),
+            file_backed: !thin.external(),
+            owned: Mutex::new(owned),
             grow_step: cfg.grow_step,
             max_size: cfg.max_size,
             host_reserve: cfg.reserve,
+            discard: thin.discard_on_delete,
             active: Mutex::new(active),
-        })
+        };
+        if first && thin.external() {
+            let held = dm_thin.thin_ls()?.len();
+            if held > 0 {
+                let _ = dm_thin.shutdown(true);
+                return Err(Error::PoolSource {
+                    pool: dm_thin.pool_name.to_string(),
+                    detail: format!("it already holds {held} thin devices; Thinbox needs a pool of its own"),
+                });
+            }
+        }
+        tracing::info!(pool = %&*dm_thin.pool_name, source = DmThin::source(thin), devices = dm_thin.map().len(), "thin pool ready");
+        Ok(dm_thin)
     }
 
     fn dev_name(&self, id: DeviceId) -> Result<DmNameBuf> {
         name(&format!("{}-{}", self.prefix, id.0))
     }
 
-    fn pool(&self) -> MutexGuard<'_, ThinPoolDev> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    fn owned(&self) -> MutexGuard<'_, Option<ThinPoolDev>> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
@@ -116,8 +161,8 @@ impl DmThin {
     }
 
     fn send(&self, msg: &str) -> Result<()> {
-        let pool = self.pool();
-        message(&self.dm, &*pool, msg).map_err(dm_err("message", msg))
+        let _serial = self.owned();
+        pool_message(&self.dm, &self.pool_name, msg)
     }
 
     fn try_create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
@@ -149,6 +194,28 @@ impl DmThin {
         Ok(Some(node))
     }
 
+    /// Activates a thin device of `size` with the pool's thin id `id`.
+    fn setup_thin(&self, id: DeviceId, size: Bytes) -> Result<PathBuf> {
+        let name = self.dev_name(id)?;
+        let thin = ThinDevId::new_u64(thin_id(id)?).map_err(dm_err("thin id", id))?;
+        let info = if devicemapper::device_exists(&self.dm, &name).map_err(dm_err("look up", &*name))? {
+            self.dm.device_info(&DevId::Name(&name)).map_err(dm_err("inspect", &*name))?
+        } else {
+            let table = ThinDevTargetTable::new(Sectors(0), Sectors(size.get() / 512), ThinTargetParams::new(self.pool_dev, thin, None));
+            let id = DevId::Name(&name);
+            self.dm.device_create(&name, None, DmOptions::default()).map_err(dm_err("create", &*name))?;
+            let loaded = self.dm.table_load(&id, &table.to_raw_table(), DmOptions::default()).and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+            match loaded {
+                Ok(info) => info,
+                Err(e) => {
+                    let _ = self.dm.device_remove(&id, DmOptions::default());
+                    return Err(dm_err("activate", &*name)(e));
+                }
+            }
+        };
+        Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
+    }
+
     /// Removes a dm device. One still open (mounted, held by a VMM) is left to
     /// the kernel's deferred removal: it goes when its last user closes it.
     fn remove_dm(&self, name: &DmName) -> Result<()> {
@@ -167,28 +234,63 @@ impl DmThin {
         self.dm.device_remove(&id, options).map(|_| ()).map_err(dm_err("remove", name))
     }
 
+    /// Gives a device's blocks back to the pool (and through it to the data
+    /// device) before deletion. Best effort: a device still open elsewhere
+    /// (O_EXCL fails) or already gone is left alone.
+    fn discard_blocks(&self, id: DeviceId, size: Bytes) {
+        let temporary = self.node(id).is_none();
+        let result = self.setup_thin(id, size).and_then(|node| {
+            let dev = OpenOptions::new().write(true).custom_flags(O_EXCL).open(&node).map_err(Error::io("open", &node))?;
+            sys::discard(&dev, 0, size.get()).map_err(Error::io("discard", &node))
+        });
+        if let Err(e) = result {
+            tracing::warn!(device = %id, error = %e, "discard before delete skipped");
+        }
+        if temporary && let Err(e) = self.deactivate(id) {
+            tracing::warn!(device = %id, error = %e, "deactivate after discard");
+        }
+    }
+
     fn thin_ls(&self) -> Result<HashMap<u64, u64>> {
-        let (pool_name, meta) = {
-            let pool = self.pool();
-            (pool.name().to_owned(), pool.meta_dev().devnode())
-        };
-        thin_ls(&self.dm, &pool_name, &meta)
+        let _serial = self.owned();
+        thin_ls(&self.dm, &self.pool_name)
+    }
+}
+
+/// `O_EXCL` on a block device: the open fails with EBUSY while it is mounted.
+const O_EXCL: i32 = rustix::fs::OFlags::EXCL.bits() as i32;
+
+/// Sends a message to the pool's target.
+fn pool_message(dm: &DM, pool: &DmName, msg: &str) -> Result<()> {
+    dm.target_msg(&DevId::Name(pool), None, msg).map(|_| ()).map_err(dm_err("message", msg))
+}
+
+/// The live table of the thin pool `pool`; fails unless it is a thin pool.
+fn pool_table(dm: &DM, pool: &DmName) -> Result<ThinPoolTargetParams> {
+    let source = |detail: String| Error::PoolSource { pool: pool.to_string(), detail };
+    if !devicemapper::device_exists(dm, pool).map_err(dm_err("look up", pool))? {
+        return Err(source("no such dm device".into()));
+    }
+    let (_, lines) = dm.table_status(&DevId::Name(pool), DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE)).map_err(dm_err("table", pool))?;
+    match lines.as_slice() {
+        [(_, _, kind, params)] if kind == "thin-pool" => format!("{kind} {params}").parse().map_err(dm_err("parse table", pool)),
+        _ => Err(source("not a thin-pool device".into())),
     }
 }
 
 /// Per thin id, the bytes mapped by that device alone, from `thin_ls` on a
 /// metadata snapshot of the live pool (which keeps running).
-fn thin_ls(dm: &DM, pool: &DmName, meta: &Path) -> Result<HashMap<u64, u64>> {
-    let msg = |m: &str| dm.target_msg(&DevId::Name(pool), None, m).map(|_| ()).map_err(dm_err("message", m));
-    msg("reserve_metadata_snap")?;
-    let out = Command::new("thin_ls").args(["--metadata-snap", "--no-headers", "-o", "DEV,EXCLUSIVE_BYTES"]).arg(meta).output();
-    let released = msg("release_metadata_snap");
-    let out = out.map_err(Error::io("run thin_ls on", meta))?;
+fn thin_ls(dm: &DM, pool: &DmName) -> Result<HashMap<u64, u64>> {
+    let meta = node_of(pool_table(dm, pool)?.metadata_dev)?;
+    pool_message(dm, pool, "reserve_metadata_snap")?;
+    let out = Command::new("thin_ls").args(["--metadata-snap", "--no-headers", "-o", "DEV,EXCLUSIVE_BYTES"]).arg(&meta).output();
+    let released = pool_message(dm, pool, "release_metadata_snap");
+    let out = out.map_err(Error::io("run thin_ls on", &meta))?;
     released?;
     if !out.status.success() {
         return Err(Error::Tool {
             tool: "thin_ls",
-            path: meta.to_owned(),
+            path: meta,
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
@@ -200,6 +302,16 @@ fn thin_ls(dm: &DM, pool: &DmName, meta: &Path) -> Result<HashMap<u64, u64>> {
             Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
         })
         .collect())
+}
+
+/// The `/dev` node of a block device number, from sysfs (no udev needed).
+fn node_of(dev: Device) -> Result<PathBuf> {
+    let uevent = PathBuf::from(format!("/sys/dev/block/{}:{}/uevent", dev.major, dev.minor));
+    let text = fs::read_to_string(&uevent).map_err(Error::io("read", &uevent))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .map(|n| Path::new("/dev").join(n))
+        .ok_or_else(|| Error::io("parse", &uevent)(std::io::ErrorKind::InvalidData.into()))
 }
 
 /// The dm names of the pool under `root` start with this.
@@ -219,20 +331,14 @@ fn active_devices(dm: &DM, prefix: &str) -> Result<BTreeMap<DeviceId, PathBuf>> 
 }
 
 /// What the kernel holds for the pool under `root`, read without the store.
-pub(crate) fn inventory(root: &Path) -> Result<Inventory> {
+pub(crate) fn inventory(root: &Path, cfg: &ThinConfig) -> Result<Inventory> {
     let dm = DM::new().map_err(dm_err("open", "/dev/mapper/control"))?;
     let prefix = prefix(root);
-    let pool_name = name(&format!("{prefix}-pool"))?;
+    let pool_name = name(&cfg.pool_name.clone().unwrap_or_else(|| format!("{prefix}-pool")))?;
     let live = devicemapper::device_exists(&dm, &pool_name).map_err(dm_err("look up", &*pool_name))?;
     // Thin ids are read from the live pool only: the tools cannot read the
     // metadata file of a torn-down pool on every filesystem (O_DIRECT).
-    let stored = if live {
-        let meta = name(&format!("{prefix}-meta"))?;
-        let minor = dm.device_info(&DevId::Name(&meta)).map_err(dm_err("inspect", &*meta))?.device().minor;
-        Some(thin_ls(&dm, &pool_name, &PathBuf::from(format!("/dev/dm-{minor}")))?.into_keys().map(DeviceId).collect())
-    } else {
-        None
-    };
+    let stored = if live { Some(thin_ls(&dm, &pool_name)?.into_keys().map(DeviceId).collect()) } else { None };
     Ok(Inventory { backend: "dm-thin", stored, attached: active_devices(&dm, &prefix)? })
 }
 
@@ -244,7 +350,7 @@ impl Backend for DmThin {
     fn create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
         let result = self.try_create(rec);
         if result.is_err()
-            && let Err(e) = self.remove(rec.id)
+            && let Err(e) = self.remove(rec.id, None)
         {
             tracing::warn!(device = %rec.id, error = %e, "cleanup after failed create");
         }
@@ -255,13 +361,7 @@ impl Backend for DmThin {
         if let Some(node) = self.node(rec.id) {
             return Ok(node);
         }
-        let name = self.dev_name(rec.id)?;
-        let dev = {
-            let pool = self.pool();
-            ThinDev::setup(&self.dm, &name, None, Sectors(rec.size.get() / 512), &pool, ThinDevId::new_u64(thin_id(rec.id)?).map_err(dm_err("thin id", rec.id))?)
-                .map_err(dm_err("activate", &*name))?
-        };
-        let node = dev.devnode();
+        let node = self.setup_thin(rec.id, rec.size)?;
         if access == Access::ReadOnly {
             crate::fs::run("blockdev", &["--setro".as_ref(), node.as_os_str()], &node)?;
         }
@@ -278,7 +378,12 @@ impl Backend for DmThin {
         self.map().get(&id).cloned()
     }
 
-    fn remove(&self, id: DeviceId) -> Result<()> {
+    fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()> {
+        if self.discard
+            && let Some(size) = size
+        {
+            self.discard_blocks(id, size);
+        }
         self.deactivate(id)?;
         // Deleting an id the pool does not hold fails; that is the goal state.
         if let Err(e) = self.send(&format!("delete {}", thin_id(id)?)) {
@@ -293,18 +398,33 @@ impl Backend for DmThin {
     }
 
     fn status(&self) -> Result<PoolStatus> {
-        let pool = self.pool();
-        let status = pool.status(&self.dm, DmOptions::default()).map_err(dm_err("status", pool.name()))?;
-        let ThinPoolStatus::Working(w) = status else {
-            return Err(Error::Dm { op: "status", what: pool.name().to_string(), detail: "thin pool failed".into() });
+        let name = &*self.pool_name;
+        let (_, lines) = self.dm.table_status(&DevId::Name(name), DmOptions::default()).map_err(dm_err("status", name))?;
+        let status: ThinPoolStatus = match lines.as_slice() {
+            [(_, _, _, line)] => line.parse().map_err(dm_err("parse status", name))?,
+            _ => return Err(Error::Dm { op: "status", what: name.to_string(), detail: format!("{} status lines", lines.len()) }),
         };
-        let block = BLOCK_SECTORS * 512;
+        let ThinPoolStatus::Working(w) = status else {
+            return Err(Error::Dm { op: "status", what: name.to_string(), detail: "thin pool failed".into() });
+        };
+        let low_water = pool_table(&self.dm, name)?.low_water_mark;
+        let block = self.block.get();
+        let mode = match (w.needs_check, &w.summary) {
+            (true, _) => "needs_check",
+            (false, ThinPoolStatusSummary::Good) => "rw",
+            (false, ThinPoolStatusSummary::ReadOnly) => "ro",
+            (false, ThinPoolStatusSummary::OutOfSpace) => "out_of_data_space",
+        };
         Ok(PoolStatus {
             backend: "dm-thin",
-            location: pool.name().to_string(),
+            location: name.to_string(),
             total: Bytes(w.usage.total_data.0 * block),
             free: Bytes((w.usage.total_data.0 - w.usage.used_data.0) * block),
             reserve: Bytes(0),
+            devices: 0,
+            metadata: Some(Space { total: Bytes(w.usage.total_meta.0 * META_BLOCK), used: Bytes(w.usage.used_meta.0 * META_BLOCK) }),
+            low_water: Some(Bytes(low_water.0 * block)),
+            mode: Some(mode.into()),
         })
     }
 
@@ -312,6 +432,9 @@ impl Backend for DmThin {
     /// filesystem under it keeps its reserve), then the loop, the dm-linear data
     /// device and the pool's table, without stopping the pool's users.
     fn grow(&self) -> Result<Option<Bytes>> {
+        if !self.file_backed {
+            return Ok(None);
+        }
         let data = self.root.join("thin/data.img");
         let current = fs::metadata(&data).map_err(Error::io("stat", &data))?.len();
         let mut target = current.saturating_add(self.grow_step.get());
@@ -331,28 +454,37 @@ impl Backend for DmThin {
         let Some(node) = loops::scan(&dir)?.into_iter().find(|l| l.backing == data && !l.deleted).map(|l| l.node) else {
             return Ok(None);
         };
-        let mut pool = self.pool();
+        let mut owned = self.owned();
+        let Some(pool) = owned.as_mut() else { return Ok(None) };
         OpenOptions::new().write(true).open(&data).and_then(|f| f.set_len(target)).map_err(Error::io("grow", &data))?;
         loops::refresh_capacity(&node)?;
-        pool.set_data_table(&self.dm, whole_device(&node)?).map_err(dm_err("load grown table", pool.name()))?;
-        pool.resume(&self.dm).map_err(dm_err("resume", pool.name()))?;
+        pool.set_data_table(&self.dm, whole_device(&node)?).map_err(dm_err("load grown table", &*self.pool_name))?;
+        pool.resume(&self.dm).map_err(dm_err("resume", &*self.pool_name))?;
         Ok(Some(Bytes(target)))
     }
 
-    fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>> {
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {
         let mut out = Vec::new();
         let strays: Vec<DeviceId> = self.map().keys().filter(|id| !known.contains(id)).copied().collect();
         for id in strays {
-            self.deactivate(id)?;
+            if apply {
+                self.deactivate(id)?;
+            }
             out.push(Orphan::DmDevice((*self.dev_name(id)?).to_string()));
         }
         for thin in self.thin_ls()?.into_keys() {
             if !known.contains(&DeviceId(thin)) {
-                self.send(&format!("delete {thin}"))?;
+                if apply {
+                    self.send(&format!("delete {thin}"))?;
+                }
                 out.push(Orphan::ThinId(thin));
             }
         }
         Ok(out)
+    }
+
+    fn stored(&self) -> Result<BTreeSet<DeviceId>> {
+        Ok(self.thin_ls()?.into_keys().map(DeviceId).collect())
     }
 
     fn shutdown(&self, release: bool) -> Result<()> {
@@ -363,32 +495,46 @@ impl Backend for DmThin {
         for id in ids {
             self.deactivate(id)?;
         }
-        let mut pool = self.pool();
-        pool.teardown(&self.dm).map_err(dm_err("tear down", pool.name()))
+        // An existing pool is not ours to tear down.
+        match self.owned().as_mut() {
+            Some(pool) => pool.teardown(&self.dm).map_err(dm_err("tear down", &*self.pool_name)),
+            None => Ok(()),
+        }
     }
 }
 
+/// Sets up (or adopts) the thin pool `name` on `meta` and `data`: 64 KiB
+/// blocks, low-water event at 10% free, errors instead of queueing when full.
+fn setup_pool(dm: &DM, name: &DmName, meta: LinearDev, data: LinearDev) -> Result<ThinPoolDev> {
+    let data_blocks = data.size().0 / BLOCK_SECTORS;
+    ThinPoolDev::setup(dm, name, None, meta, data, Sectors(BLOCK_SECTORS), DataBlocks(data_blocks / 10), vec!["error_if_no_space".into()])
+        .map_err(dm_err("set up thin pool", name))
+}
+
+/// A dm-linear device over all of the block device `dev` (given by the operator).
+fn linear_on_device(dm: &DM, dev: &Path, dm_name: &str) -> Result<LinearDev> {
+    let node = dev.canonicalize().map_err(Error::io("resolve", dev))?;
+    if !fs::metadata(&node).map_err(Error::io("stat", &node))?.file_type().is_block_device() {
+        return Err(Error::PoolSource { pool: dm_name.into(), detail: format!("{} is not a block device", dev.display()) });
+    }
+    setup_linear(dm, &name(dm_name)?, &node)
+}
+
 /// A dm-linear device over a loop device over a sparse file of `size`.
-fn linear(dm: &DM, file: &Path, size: Bytes, dm_name: &str) -> Result<LinearDev> {
+fn linear_on_file(dm: &DM, file: &Path, size: Bytes, dm_name: &str) -> Result<LinearDev> {
     let dm_name = name(dm_name)?;
     let existing = loops::scan(file.parent().unwrap_or(file))?.into_iter().find(|l| l.backing == file && !l.deleted);
-    let node = match existing {
-        Some(l) => l.node,
-        None => {
-            if !file.exists() {
-                let f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(file).map_err(Error::io("create", file))?;
-                f.set_len(size.get()).map_err(Error::io("size", file))?;
-            }
-            // Autoclear: the loop goes when the dm device over it does. The
-            // handle is held until the dm table holds the device.
-            let attached = loops::attach(file, AttachOpts { read_only: false, direct_io: false, autoclear: true, block_size: 0 })?;
-            let node = attached.node.clone();
-            let dev = setup_linear(dm, &dm_name, &node)?;
-            drop(attached);
-            return Ok(dev);
-        }
-    };
-    setup_linear(dm, &dm_name, &node)
+    if let Some(l) = existing {
+        return setup_linear(dm, &dm_name, &l.node);
+    }
+    if !file.exists() {
+        let f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(file).map_err(Error::io("create", file))?;
+        f.set_len(size.get()).map_err(Error::io("size", file))?;
+    }
+    // Autoclear: the loop goes when the dm device over it does. The handle is
+    // held until the dm table holds the device.
+    let attached = loops::attach(file, AttachOpts { read_only: false, direct_io: false, autoclear: true, block_size: 0 })?;
+    setup_linear(dm, &dm_name, &attached.node)
 }
 
 fn setup_linear(dm: &DM, dm_name: &DmName, node: &Path) -> Result<LinearDev> {

@@ -37,6 +37,10 @@ pub enum Error {
     Shrink { id: DeviceId, current: Bytes, requested: Bytes },
     #[error("pool {pool} is full: {free} free, {reserve} kept in reserve")]
     PoolFull { pool: String, free: Bytes, reserve: Bytes },
+    #[error("thin pool {pool} metadata is {used} of {total}, past the {limit}% limit")]
+    MetadataFull { pool: String, used: Bytes, total: Bytes, limit: u8 },
+    #[error("thin pool {pool} cannot be used: {detail}")]
+    PoolSource { pool: String, detail: String },
     #[error("pool directory {path} cannot hold reflinked devices")]
     NoReflink {
         path: PathBuf,
@@ -79,9 +83,11 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::DeviceNotFound(_) => ErrorKind::NotFound,
-            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) => ErrorKind::FailedPrecondition,
+            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) | Error::PoolSource { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
-            Error::PoolFull { .. } => ErrorKind::ResourceExhausted,
+            Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
             Error::Io { .. } | Error::Tool { .. } | Error::Dm { .. } | Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
         }

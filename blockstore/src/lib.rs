@@ -38,9 +38,9 @@ mod units;
 
 pub use error::{Error, ErrorKind, Result};
 pub use loops::{BoundLoop, scan as scan_loops};
-pub use backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 pub use dmthin::DmThin;
-pub use pool::{BackendKind, CreateSpec, Pool, PoolConfig, ReconcileReport, inventory};
+pub use pool::{BackendKind, CreateSpec, Pool, PoolConfig, ReconcileReport, ThinConfig, inventory};
 pub use reflink::Reflink;
 pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 pub use units::{Bytes, DeviceId, ParseBytesError};

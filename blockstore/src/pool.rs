@@ -21,6 +21,9 @@ use crate::reflink::Reflink;
 use crate::store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 use crate::units::{Bytes, DeviceId};
 
+/// Settings key: where the thin pool of a dm-thin root lives.
+const THIN_SOURCE: &str = "thin_source";
+
 /// Which backend holds the devices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -56,6 +59,70 @@ pub struct PoolConfig {
     pub grow_step: Bytes,
     /// Ceiling for that growth (absent: as long as the filesystem has room).
     pub max_size: Option<Bytes>,
+    /// dm-thin settings (the `[pool.thin]` table).
+    pub thin: ThinConfig,
+}
+
+/// Where the dm-thin backend's pool comes from, and how it treats it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThinConfig {
+    /// An existing thin pool, by dm name, used instead of the embedded one. It
+    /// must be Thinbox's alone: a pool that already holds thin devices at the
+    /// first start is refused.
+    pub pool_name: Option<String>,
+    /// Block devices to create the pool on (both or neither). The first 4 KiB
+    /// of the metadata device must be zero the first time.
+    pub metadata_device: Option<PathBuf>,
+    /// See `metadata_device`.
+    pub data_device: Option<PathBuf>,
+    /// Discard a device's blocks before deleting it, so that the pool's data
+    /// device gets them back (a file-backed pool's file shrinks, an SSD learns
+    /// they are free). Makes deletion slower.
+    pub discard_on_delete: bool,
+    /// New devices are refused once this share of the pool's metadata is in use
+    /// (percent), before running out could corrupt anything.
+    pub metadata_limit_percent: u8,
+}
+
+impl Default for ThinConfig {
+    fn default() -> Self {
+        ThinConfig { pool_name: None, metadata_device: None, data_device: None, discard_on_delete: false, metadata_limit_percent: 90 }
+    }
+}
+
+impl ThinConfig {
+    /// Whether a pool source other than the embedded one is configured.
+    pub fn external(&self) -> bool {
+        self.pool_name.is_some() || self.metadata_device.is_some() || self.data_device.is_some()
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.pool_name, &self.metadata_device, &self.data_device) {
+            (Some(_), None, None) | (None, None, None) => {}
+            (None, Some(m), Some(d)) => {
+                for p in [m, d] {
+                    if !p.is_absolute() {
+                        return Err(Error::Config(format!("pool.thin device {} must be an absolute path", p.display())));
+                    }
+                }
+                if m == d {
+                    return Err(Error::Config("pool.thin.metadata_device and data_device must differ".into()));
+                }
+            }
+            (Some(_), ..) => return Err(Error::Config("pool.thin.pool_name excludes metadata_device and data_device".into())),
+            _ => return Err(Error::Config("pool.thin.metadata_device and data_device go together".into())),
+        }
+        if let Some(name) = &self.pool_name
+            && (name.is_empty() || name.len() > 127 || name.contains('/'))
+        {
+            return Err(Error::Config(format!("pool.thin.pool_name {name:?} is not a dm device name")));
+        }
+        if !(1..=99).contains(&self.metadata_limit_percent) {
+            return Err(Error::Config(format!("pool.thin.metadata_limit_percent {} must be within 1..=99", self.metadata_limit_percent)));
+        }
+        Ok(())
+    }
 }
 
 impl Default for PoolConfig {
@@ -68,6 +135,7 @@ impl Default for PoolConfig {
             direct_io: true,
             grow_step: Bytes(4 << 30),
             max_size: None,
+            thin: ThinConfig::default(),
         }
     }
 }
@@ -87,6 +155,10 @@ impl PoolConfig {
             && max < self.embedded_size
         {
             return Err(Error::Config(format!("pool.max_size {max} is below pool.embedded_size {}", self.embedded_size)));
+        }
+        self.thin.validate()?;
+        if self.thin.external() && self.backend == BackendKind::Reflink {
+            return Err(Error::Config("pool.thin configures a thin pool, but pool.backend is reflink".into()));
         }
         if self.reserve >= self.embedded_size && self.dir.is_none() {
             return Err(Error::Config(format!("pool.reserve {} leaves no room in a {} pool", self.reserve, self.embedded_size)));
@@ -119,13 +191,15 @@ pub struct ReconcileReport {
     pub detached: Vec<DeviceId>,
     /// Kernel or disk state without a record, removed.
     pub orphans: Vec<Orphan>,
+    /// Ready devices whose storage is gone (nothing can repair them).
+    pub missing: Vec<DeviceId>,
 }
 
 /// What the kernel and disk hold for the pool under `root` (configured with
 /// `cfg`), read without its store, so it works while a daemon runs.
 pub fn inventory(root: &Path, cfg: &PoolConfig) -> Result<Inventory> {
     let root = root.canonicalize().map_err(Error::io("resolve", root))?;
-    if root.join("thin").exists() { crate::dmthin::inventory(&root) } else { crate::reflink::inventory(&root, cfg) }
+    if root.join("thin").exists() { crate::dmthin::inventory(&root, &cfg.thin) } else { crate::reflink::inventory(&root, cfg) }
 }
 
 /// A pool of devices and its metadata store.
@@ -146,7 +220,7 @@ impl Pool {
         let store = Store::open(&root.join("meta.redb"))?;
         let kind = match (cfg.backend, store.backend()?) {
             (BackendKind::Auto, Some(remembered)) => remembered,
-            (BackendKind::Auto, None) if DmThin::available() => BackendKind::DmThin,
+            (BackendKind::Auto, None) if DmThin::available() || cfg.thin.external() => BackendKind::DmThin,
             (BackendKind::Auto, None) => BackendKind::Reflink,
             (wanted, Some(remembered)) if wanted != remembered => {
                 return Err(Error::Config(format!("{} holds a {remembered:?} pool; pool.backend says {wanted:?}", root.display())));
@@ -154,7 +228,19 @@ impl Pool {
             (wanted, _) => wanted,
         };
         let backend: Box<dyn Backend> = match kind {
-            BackendKind::DmThin => Box::new(DmThin::open(&root, &cfg)?),
+            BackendKind::DmThin => {
+                // A root stays with the thin pool it started on: its thin ids live there.
+                let source = DmThin::source(&cfg.thin);
+                let remembered = store.setting(THIN_SOURCE)?;
+                if let Some(r) = &remembered
+                    && *r != source
+                {
+                    return Err(Error::Config(format!("{} holds devices in the thin pool on {r}; pool.thin says {source}", root.display())));
+                }
+                let dm = DmThin::open(&root, &cfg, remembered.is_none())?;
+                store.set_setting(THIN_SOURCE, &source)?;
+                Box::new(dm)
+            }
             _ => Box::new(Reflink::open(&root, &cfg)?),
         };
         store.set_backend(kind)?;
@@ -226,7 +312,8 @@ impl Pool {
     /// Phase two of deletion (the caller has marked the record `Deleting` or
     /// dropped its reference): removes the device, then its record.
     pub fn destroy(&self, id: DeviceId) -> Result<()> {
-        self.backend.remove(id)?;
+        let size = self.store.device(id)?.map(|r| r.size);
+        self.backend.remove(id, size)?;
         fault::point("destroy.after_unlink");
         let txn = self.store.write()?;
         Devices::open(&txn)?.delete(id)?;
@@ -241,15 +328,22 @@ impl Pool {
 
     /// Pool-wide figures.
     pub fn status(&self) -> Result<PoolStatus> {
-        Ok(PoolStatus { reserve: self.cfg.reserve, ..self.backend.status()? })
+        let devices = self.store.devices()?.len() as u64;
+        Ok(PoolStatus { reserve: self.cfg.reserve, devices, ..self.backend.status()? })
     }
 
     /// Below the reserve, a pool that can grow does; otherwise new devices are
-    /// refused so existing ones keep room to write.
+    /// refused so existing ones keep room to write. A thin pool's metadata past
+    /// its limit refuses them too: running out would turn the pool read-only.
     fn check_space(&self) -> Result<()> {
         let st = self.maintain()?;
         if st.free < st.reserve {
             return Err(Error::PoolFull { pool: st.location, free: st.free, reserve: st.reserve });
+        }
+        if let Some(meta) = st.metadata
+            && meta.used.get().saturating_mul(100) >= meta.total.get().saturating_mul(u64::from(self.cfg.thin.metadata_limit_percent))
+        {
+            return Err(Error::MetadataFull { pool: st.location, used: meta.used, total: meta.total, limit: self.cfg.thin.metadata_limit_percent });
         }
         Ok(())
     }
@@ -273,29 +367,51 @@ impl Pool {
     /// removed; active devices are attached again (after a reboot), inactive ones
     /// lose a leftover attachment.
     pub fn reconcile(&self, referenced: &HashSet<DeviceId>) -> Result<ReconcileReport> {
+        self.converge(referenced, true)
+    }
+
+    /// What [`Pool::reconcile`] would do, without doing it, plus devices whose
+    /// storage is missing. The caller must keep operations out meanwhile.
+    pub fn check(&self, referenced: &HashSet<DeviceId>) -> Result<ReconcileReport> {
+        self.converge(referenced, false)
+    }
+
+    fn converge(&self, referenced: &HashSet<DeviceId>, apply: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let mut known = HashSet::new();
+        let stored = self.backend.stored()?;
         for rec in self.store.devices()? {
             if rec.state != DeviceState::Ready || !referenced.contains(&rec.id) {
-                tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
-                self.destroy(rec.id)?;
+                if apply {
+                    tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
+                    self.destroy(rec.id)?;
+                }
                 report.devices_removed.push(rec.id);
                 continue;
             }
             known.insert(rec.id);
+            if !stored.contains(&rec.id) {
+                tracing::error!(device = %rec.id, backend = self.backend.name(), "device recorded but its storage is gone");
+                report.missing.push(rec.id);
+                continue;
+            }
             match (rec.access, self.node(rec.id)) {
                 (Some(access), None) => {
-                    self.backend.activate(&rec, access)?;
+                    if apply {
+                        self.backend.activate(&rec, access)?;
+                    }
                     report.reattached.push(rec.id);
                 }
                 (None, Some(_)) => {
-                    self.deactivate(rec.id)?;
+                    if apply {
+                        self.deactivate(rec.id)?;
+                    }
                     report.detached.push(rec.id);
                 }
                 _ => {}
             }
         }
-        report.orphans = self.backend.remove_unknown(&known)?;
+        report.orphans = self.backend.remove_unknown(&known, apply)?;
         Ok(report)
     }
 

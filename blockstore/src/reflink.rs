@@ -139,7 +139,7 @@ impl Backend for Reflink {
         let result = self.try_create(rec);
         if result.is_err() {
             // Best effort: the record is still `Creating`, so reconciliation retries.
-            if let Err(e) = self.remove(rec.id) {
+            if let Err(e) = self.remove(rec.id, None) {
                 tracing::warn!(device = %rec.id, error = %e, "cleanup after failed create");
             }
         }
@@ -173,7 +173,7 @@ impl Backend for Reflink {
         self.map().get(&id).cloned()
     }
 
-    fn remove(&self, id: DeviceId) -> Result<()> {
+    fn remove(&self, id: DeviceId, _size: Option<Bytes>) -> Result<()> {
         let node = self.map().remove(&id);
         if let Some(node) = node {
             loops::detach(&node)?;
@@ -219,15 +219,21 @@ impl Backend for Reflink {
             total: Bytes(st.f_blocks * st.f_frsize),
             free: Bytes(st.f_bavail * st.f_frsize),
             reserve: Bytes(0),
+            devices: 0,
+            metadata: None,
+            low_water: None,
+            mode: None,
         })
     }
 
-    fn remove_unknown(&self, known: &HashSet<DeviceId>) -> Result<Vec<Orphan>> {
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {
         let mut out = Vec::new();
         let strays: Vec<_> = self.map().iter().filter(|(id, _)| !known.contains(id)).map(|(id, n)| (*id, n.clone())).collect();
         for (id, node) in strays {
-            self.map().remove(&id);
-            loops::detach(&node)?;
+            if apply {
+                self.map().remove(&id);
+                loops::detach(&node)?;
+            }
             out.push(Orphan::Loop(node));
         }
         for entry in fs::read_dir(&self.devices_dir).map_err(Error::io("list", &self.devices_dir))? {
@@ -235,10 +241,16 @@ impl Backend for Reflink {
             if image_id(&path).is_some_and(|id| known.contains(&id)) || path.file_name() == Some(".lock".as_ref()) {
                 continue;
             }
-            fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            if apply {
+                fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            }
             out.push(Orphan::File(path));
         }
         Ok(out)
+    }
+
+    fn stored(&self) -> Result<BTreeSet<DeviceId>> {
+        images(&self.devices_dir)
     }
 
     fn shutdown(&self, release: bool) -> Result<()> {
@@ -262,16 +274,22 @@ impl Backend for Reflink {
 /// store: image files and the loops attached to them.
 pub(crate) fn inventory(root: &Path, cfg: &PoolConfig) -> Result<Inventory> {
     let devices_dir = cfg.dir.clone().unwrap_or_else(|| root.join("pool")).join("devices");
-    let mut stored = BTreeSet::new();
-    if let Ok(entries) = fs::read_dir(&devices_dir) {
-        for entry in entries {
-            if let Some(id) = image_id(&entry.map_err(Error::io("list", &devices_dir))?.path()) {
-                stored.insert(id);
-            }
-        }
-    }
     let attached = loops::scan(&devices_dir)?.into_iter().filter_map(|l| Some((image_id(&l.backing)?, l.node))).collect();
-    Ok(Inventory { backend: "reflink", stored: Some(stored), attached })
+    Ok(Inventory { backend: "reflink", stored: Some(images(&devices_dir)?), attached })
+}
+
+/// Ids of the device images in `dir` (none if it does not exist yet).
+fn images(dir: &Path) -> Result<BTreeSet<DeviceId>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(Error::io("list", dir)(e)),
+    };
+    let mut out = BTreeSet::new();
+    for entry in entries {
+        out.extend(image_id(&entry.map_err(Error::io("list", dir))?.path()));
+    }
+    Ok(out)
 }
 
 /// Every mapped extent of the file at `path`.

@@ -114,20 +114,30 @@ impl Store {
 
     /// The backend this root was first opened with.
     pub fn backend(&self) -> Result<Option<BackendKind>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SETTINGS)?;
-        let Some(v) = table.get(BACKEND)? else { return Ok(None) };
-        serde_json::from_str(v.value()).map(Some).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })
+        let Some(v) = self.setting(BACKEND)? else { return Ok(None) };
+        serde_json::from_str(&v).map(Some).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })
     }
 
     /// Remembers the backend (a no-op if unchanged).
     pub fn set_backend(&self, kind: BackendKind) -> Result<()> {
-        if self.backend()? == Some(kind) {
+        let v = serde_json::to_string(&kind).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })?;
+        self.set_setting(BACKEND, &v)
+    }
+
+    /// A remembered setting of this root.
+    pub(crate) fn setting(&self, key: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        Ok(table.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Remembers a setting (a no-op if unchanged).
+    pub(crate) fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        if self.setting(key)?.as_deref() == Some(value) {
             return Ok(());
         }
-        let v = serde_json::to_string(&kind).map_err(|source| Error::Corrupt { key: BACKEND.into(), source })?;
         let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(BACKEND, v.as_str())?;
+        txn.open_table(SETTINGS)?.insert(key, value)?;
         txn.commit()?;
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The only `unsafe` code of the block engine: the ioctls no maintained crate
-//! wraps (FIEMAP, and a loop device's logical block size, which `loopdev-3`
-//! lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
+//! wraps (FIEMAP, BLKDISCARD, and a loop device's logical block size, which
+//! `loopdev-3` lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
 //! `rustix`'s safe wrappers.
 
 use std::fs::File;
@@ -78,6 +78,21 @@ pub fn loop_configure(dev: &impl AsRawFd, backing: &File, flags: u32, block_size
     let updater = unsafe { Updater::<LOOP_CONFIGURE, LoopConfig>::new(&mut config) };
     // SAFETY: `config` and `backing` outlive the call; the kernel only reads `config`.
     unsafe { ioctl(fd, updater) }?;
+    Ok(())
+}
+
+/// `BLKDISCARD` from `<linux/fs.h>`: `_IO(0x12, 119)`, argument `u64[2]`.
+const BLKDISCARD: Opcode = opcode::none(0x12, 119);
+
+/// Discards `len` bytes from `offset` of the block device `dev` (a thin device
+/// gives its blocks back to the pool, and the pool's loop device to its file).
+pub fn discard(dev: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mut range = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64s (start, length) through the pointer;
+    // `range` lives across the call.
+    let updater = unsafe { Updater::<BLKDISCARD, [u64; 2]>::new(&mut range) };
+    // SAFETY: `dev` is an open descriptor; the kernel only reads `range`.
+    unsafe { ioctl(dev, updater) }?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, ErrorKind, Orphan, Pool, PoolConfig};
+use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, ErrorKind, Orphan, Pool, PoolConfig, ThinConfig};
 
 /// A thin pool of `size` that does not grow.
 fn cfg(size: u64) -> PoolConfig {
@@ -35,10 +35,14 @@ fn dm_devices(needle: &str) -> Vec<String> {
 /// Thin ids the pool holds.
 fn thin_ids(pool: &Pool) -> Vec<u64> {
     let name = pool.status().unwrap().location;
-    // No udev here: address the metadata device as /dev/dm-N.
-    let minor = sh("dmsetup", &["info", "-c", "--noheadings", "-o", "minor", &name.replace("-pool", "-meta")]);
+    // The metadata device from the pool's table; no udev here, so its node
+    // comes from sysfs.
+    let table = sh("dmsetup", &["table", &name]);
+    let meta = table.split_whitespace().nth(3).unwrap();
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{meta}/uevent")).unwrap();
+    let node = format!("/dev/{}", uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")).unwrap());
     sh("dmsetup", &["message", &name, "0", "reserve_metadata_snap"]);
-    let out = sh("thin_ls", &["--metadata-snap", "--no-headers", "-o", "DEV", &format!("/dev/dm-{minor}")]);
+    let out = sh("thin_ls", &["--metadata-snap", "--no-headers", "-o", "DEV", &node]);
     sh("dmsetup", &["message", &name, "0", "release_metadata_snap"]);
     let mut ids: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     ids.sort_unstable();
@@ -138,5 +142,152 @@ fn a_file_backed_pool_running_low_grows_and_writers_carry_on() {
     // At the ceiling: no more growth, new devices are refused below the reserve.
     assert_eq!(pool.maintain().unwrap().total, st.total);
     destroy(&pool, base);
+    pool.shutdown(true).unwrap();
+}
+
+/// A sparse file of `size` on a loop device; detached when dropped.
+struct LoopFile(String);
+
+impl LoopFile {
+    fn new(path: &std::path::Path, size: u64) -> LoopFile {
+        std::fs::File::create(path).unwrap().set_len(size).unwrap();
+        LoopFile(sh("losetup", &["--find", "--show", path.to_str().unwrap()]))
+    }
+}
+
+impl Drop for LoopFile {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A thin pool made outside Thinbox, as an operator would (dmsetup), with its
+/// loop devices; removed when dropped.
+struct OperatorPool {
+    name: String,
+    _loops: (LoopFile, LoopFile),
+}
+
+impl OperatorPool {
+    fn new(dir: &std::path::Path, name: &str) -> OperatorPool {
+        let meta = LoopFile::new(&dir.join("op-meta.img"), 16 << 20);
+        let data = LoopFile::new(&dir.join("op-data.img"), 1 << 30);
+        let table = format!("0 {} thin-pool {} {} 128 1638 1 error_if_no_space", (1u64 << 30) / 512, meta.0, data.0);
+        sh("dmsetup", &["create", name, "--table", &table]);
+        OperatorPool { name: name.to_owned(), _loops: (meta, data) }
+    }
+}
+
+impl Drop for OperatorPool {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("dmsetup").args(["remove", &self.name]).status();
+    }
+}
+
+fn thin_cfg(thin: ThinConfig) -> PoolConfig {
+    PoolConfig { thin, ..cfg(1 << 30) }
+}
+
+#[test]
+fn an_existing_pool_is_used_and_left_in_place() {
+    let dir = tmp();
+    let op = OperatorPool::new(dir.path(), "thinbox-test-existing");
+    let thin = ThinConfig { pool_name: Some(op.name.clone()), ..ThinConfig::default() };
+    let pool = Pool::open(&dir.path().join("state"), thin_cfg(thin.clone())).unwrap();
+    let status = pool.status().unwrap();
+    assert_eq!(status.location, op.name);
+    assert_eq!(status.total, Bytes(1 << 30));
+    assert_eq!(status.mode.as_deref(), Some("rw"));
+    exercise(&pool, &dir.path().join("work"));
+    assert_eq!(thin_ids(&pool), Vec::<u64>::new(), "every thin id deleted");
+    pool.shutdown(true).unwrap();
+    assert_eq!(dm_devices("thinbox-"), vec![op.name.clone()], "release leaves the operator's pool, and only it");
+
+    // Another root may not take over a pool that holds devices it did not make.
+    sh("dmsetup", &["message", &op.name, "0", "create_thin 77"]);
+    let err = Pool::open(&dir.path().join("other"), thin_cfg(thin)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("1 thin devices"), "{err}");
+    sh("dmsetup", &["message", &op.name, "0", "delete 77"]);
+}
+
+#[test]
+fn a_missing_or_wrong_pool_is_a_clear_error() {
+    let dir = tmp();
+    let thin = ThinConfig { pool_name: Some("thinbox-test-absent".into()), ..ThinConfig::default() };
+    let err = Pool::open(&dir.path().join("state"), thin_cfg(thin)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("no such dm device"), "{err}");
+}
+
+#[test]
+fn a_pool_on_given_devices_is_created_then_torn_down_and_the_root_keeps_to_it() {
+    let dir = tmp();
+    let meta = LoopFile::new(&dir.path().join("meta.img"), 8 << 20);
+    let data = LoopFile::new(&dir.path().join("data.img"), 1 << 30);
+    let thin = ThinConfig { metadata_device: Some(meta.0.clone().into()), data_device: Some(data.0.clone().into()), ..ThinConfig::default() };
+    let root = dir.path().join("state");
+    let pool = Pool::open(&root, thin_cfg(thin.clone())).unwrap();
+    let status = pool.status().unwrap();
+    let prefix = status.location.trim_end_matches("-pool").to_owned();
+    assert_eq!(status.total, Bytes(1 << 30));
+    assert_eq!(status.metadata.unwrap().total, Bytes(8 << 20));
+    assert_eq!(status.low_water, Some(Bytes((1 << 30) / 10 / 65536 * 65536)));
+    let (kept, _) = create(&pool, spec(256 << 20, None, None));
+    pool.shutdown(true).unwrap();
+    drop(pool);
+    assert_eq!(dm_devices(&prefix), Vec::<String>::new(), "release tears down the pool Thinbox created");
+
+    // The same devices again: the pool's metadata is still there.
+    let pool = Pool::open(&root, thin_cfg(thin)).unwrap();
+    assert_eq!(thin_ids(&pool), vec![kept.0]);
+    destroy(&pool, kept);
+    pool.shutdown(true).unwrap();
+    drop(pool);
+    // A root stays with its pool: its thin ids live there.
+    let err = Pool::open(&root, cfg(1 << 30)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(dm_devices(&prefix).is_empty());
+}
+
+#[test]
+fn metadata_past_its_limit_refuses_new_devices_before_running_out() {
+    let dir = tmp();
+    let meta = LoopFile::new(&dir.path().join("meta.img"), 2 << 20);
+    let data = LoopFile::new(&dir.path().join("data.img"), 1 << 30);
+    let thin = ThinConfig {
+        metadata_device: Some(meta.0.clone().into()),
+        data_device: Some(data.0.clone().into()),
+        metadata_limit_percent: 1,
+        ..ThinConfig::default()
+    };
+    let pool = Pool::open(&dir.path().join("state"), thin_cfg(thin)).unwrap();
+    let used = pool.status().unwrap().metadata.unwrap();
+    assert!(used.used > Bytes(0) && used.used.get() * 100 >= used.total.get(), "a fresh pool already uses over 1%: {used:?}");
+    let txn = pool.store().write().unwrap();
+    let err = pool.plan_create(&mut Devices::open(&txn).unwrap(), spec(256 << 20, None, None)).unwrap_err();
+    drop(txn);
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(err.to_string().contains("metadata"), "{err}");
+    assert!(pool.store().devices().unwrap().is_empty(), "nothing recorded");
+    assert_eq!(pool.status().unwrap().mode.as_deref(), Some("rw"), "the pool itself is fine");
+    pool.shutdown(true).unwrap();
+}
+
+#[test]
+fn discard_on_delete_gives_the_blocks_back_to_the_data_file() {
+    let dir = tmp();
+    let cfg = thin_cfg(ThinConfig { discard_on_delete: true, ..ThinConfig::default() });
+    let root = dir.path().join("state");
+    let pool = Pool::open(&root, cfg).unwrap();
+    let allocated = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(root.join("thin/data.img")).unwrap()) * 512;
+    let (dev, node) = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite)));
+    with_mounted(&node.unwrap(), thinbox_blockstore::FsType::Ext4, &dir.path().join("m"), |m| assert!(dd(m, "f", 128)));
+    let before = allocated();
+    assert!(before >= 128 << 20, "the data file holds the writes: {before}");
+    destroy(&pool, dev);
+    let after = allocated();
+    assert!(after + (100 << 20) < before, "discard punched the device's blocks out of the data file: {before} -> {after}");
+    assert_eq!(thin_ids(&pool), Vec::<u64>::new());
     pool.shutdown(true).unwrap();
 }

@@ -65,6 +65,13 @@ impl Snapshots {
     /// Drops snapshot records whose device never became ready, then lets the pool
     /// remove every device no record references.
     fn reconcile(&self) -> Result<ReconcileReport> {
+        let report = self.converge(true)?;
+        tracing::info!(?report, "reconciled");
+        Ok(report)
+    }
+
+    /// With `apply`, [`Snapshots::reconcile`]; without, what it would do.
+    fn converge(&self, apply: bool) -> Result<ReconcileReport> {
         let txn = self.pool.store().write()?;
         let mut referenced = HashSet::new();
         {
@@ -83,15 +90,17 @@ impl Snapshots {
                 }
             }
             for (key, parent) in dropped {
-                tracing::info!(key, "dropping snapshot whose device was never completed");
+                tracing::info!(key, apply, "dropping snapshot whose device was never completed");
                 snaps.remove(key.as_str())?;
                 children.remove(parent.as_str(), key.as_str())?;
             }
         }
+        if !apply {
+            txn.abort()?;
+            return Ok(self.pool.check(&referenced)?);
+        }
         txn.commit()?;
-        let report = self.pool.reconcile(&referenced)?;
-        tracing::info!(?report, "reconciled");
-        Ok(report)
+        Ok(self.pool.reconcile(&referenced)?)
     }
 
     /// Creates an active snapshot (or a view) `key` on `parent` ("" for none).
@@ -318,6 +327,13 @@ impl Snapshots {
     pub fn cleanup(&self) -> Result<ReconcileReport> {
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.reconcile()
+    }
+
+    /// What [`Snapshots::cleanup`] would reclaim, changing nothing; also
+    /// devices whose storage is missing.
+    pub fn check(&self) -> Result<ReconcileReport> {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.converge(false)
     }
 
     /// Called on exit; see [`Config::release_on_exit`].
