@@ -68,6 +68,8 @@ pub struct DmThin {
     discard: bool,
     /// Name and node of each active thin device.
     active: Mutex<HashMap<DeviceId, PathBuf>>,
+    /// Held while an inactive device is activated just to read its superblock.
+    probe: Mutex<()>,
 }
 
 impl std::fmt::Debug for DmThin {
@@ -133,6 +135,7 @@ impl DmThin {
             host_reserve: cfg.reserve,
             discard: thin.discard_on_delete,
             active: Mutex::new(active),
+            probe: Mutex::new(()),
         };
         if first && thin.external() {
             let held = dm_thin.thin_ls()?.len();
@@ -251,6 +254,21 @@ impl DmThin {
         }
     }
 
+    /// Inodes in use on the device, from its superblock; an inactive device is
+    /// activated for the read and removed again.
+    fn inodes_used(&self, id: DeviceId, size: Bytes, fs: FsType) -> Result<u64> {
+        if let Some(node) = self.node(id) {
+            return Ok(filesystem::inodes_used(fs, &node)?.unwrap_or(0));
+        }
+        let _one_at_a_time = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        let node = self.setup_thin(id, size)?;
+        let used = filesystem::inodes_used(fs, &node);
+        let removed = self.remove_dm(&self.dev_name(id)?);
+        let used = used?;
+        removed?;
+        Ok(used.unwrap_or(0))
+    }
+
     fn thin_ls(&self) -> Result<HashMap<u64, u64>> {
         let _serial = self.owned();
         thin_ls(&self.dm, &self.pool_name)
@@ -278,30 +296,47 @@ fn pool_table(dm: &DM, pool: &DmName) -> Result<ThinPoolTargetParams> {
     }
 }
 
-/// Per thin id, the bytes mapped by that device alone, from `thin_ls` on a
-/// metadata snapshot of the live pool (which keeps running).
+/// Per thin id, the bytes it maps, from `thin_ls` on a metadata snapshot of
+/// the live pool (which keeps running).
 fn thin_ls(dm: &DM, pool: &DmName) -> Result<HashMap<u64, u64>> {
-    let meta = node_of(pool_table(dm, pool)?.metadata_dev)?;
-    pool_message(dm, pool, "reserve_metadata_snap")?;
-    let out = Command::new("thin_ls").args(["--metadata-snap", "--no-headers", "-o", "DEV,EXCLUSIVE_BYTES"]).arg(&meta).output();
-    let released = pool_message(dm, pool, "release_metadata_snap");
-    let out = out.map_err(Error::io("run thin_ls on", &meta))?;
-    released?;
-    if !out.status.success() {
-        return Err(Error::Tool {
-            tool: "thin_ls",
-            path: meta,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let out = with_metadata_snap(dm, pool, "thin_ls", &["--no-headers", "-o", "DEV,MAPPED_BYTES"])?;
+    Ok(out
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
         })
         .collect())
+}
+
+/// Runs a thin-provisioning tool with `--metadata-snap` on the pool's metadata
+/// device, holding a metadata snapshot meanwhile, and returns its output.
+fn with_metadata_snap(dm: &DM, pool: &DmName, tool: &'static str, args: &[&str]) -> Result<String> {
+    let meta = node_of(pool_table(dm, pool)?.metadata_dev)?;
+    pool_message(dm, pool, "reserve_metadata_snap")?;
+    let out = Command::new(tool).arg("--metadata-snap").args(args).arg(&meta).output();
+    let released = pool_message(dm, pool, "release_metadata_snap");
+    let out = out.map_err(Error::io("run thin tool on", &meta))?;
+    released?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool,
+            path: meta,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Blocks that `thin_delta` (from the origin to the device) reports as
+/// written by the device: `different` and `right_only` ranges.
+fn delta_blocks(xml: &str) -> u64 {
+    xml.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("<different ") || l.starts_with("<right_only "))
+        .filter_map(|l| l.split("length=\"").nth(1)?.split('"').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// The `/dev` node of a block device number, from sysfs (no udev needed).
@@ -392,9 +427,27 @@ impl Backend for DmThin {
         Ok(())
     }
 
+    /// Bytes the device maps that its origin does not (all it maps if it has
+    /// none), compared block by block with `thin_delta`; inode delta from the
+    /// superblocks.
     fn usage(&self, rec: &DeviceRecord) -> Result<Usage> {
-        let bytes = self.thin_ls()?.get(&thin_id(rec.id)?).copied().unwrap_or(0);
-        Ok(Usage { bytes: Bytes(bytes), inodes: 0 })
+        let held = self.thin_ls()?;
+        let id = thin_id(rec.id)?;
+        let bytes = match rec.origin {
+            Some(o) if held.contains_key(&o.0) => {
+                let (snap1, snap2) = (o.0.to_string(), id.to_string());
+                let _serial = self.owned();
+                let xml = with_metadata_snap(&self.dm, &self.pool_name, "thin_delta", &["--snap1", &snap1, "--snap2", &snap2])?;
+                delta_blocks(&xml) * self.block.get()
+            }
+            _ => held.get(&id).copied().unwrap_or(0),
+        };
+        let inodes = self.inodes_used(rec.id, rec.size, rec.fs)?;
+        let origin_inodes = match (rec.origin, rec.origin_size) {
+            (Some(o), Some(size)) if held.contains_key(&o.0) => self.inodes_used(o, size, rec.fs)?,
+            _ => 0,
+        };
+        Ok(Usage { bytes: Bytes(bytes), inodes: inodes.saturating_sub(origin_inodes) })
     }
 
     fn status(&self) -> Result<PoolStatus> {
@@ -562,4 +615,29 @@ fn thin_id(id: DeviceId) -> Result<u64> {
 /// FNV-1a: a stable short hash for the per-root name prefix.
 fn fnv(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_counts_blocks_the_device_wrote() {
+        let xml = r#"<superblock uuid="" time="1" transaction="0" data_block_size="128" nr_data_blocks="0">
+  <diff left="1" right="2">
+    <same begin="0" length="64"/>
+    <different begin="64" length="32"/>
+    <left_only begin="100" length="7"/>
+    <right_only begin="320" length="48"/>
+  </diff>
+</superblock>"#;
+        assert_eq!(delta_blocks(xml), 80);
+        assert_eq!(delta_blocks(""), 0);
+    }
+
+    #[test]
+    fn names_are_per_root() {
+        assert_ne!(prefix(Path::new("/a")), prefix(Path::new("/b")));
+        assert!(prefix(Path::new("/var/lib/thinbox")).starts_with("thinbox-"));
+    }
 }

@@ -126,4 +126,38 @@ mod tests {
         let rel: Config = toml::from_str("[pool]\ndir = \"relative\"").expect("parses");
         assert!(rel.validate().is_err());
     }
+
+    #[test]
+    fn thin_pool_sources_are_checked() {
+        let ok: Config = toml::from_str("[pool.thin]\npool_name = \"vg-pool\"\ndiscard_on_delete = true").expect("parses");
+        ok.validate().expect("an existing pool");
+        assert_eq!(ok.pool.thin.metadata_limit_percent, 90);
+        for bad in [
+            "[pool.thin]\npool_name = \"p\"\ndata_device = \"/dev/vdb\"",
+            "[pool.thin]\nmetadata_device = \"/dev/vdb\"",
+            "[pool.thin]\nmetadata_device = \"/dev/vdb\"\ndata_device = \"/dev/vdb\"",
+            "[pool.thin]\nmetadata_device = \"vdb\"\ndata_device = \"/dev/vdc\"",
+            "[pool.thin]\nmetadata_limit_percent = 0",
+            "[pool]\nbackend = \"reflink\"\n[pool.thin]\npool_name = \"p\"",
+        ] {
+            let cfg: Config = toml::from_str(bad).expect("parses");
+            assert!(cfg.validate().is_err(), "accepted: {bad}");
+        }
+        assert!(toml::from_str::<Config>("[pool.thin]\nname = \"p\"").is_err(), "unknown key");
+    }
+
+    /// The sample in the README is a valid config.
+    #[test]
+    fn readme_sample_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("    release_on_exit = false").expect("README config sample");
+        let sample: String = readme[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        let cfg: Config = toml::from_str(&sample).expect("README sample parses");
+        cfg.validate().expect("README sample is valid");
+        assert_eq!(cfg.pool.thin.pool_name.as_deref(), Some("vg-thinpool"));
+    }
 }

@@ -63,6 +63,11 @@ impl Daemon {
             assert!(Instant::now() < deadline, "socket did not appear");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The uml tier sets it so that these tests provably ran on dm-thin.
+        if let Ok(want) = std::env::var("THINBOX_TEST_BACKEND") {
+            let got = thinbox_blockstore::inventory(&self.root, &Default::default()).unwrap().backend;
+            assert_eq!(got, want, "THINBOX_TEST_BACKEND");
+        }
         connect(&self.socket).await
     }
 
