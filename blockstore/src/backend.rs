@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -115,6 +116,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// file); returns the new size, or `None` if it cannot grow.
     fn grow(&self) -> Result<Option<Bytes>> {
         Ok(None)
+    }
+
+    /// Starts watching for kernel events about the pool (see `wait_event`).
+    fn arm_events(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a kernel event since `arm_events` (dm-thin: a
+    /// dm event such as the pool crossing its low-water mark); returns whether
+    /// one came. Backends without events just wait.
+    fn wait_event(&self, timeout: Duration) -> Result<bool> {
+        std::thread::sleep(timeout);
+        Ok(false)
     }
 
     /// Finds kernel and disk state of devices not in `known` and, with `apply`,

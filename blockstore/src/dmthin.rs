@@ -17,12 +17,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use devicemapper::{
     DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams, LinearTargetParams,
     Sectors, TargetLine, ThinDevId, ThinDevTargetTable, ThinPoolDev, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
     TargetTable, ThinTargetParams,
 };
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 use crate::error::{Error, Result};
@@ -70,6 +73,8 @@ pub struct DmThin {
     active: Mutex<HashMap<DeviceId, PathBuf>>,
     /// Held while an inactive device is activated just to read its superblock.
     probe: Mutex<()>,
+    /// A control handle of its own for event polling (armed per handle).
+    events: DM,
 }
 
 impl std::fmt::Debug for DmThin {
@@ -136,6 +141,7 @@ impl DmThin {
             discard: thin.discard_on_delete,
             active: Mutex::new(active),
             probe: Mutex::new(()),
+            events: DM::new().map_err(dm_err("open", "/dev/mapper/control"))?,
         };
         if first && thin.external() {
             let held = dm_thin.thin_ls()?.len();
@@ -514,6 +520,20 @@ impl Backend for DmThin {
         pool.set_data_table(&self.dm, whole_device(&node)?).map_err(dm_err("load grown table", &*self.pool_name))?;
         pool.resume(&self.dm).map_err(dm_err("resume", &*self.pool_name))?;
         Ok(Some(Bytes(target)))
+    }
+
+    fn arm_events(&self) -> Result<()> {
+        self.events.arm_poll().map(|_| ()).map_err(dm_err("arm event poll", "/dev/mapper/control"))
+    }
+
+    fn wait_event(&self, timeout: Duration) -> Result<bool> {
+        let mut fds = [PollFd::new(self.events.file(), PollFlags::IN)];
+        let timeout = Timespec { tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX), tv_nsec: timeout.subsec_nanos().into() };
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(Error::io("poll", Path::new("/dev/mapper/control"))(e.into())),
+        }
     }
 
     fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {

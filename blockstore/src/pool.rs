@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -359,6 +360,20 @@ impl Pool {
             st = self.status()?;
         }
         Ok(st)
+    }
+
+    /// One round of the pool's watch: [`Pool::maintain`], then wait up to
+    /// `timeout` for a kernel event (a thin pool crossing its low-water mark
+    /// wakes it at once); returns whether one came. Armed before maintaining,
+    /// so no event is missed.
+    pub fn maintain_and_wait(&self, timeout: Duration) -> Result<bool> {
+        self.backend.arm_events()?;
+        let st = self.maintain()?;
+        let event = self.backend.wait_event(timeout)?;
+        if event {
+            tracing::debug!(pool = %st.location, "kernel event");
+        }
+        Ok(event)
     }
 
     /// Converges the kernel with the store: a device lives only if its record is

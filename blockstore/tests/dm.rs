@@ -291,3 +291,28 @@ fn discard_on_delete_gives_the_blocks_back_to_the_data_file() {
     assert_eq!(thin_ids(&pool), Vec::<u64>::new());
     pool.shutdown(true).unwrap();
 }
+
+#[test]
+fn crossing_the_low_water_mark_wakes_the_pool_watch() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), cfg(512 << 20)).unwrap();
+    let (dev, node) = create(&pool, spec(1 << 30, None, Some(Access::ReadWrite)));
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    sh("mount", &[node.unwrap().to_str().unwrap(), m.to_str().unwrap()]);
+    let limit = std::time::Duration::from_secs(300);
+    let (woke, waited) = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let start = std::time::Instant::now();
+            (pool.maintain_and_wait(limit).unwrap(), start.elapsed())
+        });
+        // The watch arms at once; the writer then crosses the mark (10% free).
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert!(dd(&m, "fill", 480), "480MiB fit in the 512MiB pool");
+        watch.join().unwrap()
+    });
+    sh("umount", &[m.to_str().unwrap()]);
+    assert!(woke && waited < limit, "the low-water event woke the watch (after {waited:?})");
+    destroy(&pool, dev);
+    pool.shutdown(true).unwrap();
+}
