@@ -1,4 +1,5 @@
-//! Generates the tonic/prost code for our own copies of the published protos.
+//! Generates the tonic/prost code for our own copies of the published protos
+//! and for Thinbox's own admin API.
 //! `protoc` comes from `protoc-bin-vendored` so a fresh machine needs cargo only.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/containerd/types/mount.proto",
                 "proto/containerd/services/snapshots/v1/snapshots.proto",
+                "proto/thinbox/admin/v1/admin.proto",
             ],
             &["proto"],
         )?;

@@ -46,6 +46,7 @@ tier_host() {
   need_root host
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
   cargo test -p thinbox-snapshotter --test host -- --test-threads=2
+  cargo test -p thinbox-snapshotter --test admin -- --test-threads=2
 }
 tier_crash() {
   need_root crash

@@ -1,5 +1,6 @@
 //! Wire definitions for Thinbox, generated from our own `.proto` transcriptions of
-//! published APIs (containerd `snapshots.v1` and `types.Mount`).
+//! published APIs (containerd `snapshots.v1` and `types.Mount`), and of Thinbox's
+//! own administration API (`thinbox.admin.v1`, served next to `snapshots.v1`).
 //!
 //! The generated modules mirror the protobuf packages so that type paths read like
 //! the upstream API: `containerd::services::snapshots::v1::PrepareSnapshotRequest`.
@@ -24,8 +25,20 @@ pub mod containerd {
     }
 }
 
+/// Thinbox's own APIs.
+pub mod thinbox {
+    /// `thinbox.admin`.
+    pub mod admin {
+        /// `thinbox.admin.v1`.
+        pub mod v1 {
+            tonic::include_proto!("thinbox.admin.v1");
+        }
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+pub use thinbox::admin::v1 as admin;
 
 /// A gRPC channel over a unix socket (containerd and CSI speak gRPC on unix
 /// sockets); `timeout` bounds connecting and each request.

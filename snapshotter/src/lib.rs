@@ -14,7 +14,11 @@
 //! * Remove: the record goes and the device with it (refused with children).
 //! * Stop (SIGTERM): stop accepting, finish requests in flight; devices stay
 //!   attached unless `release_on_exit` is set.
+//!
+//! The same socket serves [`admin`] (`thinbox.admin.v1`, for `thinboxctl`):
+//! pool status, devices, and a read-only check or a run of reconciliation.
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod filter;

@@ -1,15 +1,19 @@
-//! Serving on a unix socket: mode 0660, graceful stop on SIGTERM/SIGINT.
+//! Serving on a unix socket: mode 0660, graceful stop on SIGTERM/SIGINT. The
+//! socket carries containerd's snapshot service and Thinbox's admin service
+//! (`thinboxctl`), so one path and one permission govern both.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thinbox_proto::admin::admin_server::AdminServer;
 use thinbox_proto::snapshots::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::admin::Admin;
 use crate::service::Service;
 use crate::snapshots::Snapshots;
 
@@ -41,11 +45,12 @@ pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), Serv
     let mut int = signal(SignalKind::interrupt()).map_err(|source| io("install SIGINT handler", address, source))?;
     let listener = bind(address)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1");
+    tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1 and thinbox.admin.v1");
     let maintenance = tokio::spawn(maintain(snapshots.clone()));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SnapshotsServer::new(Service::new(snapshots)))
+            .add_service(SnapshotsServer::new(Service::new(snapshots.clone())))
+            .add_service(AdminServer::new(Admin::new(snapshots)))
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -80,18 +85,23 @@ async fn stop(
     }
 }
 
-/// How often the pool's free space is checked (running containers consume it).
+/// How often, at least, the pool's free space is checked (running containers
+/// consume it); a device-mapper event wakes the check sooner.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
 /// Grows the pool ahead of need where the backend can.
 async fn maintain(snapshots: Arc<Snapshots>) {
-    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
     loop {
-        tick.tick().await;
         let s = snapshots.clone();
-        match tokio::task::spawn_blocking(move || s.pool().maintain()).await {
+        // Blocks until a device-mapper event (the thin pool crossing its
+        // low-water mark) or MAINTAIN_EVERY; aborting the task at shutdown
+        // lets the current round finish.
+        match tokio::task::spawn_blocking(move || s.pool().maintain_and_wait(MAINTAIN_EVERY)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %crate::error::chain(&e), "pool maintenance"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::chain(&e), "pool maintenance");
+                tokio::time::sleep(MAINTAIN_EVERY).await;
+            }
             Err(e) => tracing::warn!(error = %e, "pool maintenance task"),
         }
     }

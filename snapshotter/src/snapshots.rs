@@ -323,6 +323,19 @@ impl Snapshots {
         Ok(Usage { size: u.bytes.get(), inodes: u.inodes })
     }
 
+    /// Snapshot keys by the device that holds their content (for the admin
+    /// API; one consistent read, no lock).
+    pub fn keys_by_device(&self) -> Result<BTreeMap<thinbox_blockstore::DeviceId, Vec<String>>> {
+        let txn = self.pool.store().db().begin_read()?;
+        let snaps = txn.open_table(SNAPSHOTS)?;
+        let mut out: BTreeMap<_, Vec<String>> = BTreeMap::new();
+        for row in snaps.iter()? {
+            let (k, v) = row?;
+            out.entry(meta::decode(k.value(), v.value())?.device).or_default().push(k.value().to_owned());
+        }
+        Ok(out)
+    }
+
     /// Reclaims what interrupted operations left behind.
     pub fn cleanup(&self) -> Result<ReconcileReport> {
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());

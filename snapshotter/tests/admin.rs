@@ -1,0 +1,189 @@
+//! Host tier: `thinboxctl` against the real daemon (reflink backend, embedded
+//! pool): status, devices, check and gc as an operator runs them, exit codes
+//! included. Needs root.
+//!
+//! `thinboxctl` is another package, so cargo does not build its binary for this
+//! test; the test builds it once with the same cargo, target directory and
+//! profile as the daemon under test.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+use serde_json::Value;
+
+const CFG: &str = "[pool]\nbackend = \"reflink\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[snapshot]\ndefault_size = \"512MiB\"\n";
+
+/// The `thinboxctl` binary next to the daemon's, built on first use.
+fn thinboxctl() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let profile_dir = Path::new(env!("CARGO_BIN_EXE_thinbox-snapshotter")).parent().unwrap();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "thinboxctl", "--bin", "thinboxctl", "--target-dir"]).arg(profile_dir.parent().unwrap());
+        match profile_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            profile => {
+                cmd.args(["--profile", profile]);
+            }
+        }
+        assert!(cmd.status().unwrap().success(), "cargo build -p thinboxctl failed");
+        profile_dir.join("thinboxctl")
+    })
+}
+
+struct Ctl {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ctl {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `thinboxctl --address SOCK ARGS...`.
+fn ctl(socket: &Path, args: &[&str]) -> Ctl {
+    let out = Command::new(thinboxctl()).arg("--address").arg(socket).args(args).env_remove("THINBOX_SOCKET").output().unwrap();
+    let ctl = Ctl {
+        code: out.status.code().expect("exited"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    };
+    // Shown with --nocapture: sample output for the docs.
+    println!("$ thinboxctl {}\n{}{}(exit {})\n", args.join(" "), ctl.stdout, ctl.stderr, ctl.code);
+    ctl
+}
+
+/// Unmounts on drop, so a failing assertion leaves no mount pinning a loop
+/// device (declared after the daemon, it drops before it).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("umount").arg(&self.0).status();
+        } else {
+            umount(&self.0);
+        }
+    }
+}
+
+/// The device holding snapshot `key`.
+fn device_of<'a>(devices: &'a [Value], key: &str) -> &'a Value {
+    devices.iter().find(|d| d["snapshots"] == serde_json::json!([key])).unwrap_or_else(|| panic!("no device holds {key}: {devices:?}"))
+}
+
+#[tokio::test]
+async fn thinboxctl_shows_the_pool_and_cleans_up_what_check_finds() {
+    require_root();
+    thinboxctl();
+    let dir = tempfile::Builder::new().prefix("thinbox-admin-").tempdir().unwrap();
+    let (d, mut c) = Daemon::start(dir.path(), Some(CFG), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("hello", "world")]).await;
+    let m = prepare(&mut c, "ctr", "base", HashMap::new()).await.unwrap();
+    let mp = work.join("ctr");
+    mount(&m, &mp);
+    let mounted = Mounted(mp.clone());
+    let mut f = std::fs::File::create(mp.join("data")).unwrap();
+    f.write_all(&vec![7u8; 4 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let v = view(&mut c, "v", "base").await.unwrap();
+
+    // status
+    let st = ctl(&d.socket, &["--json", "status"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    let st = st.json();
+    assert_eq!(st["backend"], "reflink");
+    assert_eq!(st["devices"], 3);
+    assert_eq!(st["reserve"], 64 << 20);
+    let (total, used, free) = (st["total"].as_u64().unwrap(), st["used"].as_u64().unwrap(), st["free"].as_u64().unwrap());
+    assert!(total > 3 << 30 && free > 0 && used + free == total, "{st}");
+    assert_eq!((&st["metadata"], &st["low_water"], &st["mode"]), (&Value::Null, &Value::Null, &Value::Null), "dm-thin only");
+    let location = PathBuf::from(st["location"].as_str().unwrap());
+    assert!(location.ends_with("pool/devices"), "{}", location.display());
+    let human = ctl(&d.socket, &["status"]);
+    assert_eq!(human.code, 0);
+    assert!(human.stdout.contains("backend    reflink\n") && human.stdout.contains("devices    3\n"), "{}", human.stdout);
+
+    // devices
+    let devs = ctl(&d.socket, &["devices", "--json"]);
+    assert_eq!(devs.code, 0, "{}", devs.stderr);
+    let devs = devs.json()["devices"].as_array().unwrap().clone();
+    assert_eq!(devs.len(), 3);
+    let (base, ctr, view) = (device_of(&devs, "base"), device_of(&devs, "ctr"), device_of(&devs, "v"));
+    for dev in [base, ctr, view] {
+        assert_eq!((&dev["state"], &dev["fs"], &dev["usage_error"]), (&"ready".into(), &"ext4".into(), &Value::Null), "{dev}");
+    }
+    assert_eq!((&base["access"], &base["node"], &base["origin"]), (&Value::Null, &Value::Null, &Value::Null), "committed: detached");
+    assert!(base["usage"].as_u64().unwrap() > 0, "{base}");
+    assert_eq!((&ctr["access"], ctr["node"].as_str()), (&"rw".into(), Some(m[0].source.as_str())));
+    assert_eq!(ctr["origin"], base["id"]);
+    let usage = ctr["usage"].as_u64().unwrap();
+    assert!(usage >= 4 << 20, "the mounted active snapshot wrote 4MiB, usage {usage}");
+    assert_eq!((&view["access"], view["node"].as_str()), (&"ro".into(), Some(v[0].source.as_str())));
+    assert_eq!(view["origin"], base["id"]);
+    let human = ctl(&d.socket, &["devices"]);
+    assert_eq!(human.code, 0);
+    assert!(human.stdout.starts_with("ID  STATE  ACCESS  NODE"), "{}", human.stdout);
+    assert!(human.stdout.lines().any(|l| l.contains(&m[0].source) && l.ends_with("  ctr")), "{}", human.stdout);
+    drop(mounted);
+
+    // check: clean
+    let check = ctl(&d.socket, &["--json", "check"]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    assert_eq!(check.json()["clean"], true);
+
+    // A leftover image file: check reports it, exits 1 and leaves it.
+    let orphan = location.join("999.img");
+    std::fs::write(&orphan, b"leftover").unwrap();
+    let check = ctl(&d.socket, &["--json", "check"]);
+    assert_eq!(check.code, 1, "check exits 1 when there is something to clean");
+    let report = check.json();
+    assert_eq!(report["clean"], false);
+    assert_eq!(report["orphans"], serde_json::json!([{"kind": "file", "what": orphan.display().to_string()}]));
+    assert_eq!(report["devices_removed"], serde_json::json!([]));
+    assert!(check.stderr.contains("thinboxctl gc"), "the verdict goes to stderr with --json: {}", check.stderr);
+    let human = ctl(&d.socket, &["check"]);
+    assert_eq!(human.code, 1);
+    assert!(human.stdout.contains(&format!("would remove  file {}", orphan.display())), "{}", human.stdout);
+    assert!(orphan.exists(), "check changes nothing");
+
+    // gc removes it; check is clean again; snapshots are untouched.
+    let gc = ctl(&d.socket, &["--json", "gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.stderr);
+    assert_eq!(gc.json()["orphans"], report["orphans"]);
+    assert!(!orphan.exists(), "gc removed the orphan");
+    let check = ctl(&d.socket, &["check"]);
+    assert_eq!(check.code, 0);
+    assert_eq!(check.stdout, "check: the pool matches the store; nothing to clean\n");
+    assert_eq!(ctl(&d.socket, &["gc"]).stdout, "gc: nothing to clean\n");
+    assert_eq!(ctl(&d.socket, &["--json", "devices"]).json()["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(read_through_view(&mut c, &work, "base", "hello").await, "world");
+    d.release().await;
+}
+
+#[test]
+fn an_unreachable_daemon_is_exit_code_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let out = ctl(&socket, &["status"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stdout.is_empty());
+    let expected = format!("thinboxctl: cannot reach thinbox-snapshotter at {}: ", socket.display());
+    assert!(out.stderr.starts_with(&expected), "{}", out.stderr);
+}

@@ -1,0 +1,34 @@
+//! `thinboxctl [--address SOCK] [--json] [--timeout SECS] <status|devices|check|gc>`:
+//! see the library documentation and `--help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use thinboxctl::{Cli, EXIT_ERROR, ask, render::render};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(thinboxctl::Error::Runtime).and_then(|rt| {
+        let answer = rt.block_on(ask(&cli))?;
+        render(&answer, cli.json, &mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+    });
+    match result {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(e) => {
+            eprintln!("thinboxctl: {}", chain(&e));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// The error and its causes on one line, printed once here.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

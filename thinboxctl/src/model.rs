@@ -1,0 +1,157 @@
+//! What `thinboxctl` shows, decoupled from the wire types. These structs are
+//! also the `--json` schema: field names are stable, sizes are bytes, device
+//! ids are numbers, and absent values are `null` (every key is always present).
+
+use serde::Serialize;
+use thinbox_proto::admin as proto;
+
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolStatus {
+    /// "reflink" or "dm-thin".
+    pub backend: String,
+    /// Where the devices live (a directory, a thin pool).
+    pub location: String,
+    /// Data capacity.
+    pub total: u64,
+    /// `total - free`.
+    pub used: u64,
+    /// Free data space.
+    pub free: u64,
+    /// New devices are refused when `free` is below this.
+    pub reserve: u64,
+    /// Device records.
+    pub devices: u64,
+    /// Thin pool metadata (dm-thin only).
+    pub metadata: Option<Space>,
+    /// Low-water mark in bytes (dm-thin only).
+    pub low_water: Option<u64>,
+    /// Pool mode: "rw", "ro", "out_of_data_space", "needs_check" (dm-thin only).
+    pub mode: Option<String>,
+}
+
+/// Capacity and use of one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Space {
+    /// Capacity.
+    pub total: u64,
+    /// In use.
+    pub used: u64,
+}
+
+impl From<proto::PoolStatus> for PoolStatus {
+    fn from(p: proto::PoolStatus) -> Self {
+        PoolStatus {
+            used: p.total.saturating_sub(p.free),
+            metadata: match (p.metadata_total, p.metadata_used) {
+                (Some(total), Some(used)) => Some(Space { total, used }),
+                _ => None,
+            },
+            backend: p.backend,
+            location: p.location,
+            total: p.total,
+            free: p.free,
+            reserve: p.reserve,
+            devices: p.devices,
+            low_water: p.low_water,
+            mode: p.mode,
+        }
+    }
+}
+
+/// One row of `devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    /// Device id.
+    pub id: u64,
+    /// Virtual size.
+    pub size: u64,
+    /// The device it is a copy-on-write snapshot of.
+    pub origin: Option<u64>,
+    /// "ext4" or "xfs".
+    pub fs: String,
+    /// "creating", "ready" or "deleting".
+    pub state: String,
+    /// "rw" or "ro" as the record wants it attached; `null`: detached.
+    pub access: Option<String>,
+    /// Block device node while attached.
+    pub node: Option<String>,
+    /// Bytes held beyond the origin (`null` if unreadable, see `usage_error`).
+    pub usage: Option<u64>,
+    /// Inodes used beyond the origin.
+    pub inodes: Option<u64>,
+    /// Why usage could not be read.
+    pub usage_error: Option<String>,
+    /// Snapshot keys this device holds.
+    pub snapshots: Vec<String>,
+}
+
+impl From<proto::Device> for Device {
+    fn from(d: proto::Device) -> Self {
+        Device {
+            id: d.id,
+            size: d.size,
+            origin: d.origin,
+            fs: d.fs,
+            state: d.state,
+            access: d.access,
+            node: d.node,
+            usage: d.usage,
+            inodes: d.inodes,
+            usage_error: d.usage_error,
+            snapshots: d.snapshots,
+        }
+    }
+}
+
+/// `check` (what `gc` would do) and `gc` (what it did).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Nothing to do (`check`) or nothing was done (`gc`), and no device is missing.
+    pub clean: bool,
+    /// Devices removed: half-created, half-deleted, or referenced by no snapshot.
+    pub devices_removed: Vec<u64>,
+    /// Active devices attached again.
+    pub reattached: Vec<u64>,
+    /// Inactive devices whose leftover attachment went.
+    pub detached: Vec<u64>,
+    /// Kernel or disk state without a record.
+    pub orphans: Vec<Orphan>,
+    /// Referenced devices whose storage is gone; gc cannot repair them.
+    pub missing: Vec<u64>,
+}
+
+/// Something the pool holds without a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Orphan {
+    /// "file", "loop", "dm_device" or "thin_id".
+    pub kind: String,
+    /// Path, dm name or thin id.
+    pub what: String,
+}
+
+impl Report {
+    /// Whether nothing needs (or needed) doing and nothing is missing.
+    pub fn is_clean(&self) -> bool {
+        self.devices_removed.is_empty()
+            && self.reattached.is_empty()
+            && self.detached.is_empty()
+            && self.orphans.is_empty()
+            && self.missing.is_empty()
+    }
+}
+
+impl From<proto::ReconcileReport> for Report {
+    fn from(r: proto::ReconcileReport) -> Self {
+        let mut out = Report {
+            clean: false,
+            devices_removed: r.devices_removed,
+            reattached: r.reattached,
+            detached: r.detached,
+            orphans: r.orphans.into_iter().map(|o| Orphan { kind: o.kind, what: o.what }).collect(),
+            missing: r.missing,
+        };
+        out.clean = out.is_clean();
+        out
+    }
+}

@@ -1,0 +1,428 @@
+//! Printing an [`Answer`]: aligned tables with binary size units for people,
+//! one JSON document (see [`crate::model`]) for machines.
+
+use std::fmt::Write as _;
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::model::{Device, PoolStatus, Report};
+use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
+
+/// How a command ended, short of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success; for `check`: nothing to clean.
+    Ok,
+    /// `check` found something to clean or a device whose storage is missing.
+    Findings,
+}
+
+impl Outcome {
+    /// The process exit code.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Ok => EXIT_OK,
+            Outcome::Findings => EXIT_FINDINGS,
+        }
+    }
+}
+
+/// Prints `answer` on `out` (tables, or JSON with `json`). With `json`, the
+/// verdict of `check` and warnings of `gc` go to `err`, so `out` stays one
+/// JSON document.
+pub fn render(answer: &Answer, json: bool, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, Error> {
+    if json {
+        writeln!(out, "{}", to_json(answer)?)?;
+    } else {
+        out.write_all(text(answer).as_bytes())?;
+    }
+    out.flush()?;
+    let outcome = match answer {
+        Answer::Check(r) if !r.clean => Outcome::Findings,
+        _ => Outcome::Ok,
+    };
+    if json {
+        match answer {
+            Answer::Check(r) if !r.clean => writeln!(err, "{}", summary(r, Tense::Would))?,
+            Answer::Gc(r) if !r.missing.is_empty() => writeln!(err, "{}", summary(r, Tense::Did))?,
+            _ => {}
+        }
+    }
+    Ok(outcome)
+}
+
+/// The `--json` document.
+pub fn to_json(answer: &Answer) -> Result<String, serde_json::Error> {
+    /// `devices` is an object, so fields can be added next to the list later.
+    #[derive(Serialize)]
+    struct DeviceList<'a> {
+        devices: &'a [Device],
+    }
+    match answer {
+        Answer::Status(s) => serde_json::to_string_pretty(s),
+        Answer::Devices(d) => serde_json::to_string_pretty(&DeviceList { devices: d }),
+        Answer::Check(r) | Answer::Gc(r) => serde_json::to_string_pretty(r),
+    }
+}
+
+/// The human-readable rendering.
+pub fn text(answer: &Answer) -> String {
+    match answer {
+        Answer::Status(s) => status_text(s),
+        Answer::Devices(d) => devices_text(d),
+        Answer::Check(r) => report_text(r, Tense::Would),
+        Answer::Gc(r) => report_text(r, Tense::Did),
+    }
+}
+
+/// Binary units, at most one decimal: `512MiB`, `65.1MiB`, `0B`. (Unlike
+/// the config's exact notation, `66632KiB` reads poorly in a table.)
+fn size(n: u64) -> String {
+    const UNITS: [(&str, u64); 5] = [("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    match UNITS.iter().find(|(_, unit)| n >= *unit) {
+        Some((name, unit)) if n % unit == 0 => format!("{}{name}", n / unit),
+        Some((name, unit)) => format!("{:.1}{name}", n as f64 / *unit as f64),
+        None => format!("{n}B"),
+    }
+}
+
+/// `part` as a whole percentage of `whole`.
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 { String::new() } else { format!(" ({}%)", (part as f64 * 100.0 / whole as f64).round()) }
+}
+
+fn or_dash(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".to_owned())
+}
+
+fn status_text(s: &PoolStatus) -> String {
+    let mut rows = vec![
+        vec!["backend".to_owned(), s.backend.clone()],
+        vec!["location".to_owned(), s.location.clone()],
+        vec!["data".to_owned(), format!("{} used{}, {} free, {} total", size(s.used), percent(s.used, s.total), size(s.free), size(s.total))],
+        vec!["reserve".to_owned(), size(s.reserve)],
+    ];
+    if s.free < s.reserve {
+        rows.push(vec!["warning".to_owned(), "free space is below the reserve: new snapshots are refused".to_owned()]);
+    }
+    rows.extend([
+        vec![
+            "metadata".to_owned(),
+            or_dash(s.metadata.map(|m| format!("{} used{}, {} total", size(m.used), percent(m.used, m.total), size(m.total)))),
+        ],
+        vec!["low water".to_owned(), or_dash(s.low_water.map(size))],
+        vec!["mode".to_owned(), or_dash(s.mode.clone())],
+        vec!["devices".to_owned(), s.devices.to_string()],
+    ]);
+    table(&rows)
+}
+
+fn devices_text(devices: &[Device]) -> String {
+    if devices.is_empty() {
+        return "no devices\n".to_owned();
+    }
+    let mut rows = vec![["ID", "STATE", "ACCESS", "NODE", "FS", "SIZE", "USAGE", "ORIGIN", "SNAPSHOTS"].map(str::to_owned).to_vec()];
+    let mut notes = String::new();
+    for d in devices {
+        let usage = match (d.usage, &d.usage_error) {
+            (Some(u), _) => size(u),
+            (None, Some(e)) => {
+                let _ = writeln!(notes, "device {}: usage unavailable: {e}", d.id);
+                "?".to_owned()
+            }
+            (None, None) => "-".to_owned(),
+        };
+        rows.push(vec![
+            d.id.to_string(),
+            d.state.clone(),
+            or_dash(d.access.clone()),
+            or_dash(d.node.clone()),
+            d.fs.clone(),
+            size(d.size),
+            usage,
+            or_dash(d.origin.map(|o| o.to_string())),
+            if d.snapshots.is_empty() { "-".to_owned() } else { d.snapshots.join(", ") },
+        ]);
+    }
+    table(&rows) + &notes
+}
+
+/// `check` says what would happen, `gc` what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tense {
+    Would,
+    Did,
+}
+
+fn report_text(r: &Report, tense: Tense) -> String {
+    let verb = |would: &str, did: &str| match tense {
+        Tense::Would => format!("would {would}"),
+        Tense::Did => did.to_owned(),
+    };
+    let mut rows = Vec::new();
+    for id in &r.devices_removed {
+        rows.push(vec![verb("remove", "removed"), format!("device {id}"), "half-made, half-deleted, or no snapshot uses it".to_owned()]);
+    }
+    for o in &r.orphans {
+        let kind = match o.kind.as_str() {
+            "loop" => "loop device",
+            "dm_device" => "dm device",
+            "thin_id" => "thin id",
+            other => other,
+        };
+        rows.push(vec![verb("remove", "removed"), format!("{kind} {}", o.what), "not in the store".to_owned()]);
+    }
+    for id in &r.reattached {
+        rows.push(vec![verb("re-attach", "re-attached"), format!("device {id}"), "active, but not attached".to_owned()]);
+    }
+    for id in &r.detached {
+        rows.push(vec![verb("detach", "detached"), format!("device {id}"), "inactive, but still attached".to_owned()]);
+    }
+    for id in &r.missing {
+        rows.push(vec!["MISSING".to_owned(), format!("device {id}"), "a snapshot uses it, but its storage is gone".to_owned()]);
+    }
+    table(&rows) + &summary(r, tense) + "\n"
+}
+
+/// One line: the verdict of `check`, or what `gc` did.
+fn summary(r: &Report, tense: Tense) -> String {
+    let fixable = r.devices_removed.len() + r.orphans.len() + r.reattached.len() + r.detached.len();
+    let missing = if r.missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} device(s) with missing storage: gc cannot repair them, remove the snapshots that use them ({})",
+            r.missing.len(),
+            ids(&r.missing)
+        )
+    };
+    match tense {
+        Tense::Would if r.is_clean() => "check: the pool matches the store; nothing to clean".to_owned(),
+        Tense::Would if fixable == 0 => format!("check: nothing for gc to clean{missing}"),
+        Tense::Would => format!("check: {fixable} finding(s); `thinboxctl gc` cleans them up{missing}"),
+        Tense::Did if r.is_clean() => "gc: nothing to clean".to_owned(),
+        Tense::Did => format!("gc: cleaned up {fixable} finding(s){missing}"),
+    }
+}
+
+fn ids(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Left-aligned columns two spaces apart; the last column is not padded, so
+/// lines carry no trailing blanks.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len().saturating_sub(1);
+        for (c, cell) in row.iter().enumerate() {
+            if c == last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Orphan, Space};
+
+    fn reflink_status() -> PoolStatus {
+        PoolStatus {
+            backend: "reflink".into(),
+            location: "/var/lib/thinbox/pool/devices".into(),
+            total: 64 << 30,
+            used: 16 << 30,
+            free: 48 << 30,
+            reserve: 512 << 20,
+            devices: 3,
+            metadata: None,
+            low_water: None,
+            mode: None,
+        }
+    }
+
+    fn device(id: u64, access: Option<&str>, node: Option<&str>, usage: Option<u64>, keys: &[&str]) -> Device {
+        Device {
+            id,
+            size: 512 << 20,
+            origin: (id > 1).then_some(1),
+            fs: "ext4".into(),
+            state: "ready".into(),
+            access: access.map(str::to_owned),
+            node: node.map(str::to_owned),
+            usage,
+            inodes: usage.map(|_| 4),
+            usage_error: None,
+            snapshots: keys.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    fn report(removed: &[u64], orphans: &[&str], missing: &[u64]) -> Report {
+        let mut r = Report {
+            clean: false,
+            devices_removed: removed.to_vec(),
+            orphans: orphans.iter().map(|p| Orphan { kind: "file".into(), what: p.to_string() }).collect(),
+            missing: missing.to_vec(),
+            ..Report::default()
+        };
+        r.clean = r.is_clean();
+        r
+    }
+
+    fn run(answer: &Answer, json: bool) -> (Outcome, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let outcome = render(answer, json, &mut out, &mut err).expect("renders");
+        (outcome, String::from_utf8(out).expect("utf-8"), String::from_utf8(err).expect("utf-8"))
+    }
+
+    #[test]
+    fn sizes_are_short() {
+        let cases =
+            [(0, "0B"), (1000, "1000B"), (4096, "4KiB"), (68_231_168, "65.1MiB"), (512 << 20, "512MiB"), (4032 << 20, "3.9GiB"), (3 << 40, "3TiB")];
+        for (n, s) in cases {
+            assert_eq!(size(n), s);
+        }
+    }
+
+    #[test]
+    fn tables_align_columns_without_trailing_blanks() {
+        let t = table(&[vec!["a".into(), "bbb".into(), "c".into()], vec!["dddd".into(), "e".into(), "ffffff".into()]]);
+        assert_eq!(t, "a     bbb  c\ndddd  e    ffffff\n");
+        assert_eq!(table(&[]), "");
+    }
+
+    #[test]
+    fn status_shows_human_sizes_and_dashes_for_what_the_backend_lacks() {
+        let (outcome, out, err) = run(&Answer::Status(reflink_status()), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert_eq!(
+            out,
+            "backend    reflink\n\
+             location   /var/lib/thinbox/pool/devices\n\
+             data       16GiB used (25%), 48GiB free, 64GiB total\n\
+             reserve    512MiB\n\
+             metadata   -\n\
+             low water  -\n\
+             mode       -\n\
+             devices    3\n"
+        );
+        assert!(err.is_empty());
+
+        let thin = PoolStatus {
+            backend: "dm-thin".into(),
+            free: 100 << 20,
+            used: (64 << 30) - (100 << 20),
+            metadata: Some(Space { total: 128 << 20, used: 12 << 20 }),
+            low_water: Some(1 << 30),
+            mode: Some("rw".into()),
+            ..reflink_status()
+        };
+        let out = text(&Answer::Status(thin));
+        assert!(out.contains("warning    free space is below the reserve"), "{out}");
+        assert!(out.contains("metadata   12MiB used (9%), 128MiB total\n"), "{out}");
+        assert!(out.contains("low water  1GiB\n") && out.contains("mode       rw\n"), "{out}");
+    }
+
+    #[test]
+    fn devices_table_lists_state_node_usage_and_keys() {
+        let mut broken = device(4, None, None, None, &[]);
+        broken.state = "deleting".into();
+        broken.usage_error = Some("open /p/devices/4.img: No such file or directory".into());
+        let devices = vec![
+            device(1, None, None, Some(8 << 20), &["base"]),
+            device(2, Some("rw"), Some("/dev/loop12"), Some(4_404_019), &["default/3/ctr"]),
+            device(3, Some("ro"), Some("/dev/loop13"), Some(0), &["v1", "v2"]),
+            broken,
+        ];
+        let (outcome, out, _) = run(&Answer::Devices(devices), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert_eq!(
+            out,
+            "ID  STATE     ACCESS  NODE         FS    SIZE    USAGE   ORIGIN  SNAPSHOTS\n\
+             1   ready     -       -            ext4  512MiB  8MiB    -       base\n\
+             2   ready     rw      /dev/loop12  ext4  512MiB  4.2MiB  1       default/3/ctr\n\
+             3   ready     ro      /dev/loop13  ext4  512MiB  0B      1       v1, v2\n\
+             4   deleting  -       -            ext4  512MiB  ?       1       -\n\
+             device 4: usage unavailable: open /p/devices/4.img: No such file or directory\n"
+        );
+        assert_eq!(text(&Answer::Devices(vec![])), "no devices\n");
+    }
+
+    #[test]
+    fn json_has_stable_field_names_and_nulls() {
+        let (_, out, err) = run(&Answer::Devices(vec![device(2, Some("rw"), Some("/dev/loop12"), Some(4096), &["k"])]), true);
+        assert!(err.is_empty());
+        let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+        assert_eq!(
+            v,
+            serde_json::json!({"devices": [{
+                "id": 2, "size": 512 << 20, "origin": 1, "fs": "ext4", "state": "ready", "access": "rw",
+                "node": "/dev/loop12", "usage": 4096, "inodes": 4, "usage_error": null, "snapshots": ["k"]
+            }]})
+        );
+
+        let v: serde_json::Value = serde_json::from_str(&to_json(&Answer::Status(reflink_status())).expect("encodes")).expect("parses");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "backend": "reflink", "location": "/var/lib/thinbox/pool/devices", "total": 64u64 << 30, "used": 16u64 << 30,
+                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "metadata": null, "low_water": null, "mode": null
+            })
+        );
+    }
+
+    #[test]
+    fn check_exits_1_on_findings_and_keeps_stdout_pure_json() {
+        let clean = report(&[], &[], &[]);
+        let (outcome, out, _) = run(&Answer::Check(clean.clone()), false);
+        assert_eq!((outcome, out.as_str()), (Outcome::Ok, "check: the pool matches the store; nothing to clean\n"));
+        assert_eq!(outcome.exit_code(), 0);
+
+        let dirty = report(&[7], &["/p/devices/999.img"], &[]);
+        let (outcome, out, _) = run(&Answer::Check(dirty.clone()), false);
+        assert_eq!(outcome.exit_code(), 1);
+        assert_eq!(
+            out,
+            "would remove  device 7                 half-made, half-deleted, or no snapshot uses it\n\
+             would remove  file /p/devices/999.img  not in the store\n\
+             check: 2 finding(s); `thinboxctl gc` cleans them up\n"
+        );
+
+        let (outcome, out, err) = run(&Answer::Check(dirty), true);
+        assert_eq!(outcome, Outcome::Findings);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "clean": false, "devices_removed": [7], "reattached": [], "detached": [],
+                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": []
+            })
+        );
+        assert_eq!(err, "check: 2 finding(s); `thinboxctl gc` cleans them up\n");
+
+        let (outcome, out, _) = run(&Answer::Check(report(&[], &[], &[5])), false);
+        assert_eq!(outcome, Outcome::Findings, "a missing device is a finding although gc cannot fix it");
+        assert!(out.contains("MISSING  device 5") && out.contains("check: nothing for gc to clean; 1 device(s) with missing storage"), "{out}");
+    }
+
+    #[test]
+    fn gc_reports_what_it_did_and_succeeds() {
+        let (outcome, out, _) = run(&Answer::Gc(report(&[7], &["/p/devices/999.img"], &[])), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert!(out.starts_with("removed  device 7"), "{out}");
+        assert!(out.ends_with("gc: cleaned up 2 finding(s)\n"), "{out}");
+        assert_eq!(text(&Answer::Gc(report(&[], &[], &[]))), "gc: nothing to clean\n");
+        let (outcome, _, err) = run(&Answer::Gc(report(&[], &[], &[5])), true);
+        assert_eq!(outcome, Outcome::Ok);
+        assert!(err.contains("gc cannot repair them"), "{err}");
+    }
+}
