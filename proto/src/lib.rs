@@ -1,9 +1,18 @@
 //! Wire definitions for Thinbox, generated from our own `.proto` transcriptions of
-//! published APIs (containerd `snapshots.v1` and `types.Mount`), and of Thinbox's
-//! own administration API (`thinbox.admin.v1`, served next to `snapshots.v1`).
+//! published APIs (containerd `snapshots.v1` and `types.Mount`, and the Container
+//! Storage Interface `csi.v1` at spec v1.12.0), and of Thinbox's own administration
+//! API (`thinbox.admin.v1`, served next to `snapshots.v1`).
 //!
 //! The generated modules mirror the protobuf packages so that type paths read like
-//! the upstream API: `containerd::services::snapshots::v1::PrepareSnapshotRequest`.
+//! the upstream API: `containerd::services::snapshots::v1::PrepareSnapshotRequest`,
+//! `csi::v1::NodePublishVolumeRequest`.
+//!
+//! CSI: servers and clients are generated for the `Identity`, `Controller`,
+//! `GroupController` and `Node` services (`csi::v1::node_server::NodeServer`,
+//! `csi::v1::identity_client::IdentityClient`, ...). The alpha `SnapshotMetadata`
+//! service is not transcribed. Well-known types come from `prost-types`
+//! (`ProbeResponse::ready` is an `Option<bool>`, `Snapshot::creation_time` an
+//! `Option<prost_types::Timestamp>`).
 
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
@@ -36,8 +45,17 @@ pub mod thinbox {
     }
 }
 
+/// Container Storage Interface.
+pub mod csi {
+    /// `csi.v1`, transcribed from the CSI spec v1.12.0.
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+pub use csi::v1 as csi_v1;
 pub use thinbox::admin::v1 as admin;
 
 /// A gRPC channel over a unix socket (containerd and CSI speak gRPC on unix
