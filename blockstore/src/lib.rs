@@ -29,6 +29,7 @@ mod embedded;
 mod error;
 pub mod fault;
 mod fs;
+pub mod image;
 mod loops;
 mod pool;
 mod reflink;

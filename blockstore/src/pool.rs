@@ -292,6 +292,37 @@ impl Pool {
         self.backend.create(rec)
     }
 
+    /// Attaches a ready device and records that it stays attached, so that
+    /// reconciliation attaches it again after a reboot.
+    pub fn activate(&self, id: DeviceId, access: Access) -> Result<PathBuf> {
+        let txn = self.store.write()?;
+        let rec = {
+            let mut devs = Devices::open(&txn)?;
+            let mut rec = devs.require(id)?;
+            if rec.state != DeviceState::Ready {
+                return Err(Error::DeviceNotReady { id, state: rec.state.as_str() });
+            }
+            rec.access = Some(access);
+            devs.put(&rec)?;
+            rec
+        };
+        txn.commit()?;
+        self.backend.activate(&rec, access)
+    }
+
+    /// Detaches a device and records that it stays detached.
+    pub fn release(&self, id: DeviceId) -> Result<()> {
+        let txn = self.store.write()?;
+        {
+            let mut devs = Devices::open(&txn)?;
+            let mut rec = devs.require(id)?;
+            rec.access = None;
+            devs.put(&rec)?;
+        }
+        txn.commit()?;
+        self.backend.deactivate(id)
+    }
+
     /// Detaches a device (lazily, if something still holds it open) and flushes it.
     pub fn deactivate(&self, id: DeviceId) -> Result<()> {
         self.backend.deactivate(id)

@@ -1,0 +1,57 @@
+//! Stand-alone image files on loop devices, outside any pool: the CSI driver's
+//! `file` volumes, whose quota is the file's size. Same conventions as pool
+//! devices (sparse, 0600, one `LOOP_CONFIGURE` with direct I/O).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::fs;
+use crate::loops::{self, AttachOpts};
+use crate::store::FsType;
+use crate::units::Bytes;
+
+/// Creates the sparse image `path` of exactly `size` (a fresh file: an existing
+/// one is an error) and, unless `fs` is `None` (raw block), a filesystem in it.
+/// A failure removes what was made.
+pub fn create(path: &Path, size: Bytes, fs: Option<FsType>) -> Result<()> {
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(Error::io("create", path))?;
+    let made = file.set_len(size.get()).map_err(Error::io("size", path)).and_then(|_| match fs {
+        Some(fs) => fs::mkfs(fs, path),
+        None => Ok(()),
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// The loop device bound to `path`, attaching one if none is (idempotent:
+/// a restarted driver finds the loops it attached before).
+pub fn attach(path: &Path, read_only: bool) -> Result<PathBuf> {
+    if let Some(node) = find(path)? {
+        return Ok(node);
+    }
+    let attached = loops::attach(path, AttachOpts { read_only, direct_io: true, autoclear: false, block_size: 4096 })?;
+    Ok(attached.node.clone())
+}
+
+/// The loop device bound to `path`, if any.
+pub fn find(path: &Path) -> Result<Option<PathBuf>> {
+    let dir = path.parent().unwrap_or(path);
+    Ok(loops::scan(dir)?.into_iter().find(|l| l.backing == path && !l.deleted).map(|l| l.node))
+}
+
+/// Detaches the loop bound to `path`, if any (lazily, if still open).
+pub fn detach(path: &Path) -> Result<()> {
+    match find(path)? {
+        Some(node) => loops::detach(&node),
+        None => Ok(()),
+    }
+}
+
+/// Inodes in use in the image's filesystem, from its superblock.
+pub fn inodes_used(path: &Path, fs: FsType) -> Result<Option<u64>> {
+    fs::inodes_used(fs, path)
+}
