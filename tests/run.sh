@@ -2,7 +2,7 @@
 # Runs Thinbox's test tiers. Usage: tests/run.sh [tier...]   (default: all)
 #
 #   unit         cargo tests of the pure parts (no root)
-#   host         blockstore + snapshotter on real loop devices and XFS/btrfs pools (root)
+#   host         blockstore, snapshotter, thinboxctl and the CSI driver on real loop devices and XFS/btrfs pools (root)
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove, restart, check (root)
 #   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
@@ -47,6 +47,7 @@ tier_host() {
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
   cargo test -p thinbox-snapshotter --test host -- --test-threads=2
   cargo test -p thinbox-snapshotter --test admin -- --test-threads=2
+  cargo test -p thinbox-csi --test host -- --test-threads=2
 }
 tier_crash() {
   need_root crash

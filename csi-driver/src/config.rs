@@ -1,0 +1,108 @@
+//! Configuration file (TOML): every key optional, unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thinbox_block_passthrough::KATA_DIRECT_VOLUMES;
+use thinbox_blockstore::{Bytes, FsType, PoolConfig};
+
+use crate::state::Sandbox;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The driver's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The kubelet's root directory: every target path must lie inside it.
+    pub kubelet_dir: PathBuf,
+    /// The pool of `block` volumes (same keys as the snapshotter's `[pool]`).
+    pub pool: PoolConfig,
+    /// Filesystem when neither the request nor the StorageClass names one.
+    pub default_fs: FsType,
+    /// Size when a request gives no capacity range (and for inline volumes
+    /// without a `size` attribute).
+    pub default_size: Bytes,
+    /// How volumes are published when neither the StorageClass nor the inline
+    /// attributes say (`runc`: mounted on the host; `kata`: direct volume).
+    pub default_sandbox: Sandbox,
+    /// Where Kata looks for direct-volume records.
+    pub direct_volumes: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kubelet_dir: PathBuf::from("/var/lib/kubelet"),
+            pool: PoolConfig::default(),
+            default_fs: FsType::Ext4,
+            default_size: Bytes(1 << 30),
+            default_sandbox: Sandbox::Runc,
+            direct_volumes: PathBuf::from(KATA_DIRECT_VOLUMES),
+        }
+    }
+}
+
+/// Smallest volume: room for ext4 or xfs metadata (xfs needs 300 MiB).
+pub const MIN_VOLUME_SIZE: Bytes = Bytes(300 << 20);
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p, source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)] {
+            if !p.is_absolute() {
+                return Err(ConfigError::Invalid(format!("{key} {} must be an absolute path", p.display())));
+            }
+        }
+        if self.default_size < MIN_VOLUME_SIZE {
+            return Err(ConfigError::Invalid(format!("default_size {} is below the minimum {MIN_VOLUME_SIZE}", self.default_size)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let cfg: Config = toml::from_str("kubelet_dir = \"/k\"\ndefault_sandbox = \"kata\"\ndefault_fs = \"xfs\"\n[pool]\nbackend = \"reflink\"").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.default_sandbox, Sandbox::Kata);
+        assert!(toml::from_str::<Config>("kubelet = \"/k\"").is_err(), "unknown key");
+        let rel: Config = toml::from_str("kubelet_dir = \"k\"").unwrap();
+        assert!(rel.validate().is_err());
+        let small: Config = toml::from_str("default_size = \"1MiB\"").unwrap();
+        assert!(small.validate().is_err());
+    }
+}

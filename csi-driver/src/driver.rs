@@ -1,0 +1,680 @@
+//! The driver's logic, independent of gRPC: volumes of each kind, their
+//! publications on this node, and reconciliation after a crash.
+//!
+//! Every change is two-phased like the block store's: the intent goes into
+//! the state tables (with the block device's own record, in one transaction)
+//! before the kernel or disk is touched, and reconciliation at start-up rolls
+//! half-made volumes back and finishes half-deleted ones.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, unmount};
+use thinbox_block_passthrough::{DirectVolumes, MountInfo};
+use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, image};
+
+use crate::config::{Config, MIN_VOLUME_SIZE};
+use crate::error::{Error, Result, invalid};
+use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, Sandbox, State, VOLUMES, Volume};
+
+/// Volume sizes are whole MiB.
+const ALIGN: u64 = 1 << 20;
+
+/// What CreateVolume asks for, already decoded.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    /// Idempotency key.
+    pub name: String,
+    /// At least this many bytes (0: no lower bound).
+    pub required: u64,
+    /// At most this many bytes (0: no upper bound).
+    pub limit: u64,
+    /// What backs it.
+    pub kind: Kind,
+    /// Filesystem, or `None` for raw block only.
+    pub fs: Option<FsType>,
+    /// Sandbox asked for by the StorageClass.
+    pub sandbox: Option<Sandbox>,
+    /// An inline ephemeral volume.
+    pub ephemeral: bool,
+    /// Parameters to keep.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// How to publish, already decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessType {
+    /// A filesystem, with mount flags.
+    Mount { fs: Option<FsType>, flags: Vec<String> },
+    /// The raw device.
+    Block,
+}
+
+/// Usage figures of a published volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Capacity in bytes.
+    pub total: u64,
+    /// Bytes in use (filesystem) or allocated (direct volume).
+    pub used: u64,
+    /// Bytes available (filesystem only).
+    pub available: u64,
+    /// Inode figures (filesystem only): total, used, free.
+    pub inodes: Option<(u64, u64, u64)>,
+}
+
+/// The driver state of one node.
+#[derive(Debug)]
+pub struct Driver {
+    pool: Pool,
+    cfg: Config,
+    node_id: String,
+    files: PathBuf,
+    direct: DirectVolumes,
+    /// Mutating operations run one at a time: they are short, and the CO
+    /// retries concurrent calls for the same volume anyway.
+    lock: Mutex<()>,
+}
+
+impl Driver {
+    /// Opens the state under `root` and converges it with the disk and kernel.
+    pub fn open(root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
+        let pool = Pool::open(root, cfg.pool.clone())?;
+        let files = root.canonicalize().map_err(Error::io("resolve", root))?.join("files");
+        fs::create_dir_all(&files).map_err(Error::io("create", &files))?;
+        let direct = DirectVolumes::new(&cfg.direct_volumes);
+        let d = Driver { pool, cfg, node_id: node_id.to_owned(), files, direct, lock: Mutex::new(()) };
+        let txn = d.pool.store().write()?;
+        state::init(&txn)?;
+        txn.commit()?;
+        d.reconcile()?;
+        Ok(d)
+    }
+
+    /// The node's id (for NodeGetInfo and topology).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn serial(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn image(&self, id: &str) -> PathBuf {
+        self.files.join(format!("{id}.img"))
+    }
+
+    /// A volume by id.
+    pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
+        let txn = self.pool.store().db().begin_read()?;
+        state::get(&txn.open_table(VOLUMES)?, id)
+    }
+
+    fn require(&self, id: &str) -> Result<Volume> {
+        match self.volume(id)? {
+            Some(v) if v.state == State::Ready => Ok(v),
+            _ => Err(Error::NotFound(format!("volume {id:?} does not exist"))),
+        }
+    }
+
+    /// Every ready volume.
+    pub fn volumes(&self) -> Result<Vec<Volume>> {
+        let txn = self.pool.store().db().begin_read()?;
+        let all: Vec<Volume> = state::all(&txn.open_table(VOLUMES)?)?;
+        Ok(all.into_iter().filter(|v| v.state == State::Ready).collect())
+    }
+
+    /// Free bytes for new volumes of `kind`.
+    pub fn capacity(&self, kind: Kind) -> Result<u64> {
+        match kind {
+            Kind::Block => {
+                let st = self.pool.status()?;
+                Ok(st.free.get().saturating_sub(st.reserve.get()))
+            }
+            Kind::File => {
+                let st = rustix::fs::statvfs(&self.files).map_err(|e| Error::io("statvfs", &self.files)(e.into()))?;
+                Ok((st.f_bavail * st.f_frsize).saturating_sub(self.cfg.pool.reserve.get()))
+            }
+        }
+    }
+
+    /// CreateVolume: idempotent by name.
+    pub fn create(&self, req: &CreateRequest) -> Result<Volume> {
+        let _s = self.serial();
+        let size = pick_size(req.required, req.limit, self.cfg.default_size)?;
+        if let Some(v) = self.by_name(&req.name)? {
+            let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
+            if v.kind != req.kind || !fits || v.fs != req.fs {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists as {} {} {:?}, not as asked",
+                    req.name,
+                    v.kind.as_str(),
+                    v.size,
+                    v.fs
+                )));
+            }
+            return Ok(v);
+        }
+        if req.kind == Kind::File && self.capacity(Kind::File)? < size.get() {
+            return Err(Error::ResourceExhausted(format!("no room for a {size} file volume in {}", self.files.display())));
+        }
+        // Intent: the record (and the block device's record) before any work.
+        let txn = self.pool.store().write()?;
+        let n = state::next_number(&txn)?;
+        let id = format!("tb-{}-{n}", req.kind.as_str());
+        let device = match req.kind {
+            Kind::Block => {
+                let fs = req.fs.ok_or_else(|| invalid("a block store volume needs a filesystem"))?;
+                let spec = CreateSpec { size, origin: None, fs, access: None };
+                Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
+            }
+            Kind::File => None,
+        };
+        let mut vol = Volume {
+            id: id.clone(),
+            name: req.name.clone(),
+            kind: req.kind,
+            size,
+            fs: req.fs,
+            device: device.as_ref().map(|d| d.id),
+            state: State::Creating,
+            sandbox: req.sandbox,
+            ephemeral: req.ephemeral,
+            parameters: req.parameters.clone(),
+        };
+        state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
+        txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
+        txn.commit()?;
+
+        let made = match &device {
+            Some(rec) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            None => image::create(&self.image(&id), size, req.fs).map_err(Error::from),
+        };
+        if let Err(e) = made {
+            tracing::warn!(volume = %id, error = %crate::error::chain(&e), "create failed; rolling back");
+            self.forget(&vol)?;
+            return Err(e);
+        }
+        let txn = self.pool.store().write()?;
+        if let Some(rec) = &device {
+            let mut devs = Devices::open(&txn)?;
+            let mut r = devs.require(rec.id)?;
+            r.state = DeviceState::Ready;
+            devs.put(&r)?;
+        }
+        vol.state = State::Ready;
+        state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
+        txn.commit()?;
+        tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, "volume created");
+        Ok(vol)
+    }
+
+    fn by_name(&self, name: &str) -> Result<Option<Volume>> {
+        let txn = self.pool.store().db().begin_read()?;
+        let Some(id) = txn.open_table(NAMES)?.get(name)?.map(|v| v.value().to_owned()) else { return Ok(None) };
+        state::get(&txn.open_table(VOLUMES)?, &id)
+    }
+
+    /// DeleteVolume: idempotent; a published volume is refused.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let _s = self.serial();
+        let Some(vol) = self.volume(id)? else { return Ok(()) };
+        if !self.publications_of(id)?.is_empty() {
+            return Err(Error::FailedPrecondition(format!("volume {id} is still published")));
+        }
+        self.forget(&vol)
+    }
+
+    /// Marks the volume deleting, removes its storage, then its records.
+    fn forget(&self, vol: &Volume) -> Result<()> {
+        let txn = self.pool.store().write()?;
+        let mut marked = vol.clone();
+        marked.state = State::Deleting;
+        state::put(&mut txn.open_table(VOLUMES)?, &vol.id, &marked)?;
+        if let Some(dev) = vol.device {
+            let mut devs = Devices::open(&txn)?;
+            if devs.get(dev)?.is_some() {
+                self.pool.plan_delete(&mut devs, dev)?;
+            }
+        }
+        txn.commit()?;
+        match vol.device {
+            Some(dev) => self.pool.destroy(dev)?,
+            None => {
+                let img = self.image(&vol.id);
+                image::detach(&img)?;
+                match fs::remove_file(&img) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", &img)(e)),
+                }
+            }
+        }
+        let txn = self.pool.store().write()?;
+        txn.open_table(VOLUMES)?.remove(vol.id.as_str())?;
+        {
+            let mut names = txn.open_table(NAMES)?;
+            let ours = names.get(vol.name.as_str())?.is_some_and(|v| v.value() == vol.id);
+            if ours {
+                names.remove(vol.name.as_str())?;
+            }
+        }
+        txn.commit()?;
+        tracing::info!(volume = %vol.id, "volume deleted");
+        Ok(())
+    }
+
+    fn publications_of(&self, id: &str) -> Result<Vec<Publication>> {
+        let txn = self.pool.store().db().begin_read()?;
+        let all: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
+        Ok(all.into_iter().filter(|p| p.volume == id).collect())
+    }
+
+    fn publication(&self, target: &Path) -> Result<Option<Publication>> {
+        let txn = self.pool.store().db().begin_read()?;
+        state::get(&txn.open_table(PUBLICATIONS)?, &target.to_string_lossy())
+    }
+
+    /// The device node of a volume, attaching it if needed.
+    fn attach(&self, vol: &Volume) -> Result<PathBuf> {
+        match vol.device {
+            Some(dev) => Ok(self.pool.activate(dev, Access::ReadWrite)?),
+            None => Ok(image::attach(&self.image(&vol.id), false)?),
+        }
+    }
+
+    fn detach(&self, vol: &Volume) -> Result<()> {
+        match vol.device {
+            Some(dev) => Ok(self.pool.release(dev)?),
+            None => Ok(image::detach(&self.image(&vol.id))?),
+        }
+    }
+
+    /// NodePublishVolume. `target` has been checked (see [`crate::paths`]).
+    pub fn publish(&self, id: &str, target: &Path, access: &AccessType, readonly: bool, sandbox: Option<Sandbox>) -> Result<()> {
+        let _s = self.serial();
+        let vol = self.require(id)?;
+        let sandbox = sandbox.or(vol.sandbox).unwrap_or(self.cfg.default_sandbox);
+        let (mode, flags) = match (access, sandbox) {
+            (AccessType::Block, Sandbox::Runc) => (Mode::HostBlock, Vec::new()),
+            (AccessType::Block, Sandbox::Kata) => (Mode::Kata, Vec::new()),
+            (AccessType::Mount { fs, flags }, sandbox) => {
+                let Some(vol_fs) = vol.fs else {
+                    return Err(Error::FailedPrecondition(format!("volume {id} is a raw block volume; it has no filesystem to mount")));
+                };
+                if fs.is_some_and(|f| f != vol_fs) {
+                    return Err(invalid(format!("volume {id} holds {}, not {}", vol_fs.as_str(), fs.map(FsType::as_str).unwrap_or_default())));
+                }
+                (if sandbox == Sandbox::Kata { Mode::Kata } else { Mode::HostMount }, flags.clone())
+            }
+        };
+        let wanted = Publication { volume: id.to_owned(), target: target.to_owned(), mode, readonly, flags };
+        if let Some(existing) = self.publication(target)? {
+            if existing == wanted {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!("{} is already published differently ({} as {:?})", target.display(), existing.volume, existing.mode)));
+        }
+        // Never mounted on the host while a guest has it, and the reverse.
+        if let Some(other) = self.publications_of(id)?.into_iter().find(|p| (p.mode == Mode::Kata) != (mode == Mode::Kata)) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is published at {} for a {} sandbox; a filesystem is never in a guest and on the host at once",
+                other.target.display(),
+                if other.mode == Mode::Kata { "Kata" } else { "runC" }
+            )));
+        }
+        let txn = self.pool.store().write()?;
+        state::put(&mut txn.open_table(PUBLICATIONS)?, &target.to_string_lossy(), &wanted)?;
+        txn.commit()?;
+        let done = self.attach(&vol).and_then(|node| self.make_target(&vol, &wanted, &node));
+        if let Err(e) = done {
+            tracing::warn!(volume = %id, target = %target.display(), error = %crate::error::chain(&e), "publish failed; undoing");
+            let _ = self.undo_publication(&vol, &wanted);
+            return Err(e);
+        }
+        tracing::info!(volume = %id, target = %target.display(), mode = ?mode, readonly, "published");
+        Ok(())
+    }
+
+    fn make_target(&self, vol: &Volume, p: &Publication, node: &Path) -> Result<()> {
+        let fs_name = vol.fs.map(FsType::as_str).unwrap_or_default();
+        match p.mode {
+            Mode::HostMount => {
+                mkdir(&p.target)?;
+                let (mut flags, mut data) = mount_options(&p.flags);
+                flags |= MountFlags::NOSUID | MountFlags::NODEV;
+                if p.readonly {
+                    flags |= MountFlags::RDONLY;
+                }
+                if vol.fs == Some(FsType::Xfs) {
+                    data.push("nouuid".into());
+                }
+                if !is_mountpoint(&p.target)? {
+                    let data = std::ffi::CString::new(data.join(",")).map_err(|_| invalid("mount flags must not contain NUL"))?;
+                    mount(node, &p.target, fs_name, flags, data.as_c_str()).map_err(|e| Error::io("mount", node)(e.into()))?;
+                }
+                Ok(())
+            }
+            Mode::HostBlock => {
+                if !p.target.exists() {
+                    fs::File::create(&p.target).map_err(Error::io("create", &p.target))?;
+                }
+                if !is_mountpoint(&p.target)? {
+                    mount_bind(node, &p.target).map_err(|e| Error::io("bind-mount", node)(e.into()))?;
+                }
+                Ok(())
+            }
+            Mode::Kata => {
+                // The runtime looks the target up; the host leaves it empty.
+                mkdir(&p.target)?;
+                let mut options = p.flags.clone();
+                if p.readonly && !options.iter().any(|o| o == "ro") {
+                    options.push("ro".into());
+                }
+                let info = MountInfo {
+                    volume_type: "block".into(),
+                    device: node.display().to_string(),
+                    fstype: vol.fs.map(FsType::as_str).unwrap_or_default().to_owned(),
+                    metadata: BTreeMap::from([("thinbox.io/volume".to_owned(), vol.id.clone())]),
+                    options,
+                };
+                Ok(self.direct.add(&p.target, &info)?)
+            }
+        }
+    }
+
+    /// NodeUnpublishVolume: idempotent.
+    pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        let _s = self.serial();
+        let Some(p) = self.publication(target)? else {
+            // Not ours (or already done): only make sure nothing of ours is left there.
+            if is_mountpoint(target)? {
+                return Err(Error::FailedPrecondition(format!("{} is mounted, but not by volume {id}", target.display())));
+            }
+            return Ok(());
+        };
+        if p.volume != id {
+            return Err(Error::NotFound(format!("volume {id} is not published at {}", target.display())));
+        }
+        let vol = self.volume(id)?.ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))?;
+        self.undo_publication(&vol, &p)?;
+        if vol.ephemeral {
+            self.forget(&vol)?;
+        }
+        tracing::info!(volume = %id, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    /// Unmounts (or removes the direct-volume record), removes the target,
+    /// forgets the publication and detaches the device if nothing else uses it.
+    fn undo_publication(&self, vol: &Volume, p: &Publication) -> Result<()> {
+        match p.mode {
+            Mode::HostMount | Mode::HostBlock => {
+                while is_mountpoint(&p.target)? {
+                    unmount(&p.target, UnmountFlags::empty()).map_err(|e| Error::io("unmount", &p.target)(e.into()))?;
+                }
+            }
+            Mode::Kata => {
+                self.direct.remove(&p.target)?;
+            }
+        }
+        remove_target(&p.target)?;
+        let txn = self.pool.store().write()?;
+        txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
+        txn.commit()?;
+        if self.publications_of(&vol.id)?.is_empty() {
+            self.detach(vol)?;
+        }
+        Ok(())
+    }
+
+    /// NodePublishVolume of an inline ephemeral volume: made here, named by the
+    /// kubelet's volume id, gone at unpublish.
+    pub fn publish_ephemeral(&self, handle: &str, target: &Path, req: CreateRequest, access: &AccessType, readonly: bool) -> Result<()> {
+        let existing = self.publication(target)?;
+        let vol = match self.by_name(handle)? {
+            Some(v) => v,
+            None => self.create(&CreateRequest { name: handle.to_owned(), ephemeral: true, ..req })?,
+        };
+        if existing.is_some_and(|p| p.volume != vol.id) {
+            return Err(Error::AlreadyExists(format!("{} is already published for another volume", target.display())));
+        }
+        let sandbox = vol.sandbox;
+        match self.publish(&vol.id, target, access, readonly, sandbox) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Half-way: the volume must not outlive the failed publish.
+                if self.publications_of(&vol.id)?.is_empty() {
+                    let _s = self.serial();
+                    self.forget(&vol)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The volume published at `target`, by the id the CO uses for it (ours, or
+    /// the kubelet's handle of an ephemeral volume).
+    pub fn resolve(&self, handle: &str) -> Result<Option<Volume>> {
+        match self.volume(handle)? {
+            Some(v) => Ok(Some(v)),
+            None => self.by_name(handle).map(|v| v.filter(|v| v.ephemeral)),
+        }
+    }
+
+    /// NodeGetVolumeStats.
+    pub fn stats(&self, id: &str, path: &Path) -> Result<Stats> {
+        let vol = self.require(id)?;
+        let Some(p) = self.publication(path)? else {
+            return Err(Error::NotFound(format!("volume {id} is not published at {}", path.display())));
+        };
+        match p.mode {
+            Mode::HostMount => {
+                let st = rustix::fs::statvfs(path).map_err(|e| Error::io("statvfs", path)(e.into()))?;
+                let total = st.f_blocks * st.f_frsize;
+                let available = st.f_bavail * st.f_frsize;
+                Ok(Stats {
+                    total,
+                    used: total - st.f_bfree * st.f_frsize,
+                    available,
+                    inodes: Some((st.f_files, st.f_files - st.f_ffree, st.f_favail)),
+                })
+            }
+            Mode::HostBlock | Mode::Kata => {
+                let used = match vol.device {
+                    Some(dev) => {
+                        let rec = self.pool.store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {id}")))?;
+                        self.pool.usage(&rec)?.bytes.get()
+                    }
+                    None => {
+                        let img = self.image(&vol.id);
+                        fs::metadata(&img).map_err(Error::io("stat", &img))?.blocks() * 512
+                    }
+                };
+                Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None })
+            }
+        }
+    }
+
+    /// Rolls back half-made volumes, finishes half-deleted ones, drops
+    /// publications whose target is gone, and lets the pool remove devices no
+    /// volume references; image files without a volume are removed.
+    fn reconcile(&self) -> Result<()> {
+        let txn = self.pool.store().db().begin_read()?;
+        let all: Vec<Volume> = state::all(&txn.open_table(VOLUMES)?)?;
+        let pubs: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
+        drop(txn);
+        let mut referenced = HashSet::new();
+        let mut images = HashSet::new();
+        for vol in all {
+            if vol.state != State::Ready {
+                tracing::info!(volume = %vol.id, state = ?vol.state, "finishing interrupted volume change");
+                self.forget(&vol)?;
+                continue;
+            }
+            referenced.extend(vol.device);
+            if vol.kind == Kind::File {
+                images.insert(self.image(&vol.id));
+            }
+        }
+        for p in pubs {
+            let live = match p.mode {
+                Mode::HostMount | Mode::HostBlock => is_mountpoint(&p.target)?,
+                Mode::Kata => self.direct.get(&p.target)?.is_some(),
+            };
+            if !live {
+                tracing::info!(target = %p.target.display(), "dropping publication whose target is gone");
+                let txn = self.pool.store().write()?;
+                txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
+                txn.commit()?;
+            }
+        }
+        let report = self.pool.reconcile(&referenced)?;
+        for entry in fs::read_dir(&self.files).map_err(Error::io("list", &self.files))? {
+            let path = entry.map_err(Error::io("list", &self.files))?.path();
+            if !images.contains(&path) {
+                tracing::info!(file = %path.display(), "removing image without a volume");
+                image::detach(&path)?;
+                fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            }
+        }
+        tracing::info!(?report, "reconciled");
+        Ok(())
+    }
+
+    /// On exit with `release`: detach what nothing publishes.
+    pub fn shutdown(&self, release: bool) -> Result<()> {
+        let _s = self.serial();
+        Ok(self.pool.shutdown(release)?)
+    }
+}
+
+/// Size for a capacity range: the required bytes (or the default, capped by the
+/// limit) rounded up to whole MiB, at least the minimum for a filesystem.
+pub fn pick_size(required: u64, limit: u64, default: Bytes) -> Result<Bytes> {
+    if limit != 0 && required > limit {
+        return Err(Error::OutOfRange(format!("required_bytes {required} exceeds limit_bytes {limit}")));
+    }
+    let want = if required == 0 { if limit == 0 { default.get() } else { default.get().min(limit) } } else { required };
+    let size = want.max(MIN_VOLUME_SIZE.get()).div_ceil(ALIGN) * ALIGN;
+    if limit != 0 && size > limit {
+        return Err(Error::OutOfRange(format!("limit_bytes {limit} is below the smallest volume {MIN_VOLUME_SIZE}")));
+    }
+    Ok(Bytes(size))
+}
+
+/// Splits CSI mount flags into the kernel's generic flags and the options
+/// the filesystem parses itself.
+fn mount_options(flags: &[String]) -> (MountFlags, Vec<String>) {
+    let mut out = MountFlags::empty();
+    let mut data = Vec::new();
+    for f in flags {
+        match f.as_str() {
+            "ro" => out |= MountFlags::RDONLY,
+            "rw" | "defaults" | "relatime" => {}
+            "noatime" => out |= MountFlags::NOATIME,
+            "nodiratime" => out |= MountFlags::NODIRATIME,
+            "strictatime" => out |= MountFlags::STRICTATIME,
+            "lazytime" => out |= MountFlags::LAZYTIME,
+            "nosuid" => out |= MountFlags::NOSUID,
+            "nodev" => out |= MountFlags::NODEV,
+            "noexec" => out |= MountFlags::NOEXEC,
+            "sync" => out |= MountFlags::SYNCHRONOUS,
+            "dirsync" => out |= MountFlags::DIRSYNC,
+            other => data.push(other.to_owned()),
+        }
+    }
+    (out, data)
+}
+
+fn mkdir(p: &Path) -> Result<()> {
+    match fs::create_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
+        Err(e) => Err(Error::io("create", p)(e)),
+    }
+}
+
+fn remove_target(p: &Path) -> Result<()> {
+    let removed = match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p)(e)),
+    }
+}
+
+/// Whether `p` is a mount point (a device or bind mount on it), from
+/// `/proc/self/mountinfo`.
+fn is_mountpoint(p: &Path) -> Result<bool> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read", "/proc/self/mountinfo"))?;
+    let want = p.to_string_lossy();
+    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| unescape(mp) == want))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn sizes_follow_the_capacity_range() {
+        let d = Bytes(1 << 30);
+        assert_eq!(pick_size(0, 0, d).unwrap(), d);
+        assert_eq!(pick_size(0, 512 << 20, d).unwrap(), Bytes(512 << 20));
+        assert_eq!(pick_size((2 << 30) + 1, 0, d).unwrap(), Bytes((2 << 30) + (1 << 20)));
+        assert_eq!(pick_size(1, 0, d).unwrap(), MIN_VOLUME_SIZE);
+        assert_eq!(pick_size(2, 1, d).unwrap_err().code(), Code::OutOfRange);
+        assert_eq!(pick_size(0, 1 << 20, d).unwrap_err().code(), Code::OutOfRange);
+    }
+
+    #[test]
+    fn mount_flags_split_into_kernel_flags_and_fs_options() {
+        let flags: Vec<String> = ["noatime", "ro", "discard", "data=ordered"].map(String::from).to_vec();
+        let (f, data) = mount_options(&flags);
+        assert_eq!(f, MountFlags::NOATIME | MountFlags::RDONLY);
+        assert_eq!(data, vec!["discard", "data=ordered"]);
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

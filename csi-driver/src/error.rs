@@ -1,0 +1,120 @@
+//! Errors of the CSI driver, each with the gRPC code the CSI spec asks for.
+
+use std::path::PathBuf;
+
+use thinbox_blockstore::ErrorKind;
+use tonic::{Code, Status};
+
+/// Errors of the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("block store")]
+    Blockstore(#[from] thinbox_blockstore::Error),
+    #[error("direct-volume record")]
+    DirectVolume(#[from] thinbox_block_passthrough::Error),
+    #[error("state store")]
+    Store(#[from] thinbox_blockstore::redb::Error),
+    #[error("corrupt state record {key}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("worker task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error about `path`, for `map_err`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    /// The gRPC code, chosen explicitly per kind (never from message text).
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Blockstore(e) => match e.kind() {
+                ErrorKind::NotFound => Code::NotFound,
+                ErrorKind::InvalidArgument => Code::InvalidArgument,
+                ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
+            Error::Io { source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => Code::ResourceExhausted,
+            Error::Io { .. } | Error::DirectVolume(_) | Error::Store(_) | Error::Corrupt { .. } | Error::Join(_) => Code::Internal,
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Store(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    thinbox_blockstore::redb::TransactionError,
+    thinbox_blockstore::redb::TableError,
+    thinbox_blockstore::redb::StorageError,
+    thinbox_blockstore::redb::CommitError
+);
+
+/// The error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = e.code();
+        let msg = chain(&e);
+        if code == Code::Internal {
+            tracing::error!(error = %msg, "internal error");
+        }
+        Status::new(code, msg)
+    }
+}
+
+/// Shorthand for an INVALID_ARGUMENT error.
+pub fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}

@@ -1,0 +1,30 @@
+//! Thinbox's CSI driver: node-local volumes for VM sandboxes.
+//!
+//! # Lifecycle
+//! 1. `thinbox-csi` opens [`Driver`] on its state root: the block store pool
+//!    (`block` volumes: thin devices or reflinked images), the directory of
+//!    `file` volume images, and the driver's own redb tables in the pool's
+//!    database. Reconciliation rolls back half-made volumes, finishes
+//!    half-deleted ones and forgets publications whose target is gone.
+//! 2. It serves CSI Identity, Controller and Node on one unix socket. In
+//!    Kubernetes, external-provisioner runs beside it on every node
+//!    (`--node-deployment`), so Controller calls are node-local too.
+//! 3. CreateVolume records the intent, then makes the device or image (with a
+//!    filesystem unless raw block only). NodePublishVolume attaches it and
+//!    either mounts it at the target (runC pods) or writes a Kata direct-volume
+//!    record (`thinbox.io/sandbox: kata`) so the runtime passes the device into
+//!    the guest as virtio-blk: the filesystem is never mounted on the host and
+//!    in a guest at once. Inline ephemeral volumes are `file` volumes made at
+//!    publish and removed at unpublish.
+
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod paths;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use config::Config;
+pub use driver::Driver;
+pub use service::{Csi, DRIVER_NAME, TOPOLOGY_KEY};

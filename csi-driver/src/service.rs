@@ -1,0 +1,464 @@
+//! The CSI gRPC services (Identity, Controller, Node) over one [`Driver`]:
+//! request validation and decoding here, the work in [`Driver`], run off the
+//! async runtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use thinbox_blockstore::FsType;
+use thinbox_proto::csi::v1::controller_server::Controller;
+use thinbox_proto::csi::v1::identity_server::Identity;
+use thinbox_proto::csi::v1::node_server::Node;
+use thinbox_proto::csi::v1::volume_capability::access_mode::Mode as AccessMode;
+use thinbox_proto::csi::v1::volume_capability::{AccessType as CsiAccessType, MountVolume};
+use thinbox_proto::csi::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::driver::{AccessType, CreateRequest, Driver};
+use crate::error::{Error, Result, invalid};
+use crate::paths;
+use crate::state::{Kind, Sandbox};
+
+/// The driver's name (CSIDriver object, StorageClass provisioner).
+pub const DRIVER_NAME: &str = "csi.thinbox.io";
+/// Topology key: volumes live on one node.
+pub const TOPOLOGY_KEY: &str = "topology.thinbox.io/node";
+/// StorageClass parameter / volume context key: what backs the volume.
+pub const PARAM_KIND: &str = "kind";
+/// StorageClass parameter / inline attribute: `kata` or `runc`.
+pub const PARAM_SANDBOX: &str = "thinbox.io/sandbox";
+/// Parameters the CO adds itself (external-provisioner's extra metadata, pod info).
+const CO_PREFIX: &str = "csi.storage.k8s.io/";
+/// Volume context key that marks an inline ephemeral volume.
+const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+
+/// The three services, sharing one [`Driver`].
+#[derive(Debug, Clone)]
+pub struct Csi {
+    driver: Arc<Driver>,
+}
+
+impl Csi {
+    /// Wraps the driver.
+    pub fn new(driver: Arc<Driver>) -> Csi {
+        Csi { driver }
+    }
+
+    async fn run<T: Send + 'static>(&self, op: &'static str, f: impl FnOnce(&Driver) -> Result<T> + Send + 'static) -> Result<T, Status> {
+        let d = self.driver.clone();
+        let start = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || f(&d)).await.map_err(Error::from).and_then(|r| r);
+        tracing::debug!(op, elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), "rpc");
+        out.map_err(Status::from)
+    }
+
+    fn topology(&self) -> Topology {
+        Topology { segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), self.driver.node_id().to_owned())]) }
+    }
+}
+
+fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!("{what} is not supported by {DRIVER_NAME}")))
+}
+
+/// Decodes one capability: node-local volumes support the single-node modes.
+fn capability(cap: &VolumeCapability) -> Result<AccessType> {
+    let mode = cap.access_mode.as_ref().ok_or_else(|| invalid("volume capability needs an access_mode"))?;
+    match AccessMode::try_from(mode.mode) {
+        Ok(AccessMode::SingleNodeWriter | AccessMode::SingleNodeReaderOnly | AccessMode::SingleNodeSingleWriter | AccessMode::SingleNodeMultiWriter) => {}
+        Ok(m) => return Err(invalid(format!("access mode {} is not supported: volumes are local to one node", m.as_str_name()))),
+        Err(_) => return Err(invalid(format!("unknown access mode {}", mode.mode))),
+    }
+    match &cap.access_type {
+        Some(CsiAccessType::Block(_)) => Ok(AccessType::Block),
+        Some(CsiAccessType::Mount(MountVolume { fs_type, mount_flags, .. })) => Ok(AccessType::Mount { fs: fs_type_of(fs_type)?, flags: mount_flags.clone() }),
+        None => Err(invalid("volume capability needs an access_type (mount or block)")),
+    }
+}
+
+/// A Kubernetes quantity of bytes as inline attributes carry it: an integer
+/// with an optional binary (`Ki`…`Ei`) or decimal (`k`…`E`) suffix.
+fn quantity(s: &str) -> Option<u64> {
+    const UNITS: [(&str, u64); 12] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+    ];
+    let (digits, mult) = UNITS.iter().find_map(|(u, m)| s.strip_suffix(u).map(|d| (d, *m))).unwrap_or((s, 1));
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn fs_type_of(s: &str) -> Result<Option<FsType>> {
+    match s {
+        "" => Ok(None),
+        "ext4" => Ok(Some(FsType::Ext4)),
+        "xfs" => Ok(Some(FsType::Xfs)),
+        other => Err(invalid(format!("filesystem {other:?} is not supported (ext4, xfs)"))),
+    }
+}
+
+fn capabilities(caps: &[VolumeCapability]) -> Result<Vec<AccessType>> {
+    if caps.is_empty() {
+        return Err(invalid("volume_capabilities are required"));
+    }
+    caps.iter().map(capability).collect()
+}
+
+/// Decodes the StorageClass parameters (or inline attributes) we know;
+/// anything else is refused, except what the CO adds itself.
+fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<(Kind, Option<Sandbox>, BTreeMap<String, String>)> {
+    let mut kind = Kind::Block;
+    let mut sandbox = None;
+    for (k, v) in params {
+        match k.as_str() {
+            PARAM_KIND => kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block or file")))?,
+            PARAM_SANDBOX => sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?),
+            k if k.starts_with(CO_PREFIX) || extra.contains(&k) => {}
+            k => return Err(invalid(format!("unknown parameter {k:?}"))),
+        }
+    }
+    let kept = params.iter().filter(|(k, _)| !k.starts_with(CO_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok((kind, sandbox, kept))
+}
+
+fn volume_message(v: &crate::state::Volume, topology: Topology) -> thinbox_proto::csi::v1::Volume {
+    let mut context: HashMap<String, String> = v.parameters.clone().into_iter().collect();
+    context.insert(PARAM_KIND.into(), v.kind.as_str().into());
+    thinbox_proto::csi::v1::Volume {
+        capacity_bytes: i64::try_from(v.size.get()).unwrap_or(i64::MAX),
+        volume_id: v.id.clone(),
+        volume_context: context,
+        content_source: None,
+        accessible_topology: vec![topology],
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for Csi {
+    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(&self, _: Request<GetPluginCapabilitiesRequest>) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        use plugin_capability::service::Type;
+        let service = |t: Type| PluginCapability { r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })) };
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: vec![service(Type::ControllerService), service(Type::VolumeAccessibilityConstraints)],
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        // Ready once the state is open and reconciled, which happens before serving.
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for Csi {
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(invalid("name is required").into());
+        }
+        let access = capabilities(&r.volume_capabilities)?;
+        if r.volume_content_source.is_some() {
+            return Err(invalid("volume_content_source is not supported yet").into());
+        }
+        if let Some(req) = &r.accessibility_requirements {
+            let here = self.topology();
+            let listed = req.requisite.iter().chain(&req.preferred).collect::<Vec<_>>();
+            if !listed.is_empty() && !listed.iter().any(|t| t.segments.get(TOPOLOGY_KEY) == here.segments.get(TOPOLOGY_KEY)) {
+                return Err(Status::resource_exhausted(format!("this driver provisions on node {} only", self.driver.node_id())));
+            }
+        }
+        let (kind, sandbox, kept) = parameters(&r.parameters, &[])?;
+        let fs = fs_for(&access, kind, self.driver.config().default_fs)?;
+        let range = r.capacity_range.unwrap_or_default();
+        let (required, limit) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes));
+        let (Ok(required), Ok(limit)) = (required, limit) else {
+            return Err(invalid("capacity_range must not be negative").into());
+        };
+        let create = CreateRequest { name: r.name, required, limit, kind, fs, sandbox, ephemeral: false, parameters: kept };
+        let vol = self.run("create_volume", move |d| d.create(&create)).await?;
+        Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&vol, self.topology())) }))
+    }
+
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id is required").into());
+        }
+        // An id that cannot be ours is already deleted, as far as the CO is concerned.
+        if paths::volume_id(&r.volume_id).is_err() {
+            return Ok(Response::new(DeleteVolumeResponse {}));
+        }
+        self.run("delete_volume", move |d| d.delete(&r.volume_id)).await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(&self, _: Request<ControllerPublishVolumeRequest>) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        unimplemented("ControllerPublishVolume")
+    }
+
+    async fn controller_unpublish_volume(&self, _: Request<ControllerUnpublishVolumeRequest>) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        unimplemented("ControllerUnpublishVolume")
+    }
+
+    async fn validate_volume_capabilities(&self, req: Request<ValidateVolumeCapabilitiesRequest>) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = req.into_inner();
+        let id = paths::volume_id(&r.volume_id)?.to_owned();
+        let vol = self.run("validate_volume_capabilities", move |d| d.volume(&id)).await?;
+        let vol = vol.filter(|v| v.state == crate::state::State::Ready).ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
+        let access = capabilities(&r.volume_capabilities)?;
+        let ok = access.iter().all(|a| match a {
+            AccessType::Block => true,
+            AccessType::Mount { fs, .. } => vol.fs.is_some() && fs.is_none_or(|f| Some(f) == vol.fs),
+        });
+        let confirmed = ok.then(|| validate_volume_capabilities_response::Confirmed {
+            volume_context: r.volume_context,
+            volume_capabilities: r.volume_capabilities,
+            parameters: r.parameters,
+            mutable_parameters: HashMap::new(),
+        });
+        let message = if ok { String::new() } else { "the volume cannot be used with these capabilities".into() };
+        Ok(Response::new(ValidateVolumeCapabilitiesResponse { confirmed, message }))
+    }
+
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        let start: usize = match r.starting_token.as_str() {
+            "" => 0,
+            t => t.parse().map_err(|_| Status::aborted(format!("starting_token {t:?} is not one of ours")))?,
+        };
+        let mut vols = self.run("list_volumes", |d| d.volumes()).await?;
+        vols.retain(|v| !v.ephemeral);
+        if start > vols.len() {
+            return Err(Status::aborted(format!("starting_token {start} is past the end")));
+        }
+        let max = match usize::try_from(r.max_entries) {
+            Ok(0) => vols.len(),
+            Ok(n) => n,
+            Err(_) => return Err(invalid("max_entries must not be negative").into()),
+        };
+        let end = (start + max).min(vols.len());
+        let entries = vols[start..end].iter().map(|v| list_volumes_response::Entry { volume: Some(volume_message(v, self.topology())), status: None }).collect();
+        let next_token = if end < vols.len() { end.to_string() } else { String::new() };
+        Ok(Response::new(ListVolumesResponse { entries, next_token }))
+    }
+
+    async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+        let r = req.into_inner();
+        if let Some(t) = &r.accessible_topology
+            && t.segments.get(TOPOLOGY_KEY).is_some_and(|n| n != self.driver.node_id())
+        {
+            return Ok(Response::new(GetCapacityResponse { available_capacity: 0, maximum_volume_size: None, minimum_volume_size: None }));
+        }
+        for cap in &r.volume_capabilities {
+            capability(cap)?;
+        }
+        let (kind, _, _) = parameters(&r.parameters, &[])?;
+        let free = self.run("get_capacity", move |d| d.capacity(kind)).await?;
+        let free = i64::try_from(free).unwrap_or(i64::MAX);
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: free,
+            maximum_volume_size: Some(free),
+            minimum_volume_size: Some(i64::try_from(crate::config::MIN_VOLUME_SIZE.get()).unwrap_or(0)),
+        }))
+    }
+
+    async fn controller_get_capabilities(&self, _: Request<ControllerGetCapabilitiesRequest>) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        use controller_service_capability::rpc::Type;
+        let rpc = |t: Type| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: vec![rpc(Type::CreateDeleteVolume), rpc(Type::GetCapacity), rpc(Type::ListVolumes)],
+        }))
+    }
+
+    async fn create_snapshot(&self, _: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        unimplemented("CreateSnapshot")
+    }
+
+    async fn delete_snapshot(&self, _: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        unimplemented("DeleteSnapshot")
+    }
+
+    async fn list_snapshots(&self, _: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+        unimplemented("ListSnapshots")
+    }
+
+    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        unimplemented("GetSnapshot")
+    }
+
+    async fn controller_expand_volume(&self, _: Request<ControllerExpandVolumeRequest>) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        unimplemented("ControllerExpandVolume")
+    }
+
+    async fn controller_get_volume(&self, _: Request<ControllerGetVolumeRequest>) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        unimplemented("ControllerGetVolume")
+    }
+
+    async fn controller_modify_volume(&self, _: Request<ControllerModifyVolumeRequest>) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        unimplemented("ControllerModifyVolume")
+    }
+}
+
+/// The filesystem to make: the one a mount capability names, else `default`
+/// if any capability mounts or the volume is a block store device (which
+/// always gets one; harmless for raw use); none for raw-block-only files.
+fn fs_for(access: &[AccessType], kind: Kind, default: FsType) -> Result<Option<FsType>> {
+    let mut named = None;
+    let mut mounts = false;
+    for a in access {
+        if let AccessType::Mount { fs, .. } = a {
+            mounts = true;
+            if let Some(f) = fs {
+                if named.is_some_and(|n| n != *f) {
+                    return Err(invalid("capabilities ask for different filesystems"));
+                }
+                named = Some(*f);
+            }
+        }
+    }
+    Ok(named.or_else(|| (mounts || kind == Kind::Block).then_some(default)))
+}
+
+#[tonic::async_trait]
+impl Node for Csi {
+    async fn node_stage_volume(&self, _: Request<NodeStageVolumeRequest>) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        unimplemented("NodeStageVolume")
+    }
+
+    async fn node_unstage_volume(&self, _: Request<NodeUnstageVolumeRequest>) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        unimplemented("NodeUnstageVolume")
+    }
+
+    async fn node_publish_volume(&self, req: Request<NodePublishVolumeRequest>) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = r.volume_id.clone();
+        if id.is_empty() {
+            return Err(invalid("volume_id is required").into());
+        }
+        let cap = r.volume_capability.as_ref().ok_or_else(|| invalid("volume_capability is required"))?;
+        let access = capability(cap)?;
+        let kubelet = self.driver.config().kubelet_dir.clone();
+        let target = paths::target(&r.target_path, "target_path", &kubelet)?;
+        let readonly = r.readonly || matches!(AccessMode::try_from(cap.access_mode.as_ref().map_or(0, |m| m.mode)), Ok(AccessMode::SingleNodeReaderOnly));
+        if r.volume_context.get(EPHEMERAL).is_some_and(|v| v == "true") {
+            let ctx = &r.volume_context;
+            let (_, sandbox, kept) = parameters(ctx, &["size", "fsType"])?;
+            let size = match ctx.get("size") {
+                Some(s) => quantity(s).ok_or_else(|| invalid(format!("attribute size={s:?} is not a Kubernetes quantity of bytes (e.g. 1Gi)")))?,
+                None => 0,
+            };
+            let fs = match (ctx.get("fsType"), &access) {
+                (Some(f), _) => fs_type_of(f)?,
+                (None, AccessType::Mount { fs, .. }) => fs.or(Some(self.driver.config().default_fs)),
+                (None, AccessType::Block) => None,
+            };
+            let create = CreateRequest { name: id.clone(), required: size, limit: 0, kind: Kind::File, fs, sandbox, ephemeral: true, parameters: kept };
+            self.run("node_publish_volume", move |d| d.publish_ephemeral(&id, &target, create, &access, readonly)).await?;
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        paths::volume_id(&id)?;
+        let sandbox = match r.volume_context.get(PARAM_SANDBOX) {
+            Some(s) => Some(Sandbox::parse(s).ok_or_else(|| invalid(format!("{PARAM_SANDBOX}={s:?}: expected kata or runc")))?),
+            None => None,
+        };
+        self.run("node_publish_volume", move |d| d.publish(&id, &target, &access, readonly, sandbox)).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(&self, req: Request<NodeUnpublishVolumeRequest>) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        paths::volume_id(&r.volume_id)?;
+        let kubelet = self.driver.config().kubelet_dir.clone();
+        let target = match paths::target(&r.target_path, "target_path", &kubelet) {
+            Ok(t) => t,
+            // Already gone with its parent: nothing left to undo.
+            Err(Error::NotFound(_)) => return Ok(Response::new(NodeUnpublishVolumeResponse {})),
+            Err(e) => return Err(e.into()),
+        };
+        let handle = r.volume_id;
+        self.run("node_unpublish_volume", move |d| {
+            let id = d.resolve(&handle)?.map_or(handle, |v| v.id);
+            d.unpublish(&id, &target)
+        })
+        .await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(&self, req: Request<NodeGetVolumeStatsRequest>) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let handle = paths::volume_id(&r.volume_id)?.to_owned();
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path is required").into());
+        }
+        let path = Path::new(&r.volume_path).to_owned();
+        let st = self
+            .run("node_get_volume_stats", move |d| {
+                let vol = d.resolve(&handle)?.ok_or_else(|| Error::NotFound(format!("volume {handle:?} does not exist")))?;
+                d.stats(&vol.id, &path)
+            })
+            .await?;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut usage = vec![VolumeUsage { available: n(st.available), total: n(st.total), used: n(st.used), unit: volume_usage::Unit::Bytes as i32 }];
+        if let Some((total, used, free)) = st.inodes {
+            usage.push(VolumeUsage { available: n(free), total: n(total), used: n(used), unit: volume_usage::Unit::Inodes as i32 });
+        }
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: None }))
+    }
+
+    async fn node_expand_volume(&self, _: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        unimplemented("NodeExpandVolume")
+    }
+
+    async fn node_get_capabilities(&self, _: Request<NodeGetCapabilitiesRequest>) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::rpc::Type;
+        let rpc = |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities: vec![rpc(Type::GetVolumeStats)] }))
+    }
+
+    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.driver.node_id().to_owned(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(self.topology()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity("1Gi"), Some(1 << 30));
+        assert_eq!(quantity("400Mi"), Some(400 << 20));
+        assert_eq!(quantity("500M"), Some(500_000_000));
+        assert_eq!(quantity("1048576"), Some(1 << 20));
+        for bad in ["", "Gi", "1.5Gi", "-1", "1GB", "lots", "99999999999Ei"] {
+            assert_eq!(quantity(bad), None, "{bad}");
+        }
+    }
+}

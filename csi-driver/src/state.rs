@@ -1,0 +1,185 @@
+//! The driver's records, in redb tables next to the block store's own (one
+//! database, so a volume record and its device change in one transaction).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thinbox_blockstore::redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use thinbox_blockstore::{Bytes, DeviceId, FsType};
+
+use crate::error::{Error, Result};
+
+/// Volume id → [`Volume`].
+pub const VOLUMES: TableDefinition<&str, &str> = TableDefinition::new("csi.volumes");
+/// Volume name (CreateVolume's idempotency key) → volume id.
+pub const NAMES: TableDefinition<&str, &str> = TableDefinition::new("csi.names");
+/// Target path → [`Publication`].
+pub const PUBLICATIONS: TableDefinition<&str, &str> = TableDefinition::new("csi.publications");
+/// Counters ("volume").
+pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("csi.counters");
+
+/// What backs a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A device of the block store (thin device or reflinked image).
+    Block,
+    /// A sparse image file of exactly the volume's size.
+    File,
+}
+
+impl Kind {
+    /// The StorageClass parameter value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Block => "block",
+            Kind::File => "file",
+        }
+    }
+
+    /// Parses the StorageClass parameter `kind`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "block" => Some(Kind::Block),
+            "file" => Some(Kind::File),
+            _ => None,
+        }
+    }
+}
+
+/// Where a pod runs, which decides how its volumes are published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sandbox {
+    /// runC and friends: the volume is mounted on the host.
+    #[default]
+    Runc,
+    /// Kata Containers: the device goes into the guest as virtio-blk through a
+    /// direct-volume record; the host never mounts it.
+    Kata,
+}
+
+impl Sandbox {
+    /// Parses the parameter `thinbox.io/sandbox`.
+    pub fn parse(s: &str) -> Option<Sandbox> {
+        match s {
+            "runc" => Some(Sandbox::Runc),
+            "kata" => Some(Sandbox::Kata),
+            _ => None,
+        }
+    }
+}
+
+/// Life-cycle state of a volume record (intent first, kernel second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Being made; reconciliation rolls it back.
+    Creating,
+    /// Usable.
+    Ready,
+    /// Being removed; reconciliation finishes it.
+    Deleting,
+}
+
+/// A volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Our id (`tb-<kind>-<n>`).
+    pub id: String,
+    /// The CO's name for it (idempotency key).
+    pub name: String,
+    /// What backs it.
+    pub kind: Kind,
+    /// Capacity.
+    pub size: Bytes,
+    /// Filesystem made at creation; `None` for raw block volumes.
+    pub fs: Option<FsType>,
+    /// The block store device (`block` kind).
+    pub device: Option<DeviceId>,
+    /// Life-cycle state.
+    pub state: State,
+    /// Sandbox asked for by its StorageClass or inline attributes, if any.
+    pub sandbox: Option<Sandbox>,
+    /// A CSI ephemeral inline volume: made at publish, gone at unpublish.
+    pub ephemeral: bool,
+    /// Parameters it was created with (returned as volume context).
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// How a volume is published at a target path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Filesystem mounted at the target on the host.
+    HostMount,
+    /// Device node bind-mounted onto the target file on the host.
+    HostBlock,
+    /// Direct-volume record for Kata; the target is left empty on the host.
+    Kata,
+}
+
+/// One publication of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    /// Volume id.
+    pub volume: String,
+    /// Target path.
+    pub target: PathBuf,
+    /// How.
+    pub mode: Mode,
+    /// Read-only.
+    pub readonly: bool,
+    /// Mount flags asked for (host mount) or passed to the guest (Kata).
+    pub flags: Vec<String>,
+}
+
+pub fn decode<T: DeserializeOwned>(key: &str, v: &str) -> Result<T> {
+    serde_json::from_str(v).map_err(|source| Error::Corrupt { key: key.to_owned(), source })
+}
+
+pub fn encode<T: Serialize>(key: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|source| Error::Corrupt { key: key.to_owned(), source })
+}
+
+/// Reads a JSON record from a table.
+pub fn get<T: DeserializeOwned>(table: &impl ReadableTable<&'static str, &'static str>, key: &str) -> Result<Option<T>> {
+    match table.get(key)? {
+        Some(v) => decode(key, v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Writes a JSON record into a table.
+pub fn put<T: Serialize>(table: &mut Table<'_, &'static str, &'static str>, key: &str, v: &T) -> Result<()> {
+    table.insert(key, encode(key, v)?.as_str())?;
+    Ok(())
+}
+
+/// Every record of a table.
+pub fn all<T: DeserializeOwned>(table: &impl ReadableTable<&'static str, &'static str>) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// Allocates the next volume number.
+pub fn next_number(txn: &WriteTransaction) -> Result<u64> {
+    let mut t = txn.open_table(COUNTERS)?;
+    let n = t.get("volume")?.map(|v| v.value()).unwrap_or(0) + 1;
+    t.insert("volume", n)?;
+    Ok(n)
+}
+
+/// Creates the tables (so readers never find them missing).
+pub fn init(txn: &WriteTransaction) -> Result<()> {
+    txn.open_table(VOLUMES)?;
+    txn.open_table(NAMES)?;
+    txn.open_table(PUBLICATIONS)?;
+    txn.open_table(COUNTERS)?;
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Host tier: the real `thinbox-csi` over its socket, driven the way kubelet and
+//! external-provisioner drive it, on real loop devices and filesystems (reflink
+//! pool for `block` volumes, image files for `file` volumes). Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thinbox_proto::csi::v1::controller_client::ControllerClient;
+use thinbox_proto::csi::v1::identity_client::IdentityClient;
+use thinbox_proto::csi::v1::node_client::NodeClient;
+use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
+use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use thinbox_proto::csi::v1::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const NODE: &str = "node-a";
+
+/// A driver process on a temporary root, with its own kubelet and Kata directories.
+struct Driver {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    ctl: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    ident: IdentityClient<Channel>,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
+        let dir = tempfile::Builder::new().prefix("thinbox-csi-").tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
+        let cfg = format!(
+            "kubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n[pool]\nbackend = \"reflink\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("csi.toml"), cfg).unwrap();
+        let (child, ctl, node, ident) = spawn(dir.path()).await;
+        Driver { dir, child: Some(child), ctl, node, ident }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A pod's volume directory (kubelet makes the parent; the driver the target).
+    fn target(&self, pod: &str, name: &str) -> PathBuf {
+        let parent = self.path(&format!("kubelet/pods/{pod}/volumes/kubernetes.io~csi/{name}"));
+        std::fs::create_dir_all(&parent).unwrap();
+        parent.join("mount")
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    async fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
+            assert!(c.wait().unwrap().success());
+        }
+        let (child, ctl, node, ident) = spawn(self.dir.path()).await;
+        (self.child, self.ctl, self.node, self.ident) = (Some(child), ctl, node, ident);
+    }
+
+    /// Stops the driver and checks nothing of ours is left attached or mounted
+    /// but the embedded pool (kept across restarts; taken down here).
+    fn finish(mut self) {
+        let mut c = self.child.take().unwrap();
+        rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
+        assert!(c.wait().unwrap().success(), "driver exits cleanly on SIGTERM");
+        let pool = self.path("state/pool");
+        let mounts: Vec<_> = mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| Path::new(m) != pool).collect();
+        assert_eq!(mounts, Vec::<String>::new(), "mounts left");
+        assert!(Command::new("umount").arg(&pool).status().unwrap().success());
+        assert_eq!(thinbox_blockstore::scan_loops(self.dir.path()).unwrap(), vec![], "loop devices left");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for m in mounts_under(self.dir.path().to_str().unwrap()).into_iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        for l in thinbox_blockstore::scan_loops(self.dir.path()).unwrap_or_default() {
+            let _ = Command::new("losetup").arg("-d").arg(l.node).status();
+        }
+    }
+}
+
+async fn spawn(dir: &Path) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
+    let sock = dir.join("csi.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(env!("CARGO_BIN_EXE_thinbox-csi"))
+        .args(["--endpoint", &format!("unix://{}", sock.display()), "--node-id", NODE, "--root"])
+        .arg(dir.join("state"))
+        .arg("--config")
+        .arg(dir.join("csi.toml"))
+        .env("THINBOX_LOG", "info,thinbox_csi=debug")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "socket did not appear");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ch = thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await.unwrap();
+    (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch))
+}
+
+fn mounts_under(prefix: &str) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(prefix)).map(str::to_owned).collect()
+}
+
+fn mount_cap(fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), mount_flags: vec!["noatime".into()], volume_mount_group: String::new() })),
+    }
+}
+
+fn block_cap() -> VolumeCapability {
+    VolumeCapability { access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }), access_type: Some(AccessType::Block(BlockVolume {})) }
+}
+
+fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn create_req(name: &str, bytes: i64, p: &[(&str, &str)], cap: VolumeCapability) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![cap],
+        parameters: params(p),
+        ..Default::default()
+    }
+}
+
+async fn create(d: &mut Driver, name: &str, bytes: i64, p: &[(&str, &str)], cap: VolumeCapability) -> Volume {
+    d.ctl.create_volume(create_req(name, bytes, p, cap)).await.unwrap().into_inner().volume.unwrap()
+}
+
+fn publish_req(id: &str, target: &Path, cap: VolumeCapability, readonly: bool, ctx: &[(&str, &str)]) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        volume_context: params(ctx),
+        ..Default::default()
+    }
+}
+
+async fn unpublish(d: &mut Driver, id: &str, target: &Path) -> Result<(), tonic::Status> {
+    d.node.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.display().to_string() }).await.map(|_| ())
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+fn fstype_of(target: &Path) -> String {
+    let out = Command::new("findmnt").args(["-n", "-o", "FSTYPE", "--mountpoint"]).arg(target).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn dd(of: &Path, mib: u32) -> bool {
+    Command::new("dd").args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"]).arg(format!("of={}", of.display())).output().unwrap().status.success()
+}
+
+#[tokio::test]
+async fn identity_and_node_info() {
+    let mut d = Driver::start().await;
+    let info = d.ident.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "csi.thinbox.io");
+    assert!(!info.vendor_version.is_empty());
+    assert_eq!(d.ident.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+    let caps = d.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
+    assert_eq!(caps.len(), 2, "controller service and topology");
+    let ni = d.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(ni.node_id, NODE);
+    assert_eq!(ni.accessible_topology.unwrap().segments, params(&[("topology.thinbox.io/node", NODE)]));
+    let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "block")]), ..Default::default() }).await.unwrap().into_inner();
+    assert!(cap.available_capacity > 3 << 30, "the 4GiB pool is free: {}", cap.available_capacity);
+    let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
+    assert!(cap.available_capacity > 0);
+    d.finish();
+}
+
+#[tokio::test]
+async fn block_volume_mounted_for_runc_full_lifecycle() {
+    let mut d = Driver::start().await;
+    let vol = create(&mut d, "pvc-1", 1 << 30, &[("csi.storage.k8s.io/pvc/name", "data")], mount_cap("ext4")).await;
+    assert_eq!(vol.capacity_bytes, 1 << 30);
+    assert_eq!(vol.accessible_topology[0].segments, params(&[("topology.thinbox.io/node", NODE)]));
+    // CreateVolume is idempotent by name; a different size under the same name is refused.
+    let again = create(&mut d, "pvc-1", 1 << 30, &[], mount_cap("ext4")).await;
+    assert_eq!(again.volume_id, vol.volume_id);
+    assert_eq!(code(d.ctl.create_volume(create_req("pvc-1", 2 << 30, &[], mount_cap("ext4"))).await), Code::AlreadyExists);
+
+    let target = d.target("pod-1", "pvc-1");
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
+    assert_eq!(fstype_of(&target), "ext4");
+    std::fs::write(target.join("hello"), "from the pod").unwrap();
+    // Repeating the same publish is fine; a different one at the same target is not.
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
+    assert_eq!(code(d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), true, &[])).await), Code::AlreadyExists);
+    assert_eq!(code(d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await), Code::FailedPrecondition);
+
+    let stats = d
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: vol.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage.len(), 2, "bytes and inodes");
+    assert!(stats.usage[0].total > 900 << 20 && stats.usage[0].used > 0, "{:?}", stats.usage[0]);
+    assert!(stats.usage[1].used >= 2, "{:?}", stats.usage[1]);
+
+    // A restart keeps the volume and its publication.
+    d.restart().await;
+    assert_eq!(std::fs::read_to_string(target.join("hello")).unwrap(), "from the pod");
+    let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.len(), 1);
+
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+    assert!(!target.exists(), "target removed");
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+    // The data outlives the publication.
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(""), true, &[])).await.unwrap();
+    assert_eq!(std::fs::read_to_string(target.join("hello")).unwrap(), "from the pod");
+    assert!(std::fs::write(target.join("x"), "y").is_err(), "read-only publish");
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
+    assert_eq!(code(d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await), Code::NotFound);
+    assert!(d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty());
+    d.finish();
+}
+
+#[tokio::test]
+async fn file_volume_quota_is_its_size() {
+    let mut d = Driver::start().await;
+    let vol = create(&mut d, "pvc-q", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
+    let target = d.target("pod-q", "pvc-q");
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
+    let img = d.path(&format!("state/files/{}.img", vol.volume_id));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 300 << 20, "the image is exactly the volume");
+    assert!(!dd(&target.join("fill"), 400), "a writer past the size gets ENOSPC");
+    let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
+    assert!(allocated <= 300 << 20, "the host filesystem grew by at most the size: {allocated}");
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
+    assert!(!img.exists(), "image removed with the volume");
+    d.finish();
+}
+
+#[tokio::test]
+async fn raw_block_volume_is_bind_mounted_onto_the_target_file() {
+    let mut d = Driver::start().await;
+    for kind in ["block", "file"] {
+        let vol = create(&mut d, &format!("raw-{kind}"), 300 << 20, &[("kind", kind)], block_cap()).await;
+        let parent = d.path(&format!("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/raw-{kind}"));
+        std::fs::create_dir_all(&parent).unwrap();
+        let target = parent.join("pod-uid");
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, block_cap(), false, &[])).await.unwrap();
+        let out = Command::new("blockdev").arg("--getsize64").arg(&target).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (300u64 << 20).to_string(), "{kind}: the target is the device");
+        unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+        assert!(!target.exists());
+        d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    }
+    d.finish();
+}
+
+#[tokio::test]
+async fn kata_volumes_become_direct_volume_records_never_host_mounts() {
+    let mut d = Driver::start().await;
+    let vol = create(&mut d, "pvc-k", 1 << 30, &[("kind", "file"), ("thinbox.io/sandbox", "kata")], mount_cap("ext4")).await;
+    assert_eq!(vol.volume_context.get("thinbox.io/sandbox").map(String::as_str), Some("kata"));
+    let target = d.target("pod-k", "pvc-k");
+    // The CO passes the volume context back at publish.
+    let ctx: Vec<(&str, &str)> = vol.volume_context.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &ctx)).await.unwrap();
+    assert!(target.is_dir() && fstype_of(&target).is_empty(), "the target exists but nothing is mounted on the host");
+    let encoded = base64_url(target.to_str().unwrap());
+    let record = d.path(&format!("kata/{encoded}/mountInfo.json"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let device = json["device"].as_str().unwrap().to_owned();
+    assert!(device.starts_with("/dev/loop"), "{json}");
+    assert_eq!(json["volume-type"], "block");
+    assert_eq!(json["fstype"], "ext4");
+    assert_eq!(json["metadata"]["thinbox.io/volume"], vol.volume_id.as_str());
+    assert_eq!(json["options"], serde_json::json!(["noatime"]));
+    // The guest would mount the device; the host must not at the same time.
+    let other = d.target("pod-r", "pvc-k");
+    let runc = publish_req(&vol.volume_id, &other, mount_cap("ext4"), false, &[("thinbox.io/sandbox", "runc")]);
+    assert_eq!(code(d.node.node_publish_volume(runc).await), Code::FailedPrecondition);
+    assert!(!other.exists());
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+    assert!(!record.exists() && !record.parent().unwrap().exists(), "record removed");
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    d.finish();
+}
+
+/// Go's base64.URLEncoding (with padding), as Kata names record directories.
+fn base64_url(s: &str) -> String {
+    let out = Command::new("python3").args(["-c", "import base64,sys; print(base64.urlsafe_b64encode(sys.argv[1].encode()).decode())", s]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn ephemeral_inline_volume_lives_as_long_as_its_publication() {
+    let mut d = Driver::start().await;
+    let handle = "csi-8d9f0c1e2b3a4f5e6d7c8b9a0f1e2d3c4b5a6f7e8d9c0b1a2f3e4d5c6b7a8f9e";
+    let target = d.target("pod-e", "scratch");
+    let ctx = [("csi.storage.k8s.io/ephemeral", "true"), ("size", "400Mi"), ("fsType", "xfs"), ("csi.storage.k8s.io/pod.name", "p")];
+    d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &ctx)).await.unwrap();
+    assert_eq!(fstype_of(&target), "xfs");
+    d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &ctx)).await.unwrap();
+    let dir = d.path("state/files");
+    let files = || std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files(), 1);
+    assert!(d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty(), "inline volumes are not listed as PVs");
+    unpublish(&mut d, handle, &target).await.unwrap();
+    assert_eq!(files(), 0, "the image went with the publication");
+    // A bad attribute fails the publish and leaves nothing behind.
+    let bad = [("csi.storage.k8s.io/ephemeral", "true"), ("size", "lots")];
+    assert_eq!(code(d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &bad)).await), Code::InvalidArgument);
+    assert_eq!(files(), 0);
+    d.finish();
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_codes_and_change_nothing() {
+    let mut d = Driver::start().await;
+    let ok = create(&mut d, "pvc-ok", 300 << 20, &[], mount_cap("ext4")).await;
+    let c = &mut d.ctl;
+    assert_eq!(code(c.create_volume(create_req("", 1 << 30, &[], mount_cap("ext4"))).await), Code::InvalidArgument, "no name");
+    let mut no_caps = create_req("n", 1 << 30, &[], mount_cap("ext4"));
+    no_caps.volume_capabilities.clear();
+    assert_eq!(code(c.create_volume(no_caps).await), Code::InvalidArgument, "no capabilities");
+    let multi = VolumeCapability { access_mode: Some(AccessMode { mode: Mode::MultiNodeMultiWriter as i32 }), ..mount_cap("ext4") };
+    assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[], multi)).await), Code::InvalidArgument, "multi-node access");
+    assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[("colour", "blue")], mount_cap("ext4"))).await), Code::InvalidArgument, "unknown parameter");
+    assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[("kind", "nfs")], mount_cap("ext4"))).await), Code::InvalidArgument, "unknown kind");
+    assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[], mount_cap("zfs"))).await), Code::InvalidArgument, "unknown filesystem");
+    let mut range = create_req("n", 2 << 30, &[], mount_cap("ext4"));
+    range.capacity_range = Some(CapacityRange { required_bytes: 2 << 30, limit_bytes: 1 << 30 });
+    assert_eq!(code(c.create_volume(range).await), Code::OutOfRange, "required above limit");
+    assert_eq!(code(c.create_volume(create_req("huge", 1 << 50, &[("kind", "file")], mount_cap("ext4"))).await), Code::ResourceExhausted, "bigger than the node");
+    let mut elsewhere = create_req("n", 1 << 30, &[], mount_cap("ext4"));
+    elsewhere.accessibility_requirements =
+        Some(TopologyRequirement { requisite: vec![Topology { segments: params(&[("topology.thinbox.io/node", "node-b")]) }], preferred: vec![] });
+    assert_eq!(code(c.create_volume(elsewhere).await), Code::ResourceExhausted, "another node's topology");
+    assert_eq!(code(c.delete_volume(DeleteVolumeRequest::default()).await), Code::InvalidArgument);
+    c.delete_volume(DeleteVolumeRequest { volume_id: "tb-block-999".into(), secrets: HashMap::new() }).await.unwrap();
+    let vvc = |id: &str| ValidateVolumeCapabilitiesRequest { volume_id: id.into(), volume_capabilities: vec![mount_cap("ext4")], ..Default::default() };
+    assert_eq!(code(c.validate_volume_capabilities(vvc("tb-block-999")).await), Code::NotFound);
+    assert!(c.validate_volume_capabilities(vvc(&ok.volume_id)).await.unwrap().into_inner().confirmed.is_some());
+    let xfs = ValidateVolumeCapabilitiesRequest { volume_capabilities: vec![mount_cap("xfs")], ..vvc(&ok.volume_id) };
+    assert!(c.validate_volume_capabilities(xfs).await.unwrap().into_inner().confirmed.is_none(), "an ext4 volume is not xfs");
+    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest::default()).await), Code::Unimplemented);
+
+    let target = d.target("pod-x", "v");
+    let dotdot = PathBuf::from(format!("{}/pods/../../escape", d.path("kubelet").display()));
+    let n = &mut d.node;
+    let p = |id: &str, t: &Path| publish_req(id, t, mount_cap("ext4"), false, &[]);
+    assert_eq!(code(n.node_publish_volume(p("", &target)).await), Code::InvalidArgument, "no volume id");
+    assert_eq!(code(n.node_publish_volume(p(&ok.volume_id, Path::new(""))).await), Code::InvalidArgument, "no target");
+    let no_cap = NodePublishVolumeRequest { volume_capability: None, ..p(&ok.volume_id, &target) };
+    assert_eq!(code(n.node_publish_volume(no_cap).await), Code::InvalidArgument, "no capability");
+    assert_eq!(code(n.node_publish_volume(p("tb-block-999", &target)).await), Code::NotFound, "unknown volume");
+    assert_eq!(code(n.node_publish_volume(p(&ok.volume_id, Path::new("/etc/thinbox-escape"))).await), Code::InvalidArgument, "outside kubelet dir");
+    assert_eq!(code(n.node_publish_volume(p(&ok.volume_id, &dotdot)).await), Code::InvalidArgument, "..");
+    assert_eq!(code(n.node_publish_volume(publish_req(&ok.volume_id, &target, mount_cap("xfs"), false, &[])).await), Code::InvalidArgument, "wrong fs");
+    assert!(!target.exists(), "failed publishes leave no target");
+    assert_eq!(code(n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: target.display().to_string() }).await), Code::InvalidArgument);
+    let stats = NodeGetVolumeStatsRequest { volume_id: ok.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() };
+    assert_eq!(code(n.node_get_volume_stats(stats).await), Code::NotFound, "not published there");
+    assert_eq!(code(n.node_stage_volume(NodeStageVolumeRequest::default()).await), Code::Unimplemented);
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: ok.volume_id, secrets: HashMap::new() }).await.unwrap();
+    d.finish();
+}
+
+#[tokio::test]
+async fn a_crash_mid_create_is_rolled_back_at_restart() {
+    let mut d = Driver::start().await;
+    // Kill the driver while a large xfs file volume is being formatted.
+    let mut ctl = d.ctl.clone();
+    let pending = tokio::spawn(async move { ctl.create_volume(create_req("pvc-crash", 8 << 30, &[("kind", "file")], mount_cap("xfs"))).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    d.kill9();
+    let _ = pending.await;
+    d.restart().await;
+    // Either the create finished before the kill (then it is listed and
+    // retrying returns it) or it was rolled back (then nothing is on disk).
+    let files: Vec<_> = std::fs::read_dir(d.path("state/files")).unwrap().map(|e| e.unwrap().path()).collect();
+    let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len();
+    assert_eq!(files.len(), listed, "image files and volumes agree: {files:?}");
+    // The CO retries: the same name now succeeds, once.
+    let vol = create(&mut d, "pvc-crash", 8 << 30, &[("kind", "file")], mount_cap("xfs")).await;
+    assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 1);
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    d.finish();
+}
