@@ -102,6 +102,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The node of an attached device.
     fn node(&self, id: DeviceId) -> Option<PathBuf>;
 
+    /// Grows the device to `size` (`rec` still has the old one), live if it
+    /// is attached; its filesystem is the caller's business.
+    fn resize(&self, rec: &DeviceRecord, size: Bytes) -> Result<()>;
+
     /// Removes everything the device has in the kernel and on disk (`size`, if
     /// known, lets a thin device be discarded first).
     fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()>;

@@ -419,6 +419,21 @@ impl Backend for DmThin {
         self.map().get(&id).cloned()
     }
 
+    /// A thin device's size is only its table's length: an active one gets a
+    /// longer table (resume swaps it in live); an inactive one the new size at
+    /// its next activation.
+    fn resize(&self, rec: &DeviceRecord, size: Bytes) -> Result<()> {
+        if self.node(rec.id).is_none() {
+            return Ok(());
+        }
+        let name = self.dev_name(rec.id)?;
+        let thin = ThinDevId::new_u64(thin_id(rec.id)?).map_err(dm_err("thin id", rec.id))?;
+        let table = ThinDevTargetTable::new(Sectors(0), Sectors(size.get() / 512), ThinTargetParams::new(self.pool_dev, thin, None));
+        let id = DevId::Name(&name);
+        self.dm.table_load(&id, &table.to_raw_table(), DmOptions::default()).map_err(dm_err("load grown table", &*name))?;
+        self.dm.device_suspend(&id, DmOptions::default()).map(|_| ()).map_err(dm_err("resume", &*name))
+    }
+
     fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()> {
         if self.discard
             && let Some(size) = size

@@ -52,6 +52,15 @@ pub fn mkfs(fs: FsType, img: &Path) -> Result<()> {
     }
 }
 
+/// Grows the filesystem mounted at `mountpoint` from device `node` to fill the
+/// device, online (ext4 and xfs both grow while mounted).
+pub fn grow_mounted(fs: FsType, node: &Path, mountpoint: &Path) -> Result<()> {
+    match fs {
+        FsType::Ext4 => run("resize2fs", args![node.as_os_str()], node),
+        FsType::Xfs => run("xfs_growfs", args![mountpoint.as_os_str()], node),
+    }
+}
+
 /// Grows an unmounted ext4 filesystem to fill its image file.
 pub fn grow_ext4(img: &Path) -> Result<()> {
     run("resize2fs", args!["-f", img.as_os_str()], img)

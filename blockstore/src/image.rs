@@ -51,6 +51,25 @@ pub fn detach(path: &Path) -> Result<()> {
     }
 }
 
+/// Grows the image at `path` to `size` and, if it is attached at `node`, makes
+/// the loop device see the new size (live; the filesystem is grown separately).
+pub fn grow(path: &Path, size: Bytes, node: Option<&Path>) -> Result<()> {
+    let file = OpenOptions::new().write(true).open(path).map_err(Error::io("open", path))?;
+    if file.metadata().map_err(Error::io("stat", path))?.len() > size.get() {
+        return Err(Error::Config(format!("{} is larger than {size}; images never shrink", path.display())));
+    }
+    file.set_len(size.get()).map_err(Error::io("grow", path))?;
+    match node {
+        Some(node) => loops::refresh_capacity(node),
+        None => Ok(()),
+    }
+}
+
+/// Grows the filesystem of device `node`, mounted at `mountpoint`, to fill it.
+pub fn grow_mounted_fs(fs_type: FsType, node: &Path, mountpoint: &Path) -> Result<()> {
+    fs::grow_mounted(fs_type, node, mountpoint)
+}
+
 /// Inodes in use in the image's filesystem, from its superblock.
 pub fn inodes_used(path: &Path, fs: FsType) -> Result<Option<u64>> {
     fs::inodes_used(fs, path)

@@ -310,6 +310,34 @@ impl Pool {
         self.backend.activate(&rec, access)
     }
 
+    /// Grows a ready device to `size` (aligned to 4 KiB), live if attached.
+    /// The new size is recorded first, so a crash leaves a device no larger
+    /// than its record and a retry (same size) finishes the kernel side;
+    /// shrinking is refused. The filesystem inside is the caller's to grow.
+    pub fn resize(&self, id: DeviceId, size: Bytes) -> Result<Bytes> {
+        let size = size.align_up(4096);
+        let rec = self.store.device(id)?.ok_or(Error::DeviceNotFound(id))?;
+        if rec.state != DeviceState::Ready {
+            return Err(Error::DeviceNotReady { id, state: rec.state.as_str() });
+        }
+        if size < rec.size {
+            return Err(Error::Shrink { id, current: rec.size, requested: size });
+        }
+        if size > rec.size {
+            self.check_space()?;
+            let txn = self.store.write()?;
+            {
+                let mut devs = Devices::open(&txn)?;
+                let mut r = devs.require(id)?;
+                r.size = size;
+                devs.put(&r)?;
+            }
+            txn.commit()?;
+        }
+        self.backend.resize(&rec, size)?;
+        Ok(size)
+    }
+
     /// Detaches a device and records that it stays detached.
     pub fn release(&self, id: DeviceId) -> Result<()> {
         let txn = self.store.write()?;

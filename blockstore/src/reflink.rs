@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::embedded;
+use crate::image;
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
@@ -171,6 +172,10 @@ impl Backend for Reflink {
 
     fn node(&self, id: DeviceId) -> Option<PathBuf> {
         self.map().get(&id).cloned()
+    }
+
+    fn resize(&self, rec: &DeviceRecord, size: Bytes) -> Result<()> {
+        image::grow(&self.image(rec.id), size, self.node(rec.id).as_deref())
     }
 
     fn remove(&self, id: DeviceId, _size: Option<Bytes>) -> Result<()> {
