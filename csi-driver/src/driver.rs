@@ -471,6 +471,82 @@ impl Driver {
         }
     }
 
+    /// ControllerExpandVolume: grows the device (live if attached) to the
+    /// range; a volume already that large stays as it is. Returns the size and
+    /// whether a filesystem must be grown on the node.
+    pub fn expand(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
+        let _s = self.serial();
+        self.grow_device(id, required, limit)
+    }
+
+    fn grow_device(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
+        let mut vol = self.require(id)?;
+        if limit != 0 && vol.size.get() > limit {
+            return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
+        }
+        let size = pick_size(required, limit, vol.size)?.max(vol.size);
+        if size > vol.size {
+            match vol.device {
+                Some(dev) => {
+                    self.pool.resize(dev, size)?;
+                }
+                None => {
+                    if self.capacity(Kind::File)? < size.get() - vol.size.get() {
+                        return Err(Error::ResourceExhausted(format!("no room to grow {id} to {size}")));
+                    }
+                }
+            }
+            // Recorded before a file grows: a crash leaves the image no larger
+            // than its record, and the CO's retry grows it.
+            vol.size = size;
+            let txn = self.pool.store().write()?;
+            state::put(&mut txn.open_table(VOLUMES)?, id, &vol)?;
+            txn.commit()?;
+        }
+        if vol.device.is_none() {
+            let img = self.image(id);
+            image::grow(&img, size, image::find(&img)?.as_deref())?;
+        }
+        tracing::info!(volume = %id, size = %size, "volume expanded");
+        Ok((size, vol.fs.is_some()))
+    }
+
+    /// NodeExpandVolume: grows the device to the range (if the controller side
+    /// has not already: in a cluster one resizer serves every node, so the
+    /// node does both), then the filesystem mounted at `path`. A Kata volume's
+    /// filesystem is in the guest, which grows it itself; a raw block volume
+    /// has none.
+    pub fn expand_on_node(&self, id: &str, path: &Path, required: u64, limit: u64) -> Result<Bytes> {
+        let _s = self.serial();
+        self.grow_device(id, required, limit)?;
+        let vol = self.require(id)?;
+        let p = self.publication(path)?.ok_or_else(|| Error::NotFound(format!("volume {id} is not published at {}", path.display())))?;
+        if p.volume != id {
+            return Err(Error::NotFound(format!("volume {id} is not published at {}", path.display())));
+        }
+        if let (Mode::HostMount, Some(fs)) = (p.mode, vol.fs) {
+            let node = self.attach(&vol)?;
+            image::grow_mounted_fs(fs, &node, path)?;
+            tracing::info!(volume = %id, target = %path.display(), "filesystem grown");
+        }
+        Ok(vol.size)
+    }
+
+    /// Bytes the volume holds on the node: its device's usage or its image's
+    /// allocated blocks.
+    pub fn allocated(&self, vol: &Volume) -> Result<u64> {
+        match vol.device {
+            Some(dev) => {
+                let rec = self.pool.store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {}", vol.id)))?;
+                Ok(self.pool.usage(&rec)?.bytes.get())
+            }
+            None => {
+                let img = self.image(&vol.id);
+                Ok(fs::metadata(&img).map_err(Error::io("stat", &img))?.blocks() * 512)
+            }
+        }
+    }
+
     /// NodeGetVolumeStats.
     pub fn stats(&self, id: &str, path: &Path) -> Result<Stats> {
         let vol = self.require(id)?;
@@ -490,16 +566,7 @@ impl Driver {
                 })
             }
             Mode::HostBlock | Mode::Kata => {
-                let used = match vol.device {
-                    Some(dev) => {
-                        let rec = self.pool.store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {id}")))?;
-                        self.pool.usage(&rec)?.bytes.get()
-                    }
-                    None => {
-                        let img = self.image(&vol.id);
-                        fs::metadata(&img).map_err(Error::io("stat", &img))?.blocks() * 512
-                    }
-                };
+                let used = self.allocated(&vol)?;
                 Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None })
             }
         }

@@ -20,6 +20,7 @@
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod metrics;
 pub mod paths;
 pub mod server;
 pub mod service;

@@ -1,5 +1,6 @@
 //! Serving the three CSI services on one unix socket.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use thinbox_proto::csi::v1::node_server::NodeServer;
 
 use crate::driver::Driver;
 use crate::error::invalid;
+use crate::metrics::Metrics;
 use crate::service::Csi;
 
 /// Connections get this long to finish after SIGTERM.
@@ -25,15 +27,35 @@ pub fn endpoint_path(endpoint: &str) -> crate::error::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// Serves until SIGTERM or SIGINT.
-pub async fn serve(driver: Arc<Driver>, socket: &Path) -> Result<(), ServeError> {
-    let csi = Csi::new(driver);
+/// Serves until SIGTERM or SIGINT, and metrics on `metrics_address` if given.
+pub async fn serve(driver: Arc<Driver>, socket: &Path, metrics_address: Option<SocketAddr>) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::default());
+    let exporter = match metrics_address {
+        Some(addr) => {
+            // Bound before serving, so a bad or busy address fails the start.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Io { op: "bind metrics endpoint", path: addr.to_string(), source })?;
+            let task = crate::metrics::serve(listener, metrics.clone(), driver.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(address = %addr, error = %e, "metrics endpoint failed");
+                }
+            }))
+        }
+        None => None,
+    };
+    let csi = Csi::new(driver, metrics);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(csi.clone()))
         .add_service(ControllerServer::new(csi.clone()))
         .add_service(NodeServer::new(csi));
     tracing::info!(socket = %socket.display(), "serving csi.v1 Identity, Controller and Node");
-    thinbox_proto::serve_unix(router, socket, GRACE).await
+    let result = thinbox_proto::serve_unix(router, socket, GRACE).await;
+    if let Some(t) = exporter {
+        t.abort();
+    }
+    result
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::driver::{AccessType, CreateRequest, Driver};
 use crate::error::{Error, Result, invalid};
+use crate::metrics::Metrics;
 use crate::paths;
 use crate::state::{Kind, Sandbox};
 
@@ -37,18 +38,20 @@ const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 #[derive(Debug, Clone)]
 pub struct Csi {
     driver: Arc<Driver>,
+    metrics: Arc<Metrics>,
 }
 
 impl Csi {
-    /// Wraps the driver.
-    pub fn new(driver: Arc<Driver>) -> Csi {
-        Csi { driver }
+    /// Wraps the driver; every call is counted in `metrics`.
+    pub fn new(driver: Arc<Driver>, metrics: Arc<Metrics>) -> Csi {
+        Csi { driver, metrics }
     }
 
     async fn run<T: Send + 'static>(&self, op: &'static str, f: impl FnOnce(&Driver) -> Result<T> + Send + 'static) -> Result<T, Status> {
         let d = self.driver.clone();
         let start = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || f(&d)).await.map_err(Error::from).and_then(|r| r);
+        self.metrics.observe(op, out.is_ok(), start.elapsed());
         tracing::debug!(op, elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), "rpc");
         out.map_err(Status::from)
     }
@@ -159,8 +162,13 @@ impl Identity for Csi {
     async fn get_plugin_capabilities(&self, _: Request<GetPluginCapabilitiesRequest>) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         use plugin_capability::service::Type;
         let service = |t: Type| PluginCapability { r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })) };
+        let online = PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
+                r#type: plugin_capability::volume_expansion::Type::Online as i32,
+            })),
+        };
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: vec![service(Type::ControllerService), service(Type::VolumeAccessibilityConstraints)],
+            capabilities: vec![service(Type::ControllerService), service(Type::VolumeAccessibilityConstraints), online],
         }))
     }
 
@@ -289,6 +297,11 @@ impl Controller for Csi {
             r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
         };
         Ok(Response::new(ControllerGetCapabilitiesResponse {
+            // EXPAND_VOLUME is a node capability only: in a cluster a single
+            // external-resizer serves every node, and its controller call could
+            // land on a node that does not hold the volume. The node grows the
+            // device and then the filesystem (ControllerExpandVolume still works
+            // when called where the volume lives).
             capabilities: vec![rpc(Type::CreateDeleteVolume), rpc(Type::GetCapacity), rpc(Type::ListVolumes)],
         }))
     }
@@ -309,8 +322,21 @@ impl Controller for Csi {
         unimplemented("GetSnapshot")
     }
 
-    async fn controller_expand_volume(&self, _: Request<ControllerExpandVolumeRequest>) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        unimplemented("ControllerExpandVolume")
+    async fn controller_expand_volume(&self, req: Request<ControllerExpandVolumeRequest>) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = paths::volume_id(&r.volume_id)?.to_owned();
+        let range = r.capacity_range.ok_or_else(|| invalid("capacity_range is required"))?;
+        let (Ok(required), Ok(limit)) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes)) else {
+            return Err(invalid("capacity_range must not be negative").into());
+        };
+        if let Some(cap) = &r.volume_capability {
+            capability(cap)?;
+        }
+        let (size, node) = self.run("controller_expand_volume", move |d| d.expand(&id, required, limit)).await?;
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size.get()).unwrap_or(i64::MAX),
+            node_expansion_required: node,
+        }))
     }
 
     async fn controller_get_volume(&self, _: Request<ControllerGetVolumeRequest>) -> Result<Response<ControllerGetVolumeResponse>, Status> {
@@ -428,14 +454,28 @@ impl Node for Csi {
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: None }))
     }
 
-    async fn node_expand_volume(&self, _: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        unimplemented("NodeExpandVolume")
+    async fn node_expand_volume(&self, req: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = paths::volume_id(&r.volume_id)?.to_owned();
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path is required").into());
+        }
+        if let Some(cap) = &r.volume_capability {
+            capability(cap)?;
+        }
+        let range = r.capacity_range.unwrap_or_default();
+        let (Ok(required), Ok(limit)) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes)) else {
+            return Err(invalid("capacity_range must not be negative").into());
+        };
+        let path = Path::new(&r.volume_path).to_owned();
+        let size = self.run("node_expand_volume", move |d| d.expand_on_node(&id, &path, required, limit)).await?;
+        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: i64::try_from(size.get()).unwrap_or(i64::MAX) }))
     }
 
     async fn node_get_capabilities(&self, _: Request<NodeGetCapabilitiesRequest>) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::rpc::Type;
         let rpc = |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
-        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities: vec![rpc(Type::GetVolumeStats)] }))
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities: vec![rpc(Type::GetVolumeStats), rpc(Type::ExpandVolume)] }))
     }
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {

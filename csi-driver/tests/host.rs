@@ -24,6 +24,8 @@ const NODE: &str = "node-a";
 /// A driver process on a temporary root, with its own kubelet and Kata directories.
 struct Driver {
     dir: tempfile::TempDir,
+    /// Extra daemon arguments, kept across restarts.
+    args: Vec<String>,
     child: Option<Child>,
     ctl: ControllerClient<Channel>,
     node: NodeClient<Channel>,
@@ -32,16 +34,23 @@ struct Driver {
 
 impl Driver {
     async fn start() -> Driver {
+        Driver::start_with(&[]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Driver {
         assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
         let dir = tempfile::Builder::new().prefix("thinbox-csi-").tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
         let cfg = format!(
-            "kubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n[pool]\nbackend = \"reflink\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n",
-            dir.path().display()
+            "kubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n[pool]\nbackend = \"{1}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n",
+            dir.path().display(),
+            // The uml tier runs these tests again on a kernel thin pool.
+            std::env::var("THINBOX_TEST_BACKEND").unwrap_or_else(|_| "reflink".into())
         );
         std::fs::write(dir.path().join("csi.toml"), cfg).unwrap();
-        let (child, ctl, node, ident) = spawn(dir.path()).await;
-        Driver { dir, child: Some(child), ctl, node, ident }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, ctl, node, ident) = spawn(dir.path(), &args).await;
+        Driver { dir, args, child: Some(child), ctl, node, ident }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -66,21 +75,29 @@ impl Driver {
             rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
             assert!(c.wait().unwrap().success());
         }
-        let (child, ctl, node, ident) = spawn(self.dir.path()).await;
+        let (child, ctl, node, ident) = spawn(self.dir.path(), &self.args).await;
         (self.child, self.ctl, self.node, self.ident) = (Some(child), ctl, node, ident);
     }
 
-    /// Stops the driver and checks nothing of ours is left attached or mounted
-    /// but the embedded pool (kept across restarts; taken down here).
-    fn finish(mut self) {
-        let mut c = self.child.take().unwrap();
-        rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
-        assert!(c.wait().unwrap().success(), "driver exits cleanly on SIGTERM");
+    /// Stops the driver and checks nothing of ours is left mounted but the
+    /// embedded pool (kept across restarts); then a start and stop with
+    /// `--release-on-exit` must leave no mount, loop or dm device at all.
+    async fn finish(mut self) {
+        self.stop();
         let pool = self.path("state/pool");
         let mounts: Vec<_> = mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| Path::new(m) != pool).collect();
         assert_eq!(mounts, Vec::<String>::new(), "mounts left");
-        assert!(Command::new("umount").arg(&pool).status().unwrap().success());
+        self.child = Some(spawn(self.dir.path(), &["--release-on-exit".to_owned()]).await.0);
+        self.stop();
+        assert_eq!(mounts_under(self.dir.path().to_str().unwrap()), Vec::<String>::new(), "mounts left after release");
         assert_eq!(thinbox_blockstore::scan_loops(self.dir.path()).unwrap(), vec![], "loop devices left");
+        assert_eq!(thinbox_blockstore::inventory(&self.path("state"), &Default::default()).unwrap().attached, Default::default(), "devices left");
+    }
+
+    fn stop(&mut self) {
+        let mut c = self.child.take().unwrap();
+        rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
+        assert!(c.wait().unwrap().success(), "driver exits cleanly on SIGTERM");
     }
 }
 
@@ -90,19 +107,23 @@ impl Drop for Driver {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Loops first: once their filesystems are lazily unmounted their
+        // backing paths no longer show where they live.
+        let loops = thinbox_blockstore::scan_loops(self.dir.path()).unwrap_or_default();
         for m in mounts_under(self.dir.path().to_str().unwrap()).into_iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
-        for l in thinbox_blockstore::scan_loops(self.dir.path()).unwrap_or_default() {
-            let _ = Command::new("losetup").arg("-d").arg(l.node).status();
+        for l in loops.iter().rev() {
+            let _ = Command::new("losetup").arg("-d").arg(&l.node).status();
         }
     }
 }
 
-async fn spawn(dir: &Path) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
+async fn spawn(dir: &Path, args: &[String]) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
     let sock = dir.join("csi.sock");
     let _ = std::fs::remove_file(&sock);
     let child = Command::new(env!("CARGO_BIN_EXE_thinbox-csi"))
+        .args(args)
         .args(["--endpoint", &format!("unix://{}", sock.display()), "--node-id", NODE, "--root"])
         .arg(dir.join("state"))
         .arg("--config")
@@ -112,11 +133,13 @@ async fn spawn(dir: &Path) -> (Child, ControllerClient<Channel>, NodeClient<Chan
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "socket did not appear");
+    let ch = loop {
+        match thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await {
+            Ok(ch) => break ch,
+            Err(e) => assert!(Instant::now() < deadline, "driver did not answer on {}: {e}", sock.display()),
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ch = thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await.unwrap();
+    };
     (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch))
 }
 
@@ -185,15 +208,27 @@ fn dd(of: &Path, mib: u32) -> bool {
     Command::new("dd").args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"]).arg(format!("of={}", of.display())).output().unwrap().status.success()
 }
 
+/// `GET /metrics` from the driver's exporter.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
 #[tokio::test]
-async fn identity_and_node_info() {
-    let mut d = Driver::start().await;
+async fn identity_node_info_and_metrics() {
+    const PORT: u16 = 19822;
+    let mut d = Driver::start_with(&["--metrics-address", "127.0.0.1:19822"]).await;
     let info = d.ident.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.name, "csi.thinbox.io");
     assert!(!info.vendor_version.is_empty());
     assert_eq!(d.ident.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
     let caps = d.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
-    assert_eq!(caps.len(), 2, "controller service and topology");
+    assert_eq!(caps.len(), 3, "controller service, topology, online expansion");
     let ni = d.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(ni.node_id, NODE);
     assert_eq!(ni.accessible_topology.unwrap().segments, params(&[("topology.thinbox.io/node", NODE)]));
@@ -201,7 +236,19 @@ async fn identity_and_node_info() {
     assert!(cap.available_capacity > 3 << 30, "the 4GiB pool is free: {}", cap.available_capacity);
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
     assert!(cap.available_capacity > 0);
-    d.finish();
+    let vol = create(&mut d, "pvc-m", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
+    let text = scrape(PORT).await;
+    for want in [
+        "thinbox_csi_operations_total{op=\"create_volume\",result=\"ok\"} 1",
+        "thinbox_csi_operation_duration_seconds_count{op=\"create_volume\",result=\"ok\"} 1",
+        "thinbox_csi_available_bytes{kind=\"block\"}",
+        &format!("thinbox_csi_volume_capacity_bytes{{volume=\"{}\",kind=\"file\"}} {}", vol.volume_id, 300 << 20),
+        &format!("thinbox_csi_volume_allocated_bytes{{volume=\"{}\",kind=\"file\"}}", vol.volume_id),
+    ] {
+        assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
+    }
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -253,7 +300,7 @@ async fn block_volume_mounted_for_runc_full_lifecycle() {
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
     assert_eq!(code(d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await), Code::NotFound);
     assert!(d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty());
-    d.finish();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -270,7 +317,7 @@ async fn file_volume_quota_is_its_size() {
     unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
     assert!(!img.exists(), "image removed with the volume");
-    d.finish();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -288,7 +335,7 @@ async fn raw_block_volume_is_bind_mounted_onto_the_target_file() {
         assert!(!target.exists());
         d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
     }
-    d.finish();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -318,7 +365,7 @@ async fn kata_volumes_become_direct_volume_records_never_host_mounts() {
     unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
     assert!(!record.exists() && !record.parent().unwrap().exists(), "record removed");
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
-    d.finish();
+    d.finish().await;
 }
 
 /// Go's base64.URLEncoding (with padding), as Kata names record directories.
@@ -346,7 +393,7 @@ async fn ephemeral_inline_volume_lives_as_long_as_its_publication() {
     let bad = [("csi.storage.k8s.io/ephemeral", "true"), ("size", "lots")];
     assert_eq!(code(d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &bad)).await), Code::InvalidArgument);
     assert_eq!(files(), 0);
-    d.finish();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -398,7 +445,7 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
     assert_eq!(code(n.node_get_volume_stats(stats).await), Code::NotFound, "not published there");
     assert_eq!(code(n.node_stage_volume(NodeStageVolumeRequest::default()).await), Code::Unimplemented);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: ok.volume_id, secrets: HashMap::new() }).await.unwrap();
-    d.finish();
+    d.finish().await;
 }
 
 #[tokio::test]
@@ -406,7 +453,7 @@ async fn a_crash_mid_create_is_rolled_back_at_restart() {
     let mut d = Driver::start().await;
     // Kill the driver while a large xfs file volume is being formatted.
     let mut ctl = d.ctl.clone();
-    let pending = tokio::spawn(async move { ctl.create_volume(create_req("pvc-crash", 8 << 30, &[("kind", "file")], mount_cap("xfs"))).await });
+    let pending = tokio::spawn(async move { ctl.create_volume(create_req("pvc-crash", 2 << 30, &[("kind", "file")], mount_cap("xfs"))).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     d.kill9();
     let _ = pending.await;
@@ -417,8 +464,72 @@ async fn a_crash_mid_create_is_rolled_back_at_restart() {
     let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len();
     assert_eq!(files.len(), listed, "image files and volumes agree: {files:?}");
     // The CO retries: the same name now succeeds, once.
-    let vol = create(&mut d, "pvc-crash", 8 << 30, &[("kind", "file")], mount_cap("xfs")).await;
+    let vol = create(&mut d, "pvc-crash", 2 << 30, &[("kind", "file")], mount_cap("xfs")).await;
     assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 1);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
-    d.finish();
+    d.finish().await;
+}
+
+/// Grows a published volume of each kind with filesystem `fs`: the device
+/// through the controller, the mounted filesystem through the node.
+async fn grow_online(d: &mut Driver, fs: &str) {
+    for kind in ["block", "file"] {
+        let name = format!("grow-{kind}-{fs}");
+        let vol = create(d, &name, 400 << 20, &[("kind", kind)], mount_cap(fs)).await;
+        let target = d.target(&format!("pod-{name}"), &name);
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(fs), false, &[])).await.unwrap();
+        std::fs::write(target.join("keep"), "kept").unwrap();
+        let grow = |bytes: i64| ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+            ..Default::default()
+        };
+        let r = d.ctl.controller_expand_volume(grow(1 << 30)).await.unwrap().into_inner();
+        assert_eq!((r.capacity_bytes, r.node_expansion_required), (1 << 30, true), "{name}");
+        // Asking again, or for less, changes nothing.
+        assert_eq!(d.ctl.controller_expand_volume(grow(1 << 30)).await.unwrap().into_inner().capacity_bytes, 1 << 30);
+        assert_eq!(d.ctl.controller_expand_volume(grow(500 << 20)).await.unwrap().into_inner().capacity_bytes, 1 << 30);
+        let path = target.display().to_string();
+        let r = d.node.node_expand_volume(NodeExpandVolumeRequest { volume_id: vol.volume_id.clone(), volume_path: path.clone(), ..Default::default() }).await.unwrap();
+        assert_eq!(r.into_inner().capacity_bytes, 1 << 30);
+        // The node alone can grow a volume too (one cluster-wide resizer never calls the controller side).
+        let node_only = NodeExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: path,
+            capacity_range: Some(CapacityRange { required_bytes: 1200 << 20, limit_bytes: 0 }),
+            ..Default::default()
+        };
+        assert_eq!(d.node.node_expand_volume(node_only).await.unwrap().into_inner().capacity_bytes, 1200 << 20);
+        let st = rustix::fs::statvfs(&target).unwrap();
+        assert!(st.f_blocks * st.f_frsize > 1100 << 20, "{name}: the mounted filesystem grew to {}", st.f_blocks * st.f_frsize);
+        assert_eq!(std::fs::read_to_string(target.join("keep")).unwrap(), "kept");
+        unpublish(d, &vol.volume_id, &target).await.unwrap();
+        d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn xfs_volumes_grow_online() {
+    let mut d = Driver::start().await;
+    grow_online(&mut d, "xfs").await;
+    let missing = ControllerExpandVolumeRequest {
+        volume_id: "tb-block-999".into(),
+        capacity_range: Some(CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    assert_eq!(code(d.ctl.controller_expand_volume(missing).await), Code::NotFound);
+    d.finish().await;
+}
+
+/// ext4 grows online only with CAP_SYS_RESOURCE (EXT4_IOC_RESIZE_FS), which
+/// the CI sandbox's root lacks: the host tier skips this test by name and the
+/// uml tier, where root has every capability, runs it.
+#[tokio::test]
+async fn ext4_volumes_grow_online() {
+    let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = caps.lines().find_map(|l| l.strip_prefix("CapEff:")).map(|v| u64::from_str_radix(v.trim(), 16).unwrap()).unwrap();
+    assert!(eff & (1 << 24) != 0, "needs CAP_SYS_RESOURCE for online ext4 growth: run it in the uml tier");
+    let mut d = Driver::start().await;
+    grow_online(&mut d, "ext4").await;
+    d.finish().await;
 }

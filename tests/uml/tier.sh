@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The uml tier, run on the host: builds the test binaries, boots user-mode Linux
 # (a real kernel with dm-thin) and runs inside it the dm-thin backend tests, the
-# snapshotter's tests on dm-thin, the crash-safety test, containerd's snapshotter conformance suite against
+# snapshotter's and CSI driver's tests on dm-thin, the crash-safety test, containerd's snapshotter conformance suite against
 # thinbox-snapshotter on a kernel thin pool, and real containerd + runc running
 # containers on thin devices. Ends with "uml-conformance: N passed, M failed"; fails if
 # anything failed or a dm device was left.
@@ -26,11 +26,12 @@ if [ "${1:-}" != --inside ]; then
   cargo build -p thinbox-snapshotter
   dm_test=$(test_binary dm -p thinbox-blockstore)
   snap_test=$(test_binary host -p thinbox-snapshotter)
+  csi_test=$(test_binary host -p thinbox-csi)
   # The crash test needs the fault-injection build (own target dir, as in the crash tier).
   crash_test=$(test_binary crash --target-dir target/fault -p thinbox-snapshotter --features fault-injection)
   # The conformance suite is built on the host (Go comes from apt), run in the guest.
   bash ../shared/conformance/containerd-snapshotter/run.sh build
-  UML_PASS_ENV="DM_TEST SNAP_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
+  UML_PASS_ENV="DM_TEST SNAP_TEST CSI_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CSI_TEST="$csi_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
 fi
 
 # Inside the guest: the kernel's thin pool first, then ours on top of it.
@@ -40,6 +41,8 @@ bash tests/uml/smoke.sh || failed=1
 "$DM_TEST" --test-threads=1 || failed=1
 # The snapshotter's host-tier tests again, on dm-thin (the harness checks the backend).
 THINBOX_TEST_BACKEND=dm-thin "$SNAP_TEST" --test-threads=1 || failed=1
+# The CSI driver's tests on dm-thin, including online ext4 growth (needs CAP_SYS_RESOURCE).
+THINBOX_TEST_BACKEND=dm-thin "$CSI_TEST" --test-threads=1 || failed=1
 # Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
 "$CRASH_TEST" --test-threads=1 || failed=1
 

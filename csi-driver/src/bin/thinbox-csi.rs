@@ -25,6 +25,9 @@ struct Args {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 0.0.0.0:9822).
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Detach devices and unmount the embedded pool on exit (tests).
     #[arg(long)]
     release_on_exit: bool,
@@ -60,7 +63,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let driver = Arc::new(Driver::open(&args.root, &args.node_id, cfg)?);
     tracing::info!(root = %args.root.display(), node = %args.node_id, elapsed_ms = start.elapsed().as_millis() as u64, "state opened");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(server::serve(driver.clone(), &socket))?;
+    rt.block_on(server::serve(driver.clone(), &socket, args.metrics_address))?;
     driver.shutdown(args.release_on_exit)?;
     tracing::info!("stopped");
     Ok(())
