@@ -177,6 +177,18 @@ impl DmThin {
     fn try_create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
         let id = thin_id(rec.id)?;
         match rec.origin {
+            // An origin in use (a CSI volume snapshotted while published) is
+            // suspended for the moment of the snapshot: that flushes its I/O and
+            // freezes a filesystem mounted on it, as the kernel requires.
+            Some(origin) if self.node(origin).is_some() => {
+                let name = self.dev_name(origin)?;
+                let dev = DevId::Name(&name);
+                self.dm.device_suspend(&dev, DmOptions::default().set_flags(DmFlags::DM_SUSPEND)).map_err(dm_err("suspend", &*name))?;
+                let snap = self.send(&format!("create_snap {id} {}", thin_id(origin)?));
+                let resumed = self.dm.device_suspend(&dev, DmOptions::default()).map(|_| ()).map_err(dm_err("resume", &*name));
+                snap?;
+                resumed?;
+            }
             Some(origin) => self.send(&format!("create_snap {id} {}", thin_id(origin)?))?,
             None => self.send(&format!("create_thin {id}"))?,
         }

@@ -116,11 +116,15 @@ impl Reflink {
         if grow && rec.fs == FsType::Ext4 {
             filesystem::grow_ext4(&img)?;
         }
+        if grow && rec.fs == FsType::Xfs {
+            // xfs grows only while mounted read-write, whatever access the device gets.
+            let node = self.activate(rec, Access::ReadWrite)?;
+            let grown = filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()));
+            self.deactivate(rec.id)?;
+            grown?;
+        }
         let Some(access) = rec.access else { return Ok(None) };
         let node = self.activate(rec, access)?;
-        if grow && rec.fs == FsType::Xfs {
-            filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?;
-        }
         fault::point("create.after_attach");
         Ok(Some(node))
     }
