@@ -19,7 +19,7 @@ use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
 use crate::error::{Error, Result, invalid};
-use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, Sandbox, State, VOLUMES, Volume};
+use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
 
 /// Volume sizes are whole MiB.
 const ALIGN: u64 = 1 << 20;
@@ -43,6 +43,42 @@ pub struct CreateRequest {
     pub ephemeral: bool,
     /// Parameters to keep.
     pub parameters: BTreeMap<String, String>,
+    /// Content to start from (a snapshot, or another volume to clone).
+    pub source: Option<Source>,
+}
+
+/// Where a new volume's content comes from, resolved.
+struct Origin {
+    kind: Kind,
+    fs: Option<FsType>,
+    size: Bytes,
+    device: Option<thinbox_blockstore::DeviceId>,
+    image: PathBuf,
+    /// The live volume (a clone's source), to keep still meanwhile.
+    live: Option<Volume>,
+}
+
+/// A filesystem frozen for a snapshot; thawed when dropped.
+struct Frozen(PathBuf);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = run_tool("fsfreeze", &["-u".as_ref(), self.0.as_os_str()]) {
+            tracing::error!(target = %self.0.display(), error = %crate::error::chain(&e), "thaw after snapshot");
+        }
+    }
+}
+
+fn run_tool(tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = std::process::Command::new(tool).args(args).output().map_err(Error::io("run", tool))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Io {
+        op: "run",
+        path: PathBuf::from(tool),
+        source: std::io::Error::other(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())),
+    })
 }
 
 /// How to publish, already decoded.
@@ -74,6 +110,7 @@ pub struct Driver {
     cfg: Config,
     node_id: String,
     files: PathBuf,
+    snapshots_dir: PathBuf,
     direct: DirectVolumes,
     /// Mutating operations run one at a time: they are short, and the CO
     /// retries concurrent calls for the same volume anyway.
@@ -84,10 +121,13 @@ impl Driver {
     /// Opens the state under `root` and converges it with the disk and kernel.
     pub fn open(root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
         let pool = Pool::open(root, cfg.pool.clone())?;
-        let files = root.canonicalize().map_err(Error::io("resolve", root))?.join("files");
-        fs::create_dir_all(&files).map_err(Error::io("create", &files))?;
+        let root = root.canonicalize().map_err(Error::io("resolve", root))?;
+        let (files, snapshots_dir) = (root.join("files"), root.join("snapshots"));
+        for dir in [&files, &snapshots_dir] {
+            fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        }
         let direct = DirectVolumes::new(&cfg.direct_volumes);
-        let d = Driver { pool, cfg, node_id: node_id.to_owned(), files, direct, lock: Mutex::new(()) };
+        let d = Driver { pool, cfg, node_id: node_id.to_owned(), files, snapshots_dir, direct, lock: Mutex::new(()) };
         let txn = d.pool.store().write()?;
         state::init(&txn)?;
         txn.commit()?;
@@ -147,13 +187,21 @@ impl Driver {
         }
     }
 
-    /// CreateVolume: idempotent by name.
+    /// CreateVolume: idempotent by name; from a snapshot or a clone of another
+    /// volume when `source` says.
     pub fn create(&self, req: &CreateRequest) -> Result<Volume> {
         let _s = self.serial();
-        let size = pick_size(req.required, req.limit, self.cfg.default_size)?;
+        let origin = match &req.source {
+            None => None,
+            Some(src) => Some(self.origin(src, req)?),
+        };
+        let default = origin.as_ref().map_or(self.cfg.default_size, |o| o.size);
+        let size = pick_size(req.required, req.limit, default)?;
+        let size = origin.as_ref().map_or(size, |o| size.max(o.size));
+        let fs = origin.as_ref().map_or(req.fs, |o| o.fs);
         if let Some(v) = self.by_name(&req.name)? {
             let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
-            if v.kind != req.kind || !fits || v.fs != req.fs {
+            if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source {
                 return Err(Error::AlreadyExists(format!(
                     "volume {:?} exists as {} {} {:?}, not as asked",
                     req.name,
@@ -169,12 +217,12 @@ impl Driver {
         }
         // Intent: the record (and the block device's record) before any work.
         let txn = self.pool.store().write()?;
-        let n = state::next_number(&txn)?;
+        let n = state::next_number(&txn, "volume")?;
         let id = format!("tb-{}-{n}", req.kind.as_str());
         let device = match req.kind {
             Kind::Block => {
-                let fs = req.fs.ok_or_else(|| invalid("a block store volume needs a filesystem"))?;
-                let spec = CreateSpec { size, origin: None, fs, access: None };
+                let fs = fs.ok_or_else(|| invalid("a block store volume needs a filesystem"))?;
+                let spec = CreateSpec { size, origin: origin.as_ref().and_then(|o| o.device), fs, access: None };
                 Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
             }
             Kind::File => None,
@@ -184,21 +232,23 @@ impl Driver {
             name: req.name.clone(),
             kind: req.kind,
             size,
-            fs: req.fs,
+            fs,
             device: device.as_ref().map(|d| d.id),
             state: State::Creating,
             sandbox: req.sandbox,
             ephemeral: req.ephemeral,
             parameters: req.parameters.clone(),
+            source: req.source.clone(),
         };
         state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
         txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
         txn.commit()?;
 
-        let made = match &device {
-            Some(rec) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
-            None => image::create(&self.image(&id), size, req.fs).map_err(Error::from),
-        };
+        let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| match (&device, &origin) {
+            (Some(rec), _) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            (None, Some(o)) => image::copy(&o.image, &self.image(&id), size, fs, &self.scratch(&id)).map_err(Error::from),
+            (None, None) => image::create(&self.image(&id), size, fs).map_err(Error::from),
+        });
         if let Err(e) = made {
             tracing::warn!(volume = %id, error = %crate::error::chain(&e), "create failed; rolling back");
             self.forget(&vol)?;
@@ -214,8 +264,173 @@ impl Driver {
         vol.state = State::Ready;
         state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
         txn.commit()?;
-        tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, "volume created");
+        tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
         Ok(vol)
+    }
+
+    /// Resolves a content source and checks it suits the request.
+    fn origin(&self, src: &Source, req: &CreateRequest) -> Result<Origin> {
+        let o = match src {
+            Source::Snapshot(id) => {
+                let snap = self.snapshot(id)?.filter(|s| s.state == State::Ready).ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))?;
+                Origin { kind: snap.kind, fs: snap.fs, size: snap.size, device: snap.device, image: self.snap_image(id), live: None }
+            }
+            Source::Volume(id) => {
+                let v = self.require(id)?;
+                Origin { kind: v.kind, fs: v.fs, size: v.size, device: v.device, image: self.image(id), live: Some(v) }
+            }
+        };
+        if o.kind != req.kind {
+            return Err(invalid(format!("the source is a {} volume; a {} volume cannot be made from it", o.kind.as_str(), req.kind.as_str())));
+        }
+        if req.fs.is_some_and(|f| Some(f) != o.fs) {
+            return Err(invalid("the source holds a different filesystem"));
+        }
+        if req.limit != 0 && o.size.get() > req.limit {
+            return Err(Error::OutOfRange(format!("the source is {}, above limit_bytes {}", o.size, req.limit)));
+        }
+        Ok(o)
+    }
+
+    /// Freezes the filesystem of `vol` where it is mounted on this host, so a
+    /// copy of it is consistent. Not needed on dm-thin, whose snapshot
+    /// suspends the device (which freezes it); a Kata guest's filesystem
+    /// cannot be frozen from here and is copied crash-consistent.
+    fn freeze(&self, vol: Option<&Volume>) -> Result<Option<Frozen>> {
+        let Some(vol) = vol else { return Ok(None) };
+        if vol.kind == Kind::Block && self.pool.status()?.backend == "dm-thin" {
+            return Ok(None);
+        }
+        let Some(p) = self.publications_of(&vol.id)?.into_iter().find(|p| p.mode == Mode::HostMount && !p.readonly) else { return Ok(None) };
+        run_tool("fsfreeze", &["-f".as_ref(), p.target.as_os_str()])?;
+        Ok(Some(Frozen(p.target)))
+    }
+
+    fn scratch(&self, id: &str) -> PathBuf {
+        self.files.join(format!(".scratch-{id}"))
+    }
+
+    fn snap_image(&self, id: &str) -> PathBuf {
+        self.snapshots_dir.join(format!("{id}.img"))
+    }
+
+    /// A snapshot by id.
+    pub fn snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
+        let txn = self.pool.store().db().begin_read()?;
+        state::get(&txn.open_table(SNAPSHOTS)?, id)
+    }
+
+    /// Every ready snapshot.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let txn = self.pool.store().db().begin_read()?;
+        let all: Vec<Snapshot> = state::all(&txn.open_table(SNAPSHOTS)?)?;
+        Ok(all.into_iter().filter(|s| s.state == State::Ready).collect())
+    }
+
+    /// CreateSnapshot: idempotent by name. A thin snapshot or reflink of a
+    /// block volume, a reflink (or sparse copy) of a file volume; the source
+    /// is frozen meanwhile where it is mounted on the host.
+    pub fn create_snapshot(&self, name: &str, source: &str) -> Result<Snapshot> {
+        let _s = self.serial();
+        let existing = {
+            let txn = self.pool.store().db().begin_read()?;
+            let id = txn.open_table(SNAPSHOT_NAMES)?.get(name)?.map(|v| v.value().to_owned());
+            match id {
+                Some(id) => state::get::<Snapshot>(&txn.open_table(SNAPSHOTS)?, &id)?,
+                None => None,
+            }
+        };
+        if let Some(snap) = existing {
+            if snap.source != source {
+                return Err(Error::AlreadyExists(format!("snapshot {name:?} exists for volume {}", snap.source)));
+            }
+            return Ok(snap);
+        }
+        let vol = self.require(source)?;
+        let txn = self.pool.store().write()?;
+        let id = format!("tb-snap-{}", state::next_number(&txn, "snapshot")?);
+        let device = match vol.device {
+            Some(dev) => {
+                let spec = CreateSpec { size: vol.size, origin: Some(dev), fs: vol.fs.unwrap_or(self.cfg.default_fs), access: None };
+                Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
+            }
+            None => None,
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut snap = Snapshot {
+            id: id.clone(),
+            name: name.to_owned(),
+            source: source.to_owned(),
+            kind: vol.kind,
+            size: vol.size,
+            fs: vol.fs,
+            device: device.as_ref().map(|d| d.id),
+            state: State::Creating,
+            created: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0)),
+        };
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &id, &snap)?;
+        txn.open_table(SNAPSHOT_NAMES)?.insert(name, id.as_str())?;
+        txn.commit()?;
+        let made = self.freeze(Some(&vol)).and_then(|_frozen| match &device {
+            Some(rec) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            None => image::copy(&self.image(source), &self.snap_image(&id), vol.size, None, &self.scratch(&id)).map_err(Error::from),
+        });
+        if let Err(e) = made {
+            tracing::warn!(snapshot = %id, error = %crate::error::chain(&e), "snapshot failed; rolling back");
+            self.forget_snapshot(&snap)?;
+            return Err(e);
+        }
+        let txn = self.pool.store().write()?;
+        if let Some(rec) = &device {
+            let mut devs = Devices::open(&txn)?;
+            let mut r = devs.require(rec.id)?;
+            r.state = DeviceState::Ready;
+            devs.put(&r)?;
+        }
+        snap.state = State::Ready;
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &id, &snap)?;
+        txn.commit()?;
+        tracing::info!(snapshot = %id, name, source, "snapshot created");
+        Ok(snap)
+    }
+
+    /// DeleteSnapshot: idempotent. Volumes restored from it keep their content.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let _s = self.serial();
+        match self.snapshot(id)? {
+            Some(snap) => self.forget_snapshot(&snap),
+            None => Ok(()),
+        }
+    }
+
+    fn forget_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let txn = self.pool.store().write()?;
+        let mut marked = snap.clone();
+        marked.state = State::Deleting;
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &snap.id, &marked)?;
+        if let Some(dev) = snap.device {
+            let mut devs = Devices::open(&txn)?;
+            if devs.get(dev)?.is_some() {
+                self.pool.plan_delete(&mut devs, dev)?;
+            }
+        }
+        txn.commit()?;
+        match snap.device {
+            Some(dev) => self.pool.destroy(dev)?,
+            None => remove_file_if_any(&self.snap_image(&snap.id))?,
+        }
+        let txn = self.pool.store().write()?;
+        txn.open_table(SNAPSHOTS)?.remove(snap.id.as_str())?;
+        {
+            let mut names = txn.open_table(SNAPSHOT_NAMES)?;
+            let ours = names.get(snap.name.as_str())?.is_some_and(|v| v.value() == snap.id);
+            if ours {
+                names.remove(snap.name.as_str())?;
+            }
+        }
+        txn.commit()?;
+        tracing::info!(snapshot = %snap.id, "snapshot deleted");
+        Ok(())
     }
 
     fn by_name(&self, name: &str) -> Result<Option<Volume>> {
@@ -252,11 +467,7 @@ impl Driver {
             None => {
                 let img = self.image(&vol.id);
                 image::detach(&img)?;
-                match fs::remove_file(&img) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io("remove", &img)(e)),
-                }
+                remove_file_if_any(&img)?;
             }
         }
         let txn = self.pool.store().write()?;
@@ -579,9 +790,21 @@ impl Driver {
         let txn = self.pool.store().db().begin_read()?;
         let all: Vec<Volume> = state::all(&txn.open_table(VOLUMES)?)?;
         let pubs: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
+        let snaps: Vec<Snapshot> = state::all(&txn.open_table(SNAPSHOTS)?)?;
         drop(txn);
         let mut referenced = HashSet::new();
         let mut images = HashSet::new();
+        for snap in snaps {
+            if snap.state != State::Ready {
+                tracing::info!(snapshot = %snap.id, state = ?snap.state, "finishing interrupted snapshot change");
+                self.forget_snapshot(&snap)?;
+                continue;
+            }
+            referenced.extend(snap.device);
+            if snap.device.is_none() {
+                images.insert(self.snap_image(&snap.id));
+            }
+        }
         for vol in all {
             if vol.state != State::Ready {
                 tracing::info!(volume = %vol.id, state = ?vol.state, "finishing interrupted volume change");
@@ -606,12 +829,14 @@ impl Driver {
             }
         }
         let report = self.pool.reconcile(&referenced)?;
-        for entry in fs::read_dir(&self.files).map_err(Error::io("list", &self.files))? {
-            let path = entry.map_err(Error::io("list", &self.files))?.path();
-            if !images.contains(&path) {
-                tracing::info!(file = %path.display(), "removing image without a volume");
-                image::detach(&path)?;
-                fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+        for dir in [&self.files, &self.snapshots_dir] {
+            for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
+                let path = entry.map_err(Error::io("list", dir))?.path();
+                if path.is_file() && !images.contains(&path) {
+                    tracing::info!(file = %path.display(), "removing image without a volume or snapshot");
+                    image::detach(&path)?;
+                    fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+                }
             }
         }
         tracing::info!(?report, "reconciled");
@@ -661,6 +886,14 @@ fn mount_options(flags: &[String]) -> (MountFlags, Vec<String>) {
         }
     }
     (out, data)
+}
+
+fn remove_file_if_any(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p)(e)),
+    }
 }
 
 fn mkdir(p: &Path) -> Result<()> {

@@ -13,11 +13,16 @@ const MAX_ID: usize = 128;
 /// well-formed id that is not ours is NOT_FOUND, a malformed one cannot be ours
 /// either.
 pub fn volume_id(id: &str) -> Result<&str> {
+    object_id(id, "volume")
+}
+
+/// An id of a volume or snapshot (`what`), checked as [`volume_id`] says.
+pub fn object_id<'a>(id: &'a str, what: &str) -> Result<&'a str> {
     if id.is_empty() {
-        return Err(invalid("volume_id is required"));
+        return Err(invalid(format!("{what} id is required")));
     }
     if id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(Error::NotFound(format!("volume {id:?} does not exist")));
+        return Err(Error::NotFound(format!("{what} {id:?} does not exist")));
     }
     Ok(id)
 }

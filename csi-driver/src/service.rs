@@ -19,7 +19,7 @@ use crate::driver::{AccessType, CreateRequest, Driver};
 use crate::error::{Error, Result, invalid};
 use crate::metrics::Metrics;
 use crate::paths;
-use crate::state::{Kind, Sandbox};
+use crate::state::{Kind, Sandbox, Source};
 
 /// The driver's name (CSIDriver object, StorageClass provisioner).
 pub const DRIVER_NAME: &str = "csi.thinbox.io";
@@ -104,6 +104,11 @@ fn quantity(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// Whether a mount capability names a filesystem.
+fn named_fs(access: &[AccessType]) -> bool {
+    access.iter().any(|a| matches!(a, AccessType::Mount { fs: Some(_), .. }))
+}
+
 fn fs_type_of(s: &str) -> Result<Option<FsType>> {
     match s {
         "" => Ok(None),
@@ -140,12 +145,29 @@ fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<(Kind,
 fn volume_message(v: &crate::state::Volume, topology: Topology) -> thinbox_proto::csi::v1::Volume {
     let mut context: HashMap<String, String> = v.parameters.clone().into_iter().collect();
     context.insert(PARAM_KIND.into(), v.kind.as_str().into());
+    let content_source = v.source.as_ref().map(|s| VolumeContentSource {
+        r#type: Some(match s {
+            Source::Snapshot(id) => volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id.clone() }),
+            Source::Volume(id) => volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.clone() }),
+        }),
+    });
     thinbox_proto::csi::v1::Volume {
         capacity_bytes: i64::try_from(v.size.get()).unwrap_or(i64::MAX),
         volume_id: v.id.clone(),
         volume_context: context,
-        content_source: None,
+        content_source,
         accessible_topology: vec![topology],
+    }
+}
+
+fn snapshot_message(s: &crate::state::Snapshot) -> Snapshot {
+    Snapshot {
+        size_bytes: i64::try_from(s.size.get()).unwrap_or(i64::MAX),
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.source.clone(),
+        creation_time: Some(prost_types::Timestamp { seconds: s.created.0, nanos: s.created.1 }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
     }
 }
 
@@ -186,9 +208,11 @@ impl Controller for Csi {
             return Err(invalid("name is required").into());
         }
         let access = capabilities(&r.volume_capabilities)?;
-        if r.volume_content_source.is_some() {
-            return Err(invalid("volume_content_source is not supported yet").into());
-        }
+        let source = match r.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            None => None,
+            Some(volume_content_source::Type::Snapshot(s)) => Some(Source::Snapshot(paths::object_id(&s.snapshot_id, "snapshot")?.to_owned())),
+            Some(volume_content_source::Type::Volume(v)) => Some(Source::Volume(paths::volume_id(&v.volume_id)?.to_owned())),
+        };
         if let Some(req) = &r.accessibility_requirements {
             let here = self.topology();
             let listed = req.requisite.iter().chain(&req.preferred).collect::<Vec<_>>();
@@ -197,13 +221,17 @@ impl Controller for Csi {
             }
         }
         let (kind, sandbox, kept) = parameters(&r.parameters, &[])?;
-        let fs = fs_for(&access, kind, self.driver.config().default_fs)?;
+        // A copy keeps its source's filesystem: only one named explicitly is checked against it.
+        let fs = match source {
+            Some(_) => fs_for(&access, kind, FsType::Ext4)?.filter(|_| named_fs(&access)),
+            None => fs_for(&access, kind, self.driver.config().default_fs)?,
+        };
         let range = r.capacity_range.unwrap_or_default();
         let (required, limit) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes));
         let (Ok(required), Ok(limit)) = (required, limit) else {
             return Err(invalid("capacity_range must not be negative").into());
         };
-        let create = CreateRequest { name: r.name, required, limit, kind, fs, sandbox, ephemeral: false, parameters: kept };
+        let create = CreateRequest { name: r.name, required, limit, kind, fs, sandbox, ephemeral: false, parameters: kept, source };
         let vol = self.run("create_volume", move |d| d.create(&create)).await?;
         Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&vol, self.topology())) }))
     }
@@ -302,20 +330,67 @@ impl Controller for Csi {
             // land on a node that does not hold the volume. The node grows the
             // device and then the filesystem (ControllerExpandVolume still works
             // when called where the volume lives).
-            capabilities: vec![rpc(Type::CreateDeleteVolume), rpc(Type::GetCapacity), rpc(Type::ListVolumes)],
+            capabilities: vec![
+                rpc(Type::CreateDeleteVolume),
+                rpc(Type::GetCapacity),
+                rpc(Type::ListVolumes),
+                rpc(Type::CreateDeleteSnapshot),
+                rpc(Type::ListSnapshots),
+                rpc(Type::CloneVolume),
+            ],
         }))
     }
 
-    async fn create_snapshot(&self, _: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
-        unimplemented("CreateSnapshot")
+    async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(invalid("name is required").into());
+        }
+        if r.source_volume_id.is_empty() {
+            return Err(invalid("source_volume_id is required").into());
+        }
+        let source = paths::volume_id(&r.source_volume_id)?.to_owned();
+        if let Some((k, _)) = r.parameters.iter().find(|(k, _)| !k.starts_with(CO_PREFIX)) {
+            return Err(invalid(format!("unknown snapshot parameter {k:?}")).into());
+        }
+        let snap = self.run("create_snapshot", move |d| d.create_snapshot(&r.name, &source)).await?;
+        Ok(Response::new(CreateSnapshotResponse { snapshot: Some(snapshot_message(&snap)) }))
     }
 
-    async fn delete_snapshot(&self, _: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        unimplemented("DeleteSnapshot")
+    async fn delete_snapshot(&self, req: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.snapshot_id.is_empty() {
+            return Err(invalid("snapshot_id is required").into());
+        }
+        // An id that cannot be ours is already deleted, as far as the CO is concerned.
+        if let Ok(id) = paths::object_id(&r.snapshot_id, "snapshot") {
+            let id = id.to_owned();
+            self.run("delete_snapshot", move |d| d.delete_snapshot(&id)).await?;
+        }
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
-    async fn list_snapshots(&self, _: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
-        unimplemented("ListSnapshots")
+    async fn list_snapshots(&self, req: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let start: usize = match r.starting_token.as_str() {
+            "" => 0,
+            t => t.parse().map_err(|_| Status::aborted(format!("starting_token {t:?} is not one of ours")))?,
+        };
+        let mut snaps = self.run("list_snapshots", |d| d.snapshots()).await?;
+        snaps.retain(|s| (r.snapshot_id.is_empty() || s.id == r.snapshot_id) && (r.source_volume_id.is_empty() || s.source == r.source_volume_id));
+        snaps.sort_by(|a, b| a.id.cmp(&b.id));
+        if start > snaps.len() {
+            return Err(Status::aborted(format!("starting_token {start} is past the end")));
+        }
+        let max = match usize::try_from(r.max_entries) {
+            Ok(0) => snaps.len(),
+            Ok(n) => n,
+            Err(_) => return Err(invalid("max_entries must not be negative").into()),
+        };
+        let end = (start + max).min(snaps.len());
+        let entries = snaps[start..end].iter().map(|s| list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) }).collect();
+        let next_token = if end < snaps.len() { end.to_string() } else { String::new() };
+        Ok(Response::new(ListSnapshotsResponse { entries, next_token }))
     }
 
     async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
@@ -401,7 +476,8 @@ impl Node for Csi {
                 (None, AccessType::Mount { fs, .. }) => fs.or(Some(self.driver.config().default_fs)),
                 (None, AccessType::Block) => None,
             };
-            let create = CreateRequest { name: id.clone(), required: size, limit: 0, kind: Kind::File, fs, sandbox, ephemeral: true, parameters: kept };
+            let create =
+                CreateRequest { name: id.clone(), required: size, limit: 0, kind: Kind::File, fs, sandbox, ephemeral: true, parameters: kept, source: None };
             self.run("node_publish_volume", move |d| d.publish_ephemeral(&id, &target, create, &access, readonly)).await?;
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }

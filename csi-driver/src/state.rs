@@ -16,7 +16,11 @@ pub const VOLUMES: TableDefinition<&str, &str> = TableDefinition::new("csi.volum
 pub const NAMES: TableDefinition<&str, &str> = TableDefinition::new("csi.names");
 /// Target path → [`Publication`].
 pub const PUBLICATIONS: TableDefinition<&str, &str> = TableDefinition::new("csi.publications");
-/// Counters ("volume").
+/// Snapshot id → [`Snapshot`].
+pub const SNAPSHOTS: TableDefinition<&str, &str> = TableDefinition::new("csi.snapshots");
+/// Snapshot name → snapshot id.
+pub const SNAPSHOT_NAMES: TableDefinition<&str, &str> = TableDefinition::new("csi.snapshot_names");
+/// Counters ("volume", "snapshot").
 pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("csi.counters");
 
 /// What backs a volume.
@@ -106,6 +110,42 @@ pub struct Volume {
     pub ephemeral: bool,
     /// Parameters it was created with (returned as volume context).
     pub parameters: BTreeMap<String, String>,
+    /// What it was made from.
+    #[serde(default)]
+    pub source: Option<Source>,
+}
+
+/// The content a volume was made from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A snapshot, by id.
+    Snapshot(String),
+    /// Another volume (a clone), by id.
+    Volume(String),
+}
+
+/// A point-in-time copy of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Our id (`tb-snap-<n>`).
+    pub id: String,
+    /// The CO's name for it.
+    pub name: String,
+    /// The volume it copies.
+    pub source: String,
+    /// The source's kind (restores are of the same kind).
+    pub kind: Kind,
+    /// The source's size at the time.
+    pub size: Bytes,
+    /// The source's filesystem.
+    pub fs: Option<FsType>,
+    /// The block store device (`block` kind); `file` snapshots are images.
+    pub device: Option<DeviceId>,
+    /// Life-cycle state.
+    pub state: State,
+    /// When it was taken (seconds, nanoseconds since the epoch).
+    pub created: (i64, i32),
 }
 
 /// How a volume is published at a target path.
@@ -167,11 +207,11 @@ pub fn all<T: DeserializeOwned>(table: &impl ReadableTable<&'static str, &'stati
     Ok(out)
 }
 
-/// Allocates the next volume number.
-pub fn next_number(txn: &WriteTransaction) -> Result<u64> {
+/// Allocates the next number of a counter ("volume", "snapshot").
+pub fn next_number(txn: &WriteTransaction, counter: &str) -> Result<u64> {
     let mut t = txn.open_table(COUNTERS)?;
-    let n = t.get("volume")?.map(|v| v.value()).unwrap_or(0) + 1;
-    t.insert("volume", n)?;
+    let n = t.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
+    t.insert(counter, n)?;
     Ok(n)
 }
 
@@ -180,6 +220,8 @@ pub fn init(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(VOLUMES)?;
     txn.open_table(NAMES)?;
     txn.open_table(PUBLICATIONS)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(SNAPSHOT_NAMES)?;
     txn.open_table(COUNTERS)?;
     Ok(())
 }

@@ -425,7 +425,7 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
     assert!(c.validate_volume_capabilities(vvc(&ok.volume_id)).await.unwrap().into_inner().confirmed.is_some());
     let xfs = ValidateVolumeCapabilitiesRequest { volume_capabilities: vec![mount_cap("xfs")], ..vvc(&ok.volume_id) };
     assert!(c.validate_volume_capabilities(xfs).await.unwrap().into_inner().confirmed.is_none(), "an ext4 volume is not xfs");
-    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest::default()).await), Code::Unimplemented);
+    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest::default()).await), Code::InvalidArgument, "snapshot without name");
 
     let target = d.target("pod-x", "v");
     let dotdot = PathBuf::from(format!("{}/pods/../../escape", d.path("kubelet").display()));
@@ -531,5 +531,79 @@ async fn ext4_volumes_grow_online() {
     assert!(eff & (1 << 24) != 0, "needs CAP_SYS_RESOURCE for online ext4 growth: run it in the uml tier");
     let mut d = Driver::start().await;
     grow_online(&mut d, "ext4").await;
+    d.finish().await;
+}
+
+fn snapshot_source(id: &str) -> VolumeContentSource {
+    VolumeContentSource { r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id.into() })) }
+}
+
+#[tokio::test]
+async fn snapshots_restore_and_clones_keep_point_in_time_content() {
+    let mut d = Driver::start().await;
+    for (kind, fs) in [("block", "ext4"), ("file", "xfs")] {
+        let vol = create(&mut d, &format!("src-{kind}"), 400 << 20, &[("kind", kind)], mount_cap(fs)).await;
+        let target = d.target(&format!("pod-s-{kind}"), "src");
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(fs), false, &[])).await.unwrap();
+        std::fs::write(target.join("state"), "before").unwrap();
+        // Snapshot while published and mounted: the filesystem is frozen for it.
+        let snap_req = |name: &str, src: &str| CreateSnapshotRequest { source_volume_id: src.into(), name: name.into(), ..Default::default() };
+        let snap = d.ctl.create_snapshot(snap_req(&format!("snap-{kind}"), &vol.volume_id)).await.unwrap().into_inner().snapshot.unwrap();
+        assert!(snap.ready_to_use && snap.size_bytes == 400 << 20 && snap.source_volume_id == vol.volume_id, "{snap:?}");
+        let again = d.ctl.create_snapshot(snap_req(&format!("snap-{kind}"), &vol.volume_id)).await.unwrap().into_inner().snapshot.unwrap();
+        assert_eq!(again.snapshot_id, snap.snapshot_id, "idempotent by name");
+        std::fs::write(target.join("state"), "after").unwrap();
+
+        // Restore, larger than the source: the filesystem grows with it.
+        let mut restore = create_req(&format!("restored-{kind}"), 600 << 20, &[("kind", kind)], mount_cap(""));
+        restore.volume_content_source = Some(snapshot_source(&snap.snapshot_id));
+        let restored = d.ctl.create_volume(restore.clone()).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(restored.content_source, Some(snapshot_source(&snap.snapshot_id)));
+        assert_eq!(restored.capacity_bytes, 600 << 20);
+        assert_eq!(d.ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap().volume_id, restored.volume_id);
+        let taken = snap_req(&format!("snap-{kind}"), &restored.volume_id);
+        assert_eq!(code(d.ctl.create_snapshot(taken).await), Code::AlreadyExists, "a snapshot name belongs to one source");
+        let rt = d.target(&format!("pod-r-{kind}"), "restored");
+        d.node.node_publish_volume(publish_req(&restored.volume_id, &rt, mount_cap(fs), false, &[])).await.unwrap();
+        assert_eq!(std::fs::read_to_string(rt.join("state")).unwrap(), "before", "{kind}: the snapshot's content");
+        let st = rustix::fs::statvfs(&rt).unwrap();
+        assert!(st.f_blocks * st.f_frsize > 500 << 20, "{kind}: restored filesystem fills 600MiB: {}", st.f_blocks * st.f_frsize);
+        std::fs::write(rt.join("state"), "restored").unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("state")).unwrap(), "after", "{kind}: the source is independent");
+
+        // A clone of the live volume.
+        let mut clone = create_req(&format!("clone-{kind}"), 0, &[("kind", kind)], mount_cap(fs));
+        clone.volume_content_source =
+            Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: vol.volume_id.clone() })) });
+        let cloned = d.ctl.create_volume(clone).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(cloned.capacity_bytes, 400 << 20, "a clone without a range is its source's size");
+        let ct = d.target(&format!("pod-c-{kind}"), "clone");
+        d.node.node_publish_volume(publish_req(&cloned.volume_id, &ct, mount_cap(fs), false, &[])).await.unwrap();
+        assert_eq!(std::fs::read_to_string(ct.join("state")).unwrap(), "after");
+
+        let listed = d
+            .ctl
+            .list_snapshots(ListSnapshotsRequest { source_volume_id: vol.volume_id.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert_eq!(listed.len(), 1);
+        // Deleting the snapshot leaves what was restored from it.
+        d.ctl.delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), secrets: HashMap::new() }).await.unwrap();
+        d.ctl.delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), secrets: HashMap::new() }).await.unwrap();
+        assert_eq!(std::fs::read_to_string(rt.join("state")).unwrap(), "restored");
+        for (id, t) in [(&vol.volume_id, &target), (&restored.volume_id, &rt), (&cloned.volume_id, &ct)] {
+            unpublish(&mut d, id, t).await.unwrap();
+            d.ctl.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), secrets: HashMap::new() }).await.unwrap();
+        }
+    }
+    let c = &mut d.ctl;
+    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), name: "x".into(), ..Default::default() }).await), Code::NotFound);
+    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), ..Default::default() }).await), Code::InvalidArgument);
+    let mut from_missing = create_req("from-missing", 0, &[], mount_cap("ext4"));
+    from_missing.volume_content_source = Some(snapshot_source("tb-snap-999"));
+    assert_eq!(code(c.create_volume(from_missing).await), Code::NotFound);
+    assert!(std::fs::read_dir(d.path("state/snapshots")).unwrap().next().is_none(), "no snapshot image left");
     d.finish().await;
 }
