@@ -453,7 +453,7 @@ async fn a_crash_mid_create_is_rolled_back_at_restart() {
     let mut d = Driver::start().await;
     // Kill the driver while a large xfs file volume is being formatted.
     let mut ctl = d.ctl.clone();
-    let pending = tokio::spawn(async move { ctl.create_volume(create_req("pvc-crash", 2 << 30, &[("kind", "file")], mount_cap("xfs"))).await });
+    let pending = tokio::spawn(async move { ctl.create_volume(create_req("pvc-crash", 1 << 30, &[("kind", "file")], mount_cap("xfs"))).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     d.kill9();
     let _ = pending.await;
@@ -464,7 +464,7 @@ async fn a_crash_mid_create_is_rolled_back_at_restart() {
     let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len();
     assert_eq!(files.len(), listed, "image files and volumes agree: {files:?}");
     // The CO retries: the same name now succeeds, once.
-    let vol = create(&mut d, "pvc-crash", 2 << 30, &[("kind", "file")], mount_cap("xfs")).await;
+    let vol = create(&mut d, "pvc-crash", 1 << 30, &[("kind", "file")], mount_cap("xfs")).await;
     assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 1);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
     d.finish().await;

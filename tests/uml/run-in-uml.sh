@@ -179,6 +179,8 @@ mount -t proc proc /proc || fail "cannot mount /proc"
 mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 # runc needs a cgroup hierarchy to place containers in.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "cannot mount cgroup2 on /sys/fs/cgroup"
+# Loopback, for daemons' local endpoints (the CSI driver's metrics).
+ip link set lo up || fail "cannot bring up the loopback interface"
 is_mounted /dev || mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs on /dev"
 mkdir -p /dev/pts /dev/shm || fail "cannot create /dev/pts, /dev/shm"
 mount -t devpts devpts /dev/pts || fail "cannot mount /dev/pts"
