@@ -1,6 +1,7 @@
-//! The embedded pool: with no pool directory configured, a sparse XFS image
-//! (`reflink=1`) under the state root, loop-mounted at `<root>/pool`. Its loop
-//! device is attached with autoclear, so unmounting the pool frees it.
+//! Embedded XFS images: with no pool directory configured, a sparse XFS image
+//! (`reflink=1`) under the state root, loop-mounted at `<root>/pool`; the CSI
+//! driver's directory volumes get one mounted with project quotas. Their loop
+//! devices are attached with autoclear, so unmounting an image frees it.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -15,29 +16,35 @@ use crate::units::Bytes;
 /// Makes sure the embedded pool exists and is mounted; returns its mount point.
 pub(crate) fn ensure(root: &Path, size: Bytes, direct_io: bool) -> Result<PathBuf> {
     let mp = root.join("pool");
-    if is_mountpoint(&mp)? {
-        return Ok(mp);
+    ensure_xfs(&root.join("pool.img"), &mp, size, direct_io, c"")?;
+    Ok(mp)
+}
+
+/// Makes sure the sparse XFS image `img` of `size` exists (made once, under a
+/// temporary name) and is mounted at `mp` with mount options `data`.
+pub fn ensure_xfs(img: &Path, mp: &Path, size: Bytes, direct_io: bool, data: &std::ffi::CStr) -> Result<()> {
+    if is_mountpoint(mp)? {
+        return Ok(());
     }
-    fs::create_dir_all(&mp).map_err(Error::io("create", &mp))?;
-    let img = root.join("pool.img");
+    fs::create_dir_all(mp).map_err(Error::io("create", mp))?;
     if !img.exists() {
         // Format under a temporary name so a crash never leaves a half-made pool image.
-        let tmp = root.join("pool.img.tmp");
+        let tmp = img.with_extension("img.tmp");
         let file = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(Error::io("create", &tmp))?;
         file.set_len(size.get()).map_err(Error::io("size", &tmp))?;
         drop(file);
         run("mkfs.xfs", &["-q".as_ref(), "-f".as_ref(), "-K".as_ref(), "-m".as_ref(), "reflink=1".as_ref(), tmp.as_os_str()], &tmp)?;
-        fs::rename(&tmp, &img).map_err(Error::io("rename", &tmp))?;
+        fs::rename(&tmp, img).map_err(Error::io("rename", &tmp))?;
     }
-    let attached = loops::attach(&img, AttachOpts { read_only: false, direct_io, autoclear: true, block_size: 0 })?;
+    let attached = loops::attach(img, AttachOpts { read_only: false, direct_io, autoclear: true, block_size: 0 })?;
     // `attached` stays open until the mount holds the device, or autoclear would free it.
-    mount(&attached.node, &mp, "xfs", MountFlags::NOATIME, c"").map_err(|e| Error::io("mount pool image", &img)(e.into()))?;
-    tracing::info!(image = %img.display(), mountpoint = %mp.display(), loop_dev = %attached.node.display(), %size, "embedded pool mounted");
-    Ok(mp)
+    mount(&attached.node, mp, "xfs", MountFlags::NOATIME, data).map_err(|e| Error::io("mount image", img)(e.into()))?;
+    tracing::info!(image = %img.display(), mountpoint = %mp.display(), loop_dev = %attached.node.display(), %size, "embedded image mounted");
+    Ok(())
 }
 
-/// Unmounts the embedded pool if nothing uses it any more; otherwise leaves it.
-pub(crate) fn release(mp: &Path) -> Result<()> {
+/// Unmounts an embedded image if nothing uses it any more; otherwise leaves it.
+pub fn release(mp: &Path) -> Result<()> {
     match unmount(mp, UnmountFlags::empty()) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::BUSY) => {
@@ -49,7 +56,7 @@ pub(crate) fn release(mp: &Path) -> Result<()> {
 }
 
 /// Whether `path` is a mount point, from `/proc/self/mountinfo`.
-pub(crate) fn is_mountpoint(path: &Path) -> Result<bool> {
+pub fn is_mountpoint(path: &Path) -> Result<bool> {
     let info = "/proc/self/mountinfo";
     let text = fs::read_to_string(info).map_err(Error::io("read", info))?;
     Ok(text.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| Path::new(&unescape(mp)) == path)))

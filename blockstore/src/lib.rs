@@ -25,7 +25,7 @@
 
 mod backend;
 mod dmthin;
-mod embedded;
+pub mod embedded;
 mod error;
 pub mod fault;
 mod fs;

@@ -45,6 +45,11 @@ pub struct Config {
     pub default_sandbox: Sandbox,
     /// Where Kata looks for direct-volume records.
     pub direct_volumes: PathBuf,
+    /// XFS filesystem mounted with `prjquota` for `dir` volumes; absent: an
+    /// embedded image under the state root.
+    pub dir_path: Option<PathBuf>,
+    /// Size of that embedded image (sparse).
+    pub dir_pool_size: Bytes,
 }
 
 impl Default for Config {
@@ -56,6 +61,8 @@ impl Default for Config {
             default_size: Bytes(1 << 30),
             default_sandbox: Sandbox::Runc,
             direct_volumes: PathBuf::from(KATA_DIRECT_VOLUMES),
+            dir_path: None,
+            dir_pool_size: Bytes(64 << 30),
         }
     }
 }
@@ -76,7 +83,7 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pool.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)] {
+        for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)].into_iter().chain(self.dir_path.iter().map(|p| ("dir_path", p))) {
             if !p.is_absolute() {
                 return Err(ConfigError::Invalid(format!("{key} {} must be an absolute path", p.display())));
             }

@@ -12,12 +12,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, unmount};
+use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable};
 use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, image};
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
+use crate::dirs::Dirs;
 use crate::error::{Error, Result, invalid};
 use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
 
@@ -111,6 +112,10 @@ pub struct Driver {
     node_id: String,
     files: PathBuf,
     snapshots_dir: PathBuf,
+    root: PathBuf,
+    /// The filesystem of `dir` volumes, set up on first use (not every kernel
+    /// has XFS project quotas; the other kinds work without).
+    dirs: std::sync::OnceLock<Dirs>,
     direct: DirectVolumes,
     /// Mutating operations run one at a time: they are short, and the CO
     /// retries concurrent calls for the same volume anyway.
@@ -127,7 +132,17 @@ impl Driver {
             fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
         }
         let direct = DirectVolumes::new(&cfg.direct_volumes);
-        let d = Driver { pool, cfg, node_id: node_id.to_owned(), files, snapshots_dir, direct, lock: Mutex::new(()) };
+        let d = Driver {
+            pool,
+            cfg,
+            node_id: node_id.to_owned(),
+            files,
+            snapshots_dir,
+            root: root.clone(),
+            dirs: std::sync::OnceLock::new(),
+            direct,
+            lock: Mutex::new(()),
+        };
         let txn = d.pool.store().write()?;
         state::init(&txn)?;
         txn.commit()?;
@@ -143,6 +158,22 @@ impl Driver {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The `dir` volumes' filesystem, set up now if it is not yet.
+    fn dirs(&self) -> Result<&Dirs> {
+        if let Some(d) = self.dirs.get() {
+            return Ok(d);
+        }
+        let d = Dirs::open(&self.root, self.cfg.dir_path.as_deref(), self.cfg.dir_pool_size).map_err(|e| {
+            Error::FailedPrecondition(format!("dir volumes are not available on this node: {}", crate::error::chain(&e)))
+        })?;
+        Ok(self.dirs.get_or_init(|| d))
+    }
+
+    /// Whether `dir` volumes were ever set up here (then reconciliation looks at them).
+    fn dirs_in_use(&self) -> bool {
+        self.cfg.dir_path.is_some() || self.root.join("dirs.img").exists()
     }
 
     fn serial(&self) -> MutexGuard<'_, ()> {
@@ -184,6 +215,7 @@ impl Driver {
                 let st = rustix::fs::statvfs(&self.files).map_err(|e| Error::io("statvfs", &self.files)(e.into()))?;
                 Ok((st.f_bavail * st.f_frsize).saturating_sub(self.cfg.pool.reserve.get()))
             }
+            Kind::Dir => Ok(self.dirs()?.free()?.saturating_sub(self.cfg.pool.reserve.get())),
         }
     }
 
@@ -212,8 +244,8 @@ impl Driver {
             }
             return Ok(v);
         }
-        if req.kind == Kind::File && self.capacity(Kind::File)? < size.get() {
-            return Err(Error::ResourceExhausted(format!("no room for a {size} file volume in {}", self.files.display())));
+        if req.kind != Kind::Block && self.capacity(req.kind)? < size.get() {
+            return Err(Error::ResourceExhausted(format!("no room for a {size} {} volume on this node", req.kind.as_str())));
         }
         // Intent: the record (and the block device's record) before any work.
         let txn = self.pool.store().write()?;
@@ -225,8 +257,9 @@ impl Driver {
                 let spec = CreateSpec { size, origin: origin.as_ref().and_then(|o| o.device), fs, access: None };
                 Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
             }
-            Kind::File => None,
+            Kind::File | Kind::Dir => None,
         };
+        let project = (req.kind == Kind::Dir).then(|| u32::try_from(n)).transpose().map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
         let mut vol = Volume {
             id: id.clone(),
             name: req.name.clone(),
@@ -239,6 +272,7 @@ impl Driver {
             ephemeral: req.ephemeral,
             parameters: req.parameters.clone(),
             source: req.source.clone(),
+            project,
         };
         state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
         txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
@@ -246,6 +280,7 @@ impl Driver {
 
         let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| match (&device, &origin) {
             (Some(rec), _) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            (None, _) if req.kind == Kind::Dir => self.dirs()?.create(&id, project.unwrap_or_default(), size),
             (None, Some(o)) => image::copy(&o.image, &self.image(&id), size, fs, &self.scratch(&id)).map_err(Error::from),
             (None, None) => image::create(&self.image(&id), size, fs).map_err(Error::from),
         });
@@ -280,6 +315,9 @@ impl Driver {
                 Origin { kind: v.kind, fs: v.fs, size: v.size, device: v.device, image: self.image(id), live: Some(v) }
             }
         };
+        if o.kind == Kind::Dir {
+            return Err(invalid("dir volumes have no snapshots or clones"));
+        }
         if o.kind != req.kind {
             return Err(invalid(format!("the source is a {} volume; a {} volume cannot be made from it", o.kind.as_str(), req.kind.as_str())));
         }
@@ -347,6 +385,9 @@ impl Driver {
             return Ok(snap);
         }
         let vol = self.require(source)?;
+        if vol.kind == Kind::Dir {
+            return Err(invalid(format!("volume {source} is a directory; dir volumes have no snapshots")));
+        }
         let txn = self.pool.store().write()?;
         let id = format!("tb-snap-{}", state::next_number(&txn, "snapshot")?);
         let device = match vol.device {
@@ -462,9 +503,10 @@ impl Driver {
             }
         }
         txn.commit()?;
-        match vol.device {
-            Some(dev) => self.pool.destroy(dev)?,
-            None => {
+        match (vol.device, vol.project) {
+            (Some(dev), _) => self.pool.destroy(dev)?,
+            (None, Some(project)) => self.dirs()?.remove(&vol.id, project)?,
+            (None, None) => {
                 let img = self.image(&vol.id);
                 image::detach(&img)?;
                 remove_file_if_any(&img)?;
@@ -496,17 +538,20 @@ impl Driver {
     }
 
     /// The device node of a volume, attaching it if needed.
+    /// The device node of a volume (its directory for `dir`), attaching it if needed.
     fn attach(&self, vol: &Volume) -> Result<PathBuf> {
-        match vol.device {
-            Some(dev) => Ok(self.pool.activate(dev, Access::ReadWrite)?),
-            None => Ok(image::attach(&self.image(&vol.id), false)?),
+        match (vol.device, vol.kind) {
+            (Some(dev), _) => Ok(self.pool.activate(dev, Access::ReadWrite)?),
+            (None, Kind::Dir) => Ok(self.dirs()?.path(&vol.id)),
+            (None, _) => Ok(image::attach(&self.image(&vol.id), false)?),
         }
     }
 
     fn detach(&self, vol: &Volume) -> Result<()> {
-        match vol.device {
-            Some(dev) => Ok(self.pool.release(dev)?),
-            None => Ok(image::detach(&self.image(&vol.id))?),
+        match (vol.device, vol.kind) {
+            (Some(dev), _) => Ok(self.pool.release(dev)?),
+            (None, Kind::Dir) => Ok(()),
+            (None, _) => Ok(image::detach(&self.image(&vol.id))?),
         }
     }
 
@@ -516,6 +561,12 @@ impl Driver {
         let vol = self.require(id)?;
         let sandbox = sandbox.or(vol.sandbox).unwrap_or(self.cfg.default_sandbox);
         let (mode, flags) = match (access, sandbox) {
+            // A directory is shared as it is: bind-mounted on the host, and over
+            // virtio-fs into a Kata guest.
+            (AccessType::Mount { flags, .. }, _) if vol.kind == Kind::Dir => (Mode::HostMount, flags.clone()),
+            (AccessType::Block, _) if vol.kind == Kind::Dir => {
+                return Err(invalid(format!("volume {id} is a directory; it has no block device")));
+            }
             (AccessType::Block, Sandbox::Runc) => (Mode::HostBlock, Vec::new()),
             (AccessType::Block, Sandbox::Kata) => (Mode::Kata, Vec::new()),
             (AccessType::Mount { fs, flags }, sandbox) => {
@@ -559,6 +610,21 @@ impl Driver {
     fn make_target(&self, vol: &Volume, p: &Publication, node: &Path) -> Result<()> {
         let fs_name = vol.fs.map(FsType::as_str).unwrap_or_default();
         match p.mode {
+            Mode::HostMount if vol.kind == Kind::Dir => {
+                mkdir(&p.target)?;
+                if !is_mountpoint(&p.target)? {
+                    mount_bind(node, &p.target).map_err(|e| Error::io("bind-mount", node)(e.into()))?;
+                    let (mut flags, _) = mount_options(&p.flags);
+                    if p.readonly {
+                        flags |= MountFlags::RDONLY;
+                    }
+                    if !flags.is_empty() {
+                        // Flags of a bind mount change only by remounting it.
+                        mount_remount(&p.target, flags | MountFlags::BIND, c"").map_err(|e| Error::io("remount", &p.target)(e.into()))?;
+                    }
+                }
+                Ok(())
+            }
             Mode::HostMount => {
                 mkdir(&p.target)?;
                 let (mut flags, mut data) = mount_options(&p.flags);
@@ -702,7 +768,7 @@ impl Driver {
                     self.pool.resize(dev, size)?;
                 }
                 None => {
-                    if self.capacity(Kind::File)? < size.get() - vol.size.get() {
+                    if self.capacity(vol.kind)? < size.get() - vol.size.get() {
                         return Err(Error::ResourceExhausted(format!("no room to grow {id} to {size}")));
                     }
                 }
@@ -714,9 +780,13 @@ impl Driver {
             state::put(&mut txn.open_table(VOLUMES)?, id, &vol)?;
             txn.commit()?;
         }
-        if vol.device.is_none() {
-            let img = self.image(id);
-            image::grow(&img, size, image::find(&img)?.as_deref())?;
+        match (vol.device, vol.project) {
+            (Some(_), _) => {}
+            (None, Some(project)) => self.dirs()?.limit(project, size)?,
+            (None, None) => {
+                let img = self.image(id);
+                image::grow(&img, size, image::find(&img)?.as_deref())?;
+            }
         }
         tracing::info!(volume = %id, size = %size, "volume expanded");
         Ok((size, vol.fs.is_some()))
@@ -746,6 +816,9 @@ impl Driver {
     /// Bytes the volume holds on the node: its device's usage or its image's
     /// allocated blocks.
     pub fn allocated(&self, vol: &Volume) -> Result<u64> {
+        if let Some(project) = vol.project {
+            return self.dirs()?.used(project);
+        }
         match vol.device {
             Some(dev) => {
                 let rec = self.pool.store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {}", vol.id)))?;
@@ -794,6 +867,7 @@ impl Driver {
         drop(txn);
         let mut referenced = HashSet::new();
         let mut images = HashSet::new();
+        let mut dirs = HashSet::new();
         for snap in snaps {
             if snap.state != State::Ready {
                 tracing::info!(snapshot = %snap.id, state = ?snap.state, "finishing interrupted snapshot change");
@@ -812,8 +886,14 @@ impl Driver {
                 continue;
             }
             referenced.extend(vol.device);
-            if vol.kind == Kind::File {
-                images.insert(self.image(&vol.id));
+            match vol.kind {
+                Kind::File => {
+                    images.insert(self.image(&vol.id));
+                }
+                Kind::Dir => {
+                    dirs.insert(vol.id.clone());
+                }
+                Kind::Block => {}
             }
         }
         for p in pubs {
@@ -839,6 +919,15 @@ impl Driver {
                 }
             }
         }
+        if self.dirs_in_use() {
+            for dir in self.dirs()?.list()? {
+                if !dirs.contains(&dir) {
+                    tracing::info!(dir = %dir, "removing directory without a volume");
+                    let path = self.dirs()?.path(&dir);
+                    fs::remove_dir_all(&path).map_err(Error::io("remove", &path))?;
+                }
+            }
+        }
         tracing::info!(?report, "reconciled");
         Ok(())
     }
@@ -846,7 +935,11 @@ impl Driver {
     /// On exit with `release`: detach what nothing publishes.
     pub fn shutdown(&self, release: bool) -> Result<()> {
         let _s = self.serial();
-        Ok(self.pool.shutdown(release)?)
+        self.pool.shutdown(release)?;
+        if release && let Some(d) = self.dirs.get() {
+            d.release()?;
+        }
+        Ok(())
     }
 }
 

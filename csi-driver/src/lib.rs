@@ -18,6 +18,7 @@
 //!    publish and removed at unpublish.
 
 pub mod config;
+pub mod dirs;
 pub mod driver;
 pub mod error;
 pub mod metrics;

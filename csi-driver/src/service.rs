@@ -132,7 +132,7 @@ fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<(Kind,
     let mut sandbox = None;
     for (k, v) in params {
         match k.as_str() {
-            PARAM_KIND => kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block or file")))?,
+            PARAM_KIND => kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block, file or dir")))?,
             PARAM_SANDBOX => sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?),
             k if k.starts_with(CO_PREFIX) || extra.contains(&k) => {}
             k => return Err(invalid(format!("unknown parameter {k:?}"))),
@@ -222,9 +222,12 @@ impl Controller for Csi {
         }
         let (kind, sandbox, kept) = parameters(&r.parameters, &[])?;
         // A copy keeps its source's filesystem: only one named explicitly is checked against it.
-        let fs = match source {
-            Some(_) => fs_for(&access, kind, FsType::Ext4)?.filter(|_| named_fs(&access)),
-            None => fs_for(&access, kind, self.driver.config().default_fs)?,
+        let fs = match (&source, kind) {
+            // A directory has no filesystem of its own, nor a block device.
+            (_, Kind::Dir) if access.contains(&AccessType::Block) => return Err(invalid("dir volumes have no block access").into()),
+            (_, Kind::Dir) => None,
+            (Some(_), _) => fs_for(&access, kind, FsType::Ext4)?.filter(|_| named_fs(&access)),
+            (None, _) => fs_for(&access, kind, self.driver.config().default_fs)?,
         };
         let range = r.capacity_range.unwrap_or_default();
         let (required, limit) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes));
@@ -264,7 +267,8 @@ impl Controller for Csi {
         let vol = vol.filter(|v| v.state == crate::state::State::Ready).ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         let access = capabilities(&r.volume_capabilities)?;
         let ok = access.iter().all(|a| match a {
-            AccessType::Block => true,
+            AccessType::Block => vol.kind != Kind::Dir,
+            AccessType::Mount { .. } if vol.kind == Kind::Dir => true,
             AccessType::Mount { fs, .. } => vol.fs.is_some() && fs.is_none_or(|f| Some(f) == vol.fs),
         });
         let confirmed = ok.then(|| validate_volume_capabilities_response::Confirmed {
@@ -310,7 +314,16 @@ impl Controller for Csi {
             capability(cap)?;
         }
         let (kind, _, _) = parameters(&r.parameters, &[])?;
-        let free = self.run("get_capacity", move |d| d.capacity(kind)).await?;
+        // A kind this node cannot serve (dir volumes without kernel quota support) has no room.
+        let free = self
+            .run("get_capacity", move |d| match d.capacity(kind) {
+                Err(Error::FailedPrecondition(why)) => {
+                    tracing::debug!(kind = kind.as_str(), why, "no capacity");
+                    Ok(0)
+                }
+                other => other,
+            })
+            .await?;
         let free = i64::try_from(free).unwrap_or(i64::MAX);
         Ok(Response::new(GetCapacityResponse {
             available_capacity: free,

@@ -31,6 +31,8 @@ pub enum Kind {
     Block,
     /// A sparse image file of exactly the volume's size.
     File,
+    /// A host directory with a hard project quota of the volume's size.
+    Dir,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
         match self {
             Kind::Block => "block",
             Kind::File => "file",
+            Kind::Dir => "dir",
         }
     }
 
@@ -47,6 +50,7 @@ impl Kind {
         match s {
             "block" => Some(Kind::Block),
             "file" => Some(Kind::File),
+            "dir" => Some(Kind::Dir),
             _ => None,
         }
     }
@@ -113,6 +117,9 @@ pub struct Volume {
     /// What it was made from.
     #[serde(default)]
     pub source: Option<Source>,
+    /// XFS project id (`dir` kind).
+    #[serde(default)]
+    pub project: Option<u32>,
 }
 
 /// The content a volume was made from.

@@ -80,12 +80,12 @@ impl Driver {
     }
 
     /// Stops the driver and checks nothing of ours is left mounted but the
-    /// embedded pool (kept across restarts); then a start and stop with
+    /// embedded pool and dir filesystem (kept across restarts); then a start and stop with
     /// `--release-on-exit` must leave no mount, loop or dm device at all.
     async fn finish(mut self) {
         self.stop();
-        let pool = self.path("state/pool");
-        let mounts: Vec<_> = mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| Path::new(m) != pool).collect();
+        let kept = [self.path("state/pool"), self.path("state/dirs")];
+        let mounts: Vec<_> = mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| !kept.iter().any(|k| Path::new(m) == k)).collect();
         assert_eq!(mounts, Vec::<String>::new(), "mounts left");
         self.child = Some(spawn(self.dir.path(), &["--release-on-exit".to_owned()]).await.0);
         self.stop();
@@ -107,15 +107,20 @@ impl Drop for Driver {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Loops first: once their filesystems are lazily unmounted their
-        // backing paths no longer show where they live.
-        let loops = thinbox_blockstore::scan_loops(self.dir.path()).unwrap_or_default();
-        for m in mounts_under(self.dir.path().to_str().unwrap()).into_iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        for l in loops.iter().rev() {
-            let _ = Command::new("losetup").arg("-d").arg(&l.node).status();
-        }
+        cleanup(self.dir.path());
+    }
+}
+
+/// Best effort after a failure: unmount and detach whatever lives under `dir`.
+fn cleanup(dir: &Path) {
+    // Loops first: once their filesystems are lazily unmounted their backing
+    // paths no longer show where they live.
+    let loops = thinbox_blockstore::scan_loops(dir).unwrap_or_default();
+    for m in mounts_under(dir.to_str().unwrap()).into_iter().rev() {
+        let _ = Command::new("umount").arg("-l").arg(m).status();
+    }
+    for l in loops.iter().rev() {
+        let _ = Command::new("losetup").arg("-d").arg(&l.node).status();
     }
 }
 
@@ -133,10 +138,19 @@ async fn spawn(dir: &Path, args: &[String]) -> (Child, ControllerClient<Channel>
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut child = child;
     let ch = loop {
         match thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await {
             Ok(ch) => break ch,
-            Err(e) => assert!(Instant::now() < deadline, "driver did not answer on {}: {e}", sock.display()),
+            Err(e) => {
+                let exited = child.try_wait().unwrap();
+                if exited.is_some() || Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    cleanup(dir);
+                    panic!("driver did not answer on {} ({exited:?}): {e}", sock.display());
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -605,5 +619,43 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
     from_missing.volume_content_source = Some(snapshot_source("tb-snap-999"));
     assert_eq!(code(c.create_volume(from_missing).await), Code::NotFound);
     assert!(std::fs::read_dir(d.path("state/snapshots")).unwrap().next().is_none(), "no snapshot image left");
+    d.finish().await;
+}
+
+#[tokio::test]
+async fn dir_volume_hard_project_quota_and_growth() {
+    let mut d = Driver::start().await;
+    let vol = create(&mut d, "pvc-dir", 300 << 20, &[("kind", "dir")], mount_cap("")).await;
+    assert_eq!(vol.volume_context.get("kind").map(String::as_str), Some("dir"));
+    let target = d.target("pod-d", "pvc-dir");
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(""), false, &[])).await.unwrap();
+    let dirs_img = d.path("state/dirs.img");
+    let before = std::fs::metadata(&dirs_img).unwrap().blocks() * 512;
+    assert!(!dd(&target.join("fill"), 400), "a writer past the quota gets EDQUOT");
+    let grown = std::fs::metadata(&dirs_img).unwrap().blocks() * 512 - before;
+    assert!(grown <= (300 << 20) + (16 << 20), "the host filesystem grew by about the quota at most: {grown}");
+    let stats = d
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: vol.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, 300 << 20, "statfs reports the quota as the volume's size");
+    assert!(stats.usage[0].used >= 290 << 20, "{:?}", stats.usage[0]);
+    std::fs::remove_file(target.join("fill")).unwrap();
+    // Growth raises the quota; no filesystem to grow on the node.
+    let grow = ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: 600 << 20, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    let r = d.ctl.controller_expand_volume(grow).await.unwrap().into_inner();
+    assert_eq!((r.capacity_bytes, r.node_expansion_required), (600 << 20, false));
+    assert!(dd(&target.join("fill"), 400), "400MiB fit under the raised quota");
+    assert_eq!(code(d.ctl.create_snapshot(CreateSnapshotRequest { source_volume_id: vol.volume_id.clone(), name: "s".into(), ..Default::default() }).await), Code::InvalidArgument);
+    assert_eq!(code(d.ctl.create_volume(create_req("dir-block", 300 << 20, &[("kind", "dir")], block_cap())).await), Code::InvalidArgument);
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
+    assert!(!d.path(&format!("state/dirs/{}", vol.volume_id)).exists(), "directory removed");
     d.finish().await;
 }

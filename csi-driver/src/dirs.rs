@@ -1,0 +1,151 @@
+//! `dir` volumes: host directories with a hard XFS project quota, for
+//! runtimes that share volumes over virtio-fs. Each volume is a directory with
+//! its own project id (inherited by everything created inside) and a block
+//! hard limit of its size, so a writer gets EDQUOT at the size.
+//!
+//! The directories live on an XFS filesystem mounted with `prjquota`: the one
+//! at `dir_path` if configured, else an embedded sparse XFS image under the
+//! state root (`<root>/dirs.img` at `<root>/dirs`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thinbox_blockstore::Bytes;
+use thinbox_blockstore::embedded;
+
+use crate::error::{Error, Result};
+
+/// The filesystem that holds directory volumes.
+#[derive(Debug)]
+pub struct Dirs {
+    mountpoint: PathBuf,
+    embedded: bool,
+}
+
+impl Dirs {
+    /// Uses `configured` (checked: XFS with project quotas on) or mounts the
+    /// embedded image of `size` under `root`.
+    pub fn open(root: &Path, configured: Option<&Path>, size: Bytes) -> Result<Dirs> {
+        let (mountpoint, embedded) = match configured {
+            Some(p) => (p.to_owned(), false),
+            None => {
+                let mp = root.join("dirs");
+                embedded::ensure_xfs(&root.join("dirs.img"), &mp, size, true, c"prjquota")?;
+                (mp, true)
+            }
+        };
+        let opts = mount_options(&mountpoint)?;
+        let Some((fstype, options)) = opts else {
+            return Err(Error::FailedPrecondition(format!("{} is not a mount point; dir volumes need a filesystem of their own", mountpoint.display())));
+        };
+        if fstype != "xfs" || !options.split(',').any(|o| matches!(o, "prjquota" | "pquota")) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is {fstype} mounted with {options}; dir volumes need XFS mounted with prjquota",
+                mountpoint.display()
+            )));
+        }
+        Ok(Dirs { mountpoint, embedded })
+    }
+
+    /// A volume's directory.
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.mountpoint.join(id)
+    }
+
+    /// Free bytes on the filesystem.
+    pub fn free(&self) -> Result<u64> {
+        let st = rustix::fs::statvfs(&self.mountpoint).map_err(|e| Error::io("statvfs", &self.mountpoint)(e.into()))?;
+        Ok(st.f_bavail * st.f_frsize)
+    }
+
+    /// Makes the volume's directory (idempotent) with project `project` and a
+    /// hard limit of `size`.
+    pub fn create(&self, id: &str, project: u32, size: Bytes) -> Result<()> {
+        let dir = self.path(id);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create", &dir)(e)),
+        }
+        self.quota(&[&format!("project -s -p {} {project}", dir.display())])?;
+        self.limit(project, size)
+    }
+
+    /// Sets the volume's hard limit (growth raises it).
+    pub fn limit(&self, project: u32, size: Bytes) -> Result<()> {
+        self.quota(&[&format!("limit -p bhard={} {project}", size.get())])
+    }
+
+    /// Bytes the project holds, from the quota accounting.
+    pub fn used(&self, project: u32) -> Result<u64> {
+        let out = self.quota_output(&format!("quota -p -N -b {project}"))?;
+        // "<device> <used KiB> <soft> <hard> <warn/grace>": used is the second field.
+        let kib: u64 = out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(kib * 1024)
+    }
+
+    /// Removes the directory and its limit (idempotent).
+    pub fn remove(&self, id: &str, project: u32) -> Result<()> {
+        let dir = self.path(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &dir)(e)),
+        }
+        self.limit(project, Bytes(0))
+    }
+
+    /// Directories that look like volumes (for reconciliation).
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.mountpoint).map_err(Error::io("list", &self.mountpoint))? {
+            let entry = entry.map_err(Error::io("list", &self.mountpoint))?;
+            if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with("tb-dir-")) {
+                out.push(name.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unmounts the embedded image (if nothing uses it).
+    pub fn release(&self) -> Result<()> {
+        if self.embedded {
+            embedded::release(&self.mountpoint)?;
+        }
+        Ok(())
+    }
+
+    fn quota(&self, cmds: &[&str]) -> Result<()> {
+        for c in cmds {
+            self.quota_output(c)?;
+        }
+        Ok(())
+    }
+
+    fn quota_output(&self, cmd: &str) -> Result<String> {
+        let out = Command::new("xfs_quota").args(["-x", "-c", cmd]).arg(&self.mountpoint).output().map_err(Error::io("run xfs_quota on", &self.mountpoint))?;
+        if !out.status.success() {
+            return Err(Error::Io {
+                op: "xfs_quota",
+                path: self.mountpoint.clone(),
+                source: std::io::Error::other(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim())),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Filesystem type and options of the mount at `mp`, if it is one.
+fn mount_options(mp: &Path) -> Result<Option<(String, String)>> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read", "/proc/self/mountinfo"))?;
+    let want = mp.to_string_lossy();
+    Ok(info.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        if fields.get(4)? != &want {
+            return None;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        Some((fields.get(sep + 1)?.to_string(), fields.get(sep + 3)?.to_string()))
+    }))
+}
