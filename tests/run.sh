@@ -3,7 +3,8 @@
 #
 #   unit         cargo tests of the pure parts (no root)
 #   host         blockstore, snapshotter, thinboxctl and the CSI driver on real loop devices and XFS/btrfs pools (root)
-#   crash        fault-injection build: abort at each step of Prepare/Commit/Remove, restart, check (root)
+#   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
+#                driver's Create/Publish/Unpublish/Delete, restart, check (root)
 #   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
 #   uml          dm-thin backend, snapshotter and CSI tests, conformance and real containers on a kernel thin pool inside user-mode Linux (root)
@@ -57,6 +58,7 @@ tier_crash() {
   need_root crash
   # A separate target dir keeps the fault-injection build away from the real binary.
   cargo test --target-dir target/fault -p thinbox-snapshotter --features fault-injection --test crash -- --test-threads=1
+  cargo test --target-dir target/fault -p thinbox-csi --features fault-injection --test crash -- --test-threads=1
 }
 tier_conformance() {
   need_root conformance

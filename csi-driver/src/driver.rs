@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable};
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, image};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, fault, image};
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
 use crate::dirs::Dirs;
@@ -277,6 +277,7 @@ impl Driver {
         state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
         txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
         txn.commit()?;
+        fault::point("csi.create.after_intent");
 
         let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| match (&device, &origin) {
             (Some(rec), _) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
@@ -289,6 +290,7 @@ impl Driver {
             self.forget(&vol)?;
             return Err(e);
         }
+        fault::point("csi.create.after_build");
         let txn = self.pool.store().write()?;
         if let Some(rec) = &device {
             let mut devs = Devices::open(&txn)?;
@@ -503,6 +505,7 @@ impl Driver {
             }
         }
         txn.commit()?;
+        fault::point("csi.delete.after_mark");
         match (vol.device, vol.project) {
             (Some(dev), _) => self.pool.destroy(dev)?,
             (None, Some(project)) => self.dirs()?.remove(&vol.id, project)?,
@@ -597,7 +600,11 @@ impl Driver {
         let txn = self.pool.store().write()?;
         state::put(&mut txn.open_table(PUBLICATIONS)?, &target.to_string_lossy(), &wanted)?;
         txn.commit()?;
-        let done = self.attach(&vol).and_then(|node| self.make_target(&vol, &wanted, &node));
+        fault::point("csi.publish.after_record");
+        let done = self.attach(&vol).and_then(|node| {
+            fault::point("csi.publish.after_attach");
+            self.make_target(&vol, &wanted, &node)
+        });
         if let Err(e) = done {
             tracing::warn!(volume = %id, target = %target.display(), error = %crate::error::chain(&e), "publish failed; undoing");
             let _ = self.undo_publication(&vol, &wanted);
@@ -704,6 +711,7 @@ impl Driver {
                 self.direct.remove(&p.target)?;
             }
         }
+        fault::point("csi.unpublish.after_unmount");
         remove_target(&p.target)?;
         let txn = self.pool.store().write()?;
         txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
@@ -896,17 +904,39 @@ impl Driver {
                 Kind::Block => {}
             }
         }
+        let mut published = HashSet::new();
         for p in pubs {
             let live = match p.mode {
                 Mode::HostMount | Mode::HostBlock => is_mountpoint(&p.target)?,
                 Mode::Kata => self.direct.get(&p.target)?.is_some(),
             };
-            if !live {
-                tracing::info!(target = %p.target.display(), "dropping publication whose target is gone");
-                let txn = self.pool.store().write()?;
-                txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
-                txn.commit()?;
+            if live {
+                published.insert(p.volume.clone());
+                continue;
             }
+            tracing::info!(target = %p.target.display(), "dropping publication whose target is gone");
+            let txn = self.pool.store().write()?;
+            txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
+            txn.commit()?;
+            // A publish cut short may have made the target directory or file.
+            if !is_mountpoint(&p.target)? {
+                remove_target(&p.target)?;
+            }
+        }
+        // What nothing publishes is detached; an inline volume whose
+        // publication is gone is gone too.
+        for vol in self.volumes()? {
+            if published.contains(&vol.id) {
+                continue;
+            }
+            if vol.ephemeral {
+                tracing::info!(volume = %vol.id, "removing inline volume without a publication");
+                referenced.retain(|d| Some(*d) != vol.device);
+                images.remove(&self.image(&vol.id));
+                self.forget(&vol)?;
+                continue;
+            }
+            self.detach(&vol)?;
         }
         let report = self.pool.reconcile(&referenced)?;
         for dir in [&self.files, &self.snapshots_dir] {
