@@ -112,4 +112,19 @@ mod tests {
         let small: Config = toml::from_str("default_size = \"1MiB\"").unwrap();
         assert!(small.validate().is_err());
     }
+
+    /// The sample in docs/csi.md is a valid config.
+    #[test]
+    fn documented_sample_parses() {
+        let doc = include_str!("../../docs/csi.md");
+        let start = doc.find("    kubelet_dir = ").unwrap();
+        let sample: String = doc[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        let cfg: Config = toml::from_str(&sample).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.dir_pool_size, Bytes(64 << 30));
+    }
 }
