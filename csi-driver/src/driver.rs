@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
-use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable};
+use thinbox_blockstore::redb::{ReadableDatabase, TableDefinition};
 use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, fault, image};
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
@@ -447,32 +447,31 @@ impl Driver {
     }
 
     fn forget_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let marked = Snapshot { state: State::Deleting, ..snap.clone() };
+        self.mark_deleting(SNAPSHOTS, &snap.id, &marked, snap.device)?;
+        match snap.device {
+            Some(dev) => self.pool.destroy(dev)?,
+            None => remove_file_if_any(&self.snap_image(&snap.id))?,
+        }
         let txn = self.pool.store().write()?;
-        let mut marked = snap.clone();
-        marked.state = State::Deleting;
-        state::put(&mut txn.open_table(SNAPSHOTS)?, &snap.id, &marked)?;
-        if let Some(dev) = snap.device {
+        state::remove_named(&txn, SNAPSHOTS, SNAPSHOT_NAMES, &snap.id, &snap.name)?;
+        txn.commit()?;
+        tracing::info!(snapshot = %snap.id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Phase one of a deletion: the record marked `Deleting` and its device
+    /// planned for deletion, in one transaction.
+    fn mark_deleting<T: serde::Serialize>(&self, table: TableDefinition<&str, &str>, id: &str, marked: &T, device: Option<thinbox_blockstore::DeviceId>) -> Result<()> {
+        let txn = self.pool.store().write()?;
+        state::put(&mut txn.open_table(table)?, id, marked)?;
+        if let Some(dev) = device {
             let mut devs = Devices::open(&txn)?;
             if devs.get(dev)?.is_some() {
                 self.pool.plan_delete(&mut devs, dev)?;
             }
         }
         txn.commit()?;
-        match snap.device {
-            Some(dev) => self.pool.destroy(dev)?,
-            None => remove_file_if_any(&self.snap_image(&snap.id))?,
-        }
-        let txn = self.pool.store().write()?;
-        txn.open_table(SNAPSHOTS)?.remove(snap.id.as_str())?;
-        {
-            let mut names = txn.open_table(SNAPSHOT_NAMES)?;
-            let ours = names.get(snap.name.as_str())?.is_some_and(|v| v.value() == snap.id);
-            if ours {
-                names.remove(snap.name.as_str())?;
-            }
-        }
-        txn.commit()?;
-        tracing::info!(snapshot = %snap.id, "snapshot deleted");
         Ok(())
     }
 
@@ -494,17 +493,8 @@ impl Driver {
 
     /// Marks the volume deleting, removes its storage, then its records.
     fn forget(&self, vol: &Volume) -> Result<()> {
-        let txn = self.pool.store().write()?;
-        let mut marked = vol.clone();
-        marked.state = State::Deleting;
-        state::put(&mut txn.open_table(VOLUMES)?, &vol.id, &marked)?;
-        if let Some(dev) = vol.device {
-            let mut devs = Devices::open(&txn)?;
-            if devs.get(dev)?.is_some() {
-                self.pool.plan_delete(&mut devs, dev)?;
-            }
-        }
-        txn.commit()?;
+        let marked = Volume { state: State::Deleting, ..vol.clone() };
+        self.mark_deleting(VOLUMES, &vol.id, &marked, vol.device)?;
         fault::point("csi.delete.after_mark");
         match (vol.device, vol.project) {
             (Some(dev), _) => self.pool.destroy(dev)?,
@@ -516,14 +506,7 @@ impl Driver {
             }
         }
         let txn = self.pool.store().write()?;
-        txn.open_table(VOLUMES)?.remove(vol.id.as_str())?;
-        {
-            let mut names = txn.open_table(NAMES)?;
-            let ours = names.get(vol.name.as_str())?.is_some_and(|v| v.value() == vol.id);
-            if ours {
-                names.remove(vol.name.as_str())?;
-            }
-        }
+        state::remove_named(&txn, VOLUMES, NAMES, &vol.id, &vol.name)?;
         txn.commit()?;
         tracing::info!(volume = %vol.id, "volume deleted");
         Ok(())

@@ -214,6 +214,17 @@ pub fn all<T: DeserializeOwned>(table: &impl ReadableTable<&'static str, &'stati
     Ok(out)
 }
 
+/// Removes the record `id` and its name, if the name still points at it.
+pub fn remove_named(txn: &WriteTransaction, records: TableDefinition<&str, &str>, names: TableDefinition<&str, &str>, id: &str, name: &str) -> Result<()> {
+    txn.open_table(records)?.remove(id)?;
+    let mut names = txn.open_table(names)?;
+    let ours = names.get(name)?.is_some_and(|v| v.value() == id);
+    if ours {
+        names.remove(name)?;
+    }
+    Ok(())
+}
+
 /// Allocates the next number of a counter ("volume", "snapshot").
 pub fn next_number(txn: &WriteTransaction, counter: &str) -> Result<u64> {
     let mut t = txn.open_table(COUNTERS)?;
