@@ -59,6 +59,8 @@ pub struct DmThin {
     pool_dev: Device,
     /// Data block size of the pool.
     block: Bytes,
+    /// The pool's low-water mark (growth keeps it: only the data table changes).
+    low_water: DataBlocks,
     /// The pool, when Thinbox set it up (not an existing one): it is grown and
     /// torn down. The lock also serialises pool messages and table reloads.
     owned: Mutex<Option<ThinPoolDev>>,
@@ -133,6 +135,7 @@ impl DmThin {
             pool_name,
             pool_dev,
             block: Bytes(params.data_block_size.0 * 512),
+            low_water: params.low_water_mark,
             file_backed: !thin.external(),
             owned: Mutex::new(owned),
             grow_step: cfg.grow_step,
@@ -493,7 +496,6 @@ impl Backend for DmThin {
         let ThinPoolStatus::Working(w) = status else {
             return Err(Error::Dm { op: "status", what: name.to_string(), detail: "thin pool failed".into() });
         };
-        let low_water = pool_table(&self.dm, name)?.low_water_mark;
         let block = self.block.get();
         let mode = match (w.needs_check, &w.summary) {
             (true, _) => "needs_check",
@@ -509,7 +511,7 @@ impl Backend for DmThin {
             reserve: Bytes(0),
             devices: 0,
             metadata: Some(Space { total: Bytes(w.usage.total_meta.0 * META_BLOCK), used: Bytes(w.usage.used_meta.0 * META_BLOCK) }),
-            low_water: Some(Bytes(low_water.0 * block)),
+            low_water: Some(Bytes(self.low_water.0 * block)),
             mode: Some(mode.into()),
         })
     }

@@ -389,12 +389,15 @@ impl Pool {
     /// Pool-wide figures.
     pub fn status(&self) -> Result<PoolStatus> {
         let devices = self.store.devices()?.len() as u64;
-        Ok(PoolStatus { reserve: self.cfg.reserve, devices, ..self.backend.status()? })
+        Ok(PoolStatus { devices, ..self.space()? })
     }
 
-    /// Below the reserve, a pool that can grow does; otherwise new devices are
-    /// refused so existing ones keep room to write. A thin pool's metadata past
-    /// its limit refuses them too: running out would turn the pool read-only.
+    /// Pool-wide figures without the device count (which reads every record):
+    /// what the hot paths need.
+    fn space(&self) -> Result<PoolStatus> {
+        Ok(PoolStatus { reserve: self.cfg.reserve, ..self.backend.status()? })
+    }
+
     fn check_space(&self) -> Result<()> {
         let st = self.maintain()?;
         if st.free < st.reserve {
@@ -412,11 +415,11 @@ impl Pool {
     /// backend can (call it periodically: running containers consume space too).
     /// Returns the status afterwards.
     pub fn maintain(&self) -> Result<PoolStatus> {
-        let mut st = self.status()?;
+        let mut st = self.space()?;
         while st.free < Bytes(st.reserve.get().saturating_mul(2)) {
             let Some(size) = self.backend.grow()? else { break };
             tracing::info!(pool = %st.location, free = %st.free, new_size = %size, "pool grown");
-            st = self.status()?;
+            st = self.space()?;
         }
         Ok(st)
     }
