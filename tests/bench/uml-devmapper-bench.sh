@@ -1,0 +1,596 @@
+#!/usr/bin/env bash
+# Thinbox on dm-thin vs containerd's built-in devmapper snapshotter, side by
+# side in ONE user-mode Linux guest (a real kernel with dm-thin), plus fio on a
+# thin device vs the raw loop device under a pool. Run on the host, as root:
+#
+#   sudo bash tests/bench/uml-devmapper-bench.sh
+#
+# What it does:
+#   host   installs what it needs (tests/uml/install.sh, fio, containerd, runc),
+#          builds release binaries (cargo build --release -p thinbox-snapshotter
+#          -p thinbox-snapshot-bench) unless BENCH_BIN_DIR is set, copies them
+#          into a work directory under /var/tmp (which the guest sees through
+#          hostfs; the binaries cannot change under the run), boots UML once
+#          (tests/uml/run-in-uml.sh) running this script with --inside, then
+#          checks that nothing of the run is attached or mounted and removes the
+#          work directory.
+#   guest  1. thinbox-snapshotter (--release-on-exit) on dm-thin: its embedded
+#             pool = sparse meta/data files on loop devices -> dm-linear ->
+#             thin-pool (128-sector blocks, low water mark 10% of the data
+#             blocks, error_if_no_space, block zeroing on).
+#          2. An identical pool made with dmsetup (files of the same sizes next
+#             to thinbox's, loops, dm-linear, the same thin-pool parameters; the
+#             two tables are compared and must match), and a private containerd
+#             1.6 whose devmapper snapshotter uses it (`ctr plugins ls` must
+#             show it ok).
+#          3. thinbox-snapshot-bench: workloads chain and parallel, devmapper
+#             first (the baseline: ratios read thinbox / devmapper).
+#          4. fio: 4k randread / randwrite at iodepth 1 and 16 (libaio, direct;
+#             rounds alternating between the two devices, merged)
+#             on a thin device of a fresh pool made like thinbox's, and on a
+#             loop device over a file of the same size as that pool's data file
+#             (the kind of device the pool's data sits on), both in the same
+#             host directory; the tested region is written once on both first.
+#          5. Teardown (also on failure): snapshotter, containerd, dm devices,
+#             loops, mounts; then `dmsetup ls`, `losetup -a` and findmnt must
+#             show nothing, or the run fails.
+#
+# Output in $BENCH_OUT (default target/uml-bench/):
+#   snapshot-bench.{md,json,txt}   thinbox-snapshot-bench's report
+#   fio.{md,json} fio/*.json       fio results per cell, and the raw fio output
+#   summary.md                     the final tables (ratios, targets met or not)
+#   uml-bench.md                   summary + configuration, for docs/benchmarks.md
+#   pools.txt, gc.txt              pool tables, page cache before fio, containerd GC passes
+#   host-load.txt                  the host's 1-minute load average before and after
+#   source.txt                     the commit the binaries were built from
+#   thinbox.log containerd.log run.log   logs
+#
+# Environment (all optional):
+#   BENCH_BIN_DIR=DIR        use thinbox-snapshotter and thinbox-snapshot-bench
+#                            from DIR instead of building (e.g. a worktree's
+#                            target/release)
+#   BENCH_OUT=DIR            output directory (a host path; default target/uml-bench)
+#   BENCH_CHAIN_REPEATS=5    chains of 16 layers per target
+#   BENCH_PARALLEL=100       containers prepared at once in the parallel workload
+#   BENCH_PARALLEL_REPEATS=1 parallel rounds per target
+#   BENCH_POOL_SIZE=64GiB    thinbox's pool.embedded_size (= size of both data files)
+#   BENCH_SNAPSHOT_SIZE=10GiB  thinbox snapshot.default_size = devmapper base_image_size
+#   BENCH_FIO_ROUNDS=20 BENCH_FIO_RUNTIME=1s BENCH_FIO_RAMP=500ms   fio: rounds per
+#                            cell and device (alternating which device goes first),
+#                            time measured per round (+ ramp), in fio's time syntax
+#   BENCH_FIO_SIZE=1G        region fio reads/writes on each device
+#   BENCH_FIO_POOL_SIZE=4G   data file of the fio pool = size of the raw loop's file
+#   BENCH_GC_WAIT=180        seconds to wait for containerd's GC to remove the
+#                            devmapper thin devices of removed snapshots
+#   BENCH_UML_MEM=4G BENCH_UML_TIMEOUT=1800   guest memory, wall-clock limit
+# Exit status: 0 all measured and clean; 1 anything failed or was left behind.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PROG=uml-devmapper-bench
+
+log() { echo "[$PROG] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# to_bytes SIZE: "10GiB", "64GiB", "1G", "512M" (binary units, as thinbox, containerd
+# and fio read them) -> bytes.
+to_bytes() {
+    [[ $1 =~ ^([0-9]+)([KMGT]?)(iB)?$ ]] || die "bad size '$1' (want e.g. 10GiB, 1G, 512M)"
+    local n=${BASH_REMATCH[1]}
+    case ${BASH_REMATCH[2]} in
+        K) n=$((n << 10)) ;; M) n=$((n << 20)) ;; G) n=$((n << 30)) ;; T) n=$((n << 40)) ;;
+    esac
+    echo "$n"
+}
+
+: "${BENCH_OUT:=$REPO/target/uml-bench}"
+: "${BENCH_CHAIN_REPEATS:=5}"
+: "${BENCH_PARALLEL:=100}"
+: "${BENCH_PARALLEL_REPEATS:=1}"
+: "${BENCH_POOL_SIZE:=64GiB}"
+: "${BENCH_SNAPSHOT_SIZE:=10GiB}"
+: "${BENCH_FIO_ROUNDS:=20}"
+: "${BENCH_FIO_RUNTIME:=1s}"
+: "${BENCH_FIO_RAMP:=500ms}"
+: "${BENCH_FIO_SIZE:=1G}"
+: "${BENCH_FIO_POOL_SIZE:=4G}"
+: "${BENCH_GC_WAIT:=180}"
+: "${BENCH_UML_MEM:=4G}"
+: "${BENCH_UML_TIMEOUT:=1800}"
+export BENCH_OUT BENCH_CHAIN_REPEATS BENCH_PARALLEL BENCH_PARALLEL_REPEATS BENCH_POOL_SIZE \
+    BENCH_SNAPSHOT_SIZE BENCH_FIO_ROUNDS BENCH_FIO_RUNTIME BENCH_FIO_RAMP BENCH_FIO_SIZE BENCH_FIO_POOL_SIZE \
+    BENCH_GC_WAIT
+PASS_ENV="BENCH_WORK BENCH_OUT BENCH_CHAIN_REPEATS BENCH_PARALLEL BENCH_PARALLEL_REPEATS \
+BENCH_POOL_SIZE BENCH_SNAPSHOT_SIZE BENCH_FIO_ROUNDS BENCH_FIO_RUNTIME BENCH_FIO_RAMP BENCH_FIO_SIZE \
+BENCH_FIO_POOL_SIZE BENCH_GC_WAIT BENCH_HOST_KERNEL BENCH_HOST_CPUS BENCH_DATE"
+
+# ============================================================================
+# Host side
+# ============================================================================
+host_main() {
+    [[ $(id -u) == 0 ]] || die "needs root"
+    local v
+    for v in BENCH_POOL_SIZE BENCH_SNAPSHOT_SIZE BENCH_FIO_SIZE BENCH_FIO_POOL_SIZE; do
+        to_bytes "${!v}" >/dev/null
+    done
+    [[ $BENCH_OUT == /* ]] || BENCH_OUT=$PWD/$BENCH_OUT
+    case $BENCH_OUT in
+        /tmp/*|/run/*|/dev/shm/*) die "BENCH_OUT=$BENCH_OUT: the guest has private /tmp, /run and /dev/shm; use a path under the repository or /var/tmp" ;;
+    esac
+
+    log "installing what is missing (uml, fio, containerd, runc)"
+    bash "$REPO/tests/uml/install.sh"
+    local need=() p
+    for p in fio containerd runc python3; do
+        command -v "$p" >/dev/null || need+=("$p")
+    done
+    if (( ${#need[@]} )); then
+        apt-get -o DPkg::Lock::Timeout=600 -qq update
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y "${need[@]}" >/dev/null
+        for p in "${need[@]}"; do command -v "$p" >/dev/null || die "$p still missing after apt-get install"; done
+    fi
+    containerd --version | grep -q ' v\?1\.6\.' || die "containerd 1.6 expected, got: $(containerd --version)"
+
+    local bin_dir
+    if [[ -n ${BENCH_BIN_DIR:-} ]]; then
+        bin_dir=$BENCH_BIN_DIR
+        log "using prebuilt binaries from $bin_dir"
+    else
+        log "building release binaries"
+        (cd "$REPO" && cargo build --release -p thinbox-snapshotter -p thinbox-snapshot-bench)
+        bin_dir=$REPO/target/release
+    fi
+    for p in thinbox-snapshotter thinbox-snapshot-bench; do
+        [[ -x $bin_dir/$p ]] || die "missing $bin_dir/$p"
+    done
+    # Which source the binaries come from (best effort: the git tree around them).
+    local commit dirty
+    commit=$(git -C "$bin_dir" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    dirty=$(git -C "$bin_dir" status --porcelain -- :/blockstore :/snapshotter :/snapshot-bench :/proto :/Cargo.lock 2>/dev/null || true)
+    [[ -z $dirty ]] || commit+=" with uncommitted changes"
+
+    # Short: unix socket paths live in here (containerd's and thinbox's).
+    BENCH_WORK=$(mktemp -d /var/tmp/tbub.XXXXXX)
+    export BENCH_WORK
+    chmod 755 "$BENCH_WORK"
+    trap host_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mkdir -p "$BENCH_WORK/bin"
+    cp "$bin_dir/thinbox-snapshotter" "$bin_dir/thinbox-snapshot-bench" "$BENCH_WORK/bin/"
+
+    mkdir -p "$BENCH_OUT"
+    rm -rf "$BENCH_OUT/fio"
+    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
+
+    BENCH_HOST_KERNEL=$(uname -r)
+    BENCH_HOST_CPUS=$(nproc)
+    BENCH_DATE=$(date -u +%Y-%m-%d)
+    export BENCH_HOST_KERNEL BENCH_HOST_CPUS BENCH_DATE
+
+    log "booting user-mode Linux (mem $BENCH_UML_MEM, timeout ${BENCH_UML_TIMEOUT}s); work dir $BENCH_WORK"
+    local st=0 load0
+    load0=$(cut -d' ' -f1 /proc/loadavg)
+    UML_PASS_ENV=$PASS_ENV bash "$REPO/tests/uml/run-in-uml.sh" --mem "$BENCH_UML_MEM" \
+        --timeout "$BENCH_UML_TIMEOUT" -- bash tests/bench/uml-devmapper-bench.sh --inside \
+        2>&1 | tee "$BENCH_OUT/run.log" || st=$?
+    (( st == 0 )) || die "the run inside UML failed (status $st); see $BENCH_OUT/run.log"
+    echo "$load0 $(cut -d' ' -f1 /proc/loadavg)" >"$BENCH_OUT/host-load.txt"
+    echo "$commit" >"$BENCH_OUT/source.txt"
+
+    python3 "$HERE/uml-bench-report.py" "$BENCH_OUT"
+    log "results: $BENCH_OUT/summary.md, uml-bench.md, snapshot-bench.*, fio.*"
+    cat "$BENCH_OUT/summary.md"
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+host_cleanup() {
+    local st=$? leaks
+    trap - EXIT INT TERM
+    [[ -n ${BENCH_WORK:-} && -d $BENCH_WORK ]] || exit "$st"
+    # The guest's loops and mounts die with it; the host must hold none of ours.
+    leaks=$( { losetup -a 2>/dev/null | grep -F "$BENCH_WORK" || true; }
+             { findmnt -rn -o SOURCE,TARGET 2>/dev/null | grep -F "$BENCH_WORK" || true; } )
+    if [[ -n $leaks ]]; then
+        log "ERROR: left attached or mounted on the host (keeping $BENCH_WORK):"
+        echo "$leaks" >&2
+        exit 1
+    fi
+    rm -rf "$BENCH_WORK"
+    [[ ! -e $BENCH_WORK ]] || { log "ERROR: could not remove $BENCH_WORK"; exit 1; }
+    exit "$st"
+}
+
+# ============================================================================
+# Guest side (inside UML; cwd = repository; DM_DISABLE_UDEV=1 so dmsetup makes
+# the /dev/mapper nodes itself)
+# ============================================================================
+W='' OUT='' BIN=''
+THINBOX_PID='' BENCH_PID='' CLEANED='' CTRD_STARTED='' THINBOX_POOL='' POOL_PARAMS=''
+DMPOOL=tbub-devmapper          # the devmapper snapshotter's pool
+FIOPOOL=tbub-fio               # the fio pool
+declare -a OUR_LOOPS=()
+
+# size in bytes of a file or block device
+bytes_of() {
+    if [[ -b $1 ]]; then blockdev --getsize64 "$1"; else stat -c %s "$1"; fi
+}
+# major:minor of a dm device
+dm_devno() { dmsetup info -c --noheadings -o major,minor --separator : "$1"; }
+# size in bytes of a dm device, by name (thinbox makes no /dev/mapper nodes)
+dm_bytes() { echo $(( $(cat "/sys/dev/block/$(dm_devno "$1")/size") * 512 )); }
+# thin-pool table without the device numbers: start length target blocksize lwm features...
+pool_params() { dmsetup table "$1" | awk '{ $4 = ""; $5 = ""; print }' | tr -s ' '; }
+
+# make_pool NAME META_FILE DATA_FILE [PARAMS]: loops -> dm-linear NAME-meta and
+# NAME-data -> thin-pool NAME. PARAMS = the thin-pool table after the two
+# devices (block size, low water mark, features); default: thinbox's embedded
+# pool's (128-sector blocks, low water mark 10% of the data blocks,
+# error_if_no_space, zeroing on).
+make_pool() {
+    local name=$1 meta=$2 data=$3 params=${4:-} ml dl sz
+    ml=$(losetup -f --show "$meta"); OUR_LOOPS+=("$ml")
+    dl=$(losetup -f --show "$data"); OUR_LOOPS+=("$dl")
+    dmsetup create "$name-meta" --table "0 $(blockdev --getsz "$ml") linear $(cat "/sys/block/${ml#/dev/}/dev") 0"
+    dmsetup create "$name-data" --table "0 $(blockdev --getsz "$dl") linear $(cat "/sys/block/${dl#/dev/}/dev") 0"
+    sz=$(blockdev --getsz "/dev/mapper/$name-data")
+    [[ -n $params ]] || params="128 $((sz / 128 / 10)) 1 error_if_no_space"
+    dmsetup create "$name" --table "0 $sz thin-pool $(dm_devno "$name-meta") $(dm_devno "$name-data") $params"
+}
+
+# remove_pool NAME: thin devices named NAME-*, the pool, its linears.
+remove_pool() {
+    local name=$1 d
+    for d in $(dmsetup ls --target thin 2>/dev/null | awk -v p="$name-" 'index($1, p) == 1 { print $1 }'); do
+        dmsetup remove --retry "$d" || true
+    done
+    for d in "$name" "$name-meta" "$name-data"; do
+        if dmsetup info "$d" >/dev/null 2>&1; then dmsetup remove --retry "$d" || true; fi
+    done
+}
+
+start_thinbox() {
+    cat >"$W/thinbox.toml" <<EOF
+[pool]
+backend = "dm-thin"
+embedded_size = "$BENCH_POOL_SIZE"
+[snapshot]
+default_size = "$BENCH_SNAPSHOT_SIZE"
+filesystem = "ext4"
+EOF
+    THINBOX_LOG=info "$BIN/thinbox-snapshotter" --root "$W/thinbox" --address "$W/thinbox.sock" \
+        --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
+    THINBOX_PID=$!
+    local i
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$W/thinbox.log" >&2; die "thinbox-snapshotter exited during startup"; }
+        [[ -S $W/thinbox.sock ]] && break
+        sleep 0.1
+    done
+    [[ -S $W/thinbox.sock ]] || die "thinbox-snapshotter did not create its socket in 60 s"
+    grep -q 'backend="dm-thin"' "$W/thinbox.log" || { cat "$W/thinbox.log" >&2; die "thinbox is not on the dm-thin backend"; }
+    log "thinbox-snapshotter pid $THINBOX_PID (dm-thin)"
+}
+
+stop_thinbox() {
+    [[ -n $THINBOX_PID ]] || return 0
+    local st=0
+    if kill -0 "$THINBOX_PID" 2>/dev/null; then
+        terminate "$THINBOX_PID" 60 thinbox-snapshotter || st=1
+    fi
+    wait "$THINBOX_PID" 2>/dev/null || true
+    THINBOX_PID=
+    return "$st"
+}
+
+# The devmapper snapshotter's pool: same file sizes as thinbox's, same table.
+make_devmapper_pool() {
+    local tpool tmeta tdata a b
+    tpool=$(dmsetup ls --target thin-pool | awk '{ print $1 }')
+    [[ -n $tpool && $(wc -l <<<"$tpool") == 1 ]] || die "expected exactly thinbox's thin pool, found: ${tpool:-none}"
+    tmeta=$W/thinbox/thin/meta.img
+    tdata=$W/thinbox/thin/data.img
+    [[ -f $tmeta && -f $tdata ]] || die "thinbox's pool files are not at $tmeta, $tdata"
+    mkdir -p "$W/devmapper"
+    truncate -s "$(bytes_of "$tmeta")" "$W/devmapper/meta.img"
+    truncate -s "$(bytes_of "$tdata")" "$W/devmapper/data.img"
+    # thinbox's thin-pool table after its two devices, as is.
+    make_pool "$DMPOOL" "$W/devmapper/meta.img" "$W/devmapper/data.img" \
+        "$(dmsetup table "$tpool" | awk '{ for (i = 6; i <= NF; i++) printf "%s%s", $i, (i < NF ? " " : "") }')"
+    {
+        echo "# thinbox's embedded pool ($tpool)"
+        dmsetup table | grep -F "${tpool%-pool}-" | sort
+        ls -ls "$tmeta" "$tdata"
+        echo
+        echo "# containerd devmapper's pool ($DMPOOL), made by this script"
+        dmsetup table | grep -F "$DMPOOL" | sort
+        ls -ls "$W/devmapper/meta.img" "$W/devmapper/data.img"
+    } >"$OUT/pools.txt"
+    a=$(pool_params "$tpool")
+    b=$(pool_params "$DMPOOL")
+    [[ $a == "$b" ]] || die "the pools differ: thinbox '$a' vs devmapper '$b'"
+    a="$(dm_bytes "${tpool%-pool}-meta") $(dm_bytes "${tpool%-pool}-data")"
+    b="$(dm_bytes "$DMPOOL-meta") $(dm_bytes "$DMPOOL-data")"
+    [[ $a == "$b" ]] || die "pool devices differ in size: thinbox $a vs devmapper $b"
+    log "pools identical: $(pool_params "$DMPOOL") (thin-pool table without devices; meta+data bytes $b)"
+    POOL_PARAMS=$(dmsetup table "$DMPOOL" | awk '{ for (i = 6; i <= NF; i++) printf "%s%s", $i, (i < NF ? " " : "") }')
+    THINBOX_POOL=$tpool
+}
+
+start_containerd() {
+    CONTAINERD_EXTRA_CONFIG=$(cat <<EOF
+[plugins."io.containerd.snapshotter.v1.devmapper"]
+  pool_name = "$DMPOOL"
+  root_path = "$W/devmapper/state"
+  base_image_size = "$BENCH_SNAPSHOT_SIZE"
+  fs_type = "ext4"
+  async_remove = false
+  discard_blocks = false
+EOF
+)
+    export CONTAINERD_EXTRA_CONFIG
+    CTR_NAMESPACE=bench
+    CTRD_STARTED=1
+    containerd_start "$W/ctrd" || die "containerd did not start"
+    local row
+    row=$(ctr --address "$CONTAINERD_ADDRESS" plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "devmapper"')
+    log "ctr plugins ls: $row"
+    [[ $(awk '{ print $NF }' <<<"$row") == ok ]] || { tail -n 40 "$W/ctrd/containerd.log" >&2; die "containerd's devmapper snapshotter did not load"; }
+    log "containerd pid $CONTAINERD_PID, devmapper snapshotter on $DMPOOL"
+}
+
+run_snapshot_bench() {
+    local ctrd_version notes=() st=0
+    ctrd_version=$(containerd --version | awk '{ print $3 }')
+    notes+=(--note "machine: user-mode Linux guest (kernel $(uname -r), 1 CPU, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)) on a ${BENCH_HOST_CPUS}-core host (kernel $BENCH_HOST_KERNEL); both daemons and the benchmark client in that one guest")
+    notes+=(--note "pools: identical, made the same way: sparse meta and data files ($(bytes_of "$W/devmapper/meta.img") and $(bytes_of "$W/devmapper/data.img") bytes) in one host ext4 directory seen through hostfs, loop devices (buffered, no direct I/O), dm-linear, thin-pool; thinbox's thin-pool table copied: block size (sectors), low water mark (blocks), features = $POOL_PARAMS (block zeroing on unless skip_block_zeroing is listed)")
+    notes+=(--note "thinbox: thinbox-snapshotter release build, own socket, pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info")
+    notes+=(--note "devmapper: containerd $ctrd_version built-in devmapper snapshotter through containerd's main socket (namespace bench, debug log level, root on the same host directory): base_image_size = $BENCH_SNAPSHOT_SIZE, fs_type = ext4 (its mkfs: nodiscard, lazy_itable_init=0, lazy_journal_init=0), async_remove = false, discard_blocks = false; it runs dmsetup and mkfs as processes")
+    notes+=(--note "devmapper Remove as measured is containerd's metadata deletion: containerd's garbage collector removes the thin device afterwards, in the background (async_remove = false only makes that removal synchronous within the collector); see the GC line below the table")
+    "$BIN/thinbox-snapshot-bench" \
+        --target "devmapper=$CONTAINERD_ADDRESS,snapshotter=devmapper,namespace=bench,pid=$CONTAINERD_PID" \
+        --target "thinbox=$W/thinbox.sock,pid=$THINBOX_PID" \
+        --workloads chain,parallel \
+        --chain-repeats "$BENCH_CHAIN_REPEATS" \
+        --parallel "$BENCH_PARALLEL" --parallel-repeats "$BENCH_PARALLEL_REPEATS" \
+        --timeout-secs 600 \
+        "${notes[@]}" \
+        --markdown "$OUT/snapshot-bench.md" --json "$OUT/snapshot-bench.json" \
+        >"$OUT/snapshot-bench.txt" &
+    BENCH_PID=$!
+    wait "$BENCH_PID" || st=$?
+    BENCH_PID=
+    cat "$OUT/snapshot-bench.txt"
+    (( st == 0 )) || die "thinbox-snapshot-bench failed (status $st)"
+}
+
+# containerd removes devmapper thin devices in its background GC: wait for it.
+wait_devmapper_gc() {
+    local i left
+    for (( i = 0; i < BENCH_GC_WAIT * 2; i++ )); do
+        left=$(dmsetup ls --target thin | awk -v p="$DMPOOL-snap-" 'index($1, p) == 1' | wc -l)
+        (( left == 0 )) && break
+        sleep 0.5
+    done
+    {
+        echo "devmapper thin devices left after waiting $((i / 2)) s (at most $BENCH_GC_WAIT s) for containerd's GC once the benchmark ended: $left"
+        echo "containerd GC passes that cleaned the devmapper snapshotter (from containerd.log, debug level):"
+        grep -F 'snapshot garbage collected' "$W/ctrd/containerd.log" | grep -F 'snapshotter=devmapper' || true
+    } >"$OUT/gc.txt"
+    (( left == 0 )) || die "containerd's GC left $left devmapper thin devices after ${BENCH_GC_WAIT}s"
+    log "devmapper: containerd's GC removed every thin device ($((i / 2)) s after the benchmark ended)"
+}
+
+# fio_cell RW QD RAW THIN: one fio process runs BENCH_FIO_ROUNDS rounds on each
+# device, one job after the other (stonewall), alternating which device goes
+# first, each after a sync; json+ keeps every job's latency histogram so that
+# the report can merge the rounds. -> $OUT/fio/RW-qdQD.{fio,json}
+fio_cell() {
+    local rw=$1 qd=$2 raw=$3 thin=$4 r jobs
+    jobs=$OUT/fio/$rw-qd$qd.fio
+    {
+        cat <<EOF
+[global]
+direct=1
+ioengine=libaio
+bs=4k
+rw=$rw
+iodepth=$qd
+size=$(to_bytes "$BENCH_FIO_SIZE")
+time_based
+runtime=$BENCH_FIO_RUNTIME
+ramp_time=$BENCH_FIO_RAMP
+randrepeat=0
+norandommap
+exec_prerun=sync
+stonewall
+EOF
+        for (( r = 1; r <= BENCH_FIO_ROUNDS; r++ )); do
+            if (( r % 2 )); then
+                printf '[raw-r%d]\nfilename=%s\n[thin-r%d]\nfilename=%s\n' "$r" "$raw" "$r" "$thin"
+            else
+                printf '[thin-r%d]\nfilename=%s\n[raw-r%d]\nfilename=%s\n' "$r" "$thin" "$r" "$raw"
+            fi
+        done
+    } >"$jobs"
+    log "fio $rw qd$qd: $BENCH_FIO_ROUNDS rounds of $BENCH_FIO_RAMP ramp + $BENCH_FIO_RUNTIME on each device"
+    # exec_prerun leaves JOB.prerun.txt files in the working directory.
+    (cd "$W/fio" && fio --output-format=json+ --output="$OUT/fio/$rw-qd$qd.json" "$jobs")
+    grep -q '"error" : 0' "$OUT/fio/$rw-qd$qd.json" || die "fio $rw qd$qd: no result"
+    if grep -q '"error" : [1-9]' "$OUT/fio/$rw-qd$qd.json"; then die "fio $rw qd$qd: a job failed"; fi
+}
+
+thin_used_blocks() { dmsetup status "$FIOPOOL" | awk '{ split($6, a, "/"); print a[1] }'; }
+
+run_fio() {
+    local d=$W/fio thin raw used0 used1 rw qd size
+    size=$(to_bytes "$BENCH_FIO_SIZE")
+    mkdir -p "$d" "$OUT/fio"
+    # The fio pool: meta size as thinbox sizes it (data/1000, at least 64 MiB).
+    local data_bytes meta_bytes
+    truncate -s "$(to_bytes "$BENCH_FIO_POOL_SIZE")" "$d/data.img"
+    data_bytes=$(bytes_of "$d/data.img")
+    meta_bytes=$(( data_bytes / 1000 )); (( meta_bytes >= 64 << 20 )) || meta_bytes=$((64 << 20))
+    meta_bytes=$(( (meta_bytes + (1 << 20) - 1) / (1 << 20) * (1 << 20) ))
+    truncate -s "$meta_bytes" "$d/meta.img"
+    truncate -s "$data_bytes" "$d/raw.img"
+    make_pool "$FIOPOOL" "$d/meta.img" "$d/data.img"
+    dmsetup message "$FIOPOOL" 0 "create_thin 0"
+    dmsetup create "$FIOPOOL-thin" --table "0 $(( $(to_bytes "$BENCH_SNAPSHOT_SIZE") / 512 )) thin $(dm_devno "$FIOPOOL") 0"
+    thin=/dev/mapper/$FIOPOOL-thin
+    raw=$(losetup -f --show "$d/raw.img"); OUR_LOOPS+=("$raw")
+    {
+        echo "# fio pool ($FIOPOOL) and thin device"
+        dmsetup table | grep -F "$FIOPOOL" | sort
+        echo "# raw: $raw over $d/raw.img ($(bytes_of "$d/raw.img") bytes), dio=$(cat "/sys/block/${raw#/dev/}/loop/dio")"
+    } >>"$OUT/pools.txt"
+
+    # Provision / fill the region once on both (zeroing on: a first write to an
+    # unprovisioned block costs more; full-block sequential writes skip it).
+    log "fio: writing the ${BENCH_FIO_SIZE} region of both devices once"
+    fio --name=fill-raw --filename="$raw" --direct=1 --ioengine=libaio --iodepth=4 --rw=write --bs=1M --size="$size" --output-format=json --output="$OUT/fio/fill-raw.json"
+    fio --name=fill-thin --filename="$thin" --direct=1 --ioengine=libaio --iodepth=4 --rw=write --bs=1M --size="$size" --output-format=json --output="$OUT/fio/fill-thin.json"
+    used0=$(thin_used_blocks)
+
+    # Loops without direct I/O (as thinbox's pool loops) read their files
+    # through the guest's page cache: start both devices from the same state,
+    # their regions read once into a cache emptied of everything else.
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    fio --name=warm-raw --filename="$raw" --direct=1 --ioengine=libaio --iodepth=4 --rw=read --bs=1M --size="$size" --output-format=json --output="$OUT/fio/warm-raw.json"
+    fio --name=warm-thin --filename="$thin" --direct=1 --ioengine=libaio --iodepth=4 --rw=read --bs=1M --size="$size" --output-format=json --output="$OUT/fio/warm-thin.json"
+    {
+        echo "# page cache of the backing files before the measurements (fincore):"
+        fincore "$d/raw.img" "$d/data.img" "$d/meta.img"
+        grep -E '^(MemTotal|MemFree|Cached|Dirty):' /proc/meminfo
+    } >>"$OUT/pools.txt"
+
+    for rw in randread randwrite; do
+        for qd in 1 16; do
+            fio_cell "$rw" "$qd" "$raw" "$thin"
+        done
+    done
+    used1=$(thin_used_blocks)
+    echo "# fio pool data blocks used after the fill: $used0; after the measurements: $used1" >>"$OUT/pools.txt"
+    [[ $used0 == "$used1" ]] || log "WARNING: the fio pool provisioned blocks during the measurements ($used0 -> $used1)"
+    python3 - "$OUT/fio/env.json" "$raw" "$thin" "$data_bytes" "$meta_bytes" "$used0" "$used1" <<'PY'
+import json, sys
+out, raw, thin, data, meta, u0, u1 = sys.argv[1:]
+json.dump({"raw_device": raw, "thin_device": thin, "data_bytes": int(data), "meta_bytes": int(meta),
+           "used_blocks_after_fill": int(u0), "used_blocks_after_run": int(u1)}, open(out, "w"), indent=2)
+PY
+
+    dmsetup remove --retry "$FIOPOOL-thin"
+    dmsetup message "$FIOPOOL" 0 "delete 0"
+    remove_pool "$FIOPOOL"
+    losetup -d "$raw"
+}
+
+# Everything we attached or created, gone? Prints what is left.
+leftovers() {
+    local l
+    l=$(dmsetup ls 2>/dev/null | grep -v '^No devices found' || true)
+    [[ -z $l ]] || printf 'dm devices:\n%s\n' "$l"
+    l=$(losetup -a 2>/dev/null || true)
+    [[ -z $l ]] || printf 'loop devices:\n%s\n' "$l"
+    l=$(findmnt -rn -o SOURCE,TARGET 2>/dev/null | grep -E "$W|/dev/mapper/|/dev/dm-|/dev/loop" || true)
+    [[ -z $l ]] || printf 'mounts:\n%s\n' "$l"
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+guest_cleanup() {
+    local st=$? left l
+    [[ -z $CLEANED ]] || return 0
+    CLEANED=1
+    trap - EXIT INT TERM
+    if [[ -n $BENCH_PID ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
+    stop_thinbox || { log "ERROR: thinbox-snapshotter had to be killed"; st=1; }
+    # thinbox releases its pool on exit (--release-on-exit): nothing of it may stay.
+    if [[ -n ${THINBOX_POOL:-} ]] && dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then
+        log "ERROR: thinbox left its pool $THINBOX_POOL after exiting"
+        st=1
+        remove_pool "${THINBOX_POOL%-pool}"
+    fi
+    if [[ -n $CTRD_STARTED ]]; then
+        containerd_stop || st=1
+    fi
+    [[ -f $W/thinbox.log ]] && cp "$W/thinbox.log" "$OUT/thinbox.log"
+    [[ -f $W/ctrd/containerd.log ]] && cp "$W/ctrd/containerd.log" "$OUT/containerd.log"
+    # Ours to tear down: containerd does not remove its pool (an admin's).
+    remove_pool "$DMPOOL"
+    if dmsetup info "$FIOPOOL-thin" >/dev/null 2>&1; then dmsetup remove --retry "$FIOPOOL-thin" || true; fi
+    remove_pool "$FIOPOOL"
+    for l in "${OUR_LOOPS[@]}"; do
+        if losetup "$l" 2>/dev/null | grep -qF "$W/"; then losetup -d "$l" || true; fi
+    done
+    left=$(leftovers)
+    if [[ -n $left ]]; then
+        log "ERROR: left behind in the guest:"
+        echo "$left" >&2
+        st=1
+    else
+        log "teardown clean: no dm devices, no loop devices, no mounts"
+    fi
+    exit "$st"
+}
+
+guest_main() {
+    [[ -n ${THINBOX_UML:-} ]] || die "--inside runs only inside UML (tests/uml/run-in-uml.sh)"
+    W=${BENCH_WORK:?} OUT=${BENCH_OUT:?} BIN=$BENCH_WORK/bin
+    # shellcheck source=tests/lib/containerd.sh
+    source "$REPO/tests/lib/containerd.sh"
+    trap guest_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    local left l
+    left=$(leftovers)
+    [[ -z $left ]] || die "the guest is not clean before the run: $left"
+    mkdir -p "$OUT"
+
+    start_thinbox
+    make_devmapper_pool
+    start_containerd
+    run_snapshot_bench
+    wait_devmapper_gc
+
+    # Done with the daemons: the fio part runs on a quiet guest.
+    stop_thinbox || die "thinbox-snapshotter had to be killed"
+    if dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then die "thinbox left its pool $THINBOX_POOL after exiting"; fi
+    containerd_stop || die "containerd did not stop cleanly"
+    CTRD_STARTED=
+    remove_pool "$DMPOOL"
+    for l in "${OUR_LOOPS[@]}"; do
+        if losetup "$l" 2>/dev/null | grep -qF "$W/devmapper/"; then losetup -d "$l"; fi
+    done
+    OUR_LOOPS=()
+    left=$(leftovers)
+    [[ -z $left ]] || die "left behind after stopping the daemons: $left"
+    cp "$W/thinbox.log" "$OUT/thinbox.log"
+    cp "$W/ctrd/containerd.log" "$OUT/containerd.log"
+    # The pools' files (and their page cache) are not needed any more.
+    rm -f "$W/thinbox/thin/meta.img" "$W/thinbox/thin/data.img" "$W/devmapper/meta.img" "$W/devmapper/data.img"
+
+    run_fio
+    python3 - "$OUT/env.json" <<PY
+import json, sys
+json.dump({"date": "$BENCH_DATE", "host_kernel": "$BENCH_HOST_KERNEL", "host_cpus": int("$BENCH_HOST_CPUS"),
+           "guest_kernel": "$(uname -r)", "guest_cpus": $(nproc),
+           "guest_mem_kib": $(awk '/MemTotal/ { print $2 }' /proc/meminfo),
+           "containerd": "$(containerd --version | awk '{ print $3 }')", "fio": "$(fio --version)",
+           "pool_size": "$BENCH_POOL_SIZE", "snapshot_size": "$BENCH_SNAPSHOT_SIZE", "pool_params": "$POOL_PARAMS",
+           "fio_rounds": int("$BENCH_FIO_ROUNDS"), "fio_runtime": "$BENCH_FIO_RUNTIME", "fio_ramp": "$BENCH_FIO_RAMP",
+           "fio_size": "$BENCH_FIO_SIZE", "fio_pool_size": "$BENCH_FIO_POOL_SIZE"},
+          open(sys.argv[1], "w"), indent=2)
+PY
+}
+
+if [[ ${1:-} == --inside ]]; then
+    guest_main
+else
+    [[ $# == 0 ]] || die "no arguments (see the header for the environment variables)"
+    host_main
+fi
