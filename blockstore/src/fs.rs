@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::store::FsType;
 
 /// Runs `tool args…` and turns a failure into [`Error::Tool`] about `path`.
-pub(crate) fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<()> {
+pub fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<()> {
     let out = Command::new(tool).args(args).output().map_err(Error::io("run tool on", path))?;
     if out.status.success() {
         return Ok(());

@@ -38,6 +38,7 @@ mod sys;
 mod units;
 
 pub use error::{Error, ErrorKind, Result};
+pub use fs::run as run_tool;
 pub use loops::{BoundLoop, scan as scan_loops};
 pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 pub use dmthin::DmThin;

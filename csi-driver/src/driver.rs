@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
 use thinbox_blockstore::redb::{ReadableDatabase, TableDefinition};
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, fault, image};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, embedded, fault, image, run_tool};
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
 use crate::dirs::Dirs;
@@ -64,22 +64,10 @@ struct Frozen(PathBuf);
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Err(e) = run_tool("fsfreeze", &["-u".as_ref(), self.0.as_os_str()]) {
+        if let Err(e) = run_tool("fsfreeze", &["-u".as_ref(), self.0.as_os_str()], &self.0) {
             tracing::error!(target = %self.0.display(), error = %crate::error::chain(&e), "thaw after snapshot");
         }
     }
-}
-
-fn run_tool(tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<()> {
-    let out = std::process::Command::new(tool).args(args).output().map_err(Error::io("run", tool))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(Error::Io {
-        op: "run",
-        path: PathBuf::from(tool),
-        source: std::io::Error::other(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())),
-    })
 }
 
 /// How to publish, already decoded.
@@ -342,7 +330,7 @@ impl Driver {
             return Ok(None);
         }
         let Some(p) = self.publications_of(&vol.id)?.into_iter().find(|p| p.mode == Mode::HostMount && !p.readonly) else { return Ok(None) };
-        run_tool("fsfreeze", &["-f".as_ref(), p.target.as_os_str()])?;
+        run_tool("fsfreeze", &["-f".as_ref(), p.target.as_os_str()], &p.target)?;
         Ok(Some(Frozen(p.target)))
     }
 
@@ -1023,33 +1011,9 @@ fn remove_target(p: &Path) -> Result<()> {
     }
 }
 
-/// Whether `p` is a mount point (a device or bind mount on it), from
-/// `/proc/self/mountinfo`.
+/// Whether `p` is a mount point (a device or bind mount on it).
 fn is_mountpoint(p: &Path) -> Result<bool> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read", "/proc/self/mountinfo"))?;
-    let want = p.to_string_lossy();
-    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| unescape(mp) == want))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(embedded::is_mountpoint(p)?)
 }
 
 #[cfg(test)]
@@ -1076,11 +1040,5 @@ mod tests {
         let (f, data) = mount_options(&flags);
         assert_eq!(f, MountFlags::NOATIME | MountFlags::RDONLY);
         assert_eq!(data, vec!["discard", "data=ordered"]);
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 }
