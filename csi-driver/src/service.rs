@@ -65,6 +65,26 @@ fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
     Err(Status::unimplemented(format!("{what} is not supported by {DRIVER_NAME}")))
 }
 
+/// One page of a listing: from the offset in `token` ("" for the start), at
+/// most `max_entries` (0: all), and the token of the next page ("" at the end).
+fn page<'a, T>(items: &'a [T], token: &str, max_entries: i32) -> Result<(&'a [T], String), Status> {
+    let start: usize = match token {
+        "" => 0,
+        t => t.parse().map_err(|_| Status::aborted(format!("starting_token {t:?} is not one of ours")))?,
+    };
+    if start > items.len() {
+        return Err(Status::aborted(format!("starting_token {start} is past the end")));
+    }
+    let max = match usize::try_from(max_entries) {
+        Ok(0) => items.len(),
+        Ok(n) => n,
+        Err(_) => return Err(invalid("max_entries must not be negative").into()),
+    };
+    let end = start.saturating_add(max).min(items.len());
+    let next = if end < items.len() { end.to_string() } else { String::new() };
+    Ok((&items[start..end], next))
+}
+
 /// Decodes one capability: node-local volumes support the single-node modes.
 fn capability(cap: &VolumeCapability) -> Result<AccessType> {
     let mode = cap.access_mode.as_ref().ok_or_else(|| invalid("volume capability needs an access_mode"))?;
@@ -283,23 +303,10 @@ impl Controller for Csi {
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        let start: usize = match r.starting_token.as_str() {
-            "" => 0,
-            t => t.parse().map_err(|_| Status::aborted(format!("starting_token {t:?} is not one of ours")))?,
-        };
         let mut vols = self.run("list_volumes", |d| d.volumes()).await?;
         vols.retain(|v| !v.ephemeral);
-        if start > vols.len() {
-            return Err(Status::aborted(format!("starting_token {start} is past the end")));
-        }
-        let max = match usize::try_from(r.max_entries) {
-            Ok(0) => vols.len(),
-            Ok(n) => n,
-            Err(_) => return Err(invalid("max_entries must not be negative").into()),
-        };
-        let end = (start + max).min(vols.len());
-        let entries = vols[start..end].iter().map(|v| list_volumes_response::Entry { volume: Some(volume_message(v, self.topology())), status: None }).collect();
-        let next_token = if end < vols.len() { end.to_string() } else { String::new() };
+        let (page, next_token) = page(&vols, &r.starting_token, r.max_entries)?;
+        let entries = page.iter().map(|v| list_volumes_response::Entry { volume: Some(volume_message(v, self.topology())), status: None }).collect();
         Ok(Response::new(ListVolumesResponse { entries, next_token }))
     }
 
@@ -385,24 +392,11 @@ impl Controller for Csi {
 
     async fn list_snapshots(&self, req: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
-        let start: usize = match r.starting_token.as_str() {
-            "" => 0,
-            t => t.parse().map_err(|_| Status::aborted(format!("starting_token {t:?} is not one of ours")))?,
-        };
         let mut snaps = self.run("list_snapshots", |d| d.snapshots()).await?;
         snaps.retain(|s| (r.snapshot_id.is_empty() || s.id == r.snapshot_id) && (r.source_volume_id.is_empty() || s.source == r.source_volume_id));
         snaps.sort_by(|a, b| a.id.cmp(&b.id));
-        if start > snaps.len() {
-            return Err(Status::aborted(format!("starting_token {start} is past the end")));
-        }
-        let max = match usize::try_from(r.max_entries) {
-            Ok(0) => snaps.len(),
-            Ok(n) => n,
-            Err(_) => return Err(invalid("max_entries must not be negative").into()),
-        };
-        let end = (start + max).min(snaps.len());
-        let entries = snaps[start..end].iter().map(|s| list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) }).collect();
-        let next_token = if end < snaps.len() { end.to_string() } else { String::new() };
+        let (page, next_token) = page(&snaps, &r.starting_token, r.max_entries)?;
+        let entries = page.iter().map(|s| list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) }).collect();
         Ok(Response::new(ListSnapshotsResponse { entries, next_token }))
     }
 
@@ -578,7 +572,20 @@ impl Node for Csi {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn pages() {
+        let items = [1, 2, 3, 4, 5];
+        assert_eq!(page(&items, "", 0).unwrap(), (&items[..], String::new()));
+        assert_eq!(page(&items, "", 2).unwrap(), (&items[..2], "2".into()));
+        assert_eq!(page(&items, "4", 2).unwrap(), (&items[4..], String::new()));
+        assert_eq!(page(&items, "x", 0).unwrap_err().code(), tonic::Code::Aborted);
+        assert_eq!(page(&items, "6", 0).unwrap_err().code(), tonic::Code::Aborted);
+        assert_eq!(page(&items, "", -1).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
 
     #[test]
     fn quantities() {
