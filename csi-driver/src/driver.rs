@@ -279,16 +279,8 @@ impl Driver {
             return Err(e);
         }
         fault::point("csi.create.after_build");
-        let txn = self.pool.store().write()?;
-        if let Some(rec) = &device {
-            let mut devs = Devices::open(&txn)?;
-            let mut r = devs.require(rec.id)?;
-            r.state = DeviceState::Ready;
-            devs.put(&r)?;
-        }
         vol.state = State::Ready;
-        state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
-        txn.commit()?;
+        self.mark_ready(VOLUMES, &id, &vol, vol.device)?;
         tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
         Ok(vol)
     }
@@ -411,16 +403,8 @@ impl Driver {
             self.forget_snapshot(&snap)?;
             return Err(e);
         }
-        let txn = self.pool.store().write()?;
-        if let Some(rec) = &device {
-            let mut devs = Devices::open(&txn)?;
-            let mut r = devs.require(rec.id)?;
-            r.state = DeviceState::Ready;
-            devs.put(&r)?;
-        }
         snap.state = State::Ready;
-        state::put(&mut txn.open_table(SNAPSHOTS)?, &id, &snap)?;
-        txn.commit()?;
+        self.mark_ready(SNAPSHOTS, &id, &snap, snap.device)?;
         tracing::info!(snapshot = %id, name, source, "snapshot created");
         Ok(snap)
     }
@@ -445,6 +429,21 @@ impl Driver {
         state::remove_named(&txn, SNAPSHOTS, SNAPSHOT_NAMES, &snap.id, &snap.name)?;
         txn.commit()?;
         tracing::info!(snapshot = %snap.id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Last phase of a creation: the (ready) record and its device's record
+    /// marked ready, in one transaction.
+    fn mark_ready<T: serde::Serialize>(&self, table: TableDefinition<&str, &str>, id: &str, ready: &T, device: Option<thinbox_blockstore::DeviceId>) -> Result<()> {
+        let txn = self.pool.store().write()?;
+        if let Some(dev) = device {
+            let mut devs = Devices::open(&txn)?;
+            let mut r = devs.require(dev)?;
+            r.state = DeviceState::Ready;
+            devs.put(&r)?;
+        }
+        state::put(&mut txn.open_table(table)?, id, ready)?;
+        txn.commit()?;
         Ok(())
     }
 
