@@ -3,6 +3,7 @@
 #
 #   unit         cargo tests of the pure parts (no root)
 #   host         blockstore, snapshotter, thinboxctl and the CSI driver on real loop devices and XFS/btrfs pools (root)
+#                and QMP virtio-blk hot-plug into a paused QEMU
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
 #                driver's Create/Publish/Unpublish/Delete, restart, check (root)
 #   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
@@ -49,6 +50,7 @@ tier_host() {
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
   cargo test -p thinbox-snapshotter --test host -- --test-threads=2
   cargo test -p thinbox-snapshotter --test admin -- --test-threads=2
+  cargo test -p thinbox-block-passthrough --test qmp -- --test-threads=2
   # Online ext4 growth needs CAP_SYS_RESOURCE, which a sandboxed root may lack,
   # and dir volumes need a kernel with XFS project quotas, which this host's
   # lacks: the uml tier runs both tests (its kernel and root have them).
