@@ -17,6 +17,7 @@
 //! [`probe`] tells whether the host can run such VMs with KVM.
 
 mod direct_volume;
+pub mod probe;
 pub mod qmp;
 
 pub use direct_volume::{DirectVolumes, Error, KATA_DIRECT_VOLUMES, MOUNT_INFO, MountInfo};
