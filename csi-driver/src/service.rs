@@ -25,6 +25,10 @@ use crate::state::{Kind, Sandbox, Source};
 pub const DRIVER_NAME: &str = "csi.thinbox.io";
 /// Topology key: volumes live on one node.
 pub const TOPOLOGY_KEY: &str = "topology.thinbox.io/node";
+/// Node topology key: `"true"` when the node's `/dev/kvm` is usable for VM
+/// sandboxes (block-passthrough's probe), `"false"` otherwise. Nodes carry
+/// it; volumes do not (a volume is reachable on its node either way).
+pub const KVM_TOPOLOGY_KEY: &str = "topology.thinbox.io/kvm";
 /// StorageClass parameter / volume context key: what backs the volume.
 pub const PARAM_KIND: &str = "kind";
 /// StorageClass parameter / inline attribute: `kata` or `runc`.
@@ -562,10 +566,21 @@ impl Node for Csi {
     }
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        // The node's topology is its volumes' (the node key) plus whether it
+        // can run VM sandboxes with KVM, so StorageClasses and pods can
+        // select such nodes. Kubelet asks once, at registration: the probe
+        // (a few ioctls on /dev/kvm and an empty VM) runs here, off the runtime.
+        let kvm = tokio::task::spawn_blocking(thinbox_block_passthrough::probe::kvm).await.map_err(Error::from)?;
+        match &kvm.reason {
+            None => tracing::info!(api_version = ?kvm.api_version, max_vcpus = ?kvm.max_vcpus, "KVM usable"),
+            Some(reason) => tracing::info!(reason, "KVM not usable"),
+        }
+        let mut topology = self.topology();
+        topology.segments.insert(KVM_TOPOLOGY_KEY.to_owned(), kvm.usable.to_string());
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.driver.node_id().to_owned(),
             max_volumes_per_node: 0,
-            accessible_topology: Some(self.topology()),
+            accessible_topology: Some(topology),
         }))
     }
 }

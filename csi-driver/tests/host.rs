@@ -30,7 +30,9 @@ async fn identity_node_info_and_metrics() {
     assert_eq!(caps.len(), 3, "controller service, topology, online expansion");
     let ni = d.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(ni.node_id, NODE);
-    assert_eq!(ni.accessible_topology.unwrap().segments, params(&[("topology.thinbox.io/node", NODE)]));
+    // The node also says whether KVM works, as the probe sees it here.
+    let kvm = thinbox_block_passthrough::probe::kvm().usable.to_string();
+    assert_eq!(ni.accessible_topology.unwrap().segments, params(&[("topology.thinbox.io/node", NODE), ("topology.thinbox.io/kvm", &kvm)]));
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "block")]), ..Default::default() }).await.unwrap().into_inner();
     assert!(cap.available_capacity > 3 << 30, "the 4GiB pool is free: {}", cap.available_capacity);
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
