@@ -10,6 +10,8 @@
 //!   snapshot keys it holds.
 //! * `check`: what `gc` would do, read-only; exit code 1 if anything.
 //! * `gc`: reconciliation (what containerd's `Cleanup` and a restart do).
+//! * `host`: what this host offers VM sandboxes (is KVM usable, its API
+//!   version and vCPU limits), probed locally; it needs no daemon.
 //!
 //! Output is aligned tables, or one JSON document with `--json`. [`ask`] talks
 //! to the daemon, [`render::render`] prints; the binary only maps the
@@ -26,7 +28,7 @@ use thinbox_proto::admin::admin_client::AdminClient;
 use thinbox_proto::admin::{CheckRequest, GcRequest, ListDevicesRequest, PoolStatusRequest};
 use tonic::{Code, Status};
 
-use crate::model::{Device, PoolStatus, Report};
+use crate::model::{Device, HostReport, PoolStatus, Report};
 
 /// Where `thinbox-snapshotter` serves by default (README, `scripts/quickstart.sh`).
 pub const DEFAULT_ADDRESS: &str = "/run/thinbox/snapshotter.sock";
@@ -43,7 +45,7 @@ pub const EXIT_ERROR: u8 = 2;
 #[command(
     name = "thinboxctl",
     version,
-    about = "Inspect and clean up the pool of a running thinbox-snapshotter",
+    about = "Inspect and clean up the pool of a running thinbox-snapshotter; probe this host for VM sandboxes (host)",
     after_help = "Exit codes: 0 success; 1 `check` found something to clean or a device whose storage is missing; \
                   2 the daemon could not be reached or refused the request, or bad usage."
 )]
@@ -73,6 +75,8 @@ pub enum Command {
     Check,
     /// Remove leftover devices and orphans, re-attach or detach devices to match their records.
     Gc,
+    /// This host's KVM: usable or why not, API version, vCPU limits (probed here, no daemon needed).
+    Host,
 }
 
 impl Command {
@@ -82,6 +86,7 @@ impl Command {
             Command::Devices => "devices",
             Command::Check => "check",
             Command::Gc => "gc",
+            Command::Host => "host",
         }
     }
 }
@@ -190,34 +195,41 @@ pub enum Answer {
     Check(Report),
     /// `gc`.
     Gc(Report),
+    /// `host`.
+    Host(HostReport),
 }
 
-/// Connects to the daemon and asks it what `cli.command` needs.
+/// Asks the daemon what `cli.command` needs; `host` asks this machine and
+/// never connects.
 pub async fn ask(cli: &Cli) -> Result<Answer, Error> {
-    let channel = thinbox_proto::unix_channel(&cli.address, Duration::from_secs(cli.timeout))
-        .await
-        .map_err(|e| Error::Connect { socket: cli.address.clone(), reason: connect_reason(&e) })?;
-    let mut client = AdminClient::new(channel);
     let op = cli.command.name();
     let rpc = |status| Error::rpc(cli, status);
     Ok(match cli.command {
         Command::Status => {
-            let st = client.pool_status(PoolStatusRequest {}).await.map_err(rpc)?.into_inner().status;
+            let st = connect(cli).await?.pool_status(PoolStatusRequest {}).await.map_err(rpc)?.into_inner().status;
             Answer::Status(st.ok_or(Error::Incomplete { op, field: "status" })?.into())
         }
         Command::Devices => {
-            let devs = client.list_devices(ListDevicesRequest {}).await.map_err(rpc)?.into_inner().devices;
+            let devs = connect(cli).await?.list_devices(ListDevicesRequest {}).await.map_err(rpc)?.into_inner().devices;
             Answer::Devices(devs.into_iter().map(Device::from).collect())
         }
         Command::Check => {
-            let r = client.check(CheckRequest {}).await.map_err(rpc)?.into_inner().report;
+            let r = connect(cli).await?.check(CheckRequest {}).await.map_err(rpc)?.into_inner().report;
             Answer::Check(r.ok_or(Error::Incomplete { op, field: "report" })?.into())
         }
         Command::Gc => {
-            let r = client.gc(GcRequest {}).await.map_err(rpc)?.into_inner().report;
+            let r = connect(cli).await?.gc(GcRequest {}).await.map_err(rpc)?.into_inner().report;
             Answer::Gc(r.ok_or(Error::Incomplete { op, field: "report" })?.into())
         }
+        Command::Host => Answer::Host(HostReport::probe()),
     })
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient<tonic::transport::Channel>, Error> {
+    let channel = thinbox_proto::unix_channel(&cli.address, Duration::from_secs(cli.timeout))
+        .await
+        .map_err(|e| Error::Connect { socket: cli.address.clone(), reason: connect_reason(&e) })?;
+    Ok(AdminClient::new(channel))
 }
 
 #[cfg(test)]
@@ -233,6 +245,14 @@ mod tests {
         assert_eq!(cli.timeout, 5);
         assert!(Cli::try_parse_from(["thinboxctl", "status", "--timeout", "0"]).is_err(), "a zero timeout never answers");
         assert!(Cli::try_parse_from(["thinboxctl"]).is_err(), "a command is required");
+    }
+
+    #[tokio::test]
+    async fn host_needs_no_daemon() {
+        let cli = Cli::try_parse_from(["thinboxctl", "--address", "/nonexistent/thinbox.sock", "host", "--json"]).expect("parses");
+        assert_eq!((cli.command, cli.json), (Command::Host, true));
+        let Answer::Host(h) = ask(&cli).await.expect("no socket needed") else { panic!("host answers Host") };
+        assert_eq!(h.kvm.usable, h.kvm.reason.is_none());
     }
 
     #[test]

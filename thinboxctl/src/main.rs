@@ -1,4 +1,4 @@
-//! `thinboxctl [--address SOCK] [--json] [--timeout SECS] <status|devices|check|gc>`:
+//! `thinboxctl [--address SOCK] [--json] [--timeout SECS] <status|devices|check|gc|host>`:
 //! see the library documentation and `--help`.
 
 use std::process::ExitCode;

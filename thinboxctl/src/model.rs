@@ -3,6 +3,7 @@
 //! ids are numbers, and absent values are `null` (every key is always present).
 
 use serde::Serialize;
+pub use thinbox_block_passthrough::probe::KvmProbe;
 use thinbox_proto::admin as proto;
 
 /// `status`.
@@ -153,5 +154,20 @@ impl From<proto::ReconcileReport> for Report {
         };
         out.clean = out.is_clean();
         out
+    }
+}
+
+/// `host`: what this machine offers VM sandboxes. An object, so more probes
+/// can join `kvm` later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostReport {
+    /// `/dev/kvm` as its ioctls describe it (see `thinbox_block_passthrough::probe`).
+    pub kvm: KvmProbe,
+}
+
+impl HostReport {
+    /// Probes this machine.
+    pub fn probe() -> HostReport {
+        HostReport { kvm: thinbox_block_passthrough::probe::kvm() }
     }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::model::{Device, PoolStatus, Report};
+use crate::model::{Device, HostReport, PoolStatus, Report};
 use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
 
 /// How a command ended, short of an error.
@@ -63,6 +63,7 @@ pub fn to_json(answer: &Answer) -> Result<String, serde_json::Error> {
         Answer::Status(s) => serde_json::to_string_pretty(s),
         Answer::Devices(d) => serde_json::to_string_pretty(&DeviceList { devices: d }),
         Answer::Check(r) | Answer::Gc(r) => serde_json::to_string_pretty(r),
+        Answer::Host(h) => serde_json::to_string_pretty(h),
     }
 }
 
@@ -73,7 +74,31 @@ pub fn text(answer: &Answer) -> String {
         Answer::Devices(d) => devices_text(d),
         Answer::Check(r) => report_text(r, Tense::Would),
         Answer::Gc(r) => report_text(r, Tense::Did),
+        Answer::Host(h) => host_text(h),
     }
+}
+
+fn host_text(h: &HostReport) -> String {
+    let k = &h.kvm;
+    let verdict = match (&k.reason, k.usable) {
+        (None, true) => "usable".to_owned(),
+        (Some(reason), _) => format!("not usable: {reason}"),
+        (None, false) => "not usable".to_owned(),
+    };
+    let vcpus = match (k.recommended_vcpus, k.max_vcpus) {
+        (Some(rec), Some(max)) => format!("{rec} recommended, {max} max per VM"),
+        _ => "-".to_owned(),
+    };
+    let mut rows = vec![
+        vec!["kvm".to_owned(), verdict],
+        vec!["api version".to_owned(), or_dash(k.api_version.map(|v| v.to_string()))],
+        vec!["vcpus".to_owned(), vcpus],
+    ];
+    if k.usable {
+        // The probe stops at ioctls; say so where someone reads "usable".
+        rows.push(vec!["note".to_owned(), "from KVM's ioctls, not a guest boot (a PVM host passes them yet QEMU's guests fail)".to_owned()]);
+    }
+    table(&rows)
 }
 
 /// Binary units, at most one decimal: `512MiB`, `65.1MiB`, `0B`. (Unlike
@@ -412,6 +437,40 @@ mod tests {
         let (outcome, out, _) = run(&Answer::Check(report(&[], &[], &[5])), false);
         assert_eq!(outcome, Outcome::Findings, "a missing device is a finding although gc cannot fix it");
         assert!(out.contains("MISSING  device 5") && out.contains("check: nothing for gc to clean; 1 device(s) with missing storage"), "{out}");
+    }
+
+    #[test]
+    fn host_shows_kvm_or_why_not() {
+        use crate::model::KvmProbe;
+        let usable = HostReport { kvm: KvmProbe { usable: true, api_version: Some(12), max_vcpus: Some(1024), recommended_vcpus: Some(2), reason: None } };
+        let (outcome, out, _) = run(&Answer::Host(usable.clone()), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert_eq!(
+            out,
+            "kvm          usable\n\
+             api version  12\n\
+             vcpus        2 recommended, 1024 max per VM\n\
+             note         from KVM's ioctls, not a guest boot (a PVM host passes them yet QEMU's guests fail)\n"
+        );
+        let missing = HostReport {
+            kvm: KvmProbe {
+                usable: false,
+                api_version: None,
+                max_vcpus: None,
+                recommended_vcpus: None,
+                reason: Some("open /dev/kvm: No such file or directory (os error 2)".into()),
+            },
+        };
+        let (outcome, out, _) = run(&Answer::Host(missing), false);
+        assert_eq!(outcome, Outcome::Ok, "no KVM is an answer, not a failure");
+        assert_eq!(out, "kvm          not usable: open /dev/kvm: No such file or directory (os error 2)\napi version  -\nvcpus        -\n");
+        let (_, out, err) = run(&Answer::Host(usable), true);
+        assert!(err.is_empty());
+        let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+        assert_eq!(
+            v,
+            serde_json::json!({"kvm": {"usable": true, "api_version": 12, "max_vcpus": 1024, "recommended_vcpus": 2, "reason": null}})
+        );
     }
 
     #[test]
