@@ -147,6 +147,14 @@ pub enum QmpError {
         /// The disk id.
         id: String,
     },
+    /// A path QMP cannot carry unchanged, or QEMU would resolve elsewhere.
+    #[error("invalid disk path {}: {reason}", path.display())]
+    InvalidPath {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
     /// The path cannot be looked at.
     #[error("disk path {}", path.display())]
     Path {
@@ -181,6 +189,7 @@ impl QmpError {
             QmpError::InvalidId { .. }
             | QmpError::InvalidSerial { .. }
             | QmpError::NativeAioWithoutDirect { .. }
+            | QmpError::InvalidPath { .. }
             | QmpError::NotFileOrBlockDevice { .. } => QmpErrorKind::InvalidArgument,
             QmpError::Path { source, .. } if source.kind() == io::ErrorKind::NotFound => QmpErrorKind::NotFound,
             QmpError::Path { .. } => QmpErrorKind::InvalidArgument,
@@ -271,6 +280,15 @@ impl Disk {
         }
         if self.aio == Aio::Native && !self.cache_direct {
             return Err(QmpError::NativeAioWithoutDirect { id: self.id.clone() });
+        }
+        let bad_path = |reason| Err(QmpError::InvalidPath { path: self.path.clone(), reason });
+        if !self.path.is_absolute() {
+            // QEMU would resolve it against its own working directory.
+            return bad_path("not absolute");
+        }
+        if self.path.to_str().is_none() {
+            // QMP is JSON: the name would reach QEMU changed.
+            return bad_path("not UTF-8");
         }
         Ok(())
     }
@@ -470,7 +488,7 @@ impl Qmp {
             unplug_requested: HashSet::new(),
         };
         let deadline = Instant::now() + qmp.command_timeout;
-        match qmp.read_message(deadline, "greeting").await? {
+        match qmp.read_message(deadline, "greeting", qmp.command_timeout).await? {
             Message::Greeting(g) => qmp.greeting = g,
             other => return Err(qmp.protocol(format!("expected the greeting, got {other:?}"))),
         }
@@ -497,15 +515,13 @@ impl Qmp {
         QmpError::Protocol { socket: self.socket.clone(), reason }
     }
 
-    /// Reads one message by `deadline`; `what` names the wait in a timeout.
-    async fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Message, QmpError> {
+    /// Reads one message by `deadline`; a timeout names `what` and the
+    /// whole wait, `waited`.
+    async fn read_message(&mut self, deadline: Instant, what: &str, waited: Duration) -> Result<Message, QmpError> {
         loop {
             let read = tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut self.line)).await;
             let n = match read {
-                Err(_) => {
-                    let after = self.command_timeout.min(deadline.saturating_duration_since(Instant::now()));
-                    return Err(QmpError::Timeout { what: what.to_owned(), after });
-                }
+                Err(_) => return Err(QmpError::Timeout { what: what.to_owned(), after: waited }),
                 Ok(Err(source)) => return Err(QmpError::Io { op: "read", socket: self.socket.clone(), source }),
                 Ok(Ok(n)) => n,
             };
@@ -551,8 +567,10 @@ impl Qmp {
             // A response without an id answers a request QEMU could not even
             // parse; with one request in flight, that is ours.
             let ours = |rid: &Option<Value>| rid.as_ref().is_none_or(|r| r.as_u64() == Some(id));
-            match self.read_message(deadline, command).await? {
+            match self.read_message(deadline, command, self.command_timeout).await? {
                 Message::Event(e) => self.buffer_event(e),
+                // The late answer to a command that timed out: nobody waits for it.
+                m @ (Message::Return { .. } | Message::Error { .. }) if self.is_stale(&m) => tracing::debug!(?m, "stale qmp answer"),
                 Message::Return { id: rid, value } if ours(&rid) => return Ok(value),
                 Message::Error { id: rid, class, desc } if ours(&rid) => {
                     return Err(QmpError::Command { command: command.to_owned(), class, desc });
@@ -560,6 +578,15 @@ impl Qmp {
                 other => return Err(self.protocol(format!("{command}: unexpected {other:?}"))),
             }
         }
+    }
+
+    /// Whether `m` answers a request before the one in flight (ids grow by one
+    /// per request; the next one is `next_id`).
+    fn is_stale(&self, m: &Message) -> bool {
+        let (Message::Return { id: Some(id), .. } | Message::Error { id: Some(id), .. }) = m else {
+            return false;
+        };
+        id.as_u64().is_some_and(|id| id + 1 < self.next_id)
     }
 
     /// Takes every buffered event, oldest first.
@@ -575,11 +602,11 @@ impl Qmp {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.read_message(deadline, "event").await {
+            match self.read_message(deadline, "event", timeout).await {
                 Ok(Message::Event(e)) if pred(&e) => return Ok(e),
                 Ok(Message::Event(e)) => self.buffer_event(e),
+                Ok(m) if self.is_stale(&m) => tracing::debug!(?m, "stale qmp answer"),
                 Ok(other) => return Err(self.protocol(format!("unexpected {other:?} while no command runs"))),
-                Err(QmpError::Timeout { .. }) => return Err(QmpError::Timeout { what: "event".into(), after: timeout }),
                 Err(e) => return Err(e),
             }
         }
@@ -723,6 +750,8 @@ fn parse_query_block(blocks: &Value) -> Result<Vec<PluggedDisk>, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::os::unix::ffi::OsStringExt;
+
     use super::*;
 
     fn disk() -> Disk {
@@ -771,6 +800,10 @@ mod tests {
             d.cache_direct = false;
         })
         .is_ok());
+        assert!(matches!(with(|d| d.path = "disk.img".into()), Err(QmpError::InvalidPath { reason: "not absolute", .. })));
+        let e = with(|d| d.path = PathBuf::from(std::ffi::OsString::from_vec(b"/img/\xff.raw".to_vec()))).unwrap_err();
+        assert!(matches!(e, QmpError::InvalidPath { reason: "not UTF-8", .. }), "{e}");
+        assert_eq!(e.kind(), QmpErrorKind::InvalidArgument);
     }
 
     #[test]
@@ -855,7 +888,9 @@ mod tests {
             w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\r\n", req["id"]).as_bytes()).await.unwrap();
             let req: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(req["execute"], "query-status");
-            // An event split across writes, then another, then the answer.
+            // A late answer to an earlier request (one that timed out), an
+            // event split across writes, then another, then the answer.
+            w.write_all(b"{\"return\": {\"late\": true}, \"id\": 1}\r\n").await.unwrap();
             w.write_all(b"{\"event\": \"RESUME\", ").await.unwrap();
             w.flush().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;

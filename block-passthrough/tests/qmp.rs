@@ -184,6 +184,8 @@ async fn refused_hotplugs_leave_no_block_node() {
     let e = vm.qmp.hotplug(&disk("vol-a", &vm.dir.path().join("missing.img"), "rp0")).await.unwrap_err();
     assert!(matches!(e, QmpError::Path { .. }), "{e}");
     assert_eq!(e.kind(), QmpErrorKind::NotFound);
+    let e = vm.qmp.hotplug(&disk("vol-a", Path::new("a.img"), "rp0")).await.unwrap_err();
+    assert!(matches!(e, QmpError::InvalidPath { .. }), "relative: {e}");
     let e = vm.qmp.hotplug(&disk("vol-a", vm.dir.path(), "rp0")).await.unwrap_err();
     assert!(matches!(e, QmpError::NotFileOrBlockDevice { .. }), "{e}");
     for bad in ["1abc", "a b", "a/b", "", &"x".repeat(27)] {
