@@ -11,15 +11,22 @@
 //!   loop device; a second transaction marks it ready. The response is one mount
 //!   `{type: ext4|xfs, source: /dev/loopN, options: [rw|ro]}`.
 //! * Commit: the record becomes committed and the device is detached.
-//! * Remove: the record goes and the device with it (refused with children).
-//! * Stop (SIGTERM): stop accepting, finish requests in flight; devices stay
-//!   attached unless `release_on_exit` is set.
+//! * Remove: the record goes (refused with children) and the device is marked
+//!   `Deleting` in the same transaction; the [`deleter`] thread destroys it
+//!   after the call returns. `Cleanup` finishes pending deletions at once; a
+//!   Prepare that finds the pool full while deletions are pending waits for
+//!   them and tries once more.
+//! * Stop (SIGTERM): stop accepting, finish requests in flight and the
+//!   deletion in hand; devices still queued for deletion stay marked and the
+//!   next start finishes them (as after a crash); devices stay attached unless
+//!   `release_on_exit` is set.
 //!
 //! The same socket serves [`admin`] (`thinbox.admin.v1`, for `thinboxctl`):
 //! pool status, devices, and a read-only check or a run of reconciliation.
 
 pub mod admin;
 pub mod config;
+pub mod deleter;
 pub mod error;
 pub mod filter;
 pub mod meta;

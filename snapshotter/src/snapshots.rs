@@ -7,17 +7,22 @@
 //! one transaction before touching the kernel, so [`Snapshots::open`] can
 //! converge any crash: a snapshot whose device never became ready is dropped,
 //! devices nobody references are deleted.
+//!
+//! Remove is the one operation that leaves kernel work for later: it marks the
+//! device `Deleting` and the background [`Deleter`] destroys it; `Cleanup`
+//! finishes pending deletions at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, Pool, ReconcileReport, fault};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, ErrorKind, Pool, ReconcileReport, fault};
 use thinbox_proto::Mount;
 use thinbox_proto::snapshots::{Info, Kind as ProtoKind};
 
 use crate::config::{Config, MIN_SNAPSHOT_SIZE};
+use crate::deleter::Deleter;
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::meta::{self, CHILDREN, Kind, Record, SNAPSHOTS};
@@ -41,20 +46,27 @@ pub struct Usage {
 /// The snapshotter: a pool plus snapshot records.
 #[derive(Debug)]
 pub struct Snapshots {
-    pool: Pool,
+    pool: Arc<Pool>,
     cfg: Config,
-    /// Ordinary operations share it; `cleanup` takes it alone, so it never
-    /// mistakes an operation in flight for a leftover.
-    gate: RwLock<()>,
+    /// Ordinary operations share it, and so does the deleter around each
+    /// destroy; `cleanup`, `check` and shutdown take it alone, so they never
+    /// mistake an operation in flight for a leftover.
+    gate: Arc<RwLock<()>>,
+    /// Destroys removed snapshots' devices in the background.
+    deleter: Deleter,
 }
 
 impl Snapshots {
     /// Opens the state under `root` and converges it with the kernel.
     pub fn open(root: &Path, cfg: Config) -> Result<(Snapshots, ReconcileReport)> {
-        let pool = Pool::open(root, cfg.pool.clone())?;
-        let s = Snapshots { pool, cfg, gate: RwLock::new(()) };
-        let report = s.reconcile()?;
-        Ok((s, report))
+        let pool = Arc::new(Pool::open(root, cfg.pool.clone())?);
+        let gate = Arc::new(RwLock::new(()));
+        // Reconciliation first, synchronously: devices a previous run left
+        // `Deleting` are finished before anything is served.
+        let report = converge(&pool, true)?;
+        tracing::info!(?report, "reconciled");
+        let deleter = Deleter::start(pool.clone(), gate.clone()).map_err(Error::Spawn)?;
+        Ok((Snapshots { pool, cfg, gate, deleter }, report))
     }
 
     /// The device pool.
@@ -62,49 +74,28 @@ impl Snapshots {
         &self.pool
     }
 
-    /// Drops snapshot records whose device never became ready, then lets the pool
-    /// remove every device no record references.
-    fn reconcile(&self) -> Result<ReconcileReport> {
-        let report = self.converge(true)?;
-        tracing::info!(?report, "reconciled");
-        Ok(report)
-    }
-
-    /// With `apply`, [`Snapshots::reconcile`]; without, what it would do.
-    fn converge(&self, apply: bool) -> Result<ReconcileReport> {
-        let txn = self.pool.store().write()?;
-        let mut referenced = HashSet::new();
-        {
-            let devs = Devices::open(&txn)?;
-            let mut snaps = txn.open_table(SNAPSHOTS)?;
-            let mut children = txn.open_multimap_table(CHILDREN)?;
-            let mut dropped = Vec::new();
-            for row in snaps.iter()? {
-                let (k, v) = row?;
-                let rec = meta::decode(k.value(), v.value())?;
-                match devs.get(rec.device)? {
-                    Some(d) if d.state == DeviceState::Ready => {
-                        referenced.insert(rec.device);
-                    }
-                    _ => dropped.push((k.value().to_owned(), rec.parent)),
-                }
-            }
-            for (key, parent) in dropped {
-                tracing::info!(key, apply, "dropping snapshot whose device was never completed");
-                snaps.remove(key.as_str())?;
-                children.remove(parent.as_str(), key.as_str())?;
-            }
-        }
-        if !apply {
-            txn.abort()?;
-            return Ok(self.pool.check(&referenced)?);
-        }
-        txn.commit()?;
-        Ok(self.pool.reconcile(&referenced)?)
-    }
-
     /// Creates an active snapshot (or a view) `key` on `parent` ("" for none).
+    ///
+    /// A pool too full for it while removed snapshots' devices are still being
+    /// deleted (or just were) waits for the deleter and tries once more: a
+    /// client that removes to make room must not fail because of our deferral.
     pub fn prepare(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        let before = self.deleter.progress();
+        match self.prepare_once(kind, key, parent, labels.clone()) {
+            Err(e) if e.kind() == ErrorKind::ResourceExhausted => {
+                let now = self.deleter.progress();
+                if before.pending == 0 && now.pending == 0 && now.finished == before.finished {
+                    return Err(e);
+                }
+                tracing::info!(key, pending = now.pending, error = %crate::error::chain(&e), "pool full while deletions are pending; waiting for them, then retrying once");
+                self.deleter.wait_idle();
+                self.prepare_once(kind, key, parent, labels)
+            }
+            other => other,
+        }
+    }
+
+    fn prepare_once(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
         let _g = self.shared();
         validate_key(key)?;
         validate_labels(&labels)?;
@@ -234,7 +225,9 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Removes a snapshot without children; its device is deleted.
+    /// Removes a snapshot without children. Its device is marked `Deleting` in
+    /// the same transaction and destroyed by the background deleter after this
+    /// returns.
     pub fn remove(&self, key: &str) -> Result<()> {
         let _g = self.shared();
         let txn = self.pool.store().write()?;
@@ -249,11 +242,11 @@ impl Snapshots {
         };
         txn.commit()?;
         fault::point("remove.after_record");
-        // The snapshot is gone for good; the device is marked `Deleting`, so
-        // `Cleanup` or the next start finishes what fails here.
-        if let Err(e) = self.pool.destroy(device) {
-            tracing::warn!(key, device = %device, error = %crate::error::chain(&e), "deleting device failed; left for reconciliation");
-        }
+        // The snapshot is gone for good and the device marked `Deleting`: from
+        // here a crash, a stop or a failing destroy all leave it to
+        // reconciliation. Queued under the gate, so an exclusive path sees the
+        // queue and the store agree.
+        self.deleter.push(device);
         Ok(())
     }
 
@@ -336,24 +329,41 @@ impl Snapshots {
         Ok(out)
     }
 
-    /// Reclaims what interrupted operations left behind.
+    /// Reclaims space now: finishes every pending deletion (synchronously,
+    /// failures included) and what interrupted operations left behind.
     pub fn cleanup(&self) -> Result<ReconcileReport> {
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.reconcile()
+        let report = converge(&self.pool, true)?;
+        // Reconciliation destroyed every device not `Ready`, so every queued one.
+        self.deleter.forget_all();
+        tracing::info!(?report, "reconciled");
+        Ok(report)
     }
 
     /// What [`Snapshots::cleanup`] would reclaim, changing nothing; also
-    /// devices whose storage is missing.
+    /// devices whose storage is missing. Deletions in progress are waited for
+    /// first, so what it reports was left behind, not merely not yet done
+    /// (except a Remove arriving in between, and deletions waiting for a retry).
     pub fn check(&self) -> Result<ReconcileReport> {
+        self.deleter.wait_idle();
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.converge(false)
+        converge(&self.pool, false)
     }
 
-    /// Called on exit; see [`Config::release_on_exit`].
+    /// Called on exit; see [`Config::release_on_exit`]. The deleter stops after
+    /// the device in hand; devices still queued stay marked `Deleting` and the
+    /// next start finishes them, the same path as after a crash. Draining
+    /// instead could hold a stop for minutes (a thin delete costs up to
+    /// hundreds of milliseconds) and buys no safety.
     pub fn shutdown(&self) -> Result<()> {
+        let left = self.deleter.stop();
+        if left > 0 {
+            tracing::info!(devices = left, "pending deletions left for the next start");
+        }
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         Ok(self.pool.shutdown(self.cfg.release_on_exit)?)
     }
+
 
     fn record(&self, key: &str) -> Result<Record> {
         let txn = self.pool.store().db().begin_read()?;
@@ -363,6 +373,41 @@ impl Snapshots {
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Drops snapshot records whose device never became ready, then, with
+/// `apply`, lets the pool remove every device no record references (finishing
+/// those marked `Deleting`); without, reports what that would do.
+fn converge(pool: &Pool, apply: bool) -> Result<ReconcileReport> {
+    let txn = pool.store().write()?;
+    let mut referenced = HashSet::new();
+    {
+        let devs = Devices::open(&txn)?;
+        let mut snaps = txn.open_table(SNAPSHOTS)?;
+        let mut children = txn.open_multimap_table(CHILDREN)?;
+        let mut dropped = Vec::new();
+        for row in snaps.iter()? {
+            let (k, v) = row?;
+            let rec = meta::decode(k.value(), v.value())?;
+            match devs.get(rec.device)? {
+                Some(d) if d.state == DeviceState::Ready => {
+                    referenced.insert(rec.device);
+                }
+                _ => dropped.push((k.value().to_owned(), rec.parent)),
+            }
+        }
+        for (key, parent) in dropped {
+            tracing::info!(key, apply, "dropping snapshot whose device was never completed");
+            snaps.remove(key.as_str())?;
+            children.remove(parent.as_str(), key.as_str())?;
+        }
+    }
+    if !apply {
+        txn.abort()?;
+        return Ok(pool.check(&referenced)?);
+    }
+    txn.commit()?;
+    Ok(pool.reconcile(&referenced)?)
 }
 
 fn remove_record(txn: &WriteTransaction, key: &str, parent: &str) -> Result<()> {

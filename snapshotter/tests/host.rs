@@ -8,9 +8,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
-use thinbox_proto::snapshots::{Info, UpdateSnapshotRequest, UsageRequest};
+use thinbox_proto::snapshots::{CleanupRequest, Info, UpdateSnapshotRequest, UsageRequest};
 use tonic::Code;
 
 const SMALL: &str = "[pool]\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[snapshot]\ndefault_size = \"512MiB\"\n";
@@ -25,7 +28,9 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
 }
 
 /// Files in the pool and attached loops match the records: nothing leaked.
+/// Removed snapshots' devices are deleted in the background: waits for that first.
 async fn assert_no_leaks(c: &mut Client, d: &Daemon, active_or_view: usize) {
+    d.settle().await;
     let all = list(c, &[]).await.unwrap();
     let inv = d.inventory();
     assert_eq!(inv.stored.as_ref().map_or(usize::MAX, |s| s.len()), all.len(), "one device per snapshot: {inv:?} vs {all:?}");
@@ -176,11 +181,17 @@ async fn restart_keeps_devices_attached_and_reboot_reattaches_them() {
     d.release().await;
 }
 
+/// A full pool refuses new snapshots; removing one makes room again even
+/// though its device is deleted in the background: a Prepare that finds the
+/// pool full while deletions are pending waits for them and tries once more.
+/// On the reflink backend the pool's filesystem is frozen across the Remove,
+/// so the Prepare certainly finds the space not yet freed (seen in the log)
+/// and must wait; on a thin pool it may or may not, and must succeed either way.
 #[tokio::test]
 async fn a_full_pool_refuses_new_snapshots_and_keeps_serving() {
     let dir = tmp();
     let cfg = "[pool]\nembedded_size = \"1GiB\"\nreserve = \"128MiB\"\n[snapshot]\ndefault_size = \"2GiB\"\n";
-    let (d, mut c) = Daemon::start(dir.path(), Some(cfg), &[]).await;
+    let (d, mut c) = Daemon::start_logged(dir.path(), Some(cfg), &[]).await;
     let work = dir.path().join("work");
     layer(&mut c, &work, "base", "", &[("keep", "safe")]).await;
     let m = prepare(&mut c, "hog", "base", HashMap::new()).await.unwrap();
@@ -196,10 +207,140 @@ async fn a_full_pool_refuses_new_snapshots_and_keeps_serving() {
     let _ = std::process::Command::new("umount").arg(&mp).status();
     assert_eq!(code(prepare(&mut c, "next", "base", HashMap::new()).await), Code::ResourceExhausted);
     assert_eq!(stat(&mut c, "base").await.unwrap().name, "base", "the daemon keeps serving");
+    assert!(!d.log_text().contains(WAITING_FOR_DELETIONS), "nothing pending: refused at once");
+
+    let frozen = (d.inventory().backend == "reflink").then(|| Frozen::new(&d.root.join("pool")));
     remove(&mut c, "hog").await.unwrap();
+    let next = tokio::spawn({
+        let mut c = c.clone();
+        async move { prepare(&mut c, "next", "base", HashMap::new()).await }
+    });
+    if let Some(frozen) = frozen {
+        let deadline = Instant::now() + DELETION_DEADLINE;
+        while !d.log_text().contains(WAITING_FOR_DELETIONS) {
+            assert!(!next.is_finished(), "Prepare finished while the pool was frozen and full");
+            assert!(Instant::now() < deadline, "Prepare never waited for the pending deletion");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(frozen);
+    }
+    next.await.unwrap().expect("Prepare after Remove on a full pool");
     assert_eq!(read_through_view(&mut c, &work, "base", "keep").await, "safe", "committed data survives");
-    prepare(&mut c, "next", "base", HashMap::new()).await.unwrap();
     assert_no_leaks(&mut c, &d, 1).await;
+    d.release().await;
+}
+
+/// What the daemon logs when a Prepare waits for the deleter.
+const WAITING_FOR_DELETIONS: &str = "pool full while deletions are pending";
+
+/// A filesystem frozen with `fsfreeze` until dropped: every write to it,
+/// unlinking a file included, blocks meanwhile.
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn new(mountpoint: &Path) -> Frozen {
+        let out = Command::new("fsfreeze").arg("-f").arg(mountpoint).output().unwrap();
+        assert!(out.status.success(), "fsfreeze -f {}: {}", mountpoint.display(), String::from_utf8_lossy(&out.stderr));
+        Frozen(mountpoint.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let out = Command::new("fsfreeze").arg("-u").arg(&self.0).output().unwrap();
+        if !std::thread::panicking() {
+            assert!(out.status.success(), "fsfreeze -u {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// A directory flagged immutable (`chattr +i`) until dropped: nothing in it
+/// can be unlinked meanwhile.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &Path) -> Immutable {
+        let out = Command::new("chattr").arg("+i").arg(dir).output().unwrap();
+        assert!(out.status.success(), "chattr +i {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let out = Command::new("chattr").arg("-i").arg(&self.0).output().unwrap();
+        if !std::thread::panicking() {
+            assert!(out.status.success(), "chattr -i {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Remove returns once the snapshot's record is gone and its device marked
+/// for deletion; the device goes afterwards, in the background. On the
+/// reflink backend the pool's filesystem is frozen across the Removes, so no
+/// deletion can finish: Removes that return anyway, with every device still
+/// recorded and its image still there, prove they do not wait. A thin pool
+/// has no such lever; there the test checks the outcome.
+#[tokio::test]
+async fn remove_returns_before_its_device_is_deleted() {
+    let dir = tmp();
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("a", "1")]).await;
+    layer(&mut c, &work, "top", "base", &[("b", "2")]).await;
+    prepare(&mut c, "ctr", "top", HashMap::new()).await.unwrap();
+    assert_eq!(d.device_records().await, 3);
+
+    let frozen = (d.inventory().backend == "reflink").then(|| Frozen::new(&d.root.join("pool")));
+    remove(&mut c, "ctr").await.unwrap();
+    remove(&mut c, "top").await.unwrap();
+    assert_eq!(list(&mut c, &[]).await.unwrap(), ["base"], "the snapshots are gone at once");
+    assert_eq!(code(stat(&mut c, "top").await), Code::NotFound);
+    if let Some(frozen) = frozen {
+        assert_eq!(d.device_records().await, 3, "both devices still recorded (deleting)");
+        assert_eq!(d.inventory().stored.map(|s| s.len()), Some(3), "both images still in the pool");
+        drop(frozen);
+    }
+    d.settle().await;
+    assert_eq!(d.device_records().await, 1, "the deleter deleted both devices");
+    assert_eq!(read_through_view(&mut c, &work, "base", "a").await, "1");
+    assert_no_leaks(&mut c, &d, 0).await;
+    d.release().await;
+}
+
+/// Cleanup (containerd's "reclaim now", also `thinboxctl gc`) finishes every
+/// pending deletion before it returns. On the reflink backend the pool's
+/// image directory is made immutable first, so every background attempt
+/// fails and the deletions are certainly still pending (waiting for their
+/// retry) when Cleanup runs.
+#[tokio::test]
+async fn cleanup_finishes_pending_deletions_at_once() {
+    let dir = tmp();
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("a", "1")]).await;
+    let keys: Vec<String> = (0..6).map(|i| format!("ctr{i}")).collect();
+    for k in &keys {
+        prepare(&mut c, k, "base", HashMap::new()).await.unwrap();
+    }
+    assert_eq!(d.device_records().await, 7);
+
+    let immutable = (d.inventory().backend == "reflink").then(|| Immutable::new(&d.root.join("pool/devices")));
+    for k in &keys {
+        remove(&mut c, k).await.unwrap();
+    }
+    assert_eq!(list(&mut c, &[]).await.unwrap(), ["base"]);
+    if let Some(immutable) = immutable {
+        assert_eq!(d.device_records().await, 7, "no deletion can succeed yet");
+        drop(immutable);
+    }
+    c.cleanup(CleanupRequest { snapshotter: "thinbox".into() }).await.unwrap();
+    assert_eq!(d.device_records().await, 1, "Cleanup returned with every pending deletion done");
+    let inv = d.inventory();
+    assert_eq!(inv.stored.map(|s| s.len()), Some(1), "only base's storage is left: {:?}", inv.attached);
+    assert!(inv.attached.is_empty(), "no removed device is attached: {:?}", inv.attached);
+    assert_eq!(read_through_view(&mut c, &work, "base", "a").await, "1");
+    assert_no_leaks(&mut c, &d, 0).await;
     d.release().await;
 }
 

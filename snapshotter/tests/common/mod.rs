@@ -9,11 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use thinbox_proto::admin::admin_client::AdminClient;
+use thinbox_proto::admin::{ListDevicesRequest, PoolStatusRequest};
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::*;
 use tonic::transport::Channel;
 
 pub type Client = SnapshotsClient<Channel>;
+pub type Admin = AdminClient<Channel>;
+
+/// How long a removed snapshot's device may take to be deleted in the
+/// background before a test calls it stuck (a failure guard, not a timing
+/// assertion: deletion takes milliseconds to a second).
+pub const DELETION_DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn require_root() {
     assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
@@ -24,6 +32,8 @@ pub struct Daemon {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub config: Option<PathBuf>,
+    /// The daemon's stderr goes here (appended) instead of the test's.
+    pub log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -37,9 +47,28 @@ impl Daemon {
             std::fs::write(&p, c).unwrap();
             p
         });
-        let mut d = Daemon { root, socket, config, child: None };
+        let mut d = Daemon { root, socket, config, log: None, child: None };
         let client = d.spawn(env).await;
         (d, client)
+    }
+
+    /// [`Daemon::start`] with the daemon's log in `dir/daemon.log`.
+    pub async fn start_logged(dir: &Path, config: Option<&str>, env: &[(&str, &str)]) -> (Daemon, Client) {
+        let root = dir.join("state");
+        let socket = dir.join("snap.sock");
+        let config = config.map(|c| {
+            let p = dir.join("config.toml");
+            std::fs::write(&p, c).unwrap();
+            p
+        });
+        let mut d = Daemon { root, socket, config, log: Some(dir.join("daemon.log")), child: None };
+        let client = d.spawn(env).await;
+        (d, client)
+    }
+
+    /// The daemon's log so far (see [`Daemon::start_logged`]).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("started with start_logged")).unwrap_or_default()
     }
 
     /// (Re)starts the process on the same state.
@@ -51,6 +80,9 @@ impl Daemon {
             cmd.arg("--config").arg(c);
         }
         cmd.env("THINBOX_LOG", "info");
+        if let Some(log) = &self.log {
+            cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -114,6 +146,35 @@ impl Daemon {
     /// What the kernel and disk hold for this root (embedded pool).
     pub fn inventory(&self) -> thinbox_blockstore::Inventory {
         thinbox_blockstore::inventory(&self.root, &thinbox_blockstore::PoolConfig::default()).unwrap()
+    }
+
+    /// The admin service on the daemon's socket.
+    pub async fn admin(&self) -> Admin {
+        let channel = thinbox_proto::unix_channel(&self.socket, Duration::from_secs(120)).await.expect("connect admin");
+        AdminClient::new(channel)
+    }
+
+    /// Waits until the background deleter has finished: no device record is
+    /// left `deleting`. Removed snapshots' devices are deleted after Remove
+    /// returns, so leak checks come after this. Panics after
+    /// [`DELETION_DEADLINE`].
+    pub async fn settle(&self) {
+        let mut admin = self.admin().await;
+        let deadline = Instant::now() + DELETION_DEADLINE;
+        loop {
+            let devices = admin.list_devices(ListDevicesRequest {}).await.expect("ListDevices").into_inner().devices;
+            let deleting: Vec<u64> = devices.iter().filter(|d| d.state == "deleting").map(|d| d.id).collect();
+            if deleting.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "devices {deleting:?} still deleting after {DELETION_DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Device records in the store (`deleting` ones included), from the pool status.
+    pub async fn device_records(&self) -> u64 {
+        self.admin().await.pool_status(PoolStatusRequest {}).await.expect("PoolStatus").into_inner().status.expect("status").devices
     }
 }
 

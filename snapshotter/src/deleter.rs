@@ -1,0 +1,264 @@
+//! Background deletion of removed snapshots' devices.
+//!
+//! `Remove` commits the record's removal and the device's `Deleting` mark in one
+//! transaction, hands the device id to the [`Deleter`] and returns: containerd
+//! only needs the snapshot gone, and the kernel work (detach, discard, the thin
+//! pool's `delete`, or unlinking an image) costs milliseconds to hundreds of
+//! milliseconds. One worker thread destroys the queued devices one at a time,
+//! each under the snapshotter's shared gate, so the exclusive paths (`Cleanup`,
+//! `check`, shutdown) never see a half-done destroy.
+//!
+//! The queue is only a hint: the `Deleting` mark in the store is what counts.
+//! A crash, a stop, or a deletion that keeps failing leaves the device marked,
+//! and reconciliation (every start, `Cleanup`, `thinboxctl gc`) finishes it. So
+//! the worker checks the mark before each destroy and skips devices that are
+//! already gone. Device ids (and so thin ids) come from a counter that never
+//! goes back, so a device still being deleted never shares its id with a new one.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thinbox_blockstore::{DeviceId, DeviceState, Pool};
+
+/// Attempts per device before it is left to reconciliation.
+const ATTEMPTS: u32 = 4;
+
+/// Wait before the retry that follows the `n`-th failure (1-based).
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(match failures {
+        1 => 1,
+        2 => 10,
+        _ => 60,
+    })
+}
+
+/// A device waiting for its (next) attempt.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    id: DeviceId,
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// In the order they were removed; retries go to the back with a time.
+    jobs: VecDeque<Job>,
+    /// The device being destroyed right now.
+    busy: Option<DeviceId>,
+    /// Devices finished so far (destroyed, or found done by someone else).
+    finished: u64,
+    stop: bool,
+}
+
+impl Queue {
+    /// The first job whose time has come, taken out of the queue.
+    fn take_due(&mut self, now: Instant) -> Option<Job> {
+        let i = self.jobs.iter().position(|j| j.not_before.is_none_or(|t| t <= now))?;
+        self.jobs.remove(i)
+    }
+
+    /// When the earliest waiting retry is due.
+    fn next_retry(&self) -> Option<Instant> {
+        self.jobs.iter().filter_map(|j| j.not_before).min()
+    }
+
+    /// Work that runs without waiting: the device in hand and every job not
+    /// held back by a failure.
+    fn runnable(&self) -> bool {
+        self.busy.is_some() || self.jobs.iter().any(|j| j.not_before.is_none())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where deletion stands; see [`Deleter::progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Devices queued, in hand, or waiting for a retry.
+    pub pending: usize,
+    /// Devices finished since start (grows only).
+    pub finished: u64,
+}
+
+/// The queue of devices to delete and its worker thread.
+#[derive(Debug)]
+pub struct Deleter {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Deleter {
+    /// Starts the worker. It takes `gate` shared around each destroy.
+    pub fn start(pool: Arc<Pool>, gate: Arc<RwLock<()>>) -> std::io::Result<Deleter> {
+        let shared = Arc::new(Shared::default());
+        let worker = {
+            let shared = shared.clone();
+            std::thread::Builder::new().name("deleter".into()).spawn(move || work(&shared, &pool, &gate))?
+        };
+        Ok(Deleter { shared, worker: Mutex::new(Some(worker)) })
+    }
+
+    /// Queues a device whose record is already marked `Deleting` (committed).
+    pub fn push(&self, id: DeviceId) {
+        let mut q = self.shared.lock();
+        q.jobs.push_back(Job { id, failures: 0, not_before: None });
+        drop(q);
+        self.shared.changed.notify_all();
+    }
+
+    /// How many deletions are pending, and how many finished so far.
+    pub fn progress(&self) -> Progress {
+        let q = self.shared.lock();
+        Progress { pending: q.jobs.len() + usize::from(q.busy.is_some()), finished: q.finished }
+    }
+
+    /// Blocks until the worker has nothing left that it can do now (devices
+    /// waiting for a retry after a failure are not waited for) or has stopped.
+    /// The caller must not hold the gate: the worker needs it.
+    pub fn wait_idle(&self) {
+        let mut q = self.shared.lock();
+        while q.runnable() && !q.stop {
+            q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Forgets every queued device: reconciliation has just finished them all
+    /// (the caller holds the gate exclusively, so none is in hand).
+    pub fn forget_all(&self) {
+        let mut q = self.shared.lock();
+        let n = q.jobs.len() as u64;
+        q.jobs.clear();
+        q.finished += n;
+        drop(q);
+        self.shared.changed.notify_all();
+    }
+
+    /// Stops the worker after the device in hand, if any, and returns how many
+    /// deletions were left: they stay marked `Deleting` in the store, and the
+    /// next start's reconciliation finishes them, exactly as after a crash.
+    /// Idempotent. The caller must not hold the gate.
+    pub fn stop(&self) -> usize {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = worker
+            && w.join().is_err()
+        {
+            tracing::error!("device deleter thread panicked");
+        }
+        self.shared.lock().jobs.len()
+    }
+}
+
+impl Drop for Deleter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The worker: takes the next due device, destroys it under the shared gate,
+/// books the outcome; sleeps until a push, a due retry or stop.
+fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
+    loop {
+        let job = {
+            let mut q = shared.lock();
+            loop {
+                if q.stop {
+                    return;
+                }
+                let now = Instant::now();
+                if let Some(job) = q.take_due(now) {
+                    q.busy = Some(job.id);
+                    break job;
+                }
+                q = match q.next_retry() {
+                    Some(t) => shared.changed.wait_timeout(q, t.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0,
+                    None => shared.changed.wait(q).unwrap_or_else(|p| p.into_inner()),
+                };
+            }
+        };
+        let result = {
+            let _shared_gate = gate.read().unwrap_or_else(|p| p.into_inner());
+            destroy_if_deleting(pool, job.id)
+        };
+        let mut q = shared.lock();
+        q.busy = None;
+        match result {
+            Ok(()) => q.finished += 1,
+            Err(e) => {
+                let failures = job.failures + 1;
+                let error = crate::error::chain(&e);
+                if failures < ATTEMPTS {
+                    let wait = backoff(failures);
+                    tracing::warn!(device = %job.id, failures, retry_in_s = wait.as_secs(), %error, "deleting device failed; will retry");
+                    q.jobs.push_back(Job { id: job.id, failures, not_before: Some(Instant::now() + wait) });
+                } else {
+                    tracing::error!(device = %job.id, failures, %error, "deleting device failed; it stays marked deleting until Cleanup or the next start");
+                }
+            }
+        }
+        drop(q);
+        shared.changed.notify_all();
+    }
+}
+
+/// Destroys the device if its record still says `Deleting`; a device that
+/// reconciliation already finished (record gone) is done.
+fn destroy_if_deleting(pool: &Pool, id: DeviceId) -> thinbox_blockstore::Result<()> {
+    match pool.store().device(id)? {
+        Some(rec) if rec.state == DeviceState::Deleting => pool.destroy(id),
+        Some(rec) => {
+            // Only reconciliation or Remove change a Deleting record, and
+            // neither makes it anything else: this would be a bug upstream.
+            tracing::error!(device = %id, state = rec.state.as_str(), "device queued for deletion is not marked deleting; left alone");
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: u64, not_before: Option<Instant>) -> Job {
+        Job { id: DeviceId(id), failures: u32::from(not_before.is_some()), not_before }
+    }
+
+    #[test]
+    fn jobs_run_in_order_and_retries_wait_for_their_time() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let mut q = Queue::default();
+        q.jobs.extend([job(1, Some(later)), job(2, None), job(3, None)]);
+        assert!(q.runnable());
+        assert_eq!(q.take_due(now).map(|j| j.id), Some(DeviceId(2)));
+        assert_eq!(q.take_due(now).map(|j| j.id), Some(DeviceId(3)));
+        assert!(q.take_due(now).is_none(), "the retry is not due yet");
+        assert!(!q.runnable(), "a held-back retry is not work to wait for");
+        assert_eq!(q.next_retry(), Some(later));
+        assert_eq!(q.take_due(later).map(|j| j.id), Some(DeviceId(1)));
+        assert_eq!(q.next_retry(), None);
+        q.busy = Some(DeviceId(1));
+        assert!(q.runnable(), "the device in hand is work");
+    }
+
+    #[test]
+    fn backoff_grows_then_stays() {
+        assert!(backoff(1) < backoff(2) && backoff(2) < backoff(3));
+        assert_eq!(backoff(3), backoff(9));
+    }
+}
