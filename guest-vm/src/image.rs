@@ -23,21 +23,17 @@ use std::time::Instant;
 use crate::Error;
 use crate::cpio::{Archive, Entry};
 
-/// The kernel modules loaded at boot, with their dependencies: virtio PCI and
-/// block (hot-plugged disks), the console, ext4 and xfs, 9p and virtio-fs
-/// (host directories), loop and the dm-thin pool.
-pub const MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_console",
-    "ext4",
-    "xfs",
-    "9p",
-    "9pnet_virtio",
-    "virtiofs",
-    "loop",
-    "dm-thin-pool",
-];
+/// Kernel modules loaded at boot, with their dependencies: the device
+/// drivers (nothing else would load them: the guest has no udev), virtio-blk
+/// for disks, 9p and virtio-fs transports, loop, device-mapper and its thin
+/// pool.
+pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "virtiofs", "loop", "dm-thin-pool"];
+
+/// Modules in the image that load on first use: the kernel asks
+/// `/sbin/modprobe` (busybox, reading the image's `modules.dep` and
+/// `modules.alias`) for `fs-ext4` or `fs-xfs` at mount time. Loading them at
+/// boot would cost about a second under TCG.
+pub const ON_DEMAND_MODULES: &[&str] = &["ext4", "xfs"];
 
 /// Host binaries copied into the guest's `/usr/local/bin` (ahead of
 /// busybox's applets in `PATH`), with their libraries: fio (libaio and
@@ -120,7 +116,7 @@ fn recipe_hash() -> u32 {
         }
     };
     feed(&RECIPE_VERSION.to_le_bytes());
-    MODULES.iter().chain(TOOLS).for_each(|s| feed(s.as_bytes()));
+    BOOT_MODULES.iter().chain(ON_DEMAND_MODULES).chain(TOOLS).for_each(|s| feed(s.as_bytes()));
     feed(INIT.as_bytes());
     feed(CONSOLE.as_bytes());
     h
@@ -181,8 +177,9 @@ fn build(package: &str, version: &str, tmp: &Path) -> Result<(), Error> {
     // Modules in load order, each once.
     run(Command::new("depmod").arg("-b").arg(&root).arg(version))?;
     let modules_root = root.join("lib/modules").join(version);
-    let mut order: Vec<String> = Vec::new();
-    for m in MODULES {
+    let mut boot: Vec<String> = Vec::new();
+    let mut included: BTreeSet<String> = BTreeSet::new();
+    for (m, at_boot) in BOOT_MODULES.iter().map(|m| (m, true)).chain(ON_DEMAND_MODULES.iter().map(|m| (m, false))) {
         let deps = run(Command::new("modprobe").arg("-d").arg(&root).args(["-S", version, "--show-depends", m]))?;
         for line in deps.lines() {
             let Some(path) = line.strip_prefix("insmod ").map(|l| l.split_whitespace().next().unwrap_or("")) else {
@@ -193,14 +190,23 @@ fn build(package: &str, version: &str, tmp: &Path) -> Result<(), Error> {
                 .map_err(|_| Error::Tool { tool: "modprobe".into(), status: "0".into(), stderr: format!("module outside {}: {path}", modules_root.display()) })?
                 .to_string_lossy()
                 .into_owned();
-            if !order.contains(&rel) {
+            if included.insert(rel.clone()) {
                 archive.add(&format!("lib/modules/{version}/{rel}"), Entry::File { from: PathBuf::from(path), mode: 0o644 });
-                order.push(rel);
+            }
+            if at_boot && !boot.contains(&rel) {
+                boot.push(rel);
             }
         }
     }
-    let list: String = order.iter().map(|m| format!("{version}/{m}\n")).collect();
+    let list: String = boot.iter().map(|m| format!("{version}/{m}\n")).collect();
     archive.add("etc/thinbox/modules", Entry::Data { data: list.into_bytes(), mode: 0o644 });
+    // depmod's indexes, cut down to the modules the image holds.
+    let (dep, alias) = (modules_root.join("modules.dep"), modules_root.join("modules.alias"));
+    let dep_text = fs::read_to_string(&dep).map_err(Error::io("read", &dep))?;
+    let alias_text = fs::read_to_string(&alias).map_err(Error::io("read", &alias))?;
+    let (dep_text, alias_text) = filter_module_indexes(&dep_text, &alias_text, &included);
+    archive.add(&format!("lib/modules/{version}/modules.dep"), Entry::Data { data: dep_text.into_bytes(), mode: 0o644 });
+    archive.add(&format!("lib/modules/{version}/modules.alias"), Entry::Data { data: alias_text.into_bytes(), mode: 0o644 });
 
     // busybox and its applets; a link named busybox would point at itself.
     let busybox = find_tool("busybox")?;
@@ -220,9 +226,27 @@ fn build(package: &str, version: &str, tmp: &Path) -> Result<(), Error> {
 
     let cpio = out.join("initramfs.cpio");
     let size = archive.write(&cpio).map_err(Error::io("write", &cpio))?;
-    tracing::debug!(bytes = size, modules = order.len(), "initramfs written");
+    tracing::debug!(bytes = size, modules = included.len(), "initramfs written");
     File::open(&out).and_then(|d| d.sync_all()).map_err(Error::io("sync", &out))?;
     Ok(())
+}
+
+/// `modules.dep` and `modules.alias` lines of the `included` modules
+/// (paths relative to the modules directory); alias targets use the module
+/// name, where `-` and `_` are the same.
+fn filter_module_indexes(dep: &str, alias: &str, included: &BTreeSet<String>) -> (String, String) {
+    let name_of = |rel: &str| -> String {
+        let file = rel.rsplit('/').next().unwrap_or(rel);
+        file.split(".ko").next().unwrap_or(file).replace('-', "_")
+    };
+    let names: BTreeSet<String> = included.iter().map(|r| name_of(r)).collect();
+    let dep_out: String = dep.lines().filter(|l| l.split(':').next().is_some_and(|m| included.contains(m))).map(|l| format!("{l}\n")).collect();
+    let alias_out: String = alias
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2).is_some_and(|m| names.contains(&m.replace('-', "_"))))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (dep_out, alias_out)
 }
 
 /// A tool in the usual system directories.
@@ -326,6 +350,16 @@ mod tests {
         let libs = parse_ldd(out).unwrap();
         assert_eq!(libs.into_iter().collect::<Vec<_>>(), ["/lib/x86_64-linux-gnu/libaio.so.1", "/lib64/ld-linux-x86-64.so.2"]);
         assert_eq!(parse_ldd("\tlibfoo.so.1 => not found\n"), Err("libfoo.so.1".to_owned()));
+    }
+
+    #[test]
+    fn module_indexes_keep_only_included_modules() {
+        let dep = "kernel/fs/xfs/xfs.ko: kernel/lib/libcrc32c.ko\nkernel/lib/libcrc32c.ko:\nkernel/fs/btrfs/btrfs.ko: kernel/lib/libcrc32c.ko\n";
+        let alias = "alias fs-xfs xfs\nalias fs-btrfs btrfs\nalias devname:mapper/control dm_mod\n";
+        let included: BTreeSet<String> = ["kernel/fs/xfs/xfs.ko", "kernel/lib/libcrc32c.ko", "kernel/drivers/md/dm-mod.ko"].map(String::from).into();
+        let (d, a) = filter_module_indexes(dep, alias, &included);
+        assert_eq!(d, "kernel/fs/xfs/xfs.ko: kernel/lib/libcrc32c.ko\nkernel/lib/libcrc32c.ko:\n");
+        assert_eq!(a, "alias fs-xfs xfs\nalias devname:mapper/control dm_mod\n");
     }
 
     #[test]

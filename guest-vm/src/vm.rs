@@ -118,7 +118,6 @@ impl Vm {
     /// (created if missing), and waits for the guest's shell.
     pub fn boot(image: &GuestImage, spec: &VmSpec, workdir: &Path) -> Result<Vm, Error> {
         validate(spec)?;
-        fs::create_dir_all(workdir).map_err(Error::io("create", workdir))?;
         match spec.accel {
             AccelChoice::Kvm => Vm::boot_on(image, spec, workdir, Accel::Kvm, TCG_BOOT_TIMEOUT),
             AccelChoice::Tcg => Vm::boot_on(image, spec, workdir, Accel::Tcg, TCG_BOOT_TIMEOUT),
@@ -131,7 +130,19 @@ impl Vm {
                         let _ = KVM_WORKS.set(false);
                         return Vm::boot_on(image, spec, workdir, Accel::Tcg, TCG_BOOT_TIMEOUT);
                     }
-                    match Vm::boot_on(image, spec, workdir, Accel::Kvm, KVM_PROBE_TIMEOUT) {
+                    // A vhost-user daemon (virtiofsd) serves one connection:
+                    // a failed KVM attempt would use it up. Such specs are
+                    // probed with a bare guest first.
+                    let probe = if spec.virtiofs.is_empty() {
+                        Vm::boot_on(image, spec, workdir, Accel::Kvm, KVM_PROBE_TIMEOUT)
+                    } else {
+                        let bare = VmSpec { mem_mib: spec.mem_mib, ..VmSpec::default() };
+                        Vm::boot_on(image, &bare, &workdir.join("kvm-probe"), Accel::Kvm, KVM_PROBE_TIMEOUT).and_then(|vm| {
+                            drop(vm);
+                            Vm::boot_on(image, spec, workdir, Accel::Kvm, TCG_BOOT_TIMEOUT)
+                        })
+                    };
+                    match probe {
                         Ok(vm) => {
                             let _ = KVM_WORKS.set(true);
                             Ok(vm)
@@ -150,6 +161,7 @@ impl Vm {
 
     fn boot_on(image: &GuestImage, spec: &VmSpec, workdir: &Path, accel: Accel, timeout: Duration) -> Result<Vm, Error> {
         let started = Instant::now();
+        fs::create_dir_all(workdir).map_err(Error::io("create", workdir))?;
         let console_socket = workdir.join("console.sock");
         let qmp = workdir.join("qmp.sock");
         let kernel_log = workdir.join("kernel.log");
