@@ -152,6 +152,22 @@ impl Store {
         Ok(self.db.begin_write()?)
     }
 
+    /// Starts a write transaction whose commit is not flushed to disk: it is
+    /// visible at once but lost in a crash, unless a later durable commit (any
+    /// [`Store::write`] one, or [`Store::persist`]) came first. For changes
+    /// that may be undone by a crash, made durable before anything depends on them.
+    pub fn write_lazy(&self) -> Result<WriteTransaction> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None).map_err(|e| Error::Store(e.into()))?;
+        Ok(txn)
+    }
+
+    /// Makes every earlier commit durable (an empty durable commit).
+    pub fn persist(&self) -> Result<()> {
+        self.db.begin_write()?.commit()?;
+        Ok(())
+    }
+
     /// Reads one device record.
     pub fn device(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
         let txn = self.db.begin_read()?;

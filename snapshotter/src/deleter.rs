@@ -25,6 +25,17 @@ use thinbox_blockstore::{DeviceId, DeviceState, Pool};
 /// Attempts per device before it is left to reconciliation.
 const ATTEMPTS: u32 = 4;
 
+/// A fresh deletion waits until Removes have paused this long, so that a
+/// burst of Removes (containerd's garbage collector removing an image's
+/// layers) is answered before the kernel work starts competing for the CPU...
+const QUIET: Duration = Duration::from_millis(20);
+
+/// ...but never longer than this after its Remove.
+const MAX_DEFER: Duration = Duration::from_secs(1);
+
+/// The deleter thread's nice value: deletion yields the CPU to requests.
+const NICE: i32 = 10;
+
 /// Wait before the retry that follows the `n`-th failure (1-based).
 fn backoff(failures: u32) -> Duration {
     Duration::from_secs(match failures {
@@ -38,37 +49,58 @@ fn backoff(failures: u32) -> Duration {
 #[derive(Clone, Copy, Debug)]
 struct Job {
     id: DeviceId,
+    /// Failed attempts so far.
     failures: u32,
-    not_before: Option<Instant>,
+    /// When its Remove queued it.
+    queued: Instant,
+    /// After a failure: when to retry.
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// In the order they were removed; retries go to the back with a time.
+    /// In the order they were removed; retries go to the back.
     jobs: VecDeque<Job>,
     /// The device being destroyed right now.
     busy: Option<DeviceId>,
     /// Devices finished so far (destroyed, or found done by someone else).
     finished: u64,
+    /// Devices queued so far: Removes up to this count have committed.
+    pushed: u64,
+    /// When the last device was queued.
+    last_push: Option<Instant>,
+    /// Callers waiting for the queue to drain: fresh jobs are due at once.
+    hurry: usize,
     stop: bool,
 }
 
 impl Queue {
+    /// When a job may run: a retry at its time; a fresh job once Removes
+    /// have paused for [`QUIET`] (at once if someone waits for the queue),
+    /// but no later than [`MAX_DEFER`] after its Remove.
+    fn due(&self, j: &Job) -> Instant {
+        match j.retry_at {
+            Some(t) => t,
+            None if self.hurry > 0 => j.queued,
+            None => self.last_push.map_or(j.queued, |t| t + QUIET).min(j.queued + MAX_DEFER),
+        }
+    }
+
     /// The first job whose time has come, taken out of the queue.
     fn take_due(&mut self, now: Instant) -> Option<Job> {
-        let i = self.jobs.iter().position(|j| j.not_before.is_none_or(|t| t <= now))?;
+        let i = self.jobs.iter().position(|j| self.due(j) <= now)?;
         self.jobs.remove(i)
     }
 
-    /// When the earliest waiting retry is due.
-    fn next_retry(&self) -> Option<Instant> {
-        self.jobs.iter().filter_map(|j| j.not_before).min()
+    /// When the next job is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.jobs.iter().map(|j| self.due(j)).min()
     }
 
-    /// Work that runs without waiting: the device in hand and every job not
-    /// held back by a failure.
+    /// Work that a caller draining the queue waits for: the device in hand
+    /// and every job not held back by a failure.
     fn runnable(&self) -> bool {
-        self.busy.is_some() || self.jobs.iter().any(|j| j.not_before.is_none())
+        self.busy.is_some() || self.jobs.iter().any(|j| j.retry_at.is_none())
     }
 }
 
@@ -111,10 +143,14 @@ impl Deleter {
         Ok(Deleter { shared, worker: Mutex::new(Some(worker)) })
     }
 
-    /// Queues a device whose record is already marked `Deleting` (committed).
+    /// Queues a device whose record is already marked `Deleting` (committed,
+    /// durably or not: the worker makes it durable before it deletes).
     pub fn push(&self, id: DeviceId) {
+        let now = Instant::now();
         let mut q = self.shared.lock();
-        q.jobs.push_back(Job { id, failures: 0, not_before: None });
+        q.jobs.push_back(Job { id, failures: 0, queued: now, retry_at: None });
+        q.pushed += 1;
+        q.last_push = Some(now);
         drop(q);
         self.shared.changed.notify_all();
     }
@@ -130,9 +166,12 @@ impl Deleter {
     /// The caller must not hold the gate: the worker needs it.
     pub fn wait_idle(&self) {
         let mut q = self.shared.lock();
+        q.hurry += 1;
+        self.shared.changed.notify_all();
         while q.runnable() && !q.stop {
             q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
         }
+        q.hurry -= 1;
     }
 
     /// Forgets every queued device: reconciliation has just finished them all
@@ -170,10 +209,18 @@ impl Drop for Deleter {
 }
 
 /// The worker: takes the next due device, destroys it under the shared gate,
-/// books the outcome; sleeps until a push, a due retry or stop.
+/// books the outcome; sleeps until a push, a due job or stop. Runs at a
+/// lower CPU priority than the threads serving requests.
 fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
+    // On Linux the nice value is per thread; `None` is the calling thread.
+    if let Err(e) = rustix::process::setpriority_process(None, NICE) {
+        tracing::debug!(error = %e, "deleter keeps the normal CPU priority");
+    }
+    // Removes commit without flushing (`Store::write_lazy`); every Remove
+    // counted up to here is durable.
+    let mut durable = 0;
     loop {
-        let job = {
+        let (job, pushed) = {
             let mut q = shared.lock();
             loop {
                 if q.stop {
@@ -182,29 +229,40 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
                 let now = Instant::now();
                 if let Some(job) = q.take_due(now) {
                     q.busy = Some(job.id);
-                    break job;
+                    break (job, q.pushed);
                 }
-                q = match q.next_retry() {
+                q = match q.next_due() {
                     Some(t) => shared.changed.wait_timeout(q, t.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0,
                     None => shared.changed.wait(q).unwrap_or_else(|p| p.into_inner()),
                 };
             }
         };
+        let start = Instant::now();
         let result = {
             let _shared_gate = gate.read().unwrap_or_else(|p| p.into_inner());
-            destroy_if_deleting(pool, job.id)
+            // A Remove must be durable before its device is touched: a crash
+            // may undo a Remove (the snapshot comes back whole), never leave a
+            // snapshot whose device is half gone.
+            let persisted = if pushed > durable { pool.store().persist() } else { Ok(()) };
+            persisted.and_then(|()| {
+                durable = pushed;
+                destroy_if_deleting(pool, job.id)
+            })
         };
         let mut q = shared.lock();
         q.busy = None;
         match result {
-            Ok(()) => q.finished += 1,
+            Ok(()) => {
+                tracing::debug!(device = %job.id, elapsed_us = start.elapsed().as_micros() as u64, "device deleted");
+                q.finished += 1;
+            }
             Err(e) => {
                 let failures = job.failures + 1;
                 let error = crate::error::chain(&e);
                 if failures < ATTEMPTS {
                     let wait = backoff(failures);
                     tracing::warn!(device = %job.id, failures, retry_in_s = wait.as_secs(), %error, "deleting device failed; will retry");
-                    q.jobs.push_back(Job { id: job.id, failures, not_before: Some(Instant::now() + wait) });
+                    q.jobs.push_back(Job { retry_at: Some(Instant::now() + wait), failures, ..job });
                 } else {
                     tracing::error!(device = %job.id, failures, %error, "deleting device failed; it stays marked deleting until Cleanup or the next start");
                 }
@@ -234,8 +292,8 @@ fn destroy_if_deleting(pool: &Pool, id: DeviceId) -> thinbox_blockstore::Result<
 mod tests {
     use super::*;
 
-    fn job(id: u64, not_before: Option<Instant>) -> Job {
-        Job { id: DeviceId(id), failures: u32::from(not_before.is_some()), not_before }
+    fn job(id: u64, queued: Instant, retry_at: Option<Instant>) -> Job {
+        Job { id: DeviceId(id), failures: u32::from(retry_at.is_some()), queued, retry_at }
     }
 
     #[test]
@@ -243,17 +301,34 @@ mod tests {
         let now = Instant::now();
         let later = now + Duration::from_secs(5);
         let mut q = Queue::default();
-        q.jobs.extend([job(1, Some(later)), job(2, None), job(3, None)]);
+        q.jobs.extend([job(1, now, Some(later)), job(2, now, None), job(3, now, None)]);
         assert!(q.runnable());
         assert_eq!(q.take_due(now).map(|j| j.id), Some(DeviceId(2)));
         assert_eq!(q.take_due(now).map(|j| j.id), Some(DeviceId(3)));
         assert!(q.take_due(now).is_none(), "the retry is not due yet");
         assert!(!q.runnable(), "a held-back retry is not work to wait for");
-        assert_eq!(q.next_retry(), Some(later));
+        assert_eq!(q.next_due(), Some(later));
         assert_eq!(q.take_due(later).map(|j| j.id), Some(DeviceId(1)));
-        assert_eq!(q.next_retry(), None);
+        assert_eq!(q.next_due(), None);
         q.busy = Some(DeviceId(1));
         assert!(q.runnable(), "the device in hand is work");
+    }
+
+    #[test]
+    fn fresh_jobs_wait_for_a_pause_in_removes_but_not_forever_nor_when_someone_waits() {
+        let t0 = Instant::now();
+        let mut q = Queue::default();
+        q.jobs.push_back(job(1, t0, None));
+        q.last_push = Some(t0);
+        assert!(q.take_due(t0).is_none(), "Removes may still be coming");
+        assert_eq!(q.next_due(), Some(t0 + QUIET));
+        // Removes keep coming: the first job still runs MAX_DEFER after its own.
+        let busy_until = t0 + MAX_DEFER + QUIET;
+        q.last_push = Some(busy_until);
+        assert_eq!(q.next_due(), Some(t0 + MAX_DEFER));
+        assert!(q.take_due(t0 + MAX_DEFER - QUIET).is_none());
+        q.hurry = 1;
+        assert_eq!(q.take_due(t0).map(|j| j.id), Some(DeviceId(1)), "a waiter makes fresh jobs due at once");
     }
 
     #[test]

@@ -230,7 +230,10 @@ impl Snapshots {
     /// returns.
     pub fn remove(&self, key: &str) -> Result<()> {
         let _g = self.shared();
-        let txn = self.pool.store().write()?;
+        // Not flushed: the deleter makes it durable before it deletes the
+        // device. A crash before that undoes the Remove whole; containerd's
+        // garbage collector removes a snapshot it no longer knows again.
+        let txn = self.pool.store().write_lazy()?;
         let device = {
             let rec = meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
             if txn.open_multimap_table(CHILDREN)?.get(key)?.next().is_some() {
@@ -361,6 +364,8 @@ impl Snapshots {
             tracing::info!(devices = left, "pending deletions left for the next start");
         }
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        // Removes the deleter did not get to are made durable too.
+        self.pool.store().persist()?;
         Ok(self.pool.shutdown(self.cfg.release_on_exit)?)
     }
 

@@ -8,6 +8,9 @@
 //! (`destroy.after_unlink`) is reached after Remove has returned, in the
 //! deleter: there the client may see success or the crash, whichever comes
 //! first, and the daemon must still abort at the point and converge after it.
+//! Remove's commit is not flushed (the deleter makes it durable before it
+//! touches the device), so a crash right after it may undo the Remove whole;
+//! once the deletion has begun, the Remove must have stuck.
 
 #![allow(clippy::unwrap_used)]
 
@@ -133,8 +136,14 @@ async fn every_step_of_prepare_commit_and_remove_survives_a_crash() {
                 assert_eq!(read_through_view(&mut c, &work, "act-done", "mine").await, "1", "{point}: committed writes kept");
             }
             Op::Remove => {
-                // Both points come after the record's removal committed.
-                assert!(!names.contains(&"leaf".to_string()), "{point}: the Remove committed before the crash: {names:?}");
+                if reached == Reached::Background {
+                    assert!(!names.contains(&"leaf".to_string()), "{point}: the deletion began, so the Remove is durable: {names:?}");
+                }
+                if names.contains(&"leaf".to_string()) {
+                    assert_eq!(read_through_view(&mut c, &work, "leaf", "leafy").await, "yes", "{point}: an undone Remove leaves the snapshot whole");
+                    remove(&mut c, "leaf").await.unwrap();
+                }
+                assert!(!list(&mut c, &[]).await.unwrap().contains(&"leaf".to_string()));
             }
         }
         assert_consistent(&mut c, &d).await;
