@@ -16,16 +16,57 @@ use crate::snapshots::Snapshots;
 /// Infos per `List` response message.
 const LIST_BATCH: usize = 100;
 
+/// Prepares, Views and Commits running at once, per CPU (see `Service::change_slots`).
+const CHANGES_PER_CPU: usize = 2;
+
+/// Removes running at once (see `Service::remove_slots`).
+const REMOVES_AT_ONCE: usize = 16;
+
 /// The gRPC front of [`Snapshots`].
 #[derive(Debug, Clone)]
 pub struct Service {
     inner: Arc<Snapshots>,
+    /// Prepares, Views and Commits running at once; the rest wait in arrival
+    /// order. Each passes the same serialized steps (the store's write
+    /// transaction, the pool's message lock) around its kernel work, so a
+    /// burst admitted all at once moves through them in lockstep and all of
+    /// it finishes near the end, on as many threads as there are requests;
+    /// admitted a few at a time, the first ones finish first and the total
+    /// stays the same as long as the CPUs are busy.
+    change_slots: Arc<tokio::sync::Semaphore>,
+    /// Removes running at once. A Remove is one store transaction and no
+    /// kernel work, so it gets its own, larger limit (it must not wait
+    /// behind Prepares); the limit only keeps a burst from starting a thread
+    /// per request.
+    remove_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
     /// Wraps the snapshotter.
     pub fn new(inner: Arc<Snapshots>) -> Service {
-        Service { inner }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Service {
+            inner,
+            change_slots: Arc::new(tokio::sync::Semaphore::new(CHANGES_PER_CPU * cpus)),
+            remove_slots: Arc::new(tokio::sync::Semaphore::new(REMOVES_AT_ONCE)),
+        }
+    }
+
+    /// [`Service::run`] once one of `slots` is free.
+    async fn run_limited<T: Send + 'static>(
+        &self,
+        slots: &tokio::sync::Semaphore,
+        op: &'static str,
+        f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let start = std::time::Instant::now();
+        // Never closed, so acquiring cannot fail.
+        let _slot = slots.acquire().await.map_err(|_| Status::internal("request slots closed"))?;
+        let waited = start.elapsed();
+        if waited > std::time::Duration::from_millis(1) {
+            tracing::debug!(op, waited_us = waited.as_micros() as u64, "waited for a slot");
+        }
+        self.run(op, f).await
     }
 
     async fn run<T: Send + 'static>(&self, op: &'static str, f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static) -> Result<T, Status> {
@@ -43,13 +84,13 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status
 impl SnapshotsApi for Service {
     async fn prepare(&self, req: Request<PrepareSnapshotRequest>) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.run("prepare", move |s| s.prepare(Kind::Active, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        let mounts = self.run_limited(&self.change_slots, "prepare", move |s| s.prepare(Kind::Active, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(&self, req: Request<ViewSnapshotRequest>) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.run("view", move |s| s.prepare(Kind::View, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        let mounts = self.run_limited(&self.change_slots, "view", move |s| s.prepare(Kind::View, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
 
@@ -61,13 +102,13 @@ impl SnapshotsApi for Service {
 
     async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        self.run("commit", move |s| s.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent)).await?;
+        self.run_limited(&self.change_slots, "commit", move |s| s.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent)).await?;
         Ok(Response::new(()))
     }
 
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        self.run("remove", move |s| s.remove(&r.key)).await?;
+        self.run_limited(&self.remove_slots, "remove", move |s| s.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
