@@ -12,10 +12,10 @@
 //!   `{type: ext4|xfs, source: /dev/loopN, options: [rw|ro]}`.
 //! * Commit: the record becomes committed and the device is detached.
 //! * Remove: the record goes (refused with children) and the device is marked
-//!   `Deleting` in the same transaction; the [`deleter`] thread destroys it
-//!   after the call returns. `Cleanup` finishes pending deletions at once; a
-//!   Prepare that finds the pool full while deletions are pending waits for
-//!   them and tries once more.
+//!   `Deleting` in the same, unflushed transaction; the [`deleter`] thread
+//!   makes it durable and destroys the device after the call returns.
+//!   `Cleanup` finishes pending deletions at once; a Prepare that finds the
+//!   pool full while deletions are pending waits for them and tries once more.
 //! * Stop (SIGTERM): stop accepting, finish requests in flight and the
 //!   deletion in hand; devices still queued for deletion stay marked and the
 //!   next start finishes them (as after a crash); devices stay attached unless
