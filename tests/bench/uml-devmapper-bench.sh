@@ -41,6 +41,7 @@
 #   summary.md                     the final tables (ratios, targets met or not)
 #   uml-bench.md                   summary + configuration, for docs/benchmarks.md
 #   pools.txt, gc.txt              pool tables, page cache before fio, containerd GC passes
+#   deleter.txt                    thinbox's background deletions (one line each, with its time)
 #   host-load.txt                  the host's 1-minute load average before and after
 #   source.txt                     the commit the binaries were built from
 #   thinbox.log containerd.log run.log   logs
@@ -61,7 +62,8 @@
 #   BENCH_FIO_SIZE=1G        region fio reads/writes on each device
 #   BENCH_FIO_POOL_SIZE=4G   data file of the fio pool = size of the raw loop's file
 #   BENCH_GC_WAIT=180        seconds to wait for containerd's GC to remove the
-#                            devmapper thin devices of removed snapshots
+#                            devmapper thin devices of removed snapshots (and
+#                            for thinbox's deleter to remove its own)
 #   BENCH_UML_MEM=4G BENCH_UML_TIMEOUT=1800   guest memory, wall-clock limit
 # Exit status: 0 all measured and clean; 1 anything failed or was left behind.
 set -euo pipefail
@@ -162,7 +164,7 @@ host_main() {
 
     mkdir -p "$BENCH_OUT"
     rm -rf "$BENCH_OUT/fio"
-    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
+    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,deleter.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
 
     BENCH_HOST_KERNEL=$(uname -r)
     BENCH_HOST_CPUS=$(nproc)
@@ -259,7 +261,8 @@ embedded_size = "$BENCH_POOL_SIZE"
 default_size = "$BENCH_SNAPSHOT_SIZE"
 filesystem = "ext4"
 EOF
-    THINBOX_LOG=info "$BIN/thinbox-snapshotter" --root "$W/thinbox" --address "$W/thinbox.sock" \
+    # The deleter's debug lines time each background deletion (deleter.txt).
+    THINBOX_LOG=info,thinbox_snapshotter::deleter=debug "$BIN/thinbox-snapshotter" --root "$W/thinbox" --address "$W/thinbox.sock" \
         --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
     THINBOX_PID=$!
     local i
@@ -345,9 +348,10 @@ run_snapshot_bench() {
     ctrd_version=$(containerd --version | awk '{ print $3 }')
     notes+=(--note "machine: user-mode Linux guest (kernel $(uname -r), 1 CPU, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)) on a ${BENCH_HOST_CPUS}-core host (kernel $BENCH_HOST_KERNEL); both daemons and the benchmark client in that one guest")
     notes+=(--note "pools: identical, made the same way: sparse meta and data files ($(bytes_of "$W/devmapper/meta.img") and $(bytes_of "$W/devmapper/data.img") bytes) in one host ext4 directory seen through hostfs, loop devices (buffered, no direct I/O), dm-linear, thin-pool; thinbox's thin-pool table copied: block size (sectors), low water mark (blocks), features = $POOL_PARAMS (block zeroing on unless skip_block_zeroing is listed)")
-    notes+=(--note "thinbox: thinbox-snapshotter release build, own socket, pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info")
+    notes+=(--note "thinbox: thinbox-snapshotter release build, own socket, pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info,thinbox_snapshotter::deleter=debug")
     notes+=(--note "devmapper: containerd $ctrd_version built-in devmapper snapshotter through containerd's main socket (namespace bench, debug log level, root on the same host directory): base_image_size = $BENCH_SNAPSHOT_SIZE, fs_type = ext4 (its mkfs: nodiscard, lazy_itable_init=0, lazy_journal_init=0), async_remove = false, discard_blocks = false; it runs dmsetup and mkfs as processes")
     notes+=(--note "devmapper Remove as measured is containerd's metadata deletion: containerd's garbage collector removes the thin device afterwards, in the background (async_remove = false only makes that removal synchronous within the collector); see the GC line below the table")
+    notes+=(--note "thinbox Remove as measured deletes the snapshot's record (unflushed) and queues its device: thinbox's deleter thread removes the thin device afterwards, in the background; see the deleter line below the table")
     "$BIN/thinbox-snapshot-bench" \
         --target "devmapper=$CONTAINERD_ADDRESS,snapshotter=devmapper,namespace=bench,pid=$CONTAINERD_PID" \
         --target "thinbox=$W/thinbox.sock,pid=$THINBOX_PID" \
@@ -380,6 +384,37 @@ wait_devmapper_gc() {
     } >"$OUT/gc.txt"
     (( left == 0 )) || die "containerd's GC left $left devmapper thin devices after ${BENCH_GC_WAIT}s"
     log "devmapper: containerd's GC removed every thin device ($((i / 2)) s after the benchmark ended)"
+}
+
+# Thin ids in a live pool (from a metadata snapshot): wait_thinbox_deletions.
+thin_ids_of() {
+    local pool=$1 meta
+    meta=/dev/$(awk -F= '$1 == "DEVNAME" { print $2 }' "/sys/dev/block/$(dm_devno "${pool%-pool}-meta")/uevent")
+    local out st=0
+    dmsetup message "$pool" 0 reserve_metadata_snap
+    out=$(thin_ls --metadata-snap --no-headers -o DEV "$meta") || st=$?
+    dmsetup message "$pool" 0 release_metadata_snap
+    (( st == 0 )) || die "thin_ls on $meta (pool $pool) failed"
+    [[ -z $out ]] || echo "$out"
+}
+
+# thinbox deletes removed snapshots' devices in its background deleter; the
+# benchmark removes every snapshot it made, so its pool must end up empty.
+wait_thinbox_deletions() {
+    local i left
+    for (( i = 0; i < BENCH_GC_WAIT * 2; i++ )); do
+        left=$(thin_ids_of "$THINBOX_POOL") || exit 1
+        left=$(grep -c . <<<"$left" || true)
+        (( left == 0 )) && break
+        sleep 0.5
+    done
+    {
+        echo "thinbox thin ids left after waiting $((i / 2)) s (at most $BENCH_GC_WAIT s) for its deleter once the benchmark ended: $left"
+        echo "thinbox deleter: devices deleted in the background (from thinbox.log, debug level for the deleter):"
+        grep -F 'device deleted' "$W/thinbox.log" || true
+    } >"$OUT/deleter.txt"
+    (( left == 0 )) || die "thinbox's deleter left $left thin ids after ${BENCH_GC_WAIT}s"
+    log "thinbox: its deleter removed every thin device ($((i / 2)) s after the benchmark ended)"
 }
 
 # fio_cell RW QD RAW THIN: one fio process runs BENCH_FIO_ROUNDS rounds on each
@@ -555,6 +590,7 @@ guest_main() {
     make_devmapper_pool
     start_containerd
     run_snapshot_bench
+    wait_thinbox_deletions
     wait_devmapper_gc
 
     # Done with the daemons: the fio part runs on a quiet guest.
