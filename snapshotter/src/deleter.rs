@@ -175,7 +175,8 @@ impl Deleter {
     }
 
     /// Forgets every queued device: reconciliation has just finished them all
-    /// (the caller holds the gate exclusively, so none is in hand).
+    /// (the caller holds the gate exclusively; a device the worker already
+    /// took waits for the gate and is then found done).
     pub fn forget_all(&self) {
         let mut q = self.shared.lock();
         let n = q.jobs.len() as u64;
