@@ -1,6 +1,6 @@
 //! Builds (or finds) the guest image and boots it, then runs each argument as
 //! a guest script and prints its output: a manual check and a timing probe.
-//! `cargo run -p thinbox-guest-vm --example guest-shell -- 'uname -a' 'lsmod'`
+//! `cargo run -p thinbox-guest-vm --example guest-shell -- 'uname -a' 'lsmod' '@hold 60'`
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut vm = Vm::boot(&image, &VmSpec { hotplug_slots: 2, ..Default::default() }, work.path())?;
     eprintln!("booted on {:?} in {:.2} s; QMP at {}", vm.accel(), t.elapsed().as_secs_f64(), vm.qmp_socket().display());
     for script in std::env::args().skip(1) {
+        // "@hold SECS": leave the guest idle, e.g. to look at it over QMP.
+        if let Some(secs) = script.strip_prefix("@hold ") {
+            std::thread::sleep(Duration::from_secs(secs.trim().parse()?));
+            continue;
+        }
         let t = Instant::now();
         let out = vm.run(&script, Duration::from_secs(600))?;
         print!("{}", out.stdout);

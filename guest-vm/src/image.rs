@@ -24,10 +24,10 @@ use crate::Error;
 use crate::cpio::{Archive, Entry};
 
 /// Kernel modules loaded at boot, with their dependencies: the device
-/// drivers (nothing else would load them: the guest has no udev), virtio-blk
-/// for disks, 9p and virtio-fs transports, loop, device-mapper and its thin
-/// pool.
-pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "virtiofs", "loop", "dm-thin-pool"];
+/// drivers (nothing else would load them: the guest has no udev), the
+/// console (virtio-console), virtio-blk for disks, 9p and virtio-fs
+/// transports, loop, device-mapper and its thin pool.
+pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk", "9pnet_virtio", "9p", "virtiofs", "loop", "dm-thin-pool"];
 
 /// Modules in the image that load on first use: the kernel asks
 /// `/sbin/modprobe` (busybox, reading the image's `modules.dep` and

@@ -15,14 +15,16 @@
 //!    3–5 s under TCG. [`AccelChoice::Auto`] tries KVM first, once per
 //!    process, and stays on TCG if QEMU dies or the guest does not come up
 //!    (a PVM host's KVM aborts standard guests).
-//! 3. [`Vm::run`] runs shell scripts in the guest over a serial console and
-//!    returns their exit status and output; [`Vm::wait_for_disk`] finds a
+//! 3. [`Vm::run`] runs shell scripts in the guest over a virtio serial port
+//!    ([`console`]) and returns their exit status and output; [`Vm::wait_for_disk`] finds a
 //!    virtio-blk disk by serial; hot-plug goes over QMP
 //!    ([`Vm::qmp_socket`], bus [`Vm::hotplug_bus`]), which this crate leaves
 //!    to its callers (`thinbox_block_passthrough::qmp`).
-//! 4. [`Vm::shutdown`] powers the guest off; dropping a [`Vm`] kills QEMU.
-//!    The work directory keeps `kernel.log` (the guest's kernel console),
-//!    `console.log` (everything the guest's shell sent) and `qemu.log`.
+//! 4. [`Vm::shutdown`] powers the guest off; dropping a [`Vm`] kills QEMU,
+//!    and so does the death of the process that booted it (QEMU runs under
+//!    a guard shell holding a pipe from this process). The work directory
+//!    keeps `kernel.log` (the guest's kernel console), `console.log`
+//!    (everything the guest's shell sent) and `qemu.log`.
 //!
 //! Everything is synchronous std code; QMP clients bring their own runtime.
 

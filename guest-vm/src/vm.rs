@@ -100,11 +100,28 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Whether KVM boots guests here, found by the first Auto boot of the process.
 static KVM_WORKS: OnceLock<bool> = OnceLock::new();
 
+/// QEMU runs under a small shell that kills it once its stdin, a pipe whose
+/// only writer is this process, reaches end of file: when the [`Vm`] is
+/// dropped, and also when this process dies without unwinding (SIGKILL, a
+/// test harness's timeout), so that no guest outlives its user. (The
+/// parent-death signal would fire when the spawning *thread* ends.)
+/// Background jobs get /dev/null as stdin unless redirected, hence fd 3.
+const GUARD: &str = r#"exec 3<&0
+qemu-system-x86_64 "$@" </dev/null 3<&- & q=$!
+( read -r _ <&3; kill -9 $q 2>/dev/null ) & w=$!
+exec 3<&-
+wait $q; s=$?
+kill $w 2>/dev/null
+exit $s"#;
+
 /// A running guest. Dropping it kills QEMU and removes its sockets; the logs
 /// (`kernel.log`, `console.log`, `qemu.log`) stay in the work directory.
 #[derive(Debug)]
 pub struct Vm {
+    /// The QEMU guard shell (see [`GUARD`]); its exit status is QEMU's.
     child: Option<Child>,
+    /// Closing it kills QEMU.
+    lifeline: Option<std::process::ChildStdin>,
     console: Console,
     accel: Accel,
     qmp: PathBuf,
@@ -149,8 +166,11 @@ impl Vm {
                         }
                         Err(e @ (Error::BootExited { .. } | Error::BootTimeout { .. })) => {
                             tracing::warn!(error = %e, "guest did not boot on KVM: falling back to TCG for this process");
+                            let vm = Vm::boot_on(image, spec, workdir, Accel::Tcg, TCG_BOOT_TIMEOUT)?;
+                            // Only now is KVM to blame: a spec QEMU refuses
+                            // fails on TCG too, and proves nothing about KVM.
                             let _ = KVM_WORKS.set(false);
-                            Vm::boot_on(image, spec, workdir, Accel::Tcg, TCG_BOOT_TIMEOUT)
+                            Ok(vm)
                         }
                         Err(e) => Err(e),
                     }
@@ -177,15 +197,19 @@ impl Vm {
         let log = File::create(&qemu_log).map_err(Error::io("create", &qemu_log))?;
         let log2 = log.try_clone().map_err(Error::io("dup", &qemu_log))?;
         tracing::debug!(?accel, args = %args.join(" "), "starting QEMU");
-        let child = Command::new("qemu-system-x86_64")
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(GUARD)
+            .arg("thinbox-qemu-guard")
             .args(&args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log2)
             .spawn()
             .map_err(|source| Error::Spawn { tool: "qemu-system-x86_64".into(), source })?;
         // From here on the Vm owns the process: any error drops (kills) it.
         let mut vm = Vm {
+            lifeline: child.stdin.take(),
             child: Some(child),
             console: Console::detached(workdir.join("console.log")).map_err(Error::io("create", &workdir.join("console.log")))?,
             accel,
@@ -218,7 +242,7 @@ impl Vm {
                 Ok(vm)
             }
             Err(Error::Exited { .. }) => {
-                let status = vm.wait_exit(Duration::from_secs(5));
+                let status = vm.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| "(console closed, QEMU still running)".into());
                 Err(vm.boot_exited(status, &qemu_log))
             }
             Err(Error::Timeout { .. }) => {
@@ -244,15 +268,16 @@ impl Vm {
         }
     }
 
-    /// Waits up to `timeout` for QEMU to exit; its status, or "still running".
-    fn wait_exit(&mut self, timeout: Duration) -> String {
+    /// Waits up to `timeout` for QEMU to exit; its status, or `None` if it
+    /// still runs.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_wait() {
-                return s;
+                return Some(s);
             }
             if Instant::now() >= deadline {
-                return "still running".into();
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -290,7 +315,7 @@ impl Vm {
     pub fn run(&mut self, script: &str, timeout: Duration) -> Result<Output, Error> {
         let result = self.console.run(script, timeout);
         if let Err(Error::Exited { tail, .. }) = result {
-            let status = self.wait_exit(Duration::from_secs(2));
+            let status = self.wait_exit(Duration::from_secs(2)).unwrap_or_else(|| "(console closed, QEMU still running)".into());
             return Err(Error::Exited { status, tail });
         }
         result
@@ -341,18 +366,23 @@ exit 1
     /// after a timeout ([`Error::ShutdownTimeout`]).
     pub fn shutdown(mut self) -> Result<(), Error> {
         let sent = self.console.send_final("sync; poweroff -f");
-        let status = self.wait_exit(SHUTDOWN_TIMEOUT);
-        if status == "still running" {
+        let Some(status) = self.wait_exit(SHUTDOWN_TIMEOUT) else {
             tracing::warn!(error = ?sent.err(), "guest did not power off: killing QEMU");
             self.kill();
             return Err(Error::ShutdownTimeout { timeout: SHUTDOWN_TIMEOUT });
-        }
+        };
         tracing::debug!(%status, "QEMU exited");
         self.child = None;
         Ok(())
     }
 
+    /// Closes the lifeline (the guard kills QEMU) and reaps the guard; kills
+    /// the guard too if it lingers.
     fn kill(&mut self) {
+        self.lifeline = None;
+        if self.child.is_some() && self.wait_exit(Duration::from_secs(10)).is_none() {
+            tracing::warn!("QEMU guard did not end: killing it");
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -418,7 +448,12 @@ fn qemu_args(image: &GuestImage, spec: &VmSpec, accel: Accel, console: &Path, qm
     push(&["-smp", &spec.cpus.to_string(), "-m", &format!("{}M", spec.mem_mib)]);
     push(&["-kernel", &image.kernel.to_string_lossy(), "-initrd", &image.initramfs.to_string_lossy(), "-append", CMDLINE]);
     push(&["-chardev", &format!("file,id=klog,path={}", opt(kernel_log)), "-serial", "chardev:klog"]);
-    push(&["-chardev", &format!("socket,id=con,path={},server=on,wait=on", opt(console)), "-serial", "chardev:con"]);
+    // The shell's channel: a virtio serial port. A UART's output is paced
+    // like a serial line (~20 KB/s), and a virtconsole drops what the socket
+    // does not take at once; a port throttles the guest instead.
+    push(&["-device", "virtio-serial-pci,id=thinbox-vser"]);
+    push(&["-chardev", &format!("socket,id=con,path={},server=on,wait=on", opt(console))]);
+    push(&["-device", "virtserialport,chardev=con,name=thinbox.console,id=thinbox-con"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", opt(qmp))]);
     if !spec.virtiofs.is_empty() {
         // vhost-user needs guest RAM the daemon can map.

@@ -157,6 +157,7 @@ fn boots_reports_accel_and_round_trips_commands() {
     assert!(t.elapsed() < Duration::from_secs(10));
     assert!(matches!(vm.run("true", T), Err(Error::Poisoned)));
     drop(vm);
+    assert!(qemu_pids_for(work.path()).is_empty(), "QEMU killed on drop");
     assert!(!work.path().join("qmp.sock").exists() && !work.path().join("console.sock").exists(), "sockets removed");
     assert!(work.path().join("kernel.log").metadata().unwrap().len() > 0, "kernel log kept");
 
@@ -166,6 +167,55 @@ fn boots_reports_accel_and_round_trips_commands() {
     let t = Instant::now();
     vm.shutdown().unwrap();
     eprintln!("shutdown in {:.2} s", t.elapsed().as_secs_f64());
+}
+
+/// QEMU processes whose command line names `dir`.
+fn qemu_pids_for(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.starts_with("qemu-system-x86_64\0") && cmd.contains(needle)
+        })
+        .collect()
+}
+
+/// A process that dies without unwinding (SIGKILL) takes its guest with it:
+/// the `guest-shell` example boots a guest that runs a long command (so the
+/// guest's own exit on a closed console does not come into play) and is
+/// killed.
+#[test]
+fn a_guest_does_not_outlive_its_process() {
+    require_root();
+    image();
+    let exe = std::env::current_exe().unwrap();
+    let example = exe.parent().and_then(Path::parent).unwrap().join("examples/guest-shell");
+    assert!(example.is_file(), "{} is missing: `cargo build -p thinbox-guest-vm --example guest-shell` (tests/vm/tier.sh does)", example.display());
+    let mut child = Command::new(&example).arg("sleep 300").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // "booted on Tcg in 5.1 s; QMP at /tmp/thinbox-guest-XXXX/qmp.sock"
+    let mut workdir = None;
+    for line in std::io::BufRead::lines(stderr) {
+        let line = line.unwrap();
+        if let Some(qmp) = line.split("QMP at ").nth(1) {
+            workdir = Some(PathBuf::from(qmp.trim()).parent().unwrap().to_owned());
+            break;
+        }
+    }
+    let workdir = workdir.expect("the example booted a guest");
+    assert_eq!(qemu_pids_for(&workdir).len(), 1, "one QEMU for {}", workdir.display());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qemu_pids_for(&workdir).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU of {} outlived its process by 20 s", workdir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_dir_all(&workdir).unwrap();
 }
 
 // ---------------------------------------------------------------------------

@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "the vm tier needs root (loop devices, mounts)" >&2; exit 1; }
 bash scripts/install-deps.sh --test
-# The tests start the real daemons built beside them.
+# The tests start the real daemons built beside them, and the example that
+# boots a guest (killed to show its guest goes with it).
 cargo build -p thinbox-snapshotter -p thinbox-csi
+cargo build -p thinbox-guest-vm --example guest-shell
 mkdir -p target
 log=target/vm-tier.log
 start=$SECONDS
