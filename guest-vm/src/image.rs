@@ -86,9 +86,15 @@ impl GuestImage {
         if image.kernel.is_file() && image.initramfs.is_file() {
             return Ok(image);
         }
-        // Holding the lock, any build directory is a dead build's.
+        // Holding the lock, any build directory is a dead build's. Images of
+        // other recipes or kernels go once unused for two days (relatime
+        // lags by up to one); until then a process still running an older
+        // build may boot from its image.
+        let unused = std::time::Duration::from_secs(2 * 24 * 3600);
         for e in fs::read_dir(cache_dir).map_err(Error::io("list", cache_dir))?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".build-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale = || e.path().join("initramfs.cpio").metadata().and_then(|m| m.accessed()).map(|t| t.elapsed().unwrap_or_default() > unused).unwrap_or(true);
+            if name.starts_with(".build-") || (e.path() != dir && e.path().is_dir() && !name.starts_with('.') && stale()) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
