@@ -9,15 +9,18 @@ use serde::{Deserialize, Serialize};
 
 /// An access pattern with its block size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum Pattern {
     /// 4 KiB random reads.
+    #[serde(rename = "randread-4k")]
     RandRead4k,
     /// 4 KiB random writes.
+    #[serde(rename = "randwrite-4k")]
     RandWrite4k,
     /// 128 KiB sequential reads.
+    #[serde(rename = "seqread-128k")]
     SeqRead128k,
     /// 128 KiB sequential writes.
+    #[serde(rename = "seqwrite-128k")]
     SeqWrite128k,
 }
 
@@ -226,6 +229,13 @@ mod tests {
         assert_eq!(select(&[]).len(), 8);
         assert!("randread".parse::<JobFilter>().is_err());
         assert!("qd8".parse::<JobFilter>().is_err());
+    }
+
+    #[test]
+    fn patterns_serialize_by_their_names() {
+        for p in Pattern::ALL {
+            assert_eq!(serde_json::to_string(&p).expect("serializes"), format!("\"{}\"", p.name()));
+        }
     }
 
     #[test]

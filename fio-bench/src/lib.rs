@@ -251,6 +251,10 @@ pub struct Cli {
     /// virtiofsd binary [default: /usr/lib/qemu/virtiofsd, else virtiofsd in PATH].
     #[arg(long)]
     pub virtiofsd: Option<PathBuf>,
+    /// Run nothing: render the report of an earlier run (its JSON) again,
+    /// to stdout and as Markdown, JSON and SVG in --out.
+    #[arg(long, value_name = "FILE")]
+    pub from_json: Option<PathBuf>,
     /// A remark for the report (repeatable).
     #[arg(long = "note", value_name = "TEXT")]
     pub notes: Vec<String>,
@@ -354,19 +358,16 @@ pub fn utc(secs: u64) -> String {
 /// Sets up one row; `Err` carries the reason it has no numbers.
 fn setup_row(kind: RowKind, s: &Settings, cli: &Cli, guest: &Result<GuestConfig, String>, virtiofsd: &Result<Virtiofsd, String>) -> Result<Box<dyn Row>, Error> {
     let dir = s.work.join(kind.name());
-    if kind == RowKind::Runc {
-        return Ok(Box::new(rows::runc::Runc::setup(&dir, &s.params)?));
-    }
-    let g = guest.as_ref().map_err(|e| Error::Unavailable(format!("no guest image: {e}")))?;
+    let g = || guest.as_ref().map_err(|e| Error::Unavailable(format!("no guest image: {e}")));
     Ok(match kind {
-        RowKind::Runc => unreachable!("handled above"),
-        RowKind::NineP => Box::new(rows::shared::NineP::setup(&dir, &s.params, g, NinePOptions { msize: cli.msize, cache: cli.ninep_cache })?),
+        RowKind::Runc => Box::new(rows::runc::Runc::setup(&dir, &s.params)?),
+        RowKind::NineP => Box::new(rows::shared::NineP::setup(&dir, &s.params, g()?, NinePOptions { msize: cli.msize, cache: cli.ninep_cache })?),
         RowKind::VirtioFs => {
             let opts = VirtiofsOptions { daemon: virtiofsd.clone(), cache: cli.virtiofs_cache, direct_io: cli.virtiofs_direct_io };
-            Box::new(rows::shared::VirtioFsRow::setup(&dir, &s.params, g, &opts)?)
+            Box::new(rows::shared::VirtioFsRow::setup(&dir, &s.params, g()?, &opts)?)
         }
-        RowKind::ThinboxRootfs => Box::new(rows::thinbox::Rootfs::setup(&dir, &s.params, g)?),
-        RowKind::ThinboxEmptyDir => Box::new(rows::thinbox::EmptyDir::setup(&dir, &s.params, g)?),
+        RowKind::ThinboxRootfs => Box::new(rows::thinbox::Rootfs::setup(&dir, &s.params, g()?)?),
+        RowKind::ThinboxEmptyDir => Box::new(rows::thinbox::EmptyDir::setup(&dir, &s.params, g()?)?),
     })
 }
 
@@ -392,9 +393,28 @@ fn write(path: &Path, text: &str) -> Result<(), Error> {
     std::fs::write(path, text).map_err(Error::io(format!("writing {}", path.display())))
 }
 
+/// Prints the report and writes `fio-bench.{md,json,svg}` into `out`.
+pub fn publish(report: &Report, out: &Path) -> Result<(), Error> {
+    print!("{}", report.to_text());
+    std::fs::create_dir_all(out).map_err(Error::io(format!("creating {}", out.display())))?;
+    let base = out.join("fio-bench");
+    write(&base.with_extension("md"), &report.to_markdown())?;
+    let json = report.to_json().map_err(|e| Error::Config(format!("serializing the report: {e}")))?;
+    write(&base.with_extension("json"), &(json + "\n"))?;
+    write(&base.with_extension("svg"), &svg::render(report)?)?;
+    progress(&format!("report: {}.{{md,json,svg}}", base.display()));
+    Ok(())
+}
+
 /// Everything the binary does.
 pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
     let started = Instant::now();
+    if let Some(path) = &cli.from_json {
+        let text = std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
+        let report: Report = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not a fio-bench report: {e}", path.display())))?;
+        publish(&report, &cli.out)?;
+        return Ok(Outcome::Complete(Box::new(report)));
+    }
     let mut s = cli.settings()?;
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
@@ -550,13 +570,8 @@ pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
         wall_secs: started.elapsed().as_secs_f64(),
     };
     report.compute();
-    print!("{}", report.to_text());
-    let base = s.out.join("fio-bench");
-    write(&base.with_extension("md"), &report.to_markdown())?;
-    let json = report.to_json().map_err(|e| Error::Config(format!("serializing the report: {e}")))?;
-    write(&base.with_extension("json"), &(json + "\n"))?;
-    write(&base.with_extension("svg"), &svg::render(&report)?)?;
-    progress(&format!("report: {}.{{md,json,svg}}; wall time {:.0} s", base.display(), report.wall_secs));
+    publish(&report, &s.out)?;
+    progress(&format!("wall time {:.0} s", report.wall_secs));
 
     let mut failures = report.smoke_failures();
     failures.extend(problems);

@@ -552,6 +552,26 @@ pub(crate) mod tests {
         assert_eq!(json, r);
     }
 
+    /// The committed result of the last full run still reads with today's
+    /// types, and its ratios and headline are what its cells give.
+    #[test]
+    fn committed_result_parses_and_recomputes_identically() {
+        let r: Report = serde_json::from_str(include_str!("../../docs/fio-bench/latest.json")).unwrap();
+        assert_eq!(r.cells.len(), r.rows.len() * r.jobs.len());
+        let mut again = r.clone();
+        again.compute();
+        // serde_json parses floats to within an ulp, not always exactly.
+        let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        for (x, y) in again.cells.iter().zip(&r.cells) {
+            assert!(close(x.iops_vs_runc, y.iops_vs_runc) && close(x.p99_vs_runc, y.p99_vs_runc), "{x:?} vs {y:?}");
+        }
+        assert!(close(again.headline, r.headline) && r.headline.is_some());
+        assert_eq!(again.targets.len(), r.targets.len());
+    }
+
     #[test]
     fn numbers_are_formatted_for_reading() {
         assert_eq!(fmt_count(93_012.4), "93012");

@@ -4,6 +4,8 @@
 //! text is laid out by the viewer).
 
 use plotters::prelude::*;
+use plotters::style::FontTransform;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::report::{Report, RowKind, fmt_ratio};
 
@@ -85,13 +87,14 @@ pub fn render(report: &Report) -> Result<String, ChartError> {
                 .label(format!("{} ({})", kind.label(), report.row(kind).map(|r| r.runs_on()).unwrap_or_default()))
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color(kind).filled()));
             if kind != RowKind::Runc {
-                let font = ("sans-serif", 10).into_font().color(&BLACK);
-                chart.draw_series(bars.iter().map(|&(x0, x1, v, r)| Text::new(fmt_ratio(r), ((x0 + x1) / 2.0, v * 1.12), font.clone().pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Bottom))))).map_err(err)?;
+                // Upright labels of neighbouring bars would overlap: written bottom to top.
+                let font = ("sans-serif", 10).into_font().transform(FontTransform::Rotate270).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+                chart.draw_series(bars.iter().map(|&(x0, x1, v, r)| Text::new(fmt_ratio(r), ((x0 + x1) / 2.0, v * 1.08), font.clone()))).map_err(err)?;
             }
         }
         chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 12)).draw().map_err(err)?;
         // Job names under each group, in pixels (outside the plotting area).
-        let label = ("sans-serif", 12).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Top));
+        let label = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
         for (ji, job) in report.jobs.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(ji as f64, lo));
             root.draw(&Text::new(job.label(), (px, py + 8), label.clone())).map_err(err)?;
