@@ -305,12 +305,13 @@ impl Report {
             ),
         ];
         for r in &self.rows {
+            if let Some(u) = &r.unavailable {
+                d.push(format!("{} — not run: {u}", r.kind.label()));
+                continue;
+            }
             let mut line = format!("{} — {}: {}", r.kind.label(), r.runs_on(), r.setup);
             if let Some(g) = &r.guest {
                 let _ = write!(line, " (guest kernel {}, {})", g.kernel, g.fio_version);
-            }
-            if let Some(u) = &r.unavailable {
-                let _ = write!(line, " — not run: {u}");
             }
             d.push(line);
         }
@@ -550,6 +551,17 @@ pub(crate) mod tests {
         assert!(text.contains("Thinbox virtio-blk rootfs") && text.contains("guest TCG, 2 vCPU, 1024 MiB"));
         let json: Report = serde_json::from_str(&r.to_json().unwrap()).unwrap();
         assert_eq!(json, r);
+        let mut u = sample("TCG");
+        u.rows[1] = RowInfo { kind: RowKind::NineP, guest: None, setup: String::new(), unavailable: Some("no guest image".into()) };
+        for c in u.cells.iter_mut().filter(|c| c.row == RowKind::NineP) {
+            (c.result, c.rounds, c.error) = (None, Vec::new(), Some("no guest image".into()));
+        }
+        u.compute();
+        let md = u.to_markdown();
+        assert!(md.contains("* 9p — not run: no guest image\n"), "{md}");
+        assert!(md.contains("| 4k randread qd16 | 9p | not run | n/a: row not set up (see above) |"), "{md}");
+        assert!(!md.contains("Failed: 9p"), "an unavailable row is explained once, not per cell");
+        assert_eq!(u.smoke_failures().len(), 2, "but every cell of it fails the smoke test");
     }
 
     /// The committed result of the last full run still reads with today's
