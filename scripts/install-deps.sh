@@ -5,7 +5,7 @@
 #                                    QEMU, busybox, fio, kmod and xz for the vm tier's guest)
 set -euo pipefail
 pkgs=(xfsprogs e2fsprogs util-linux libclang-dev clang libdevmapper-dev pkg-config)
-[ "${1:-}" = --test ] && pkgs+=(btrfs-progs containerd runc busybox-static golang-go golang-github-containerd-containerd-dev qemu-system-x86 fio kmod xz-utils)
+[ "${1:-}" = --test ] && pkgs+=(btrfs-progs containerd runc busybox-static golang-go golang-github-containerd-containerd-dev qemu-system-x86 qemu-system-common fio kmod xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -10,6 +10,7 @@
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
 #   uml          dm-thin backend, snapshotter and CSI tests, conformance and real containers on a kernel thin pool inside user-mode Linux (root)
 #   vm           QEMU guests (KVM, else TCG): a snapshotter rootfs and CSI volumes hot-plugged over QMP, 9p, virtio-fs (root)
+#   fio          fio-bench --quick: the whole fio matrix on runC, 9p, virtio-fs and Thinbox virtio-blk; every cell must give a number (root)
 #   deploy       deploy/ manifests against Kubernetes' schemas, host config files (containerd, Kata, systemd)
 #
 # Installs what it needs (apt, cargo) and fails loudly: a tier that cannot run fails.
@@ -18,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$PWD
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(unit host crash conformance containerd uml vm deploy)
+[ ${#tiers[@]} -gt 0 ] || tiers=(unit host crash conformance containerd uml vm fio deploy)
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "tier $1 needs root (loop devices, mounts)" >&2; exit 1; }; }
 
@@ -78,6 +79,7 @@ tier_conformance() {
 tier_containerd() { need_root containerd; bash tests/host/containerd-e2e.sh; }
 tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 tier_vm() { need_root vm; bash tests/vm/tier.sh; }
+tier_fio() { need_root fio; cargo run --release -p fio-bench -- --quick --out target/fio-bench-quick; }
 tier_deploy() { bash tests/deploy/validate.sh; }
 
 install_deps

@@ -574,6 +574,8 @@ pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
     progress(&format!("wall time {:.0} s", report.wall_secs));
 
     let mut failures = report.smoke_failures();
+    // The line tests/run.sh sums into its total: one check per cell.
+    println!("fio-bench: {} passed, {} failed", report.cells.len() - failures.len(), failures.len());
     failures.extend(problems);
     if failures.is_empty() { Ok(Outcome::Complete(Box::new(report))) } else { Ok(Outcome::Partial(Box::new(report), failures)) }
 }
