@@ -157,9 +157,17 @@ impl Store {
     /// [`Store::write`] one, or [`Store::persist`]) came first. For changes
     /// that may be undone by a crash, made durable before anything depends on them.
     pub fn write_lazy(&self) -> Result<WriteTransaction> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None).map_err(|e| Error::Store(e.into()))?;
-        Ok(txn)
+        lazy(self.db.begin_write()?)
+    }
+
+    /// [`Store::write_lazy`] if no other write transaction is in progress, and
+    /// `None` instead of waiting for one: for callers that must not block.
+    pub fn try_write_lazy(&self) -> Result<Option<WriteTransaction>> {
+        match self.db.try_begin_write() {
+            Ok(txn) => lazy(txn).map(Some),
+            Err(redb::TransactionError::WouldBlock) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Makes every earlier commit durable (an empty durable commit).
@@ -186,6 +194,11 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn lazy(mut txn: WriteTransaction) -> Result<WriteTransaction> {
+    txn.set_durability(redb::Durability::None).map_err(|e| Error::Store(e.into()))?;
+    Ok(txn)
 }
 
 /// Device-record operations inside a caller's write transaction.

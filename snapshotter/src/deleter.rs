@@ -71,6 +71,8 @@ struct Queue {
     last_push: Option<Instant>,
     /// Callers waiting for the queue to drain: fresh jobs are due at once.
     hurry: usize,
+    /// While the worker sleeps: until when (`None`: until woken).
+    asleep: Option<Option<Instant>>,
     stop: bool,
 }
 
@@ -95,6 +97,14 @@ impl Queue {
     /// When the next job is due.
     fn next_due(&self) -> Option<Instant> {
         self.jobs.iter().map(|j| self.due(j)).min()
+    }
+
+    /// Whether the worker must be woken for a fresh job: only if it sleeps
+    /// past the job's time. A burst of Removes only postpones the worker, and
+    /// waking a thread per Remove would cost more than the Remove itself
+    /// where thread switches are dear (UML, loaded hosts).
+    fn must_wake_for(&self, j: &Job) -> bool {
+        self.asleep.is_some_and(|until| until.is_none_or(|t| self.due(j) < t))
     }
 
     /// Work that a caller draining the queue waits for: the device in hand
@@ -148,11 +158,15 @@ impl Deleter {
     pub fn push(&self, id: DeviceId) {
         let now = Instant::now();
         let mut q = self.shared.lock();
-        q.jobs.push_back(Job { id, failures: 0, queued: now, retry_at: None });
+        let job = Job { id, failures: 0, queued: now, retry_at: None };
+        q.jobs.push_back(job);
         q.pushed += 1;
         q.last_push = Some(now);
+        let wake = q.must_wake_for(&job);
         drop(q);
-        self.shared.changed.notify_all();
+        if wake {
+            self.shared.changed.notify_all();
+        }
     }
 
     /// How many deletions are pending, and how many finished so far.
@@ -232,10 +246,13 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
                     q.busy = Some(job.id);
                     break (job, q.pushed);
                 }
-                q = match q.next_due() {
+                let until = q.next_due();
+                q.asleep = Some(until);
+                q = match until {
                     Some(t) => shared.changed.wait_timeout(q, t.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0,
                     None => shared.changed.wait(q).unwrap_or_else(|p| p.into_inner()),
                 };
+                q.asleep = None;
             }
         };
         let start = Instant::now();
@@ -330,6 +347,23 @@ mod tests {
         assert!(q.take_due(t0 + MAX_DEFER - QUIET).is_none());
         q.hurry = 1;
         assert_eq!(q.take_due(t0).map(|j| j.id), Some(DeviceId(1)), "a waiter makes fresh jobs due at once");
+    }
+
+    #[test]
+    fn a_push_wakes_the_worker_only_if_it_would_sleep_past_the_job() {
+        let t0 = Instant::now();
+        let fresh = job(1, t0, None);
+        let mut q = Queue { last_push: Some(t0), ..Queue::default() };
+        assert!(!q.must_wake_for(&fresh), "awake: it looks at the queue before it sleeps");
+        q.asleep = Some(None);
+        assert!(q.must_wake_for(&fresh), "asleep until woken");
+        q.asleep = Some(Some(t0 + QUIET / 2));
+        assert!(!q.must_wake_for(&fresh), "wakes before the job is due anyway");
+        q.asleep = Some(Some(t0 + Duration::from_secs(60)));
+        assert!(q.must_wake_for(&fresh), "asleep until a retry far later");
+        q.asleep = Some(Some(t0 + QUIET / 2));
+        q.hurry = 1;
+        assert!(q.must_wake_for(&fresh), "someone waits: the job is due now");
     }
 
     #[test]

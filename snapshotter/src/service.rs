@@ -1,5 +1,6 @@
 //! The `containerd.services.snapshots.v1.Snapshots` gRPC service. Thin: decodes
 //! requests, runs the blocking work off the async runtime, encodes responses.
+//! A Remove that need not wait runs in place (see `Snapshots::try_remove`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,10 +35,10 @@ pub struct Service {
     /// admitted a few at a time, the first ones finish first and the total
     /// stays the same as long as the CPUs are busy.
     change_slots: Arc<tokio::sync::Semaphore>,
-    /// Removes running at once. A Remove is one store transaction and no
-    /// kernel work, so it gets its own, larger limit (it must not wait
-    /// behind Prepares); the limit only keeps a burst from starting a thread
-    /// per request.
+    /// Removes handed to threads at once (those that would wait for the
+    /// store). A Remove is one store transaction and no kernel work, so it
+    /// gets its own, larger limit (it must not wait behind Prepares); the
+    /// limit only keeps a burst from starting a thread per request.
     remove_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -108,7 +109,14 @@ impl SnapshotsApi for Service {
 
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        self.run_limited(&self.remove_slots, "remove", move |s| s.remove(&r.key)).await?;
+        let start = std::time::Instant::now();
+        match self.inner.try_remove(&r.key) {
+            Some(out) => {
+                tracing::debug!(op = "remove", elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), inline = true, "rpc");
+                out?;
+            }
+            None => self.run_limited(&self.remove_slots, "remove", move |s| s.remove(&r.key)).await?,
+        }
         Ok(Response::new(()))
     }
 

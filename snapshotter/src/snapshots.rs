@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, TryLockError};
 
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
 use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, ErrorKind, Pool, ReconcileReport, fault};
@@ -234,6 +234,28 @@ impl Snapshots {
         // device. A crash before that undoes the Remove whole; containerd's
         // garbage collector removes a snapshot it no longer knows again.
         let txn = self.pool.store().write_lazy()?;
+        self.remove_in(txn, key)
+    }
+
+    /// [`Snapshots::remove`] if it need not wait, else `None` (nothing done):
+    /// where it would wait for the gate or for another write transaction. A
+    /// Remove changes the store in memory only, so an async caller can run it
+    /// in place rather than hand it to a thread and back.
+    pub fn try_remove(&self, key: &str) -> Option<Result<()>> {
+        let _g = match self.gate.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        match self.pool.store().try_write_lazy() {
+            Ok(Some(txn)) => Some(self.remove_in(txn, key)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
+    /// Remove's work, under the shared gate, in a lazy transaction.
+    fn remove_in(&self, txn: WriteTransaction, key: &str) -> Result<()> {
         let device = {
             let rec = meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
             if txn.open_multimap_table(CHILDREN)?.get(key)?.next().is_some() {

@@ -308,6 +308,42 @@ async fn remove_returns_before_its_device_is_deleted() {
     d.release().await;
 }
 
+/// The service runs a Remove in place (no thread hand-off) only when it need
+/// not wait. While another write transaction holds the store, `try_remove`
+/// does nothing at all, and `remove` (what the service falls back to, on a
+/// thread) waits for that transaction and then removes. In process, on the
+/// library.
+#[test]
+fn remove_in_place_never_waits_for_the_store() {
+    use std::collections::BTreeMap;
+    use thinbox_snapshotter::meta::Kind;
+    use thinbox_snapshotter::{Config, Error, Snapshots};
+
+    let dir = tmp();
+    let cfg_path = dir.path().join("config.toml");
+    std::fs::write(&cfg_path, format!("release_on_exit = true\n{SMALL}")).unwrap();
+    let (s, _) = Snapshots::open(&dir.path().join("root"), Config::load(&cfg_path).unwrap()).unwrap();
+    for key in ["a", "b"] {
+        s.prepare(Kind::Active, key, "", BTreeMap::new()).unwrap();
+    }
+
+    let busy = s.pool().store().write().unwrap();
+    assert!(s.try_remove("a").is_none(), "the store is busy: not done in place");
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| s.remove("a"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiting.is_finished(), "remove waits for the other transaction");
+        drop(busy);
+        waiting.join().unwrap().unwrap();
+    });
+    assert!(matches!(s.try_remove("a"), Some(Err(Error::NotFound(_)))), "removed once, by the waiting remove");
+    s.try_remove("b").expect("the store is free: done in place").unwrap();
+    assert!(s.list(&[]).unwrap().is_empty());
+    s.cleanup().unwrap();
+    assert!(s.pool().store().devices().unwrap().is_empty(), "both devices deleted");
+    s.shutdown().unwrap();
+}
+
 /// Cleanup (containerd's "reclaim now", also `thinboxctl gc`) finishes every
 /// pending deletion before it returns. On the reflink backend the pool's
 /// image directory is made immutable first, so every background attempt
