@@ -196,30 +196,32 @@ impl DmThin {
             None => self.send(&format!("create_thin {id}"))?,
         }
         fault::point("create.after_image");
-        // mkfs and growing need the device attached; a view is made read-write,
-        // then detached and attached read-only.
-        let node = self.activate(rec, Access::ReadWrite)?;
+        // mkfs and growing need the device attached read-write; a view that
+        // needs either is then detached and attached read-only. A clone that
+        // needs neither is attached once, as asked.
         let grow = rec.origin_size.is_some_and(|o| o < rec.size);
-        match (rec.origin, rec.fs) {
-            (None, fs) => filesystem::mkfs(fs, &node)?,
-            (Some(_), FsType::Ext4) if grow => filesystem::grow_ext4(&node)?,
-            (Some(_), FsType::Xfs) if grow => filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?,
-            _ => {}
-        }
-        if rec.access != Some(Access::ReadWrite) {
-            self.deactivate(rec.id)?;
+        if rec.origin.is_none() || grow {
+            let node = self.activate(rec, Access::ReadWrite)?;
+            match (rec.origin, rec.fs) {
+                (None, fs) => filesystem::mkfs(fs, &node)?,
+                (Some(_), FsType::Ext4) => filesystem::grow_ext4(&node)?,
+                (Some(_), FsType::Xfs) => filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?,
+            }
+            if rec.access != Some(Access::ReadWrite) {
+                self.deactivate(rec.id)?;
+            }
         }
         let node = match rec.access {
-            Some(Access::ReadOnly) => self.activate(rec, Access::ReadOnly)?,
-            Some(Access::ReadWrite) => node,
+            Some(access) => self.activate(rec, access)?,
             None => return Ok(None),
         };
         fault::point("create.after_attach");
         Ok(Some(node))
     }
 
-    /// Activates a thin device of `size` with the pool's thin id `id`.
-    fn setup_thin(&self, id: DeviceId, size: Bytes) -> Result<PathBuf> {
+    /// Activates a thin device of `size` with the pool's thin id `id`; a
+    /// read-only one gets a read-only table, which makes the disk read-only.
+    fn setup_thin(&self, id: DeviceId, size: Bytes, access: Access) -> Result<PathBuf> {
         let name = self.dev_name(id)?;
         let thin = ThinDevId::new_u64(thin_id(id)?).map_err(dm_err("thin id", id))?;
         let info = if devicemapper::device_exists(&self.dm, &name).map_err(dm_err("look up", &*name))? {
@@ -228,7 +230,11 @@ impl DmThin {
             let table = ThinDevTargetTable::new(Sectors(0), Sectors(size.get() / 512), ThinTargetParams::new(self.pool_dev, thin, None));
             let id = DevId::Name(&name);
             self.dm.device_create(&name, None, DmOptions::default()).map_err(dm_err("create", &*name))?;
-            let loaded = self.dm.table_load(&id, &table.to_raw_table(), DmOptions::default()).and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+            let load = match access {
+                Access::ReadOnly => DmOptions::default().set_flags(DmFlags::DM_READONLY),
+                Access::ReadWrite => DmOptions::default(),
+            };
+            let loaded = self.dm.table_load(&id, &table.to_raw_table(), load).and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
             match loaded {
                 Ok(info) => info,
                 Err(e) => {
@@ -263,7 +269,7 @@ impl DmThin {
     /// (O_EXCL fails) or already gone is left alone.
     fn discard_blocks(&self, id: DeviceId, size: Bytes) {
         let temporary = self.node(id).is_none();
-        let result = self.setup_thin(id, size).and_then(|node| {
+        let result = self.setup_thin(id, size, Access::ReadWrite).and_then(|node| {
             let dev = OpenOptions::new().write(true).custom_flags(O_EXCL).open(&node).map_err(Error::io("open", &node))?;
             sys::discard(&dev, 0, size.get()).map_err(Error::io("discard", &node))
         });
@@ -282,7 +288,7 @@ impl DmThin {
             return Ok(filesystem::inodes_used(fs, &node)?.unwrap_or(0));
         }
         let _one_at_a_time = self.probe.lock().unwrap_or_else(|p| p.into_inner());
-        let node = self.setup_thin(id, size)?;
+        let node = self.setup_thin(id, size, Access::ReadOnly)?;
         let used = filesystem::inodes_used(fs, &node);
         let removed = self.remove_dm(&self.dev_name(id)?);
         let used = used?;
@@ -417,10 +423,7 @@ impl Backend for DmThin {
         if let Some(node) = self.node(rec.id) {
             return Ok(node);
         }
-        let node = self.setup_thin(rec.id, rec.size)?;
-        if access == Access::ReadOnly {
-            crate::fs::run("blockdev", &["--setro".as_ref(), node.as_os_str()], &node)?;
-        }
+        let node = self.setup_thin(rec.id, rec.size, access)?;
         self.map().insert(rec.id, node.clone());
         Ok(node)
     }
