@@ -43,6 +43,14 @@ pub enum Error {
         /// Transport error.
         source: Box<tonic::transport::Error>,
     },
+    /// The `--settle` command failed.
+    #[error("target {target}: the --settle command failed ({status})")]
+    Settle {
+        /// Target name.
+        target: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
     /// A snapshots.v1 call failed.
     #[error("target {target}: {op} {key:?}: {} ({})", status.message(), status.code())]
     Rpc {
@@ -111,6 +119,13 @@ pub struct Cli {
     /// Timeout for connecting and for each request, in seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Shell command (`sh -c`) run after each target's turn in a workload,
+    /// not measured, before the next target starts: e.g. one that waits until
+    /// every target's background cleanup has finished, so that one target's
+    /// garbage collection does not run during another's measurements. It
+    /// gets TBB_TARGET and TBB_WORKLOAD; failing fails that target's workload.
+    #[arg(long, value_name = "CMD")]
+    pub settle: Option<String>,
     /// A remark to print under the run description (repeatable), e.g. how
     /// the daemons were set up.
     #[arg(long = "note", value_name = "TEXT")]
@@ -176,6 +191,7 @@ impl Cli {
             rss_count: self.rss_count,
             rss_mix: self.rss_mix,
             timeout_secs: self.timeout_secs,
+            settle: self.settle.clone(),
         })
     }
 }
@@ -217,6 +233,11 @@ pub async fn run_workloads(
             t.cleanup().await;
         }
     }
+    if let Some(cmd) = &cfg.settle
+        && let Err(e) = settle(cmd, "all", "warm-up").await
+    {
+        progress(&format!("after the warm-up: {e}"));
+    }
     for &workload in &cfg.workloads {
         let repeats = match workload {
             Workload::Chain => cfg.chain_repeats,
@@ -254,6 +275,12 @@ pub async fn run_workloads(
                         workloads::rss(t, &prefix, cfg.rss_count, cfg.rss_mix, rss_settle).await
                     }
                 };
+                let outcome = match (outcome, &cfg.settle) {
+                    (Ok(batch), Some(cmd)) => settle(cmd, t.name(), &workload.to_string())
+                        .await
+                        .map(|()| batch),
+                    (outcome, _) => outcome,
+                };
                 match outcome {
                     Ok(batch) => results.merge(workload, i, batch),
                     Err(e) => {
@@ -271,6 +298,35 @@ pub async fn run_workloads(
         }
     }
     results
+}
+
+/// Runs the `--settle` command after `target`'s turn in `workload` (and once
+/// after the warm-up).
+async fn settle(cmd: &str, target: &str, workload: &str) -> Result<(), Error> {
+    let start = std::time::Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", cmd])
+        .env("TBB_TARGET", target)
+        .env("TBB_WORKLOAD", workload)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|source| Error::Io {
+            what: format!("running --settle command {cmd:?}"),
+            source,
+        })?;
+    progress(&format!(
+        "settled after {workload} on {target} in {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Settle {
+            target: target.to_owned(),
+            status,
+        })
+    }
 }
 
 /// Removes whatever every target still holds; returns what stayed.

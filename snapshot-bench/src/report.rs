@@ -30,6 +30,8 @@ pub struct RunConfig {
     pub rss_mix: RssMix,
     /// Per-request timeout.
     pub timeout_secs: u64,
+    /// Shell command run after each target's turn, unmeasured (`--settle`).
+    pub settle: Option<String>,
 }
 
 /// Where the run happened.
@@ -310,6 +312,11 @@ impl Report {
                 ),
             });
         }
+        if let Some(cmd) = &c.settle {
+            lines.push(format!(
+                "after each target's turn (unmeasured, before the next target starts): `{cmd}`"
+            ));
+        }
         if self.has_ratios() {
             lines.push(format!(
                 "ratios are {} of the median and of the p99: below 1.00× means lower latency / less memory than {}",
@@ -459,6 +466,7 @@ mod tests {
             rss_count: 1000,
             rss_mix: RssMix::Active,
             timeout_secs: 60,
+            settle: Some("wait-for-gc".into()),
         }
     }
 
@@ -519,6 +527,7 @@ mod tests {
         assert!(text.contains("0.50×"), "{text}");
         assert!(text.contains("n/a (no --pid)"), "{text}");
         assert!(text.contains("# a remark"), "{text}");
+        assert!(text.contains("after each target's turn (unmeasured, before the next target starts): `wait-for-gc`"), "{text}");
         let md = rep.to_markdown();
         assert!(md.contains("| workload | op | target |"), "{md}");
         assert!(md.contains("|---|---|---|---|---:|"), "{md}");

@@ -24,7 +24,10 @@
 #             1.6 whose devmapper snapshotter uses it (`ctr plugins ls` must
 #             show it ok).
 #          3. thinbox-snapshot-bench: workloads chain and parallel, devmapper
-#             first (the baseline: ratios read thinbox / devmapper).
+#             first (the baseline: ratios read thinbox / devmapper), targets
+#             taking turns; after each turn, unmeasured, it waits until both
+#             pools are empty again (--settle), so that neither daemon's
+#             background cleanup runs during the other's measurements.
 #          4. fio: 4k randread / randwrite at iodepth 1 and 16 (libaio, direct;
 #             rounds alternating between the two devices, merged)
 #             on a thin device of a fresh pool made like thinbox's, and on a
@@ -41,6 +44,7 @@
 #   summary.md                     the final tables (ratios, targets met or not)
 #   uml-bench.md                   summary + configuration, for docs/benchmarks.md
 #   pools.txt, gc.txt              pool tables, page cache before fio, containerd GC passes
+#   settle.txt                     how long each pause between turns waited for both pools to empty
 #   deleter.txt                    thinbox's background deletions (one line each, with its time)
 #   host-load.txt                  the host's 1-minute load average before and after
 #   source.txt                     the commit the binaries were built from
@@ -164,7 +168,7 @@ host_main() {
 
     mkdir -p "$BENCH_OUT"
     rm -rf "$BENCH_OUT/fio"
-    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,deleter.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
+    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,settle.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,deleter.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
 
     BENCH_HOST_KERNEL=$(uname -r)
     BENCH_HOST_CPUS=$(nproc)
@@ -359,6 +363,7 @@ run_snapshot_bench() {
         --chain-repeats "$BENCH_CHAIN_REPEATS" \
         --parallel "$BENCH_PARALLEL" --parallel-repeats "$BENCH_PARALLEL_REPEATS" \
         --timeout-secs 600 \
+        --settle "bash $REPO/tests/bench/uml-devmapper-bench.sh --settle $DMPOOL $THINBOX_POOL" \
         "${notes[@]}" \
         --markdown "$OUT/snapshot-bench.md" --json "$OUT/snapshot-bench.json" \
         >"$OUT/snapshot-bench.txt" &
@@ -624,8 +629,30 @@ json.dump({"date": "$BENCH_DATE", "host_kernel": "$BENCH_HOST_KERNEL", "host_cpu
 PY
 }
 
+# --settle DMPOOL THINBOX_POOL, run by thinbox-snapshot-bench after each
+# target's turn (unmeasured): waits until neither pool holds a thin device, so
+# that one daemon's background cleanup (containerd's GC, thinbox's deleter)
+# never runs during the other's measurements on the guest's one CPU. Each
+# turn removes everything it made, so both pools end it empty.
+settle_main() {
+    local dmpool=$1 tpool=$2 t0 i ids dm tb
+    t0=$(date +%s.%N)
+    for (( i = 0; i < BENCH_GC_WAIT * 4; i++ )); do
+        ids=$(thin_ids_of "$dmpool") || exit 1
+        dm=$(grep -c . <<<"$ids" || true)
+        ids=$(thin_ids_of "$tpool") || exit 1
+        tb=$(grep -c . <<<"$ids" || true)
+        (( dm == 0 && tb == 0 )) && break
+        sleep 0.25
+    done
+    echo "after ${TBB_WORKLOAD:-?} on ${TBB_TARGET:-?}: pools empty after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s (left: devmapper $dm, thinbox $tb)" >>"$BENCH_OUT/settle.txt"
+    (( dm == 0 && tb == 0 )) || die "thin devices left ${BENCH_GC_WAIT}s after ${TBB_TARGET:-?}'s turn: devmapper $dm, thinbox $tb"
+}
+
 if [[ ${1:-} == --inside ]]; then
     guest_main
+elif [[ ${1:-} == --settle ]]; then
+    settle_main "$2" "$3"
 else
     [[ $# == 0 ]] || die "no arguments (see the header for the environment variables)"
     host_main
