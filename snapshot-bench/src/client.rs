@@ -196,6 +196,24 @@ impl Target {
         }
     }
 
+    /// A Remove of `key`, which must not exist: the round trip through the
+    /// service with no work behind it. Anything but NOT_FOUND is an error.
+    pub async fn remove_missing(&self, key: &str) -> Result<Duration, Error> {
+        let req = self.request(RemoveSnapshotRequest {
+            snapshotter: self.spec.snapshotter.clone(),
+            key: key.to_owned(),
+        });
+        let (res, took) = timed(self.client.clone().remove(req)).await;
+        match res {
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(took),
+            Err(status) => Err(self.rpc_error("remove (missing key)", key, status)),
+            Ok(_) => Err(Error::Internal(format!(
+                "target {}: Remove of {key:?}, which was never created, succeeded",
+                self.name()
+            ))),
+        }
+    }
+
     /// Best-effort removal of everything still in the ledger, newest first
     /// (children before parents). Keys that do not exist are dropped; a few
     /// passes cope with an order the service disagrees with. Returns the keys

@@ -294,7 +294,7 @@ impl Report {
         for w in &c.workloads {
             lines.push(match w {
                 Workload::Chain => format!(
-                    "chain: {} layers (Prepare+Commit each), View of the top, Remove all top-down; {} repeats per target",
+                    "chain: {} layers (Prepare+Commit each), View of the top, Remove all top-down (each layer's after a Remove of a key that never existed: remove missing); {} repeats per target",
                     c.chain_layers, c.chain_repeats
                 ),
                 Workload::Parallel => format!(

@@ -26,6 +26,9 @@ pub enum RssMix {
 pub const NO_PID: &str = "n/a (no --pid)";
 
 /// Prepare/Commit a `layers`-deep chain, View the top, Remove all top-down.
+/// Before each Remove of a layer, a Remove of a key that never existed
+/// (`remove missing`): the service's round trip with no work behind it, the
+/// floor under the Remove's latency, measured under the same conditions.
 pub async fn chain(t: &Target, prefix: &str, layers: usize) -> Result<Batch, Error> {
     let mut out = Batch::default();
     let mut parent = String::new();
@@ -41,7 +44,9 @@ pub async fn chain(t: &Target, prefix: &str, layers: usize) -> Result<Batch, Err
     let view = format!("{prefix}-view");
     out.push_duration("view", t.view(&view, &parent).await?);
     out.push_duration("remove", t.remove(&view).await?);
-    for name in committed.iter().rev() {
+    for (i, name) in committed.iter().enumerate().rev() {
+        let missing = format!("{prefix}-missing-{i}");
+        out.push_duration("remove missing", t.remove_missing(&missing).await?);
         out.push_duration("remove", t.remove(name).await?);
     }
     Ok(out)

@@ -73,6 +73,18 @@ def snapshot_rows(report):
     return out
 
 
+def remove_floor(report):
+    """Medians of chain `remove missing` (a Remove of a key that never existed)
+    per target: the round trip with no work behind it."""
+    out = {}
+    for r in report["rows"]:
+        if r["workload"] == "chain" and r["op"] == "remove missing" and r["summary"]:
+            out[r["target"]] = r["summary"]["median"]
+    if set(out) != {"devmapper", "thinbox"}:
+        raise SystemExit("snapshot-bench.json: no chain/remove missing numbers for both targets")
+    return out
+
+
 def fio_jobs(path):
     """A cell's fio json+ output -> {job name: (iops, runtime s, {latency ns: count})}."""
     doc = json.loads(path.read_text())
@@ -212,6 +224,14 @@ def main():
         s.append(f"| {r['workload']} | {r['op']} | {fmt(r['devmapper_median_ms'])} | {fmt(r['thinbox_median_ms'])} "
                  f"| {ratio(r['ratio_median'])} | {fmt(r['devmapper_p99_ms'])} | {fmt(r['thinbox_p99_ms'])} "
                  f"| {ratio(r['ratio_p99'])} | {r['n']} | {met} |")
+    s.append("")
+    floor = remove_floor(report)
+    chain_remove = next(r for r in snaps if (r["workload"], r["op"]) == ("chain", "remove"))
+    s.append(f"The floor under a Remove: a Remove of a key that never existed (NOT_FOUND, no work behind it; one "
+             f"before each layer's Remove, same conditions) took {fmt(floor['thinbox'])} ms on thinbox and "
+             f"{fmt(floor['devmapper'])} ms on devmapper (medians). Thinbox's round trip alone is thus "
+             f"{ratio(floor['thinbox'] / chain_remove['devmapper_median_ms'])} of devmapper's chain Remove; "
+             f"thinbox's Remove costs {fmt(chain_remove['thinbox_median_ms'] - floor['thinbox'])} ms above it.")
     s.append("")
     cfg = report["config"]
     # Every devmapper snapshot the run made: chains (layers + view), parallel
