@@ -178,11 +178,7 @@ impl Target {
 
     /// `Remove(key)`; returns the call's latency.
     pub async fn remove(&self, key: &str) -> Result<Duration, Error> {
-        let req = self.request(RemoveSnapshotRequest {
-            snapshotter: self.spec.snapshotter.clone(),
-            key: key.to_owned(),
-        });
-        let (res, took) = timed(self.client.clone().remove(req)).await;
+        let (res, took) = self.timed_remove(key).await;
         match res {
             Ok(_) => {
                 self.forget(key);
@@ -199,11 +195,7 @@ impl Target {
     /// A Remove of `key`, which must not exist: the round trip through the
     /// service with no work behind it. Anything but NOT_FOUND is an error.
     pub async fn remove_missing(&self, key: &str) -> Result<Duration, Error> {
-        let req = self.request(RemoveSnapshotRequest {
-            snapshotter: self.spec.snapshotter.clone(),
-            key: key.to_owned(),
-        });
-        let (res, took) = timed(self.client.clone().remove(req)).await;
+        let (res, took) = self.timed_remove(key).await;
         match res {
             Err(status) if status.code() == tonic::Code::NotFound => Ok(took),
             Err(status) => Err(self.rpc_error("remove (missing key)", key, status)),
@@ -212,6 +204,17 @@ impl Target {
                 self.name()
             ))),
         }
+    }
+
+    async fn timed_remove(
+        &self,
+        key: &str,
+    ) -> (Result<tonic::Response<()>, tonic::Status>, Duration) {
+        let req = self.request(RemoveSnapshotRequest {
+            snapshotter: self.spec.snapshotter.clone(),
+            key: key.to_owned(),
+        });
+        timed(self.client.clone().remove(req)).await
     }
 
     /// Best-effort removal of everything still in the ledger, newest first
