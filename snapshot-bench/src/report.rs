@@ -298,7 +298,7 @@ impl Report {
                     c.chain_layers, c.chain_repeats
                 ),
                 Workload::Parallel => format!(
-                    "parallel: 3-layer image, {} containers Prepared from its top with up to {} in flight, then Removed the same way; {} round(s) per target",
+                    "parallel: 3-layer image, {} containers Prepared from its top with up to {} in flight, then as many Removes of keys that never existed (remove missing), then the containers Removed, the same way; {} round(s) per target",
                     c.parallel, c.parallel_concurrency, c.parallel_repeats
                 ),
                 Workload::Rss => format!(

@@ -123,7 +123,9 @@ where
 }
 
 /// A 3-layer image, then `count` containers Prepared from its top with at
-/// most `concurrency` in flight, then Removed the same way.
+/// most `concurrency` in flight, then Removed the same way. Before the
+/// Removes, as many Removes of keys that never existed, the same way
+/// (`remove missing`): the floor under a burst of Removes.
 pub async fn parallel(
     t: &Target,
     prefix: &str,
@@ -147,6 +149,16 @@ pub async fn parallel(
         out.push_duration("prepare", d);
     }
     out.push_duration(format!("prepare wall ({count} at once)"), wall);
+
+    let missing: Vec<String> = keys.iter().map(|k| format!("{k}-missing")).collect();
+    let (lat, wall) = fan_out(t, missing, concurrency, |t, key| async move {
+        t.remove_missing(&key).await
+    })
+    .await?;
+    for d in lat {
+        out.push_duration("remove missing", d);
+    }
+    out.push_duration(format!("remove missing wall ({count} at once)"), wall);
 
     let (lat, wall) = fan_out(t, keys, concurrency, |t, key| async move {
         t.remove(&key).await

@@ -73,15 +73,15 @@ def snapshot_rows(report):
     return out
 
 
-def remove_floor(report):
-    """Medians of chain `remove missing` (a Remove of a key that never existed)
-    per target: the round trip with no work behind it."""
+def remove_floor(report, workload):
+    """Medians of `remove missing` (a Remove of a key that never existed) in
+    `workload`, per target: the round trip with no work behind it."""
     out = {}
     for r in report["rows"]:
-        if r["workload"] == "chain" and r["op"] == "remove missing" and r["summary"]:
+        if r["workload"] == workload and r["op"] == "remove missing" and r["summary"]:
             out[r["target"]] = r["summary"]["median"]
     if set(out) != {"devmapper", "thinbox"}:
-        raise SystemExit("snapshot-bench.json: no chain/remove missing numbers for both targets")
+        raise SystemExit(f"snapshot-bench.json: no {workload}/remove missing numbers for both targets")
     return out
 
 
@@ -225,13 +225,16 @@ def main():
                  f"| {ratio(r['ratio_median'])} | {fmt(r['devmapper_p99_ms'])} | {fmt(r['thinbox_p99_ms'])} "
                  f"| {ratio(r['ratio_p99'])} | {r['n']} | {met} |")
     s.append("")
-    floor = remove_floor(report)
-    chain_remove = next(r for r in snaps if (r["workload"], r["op"]) == ("chain", "remove"))
-    s.append(f"The floor under a Remove: a Remove of a key that never existed (NOT_FOUND, no work behind it; one "
-             f"before each layer's Remove, same conditions) took {fmt(floor['thinbox'])} ms on thinbox and "
-             f"{fmt(floor['devmapper'])} ms on devmapper (medians). Thinbox's round trip alone is thus "
-             f"{ratio(floor['thinbox'] / chain_remove['devmapper_median_ms'])} of devmapper's chain Remove; "
-             f"thinbox's Remove costs {fmt(chain_remove['thinbox_median_ms'] - floor['thinbox'])} ms above it.")
+    s.append("The floor under a Remove: Removes of keys that never existed (NOT_FOUND, no work behind them; "
+             "in a chain one before each layer's Remove, in parallel as many at once before the containers' "
+             "Removes), medians:")
+    for workload, label in (("chain", "chain"), ("parallel", f"{report['config']['parallel']} at once")):
+        floor = remove_floor(report, workload)
+        real = next(r for r in snaps if (r["workload"], r["op"]) == (workload, "remove"))
+        s.append(f"* {label}: {fmt(floor['thinbox'])} ms on thinbox, {fmt(floor['devmapper'])} ms on devmapper. "
+                 f"Thinbox's no-op alone is {ratio(floor['thinbox'] / real['devmapper_median_ms'])} of "
+                 f"devmapper's Remove; thinbox's Remove costs "
+                 f"{fmt(real['thinbox_median_ms'] - floor['thinbox'])} ms above it.")
     s.append("")
     cfg = report["config"]
     # Every devmapper snapshot the run made: chains (layers + view), parallel
