@@ -10,7 +10,8 @@ use crate::Error;
 use crate::fio::{FioOutput, Measurement, between_marks, guest_script, tail};
 use crate::jobs::{FioParams, Job};
 use crate::report::GuestInfo;
-use crate::sys::GUEST_DROP_CACHES;
+use crate::rows::guest_file;
+use crate::sys::{GUEST_DROP_CACHES, drop_caches};
 
 /// What every guest of a run shares.
 #[derive(Debug, Clone)]
@@ -103,9 +104,11 @@ impl Guest {
         self.sh("laying out the test file", &script, timeout).map(drop)
     }
 
-    /// Runs one fio job on `file` after dropping the guest's caches.
-    pub fn fio(&mut self, job: &Job, params: &FioParams, file: &str) -> Result<Measurement, Error> {
-        let script = format!("{GUEST_DROP_CACHES}; {}", guest_script(&params.args(job, file)));
+    /// Runs one fio job on the row's test file ([`guest_file`]) after
+    /// dropping the host's and the guest's caches.
+    pub fn fio(&mut self, job: &Job, params: &FioParams) -> Result<Measurement, Error> {
+        drop_caches()?;
+        let script = format!("{GUEST_DROP_CACHES}; {}", guest_script(&params.args(job, &guest_file())));
         // fio's own start-up is slow under TCG; the job itself is bounded by --runtime.
         let timeout = Duration::from_secs(u64::from(params.job_secs()) * 3 + 120);
         let out = self.vm.run(&script, timeout).map_err(Error::guest("running fio"))?;

@@ -14,7 +14,7 @@ use crate::jobs::{FioParams, Job};
 use crate::report::{RowInfo, RowKind};
 use crate::rows::guest::{Guest, GuestConfig};
 use crate::rows::{GUEST_MOUNT, OVERLAY_SETUP, Overlay, Row, guest_file};
-use crate::sys::{Daemon, drop_caches};
+use crate::sys::Daemon;
 
 /// The mount tag of both shares.
 const TAG: &str = "fiobench";
@@ -80,8 +80,7 @@ impl Row for NineP {
     }
 
     fn run(&mut self, job: &Job, params: &FioParams) -> Result<Measurement, Error> {
-        drop_caches()?;
-        self.guest.fio(job, params, &guest_file())
+        self.guest.fio(job, params)
     }
 
     fn teardown(self: Box<Self>) -> Result<(), Error> {
@@ -233,8 +232,7 @@ impl Row for VirtioFsRow {
     }
 
     fn run(&mut self, job: &Job, params: &FioParams) -> Result<Measurement, Error> {
-        drop_caches()?;
-        self.guest.fio(job, params, &guest_file())
+        self.guest.fio(job, params)
     }
 
     fn teardown(self: Box<Self>) -> Result<(), Error> {

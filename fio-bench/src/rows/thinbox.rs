@@ -30,7 +30,7 @@ use crate::jobs::{FioParams, Job};
 use crate::report::{RowInfo, RowKind, fmt_size};
 use crate::rows::guest::{Guest, GuestConfig};
 use crate::rows::{FILE_NAME, GUEST_MOUNT, Row, guest_file, volume_size};
-use crate::sys::{Mounted, drop_caches, write_data_file};
+use crate::sys::{Mounted, write_data_file};
 
 const LAYER: &str = "fio-bench-layer";
 const IMAGE: &str = "fio-bench-image";
@@ -112,9 +112,7 @@ impl Row for Rootfs {
     }
 
     fn run(&mut self, job: &Job, params: &FioParams) -> Result<Measurement, Error> {
-        drop_caches()?;
-        let guest = self.guest.as_mut().ok_or_else(|| Error::Config("no guest".into()))?;
-        guest.fio(job, params, &guest_file())
+        self.guest.as_mut().ok_or_else(|| Error::Config("no guest".into()))?.fio(job, params)
     }
 
     fn teardown(mut self: Box<Self>) -> Result<(), Error> {
@@ -231,9 +229,7 @@ impl Row for EmptyDir {
     }
 
     fn run(&mut self, job: &Job, params: &FioParams) -> Result<Measurement, Error> {
-        drop_caches()?;
-        let guest = self.guest.as_mut().ok_or_else(|| Error::Config("no guest".into()))?;
-        guest.fio(job, params, &guest_file())
+        self.guest.as_mut().ok_or_else(|| Error::Config("no guest".into()))?.fio(job, params)
     }
 
     fn teardown(mut self: Box<Self>) -> Result<(), Error> {
