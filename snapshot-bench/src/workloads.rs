@@ -140,37 +140,42 @@ pub async fn parallel(
         .collect();
 
     let parent = Arc::new(top);
-    let (lat, wall) = fan_out(t, keys.clone(), concurrency, move |t, key| {
+    let burst = fan_out(t, keys.clone(), concurrency, move |t, key| {
         let parent = Arc::clone(&parent);
         async move { t.prepare(&key, &parent).await }
     })
     .await?;
-    for d in lat {
-        out.push_duration("prepare", d);
-    }
-    out.push_duration(format!("prepare wall ({count} at once)"), wall);
+    push_burst(&mut out, "prepare", count, burst);
 
     let missing: Vec<String> = keys.iter().map(|k| format!("{k}-missing")).collect();
-    let (lat, wall) = fan_out(t, missing, concurrency, |t, key| async move {
+    let burst = fan_out(t, missing, concurrency, |t, key| async move {
         t.remove_missing(&key).await
     })
     .await?;
-    for d in lat {
-        out.push_duration("remove missing", d);
-    }
-    out.push_duration(format!("remove missing wall ({count} at once)"), wall);
+    push_burst(&mut out, "remove missing", count, burst);
 
-    let (lat, wall) = fan_out(t, keys, concurrency, |t, key| async move {
+    let burst = fan_out(t, keys, concurrency, |t, key| async move {
         t.remove(&key).await
     })
     .await?;
-    for d in lat {
-        out.push_duration("remove", d);
-    }
-    out.push_duration(format!("remove wall ({count} at once)"), wall);
+    push_burst(&mut out, "remove", count, burst);
 
     remove_image(t, &image).await?;
     Ok(out)
+}
+
+/// Records a [`fan_out`] of `count` calls: each latency as `op`, and the
+/// wall time as `<op> wall (<count> at once)`.
+fn push_burst(
+    out: &mut Batch,
+    op: &str,
+    count: usize,
+    (latencies, wall): (Vec<Duration>, Duration),
+) {
+    for d in latencies {
+        out.push_duration(op, d);
+    }
+    out.push_duration(format!("{op} wall ({count} at once)"), wall);
 }
 
 fn rss_mib(pid: Option<u32>) -> Result<Option<f64>, Error> {
