@@ -8,17 +8,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_protos(
-            &[
-                "proto/containerd/types/mount.proto",
-                "proto/containerd/services/snapshots/v1/snapshots.proto",
-                "proto/thinbox/admin/v1/admin.proto",
-                "proto/csi/v1/csi.proto",
-            ],
-            &["proto"],
-        )?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_protos(
+        &[
+            "proto/containerd/types/mount.proto",
+            "proto/containerd/services/snapshots/v1/snapshots.proto",
+            "proto/thinbox/admin/v1/admin.proto",
+            "proto/csi/v1/csi.proto",
+        ],
+        &["proto"],
+    )?;
     Ok(())
 }

@@ -254,16 +254,7 @@ impl Disk {
     /// A disk with the common defaults: read-write, O_DIRECT, thread-pool I/O,
     /// no iothread, no serial, bus chosen by QEMU.
     pub fn new(id: impl Into<String>, path: impl Into<PathBuf>) -> Disk {
-        Disk {
-            id: id.into(),
-            path: path.into(),
-            read_only: false,
-            cache_direct: true,
-            aio: Aio::Threads,
-            iothread: None,
-            serial: None,
-            bus: None,
-        }
+        Disk { id: id.into(), path: path.into(), read_only: false, cache_direct: true, aio: Aio::Threads, iothread: None, serial: None, bus: None }
     }
 
     /// Checks everything that does not need the host or QEMU.
@@ -453,9 +444,7 @@ impl Qmp {
     /// Connects, reads QEMU's greeting and leaves capabilities negotiation
     /// mode (`qmp_capabilities`), so commands work.
     pub async fn connect(socket: &Path) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| QmpError::Io { op: "connect", socket: socket.to_owned(), source })?;
+        let stream = UnixStream::connect(socket).await.map_err(|source| QmpError::Io { op: "connect", socket: socket.to_owned(), source })?;
         Qmp::handshake(socket, stream).await
     }
 
@@ -558,10 +547,7 @@ impl Qmp {
         let mut bytes = serde_json::to_vec(&Value::Object(request)).map_err(|e| self.protocol(format!("encode {command}: {e}")))?;
         bytes.push(b'\n');
         tracing::trace!(command, "qmp execute");
-        self.writer
-            .write_all(&bytes)
-            .await
-            .map_err(|source| QmpError::Io { op: "write", socket: self.socket.clone(), source })?;
+        self.writer.write_all(&bytes).await.map_err(|source| QmpError::Io { op: "write", socket: self.socket.clone(), source })?;
         let deadline = Instant::now() + self.command_timeout;
         loop {
             // A response without an id answers a request QEMU could not even
@@ -618,9 +604,7 @@ impl Qmp {
     /// nodes this call added are deleted again and the step's error returned.
     pub async fn hotplug(&mut self, disk: &Disk) -> Result<(), QmpError> {
         disk.validate()?;
-        let meta = tokio::fs::metadata(&disk.path)
-            .await
-            .map_err(|source| QmpError::Path { path: disk.path.clone(), source })?;
+        let meta = tokio::fs::metadata(&disk.path).await.map_err(|source| QmpError::Path { path: disk.path.clone(), source })?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
             return Err(QmpError::NotFileOrBlockDevice { path: disk.path.clone() });
@@ -795,11 +779,13 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, QmpError::NativeAioWithoutDirect { .. }));
         assert_eq!(e.kind(), QmpErrorKind::InvalidArgument);
-        assert!(with(|d| {
-            d.aio = Aio::IoUring;
-            d.cache_direct = false;
-        })
-        .is_ok());
+        assert!(
+            with(|d| {
+                d.aio = Aio::IoUring;
+                d.cache_direct = false;
+            })
+            .is_ok()
+        );
         assert!(matches!(with(|d| d.path = "disk.img".into()), Err(QmpError::InvalidPath { reason: "not absolute", .. })));
         let e = with(|d| d.path = PathBuf::from(std::ffi::OsString::from_vec(b"/img/\xff.raw".to_vec()))).unwrap_err();
         assert!(matches!(e, QmpError::InvalidPath { reason: "not UTF-8", .. }), "{e}");
@@ -894,13 +880,18 @@ mod tests {
             w.write_all(b"{\"event\": \"RESUME\", ").await.unwrap();
             w.flush().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
-            w.write_all(b"\"data\": {}}\r\n{\"event\": \"DEVICE_DELETED\", \"data\": {\"path\": \"/machine/peripheral/d1/virtio-backend\"}}\r\n").await.unwrap();
+            w.write_all(b"\"data\": {}}\r\n{\"event\": \"DEVICE_DELETED\", \"data\": {\"path\": \"/machine/peripheral/d1/virtio-backend\"}}\r\n")
+                .await
+                .unwrap();
             w.write_all(format!("{{\"return\": {{\"status\": \"running\"}}, \"id\": {}}}\r\n", req["id"]).as_bytes()).await.unwrap();
             let req: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(req["arguments"], json!({"id": "nope"}));
-            w.write_all(format!("{{\"error\": {{\"class\": \"DeviceNotFound\", \"desc\": \"Device 'nope' not found\"}}, \"id\": {}}}\r\n", req["id"]).as_bytes())
-                .await
-                .unwrap();
+            w.write_all(
+                format!("{{\"error\": {{\"class\": \"DeviceNotFound\", \"desc\": \"Device 'nope' not found\"}}, \"id\": {}}}\r\n", req["id"])
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
             // Arrives while the client waits for it, after a delay.
             tokio::time::sleep(Duration::from_millis(50)).await;
             w.write_all(b"{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"d1\", \"path\": \"/machine/peripheral/d1\"}}\r\n").await.unwrap();

@@ -20,9 +20,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use devicemapper::{
-    DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams, LinearTargetParams,
-    Sectors, TargetLine, ThinDevId, ThinDevTargetTable, ThinPoolDev, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
-    TargetTable, ThinTargetParams,
+    DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams, LinearTargetParams, Sectors,
+    TargetLine, TargetTable, ThinDevId, ThinDevTargetTable, ThinPoolDev, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
+    ThinTargetParams,
 };
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -346,12 +346,7 @@ fn with_metadata_snap(dm: &DM, pool: &DmName, tool: &'static str, args: &[&str])
     let out = out.map_err(Error::io("run thin tool on", &meta))?;
     released?;
     if !out.status.success() {
-        return Err(Error::Tool {
-            tool,
-            path: meta,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+        return Err(Error::Tool { tool, path: meta, status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -83,9 +83,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::DeviceNotFound(_) => ErrorKind::NotFound,
-            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) | Error::PoolSource { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) | Error::PoolSource { .. } => ErrorKind::FailedPrecondition,
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
@@ -107,13 +105,7 @@ macro_rules! store_from {
         }
     )*};
 }
-store_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+store_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 /// Result alias of the block engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

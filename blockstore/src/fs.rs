@@ -19,12 +19,7 @@ pub fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result
     if out.status.success() {
         return Ok(());
     }
-    Err(Error::Tool {
-        tool,
-        path: path.to_owned(),
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    })
+    Err(Error::Tool { tool, path: path.to_owned(), status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
 }
 
 macro_rules! args {

@@ -37,13 +37,13 @@ mod store;
 mod sys;
 mod units;
 
+pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
+pub use dmthin::DmThin;
 pub use error::{Error, ErrorKind, Result};
 pub use fs::run as run_tool;
 pub use loops::{BoundLoop, scan as scan_loops};
-pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
-pub use dmthin::DmThin;
 pub use pool::{BackendKind, CreateSpec, Pool, PoolConfig, ReconcileReport, ThinConfig, inventory};
+pub use redb;
 pub use reflink::Reflink;
 pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 pub use units::{Bytes, DeviceId, ParseBytesError};
-pub use redb;

@@ -15,9 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+use crate::dmthin::DmThin;
 use crate::error::{Error, Result};
 use crate::fault;
-use crate::dmthin::DmThin;
 use crate::reflink::Reflink;
 use crate::store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
 use crate::units::{Bytes, DeviceId};

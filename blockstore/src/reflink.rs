@@ -13,10 +13,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::embedded;
-use crate::image;
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
+use crate::image;
 use crate::loops::{self, AttachOpts};
 use crate::pool::PoolConfig;
 use crate::store::{Access, DeviceRecord, FsType};
@@ -373,7 +373,6 @@ fn probe_reflink(dir: &Path) -> Result<()> {
     let _ = fs::remove_file(&b);
     result.map_err(|source| Error::NoReflink { path: dir.to_owned(), source })
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -155,13 +155,7 @@ pub fn for_each_extent(file: &File, mut f: impl FnMut(Extent)) -> io::Result<()>
     let mut start = 0u64;
     loop {
         let mut buf = FiemapBuf {
-            header: FiemapHeader {
-                start,
-                length: u64::MAX - start,
-                flags: FIEMAP_FLAG_SYNC,
-                extent_count: BATCH as u32,
-                ..FiemapHeader::default()
-            },
+            header: FiemapHeader { start, length: u64::MAX - start, flags: FIEMAP_FLAG_SYNC, extent_count: BATCH as u32, ..FiemapHeader::default() },
             extents: [FiemapExtent::default(); BATCH],
         };
         // SAFETY: FS_IOC_FIEMAP reads and writes a `struct fiemap` followed by

@@ -83,7 +83,10 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pool.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)].into_iter().chain(self.dir_path.iter().map(|p| ("dir_path", p))) {
+        for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)]
+            .into_iter()
+            .chain(self.dir_path.iter().map(|p| ("dir_path", p)))
+        {
             if !p.is_absolute() {
                 return Err(ConfigError::Invalid(format!("{key} {} must be an absolute path", p.display())));
             }
@@ -103,7 +106,8 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let cfg: Config = toml::from_str("kubelet_dir = \"/k\"\ndefault_sandbox = \"kata\"\ndefault_fs = \"xfs\"\n[pool]\nbackend = \"reflink\"").unwrap();
+        let cfg: Config =
+            toml::from_str("kubelet_dir = \"/k\"\ndefault_sandbox = \"kata\"\ndefault_fs = \"xfs\"\n[pool]\nbackend = \"reflink\"").unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.default_sandbox, Sandbox::Kata);
         assert!(toml::from_str::<Config>("kubelet = \"/k\"").is_err(), "unknown key");
@@ -118,11 +122,8 @@ mod tests {
     fn documented_sample_parses() {
         let doc = include_str!("../../docs/csi.md");
         let start = doc.find("    kubelet_dir = ").unwrap();
-        let sample: String = doc[start..]
-            .lines()
-            .take_while(|l| l.starts_with("    ") || l.is_empty())
-            .map(|l| format!("{}\n", l.trim_start()))
-            .collect();
+        let sample: String =
+            doc[start..].lines().take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();
         let cfg: Config = toml::from_str(&sample).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.dir_pool_size, Bytes(64 << 30));

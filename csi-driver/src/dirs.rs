@@ -37,7 +37,10 @@ impl Dirs {
         };
         let opts = mount_options(&mountpoint)?;
         let Some((fstype, options)) = opts else {
-            return Err(Error::FailedPrecondition(format!("{} is not a mount point; dir volumes need a filesystem of their own", mountpoint.display())));
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not a mount point; dir volumes need a filesystem of their own",
+                mountpoint.display()
+            )));
         };
         if fstype != "xfs" || !options.split(',').any(|o| matches!(o, "prjquota" | "pquota")) {
             return Err(Error::FailedPrecondition(format!(
@@ -124,7 +127,11 @@ impl Dirs {
     }
 
     fn quota_output(&self, cmd: &str) -> Result<String> {
-        let out = Command::new("xfs_quota").args(["-x", "-c", cmd]).arg(&self.mountpoint).output().map_err(Error::io("run xfs_quota on", &self.mountpoint))?;
+        let out = Command::new("xfs_quota")
+            .args(["-x", "-c", cmd])
+            .arg(&self.mountpoint)
+            .output()
+            .map_err(Error::io("run xfs_quota on", &self.mountpoint))?;
         if !out.status.success() {
             return Err(Error::Io {
                 op: "xfs_quota",

@@ -20,7 +20,9 @@ use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType
 use crate::config::{Config, MIN_VOLUME_SIZE};
 use crate::dirs::Dirs;
 use crate::error::{Error, Result, invalid};
-use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
+use crate::state::{
+    self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume,
+};
 
 /// Volume sizes are whole MiB.
 const ALIGN: u64 = 1 << 20;
@@ -153,9 +155,8 @@ impl Driver {
         if let Some(d) = self.dirs.get() {
             return Ok(d);
         }
-        let d = Dirs::open(&self.root, self.cfg.dir_path.as_deref(), self.cfg.dir_pool_size).map_err(|e| {
-            Error::FailedPrecondition(format!("dir volumes are not available on this node: {}", crate::error::chain(&e)))
-        })?;
+        let d = Dirs::open(&self.root, self.cfg.dir_path.as_deref(), self.cfg.dir_pool_size)
+            .map_err(|e| Error::FailedPrecondition(format!("dir volumes are not available on this node: {}", crate::error::chain(&e))))?;
         Ok(self.dirs.get_or_init(|| d))
     }
 
@@ -222,13 +223,7 @@ impl Driver {
         if let Some(v) = self.by_name(&req.name)? {
             let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
             if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {:?} exists as {} {} {:?}, not as asked",
-                    req.name,
-                    v.kind.as_str(),
-                    v.size,
-                    v.fs
-                )));
+                return Err(Error::AlreadyExists(format!("volume {:?} exists as {} {} {:?}, not as asked", req.name, v.kind.as_str(), v.size, v.fs)));
             }
             return Ok(v);
         }
@@ -247,7 +242,10 @@ impl Driver {
             }
             Kind::File | Kind::Dir => None,
         };
-        let project = (req.kind == Kind::Dir).then(|| u32::try_from(n)).transpose().map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
+        let project = (req.kind == Kind::Dir)
+            .then(|| u32::try_from(n))
+            .transpose()
+            .map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
         let mut vol = Volume {
             id: id.clone(),
             name: req.name.clone(),
@@ -289,7 +287,10 @@ impl Driver {
     fn origin(&self, src: &Source, req: &CreateRequest) -> Result<Origin> {
         let o = match src {
             Source::Snapshot(id) => {
-                let snap = self.snapshot(id)?.filter(|s| s.state == State::Ready).ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))?;
+                let snap = self
+                    .snapshot(id)?
+                    .filter(|s| s.state == State::Ready)
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))?;
                 Origin { kind: snap.kind, fs: snap.fs, size: snap.size, device: snap.device, image: self.snap_image(id), live: None }
             }
             Source::Volume(id) => {
@@ -434,7 +435,13 @@ impl Driver {
 
     /// Last phase of a creation: the (ready) record and its device's record
     /// marked ready, in one transaction.
-    fn mark_ready<T: serde::Serialize>(&self, table: TableDefinition<&str, &str>, id: &str, ready: &T, device: Option<thinbox_blockstore::DeviceId>) -> Result<()> {
+    fn mark_ready<T: serde::Serialize>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        id: &str,
+        ready: &T,
+        device: Option<thinbox_blockstore::DeviceId>,
+    ) -> Result<()> {
         let txn = self.pool.store().write()?;
         if let Some(dev) = device {
             let mut devs = Devices::open(&txn)?;
@@ -449,7 +456,13 @@ impl Driver {
 
     /// Phase one of a deletion: the record marked `Deleting` and its device
     /// planned for deletion, in one transaction.
-    fn mark_deleting<T: serde::Serialize>(&self, table: TableDefinition<&str, &str>, id: &str, marked: &T, device: Option<thinbox_blockstore::DeviceId>) -> Result<()> {
+    fn mark_deleting<T: serde::Serialize>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        id: &str,
+        marked: &T,
+        device: Option<thinbox_blockstore::DeviceId>,
+    ) -> Result<()> {
         let txn = self.pool.store().write()?;
         state::put(&mut txn.open_table(table)?, id, marked)?;
         if let Some(dev) = device {
@@ -557,7 +570,12 @@ impl Driver {
             if existing == wanted {
                 return Ok(());
             }
-            return Err(Error::AlreadyExists(format!("{} is already published differently ({} as {:?})", target.display(), existing.volume, existing.mode)));
+            return Err(Error::AlreadyExists(format!(
+                "{} is already published differently ({} as {:?})",
+                target.display(),
+                existing.volume,
+                existing.mode
+            )));
         }
         // Never mounted on the host while a guest has it, and the reverse.
         if let Some(other) = self.publications_of(id)?.into_iter().find(|p| (p.mode == Mode::Kata) != (mode == Mode::Kata)) {

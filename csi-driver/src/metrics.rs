@@ -52,7 +52,9 @@ impl Metrics {
         for ((op, ok), o) in &ops {
             let _ = writeln!(out, "thinbox_csi_operations_total{{op=\"{op}\",result=\"{}\"}} {}", result(*ok), o.count);
         }
-        out.push_str("# HELP thinbox_csi_operation_duration_seconds Latency of CSI calls.\n# TYPE thinbox_csi_operation_duration_seconds histogram\n");
+        out.push_str(
+            "# HELP thinbox_csi_operation_duration_seconds Latency of CSI calls.\n# TYPE thinbox_csi_operation_duration_seconds histogram\n",
+        );
         for ((op, ok), o) in &ops {
             let labels = format!("op=\"{op}\",result=\"{}\"", result(*ok));
             for (bound, n) in BUCKETS.iter().zip(o.le) {
@@ -72,7 +74,9 @@ impl Metrics {
             }
         }
         out.push_str("# HELP thinbox_csi_volume_capacity_bytes Size of each volume.\n# TYPE thinbox_csi_volume_capacity_bytes gauge\n");
-        out.push_str("# HELP thinbox_csi_volume_allocated_bytes Storage each volume holds on the node.\n# TYPE thinbox_csi_volume_allocated_bytes gauge\n");
+        out.push_str(
+            "# HELP thinbox_csi_volume_allocated_bytes Storage each volume holds on the node.\n# TYPE thinbox_csi_volume_allocated_bytes gauge\n",
+        );
         match driver.volumes() {
             Ok(vols) => {
                 for v in vols {
@@ -113,7 +117,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, driver: Arc<Dri
             let request = String::from_utf8_lossy(&buf[..n]);
             let response = if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
                 let body = tokio::task::spawn_blocking(move || metrics.render(&driver)).await.unwrap_or_default();
-                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
             };

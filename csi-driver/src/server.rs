@@ -33,9 +33,11 @@ pub async fn serve(driver: Arc<Driver>, socket: &Path, metrics_address: Option<S
     let exporter = match metrics_address {
         Some(addr) => {
             // Bound before serving, so a bad or busy address fails the start.
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Io { op: "bind metrics endpoint", path: addr.to_string(), source })?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Io {
+                op: "bind metrics endpoint",
+                path: addr.to_string(),
+                source,
+            })?;
             let task = crate::metrics::serve(listener, metrics.clone(), driver.clone());
             Some(tokio::spawn(async move {
                 if let Err(e) = task.await {

@@ -93,13 +93,17 @@ fn page<'a, T>(items: &'a [T], token: &str, max_entries: i32) -> Result<(&'a [T]
 fn capability(cap: &VolumeCapability) -> Result<AccessType> {
     let mode = cap.access_mode.as_ref().ok_or_else(|| invalid("volume capability needs an access_mode"))?;
     match AccessMode::try_from(mode.mode) {
-        Ok(AccessMode::SingleNodeWriter | AccessMode::SingleNodeReaderOnly | AccessMode::SingleNodeSingleWriter | AccessMode::SingleNodeMultiWriter) => {}
+        Ok(
+            AccessMode::SingleNodeWriter | AccessMode::SingleNodeReaderOnly | AccessMode::SingleNodeSingleWriter | AccessMode::SingleNodeMultiWriter,
+        ) => {}
         Ok(m) => return Err(invalid(format!("access mode {} is not supported: volumes are local to one node", m.as_str_name()))),
         Err(_) => return Err(invalid(format!("unknown access mode {}", mode.mode))),
     }
     match &cap.access_type {
         Some(CsiAccessType::Block(_)) => Ok(AccessType::Block),
-        Some(CsiAccessType::Mount(MountVolume { fs_type, mount_flags, .. })) => Ok(AccessType::Mount { fs: fs_type_of(fs_type)?, flags: mount_flags.clone() }),
+        Some(CsiAccessType::Mount(MountVolume { fs_type, mount_flags, .. })) => {
+            Ok(AccessType::Mount { fs: fs_type_of(fs_type)?, flags: mount_flags.clone() })
+        }
         None => Err(invalid("volume capability needs an access_type (mount or block)")),
     }
 }
@@ -157,7 +161,9 @@ fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<(Kind,
     for (k, v) in params {
         match k.as_str() {
             PARAM_KIND => kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block, file or dir")))?,
-            PARAM_SANDBOX => sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?),
+            PARAM_SANDBOX => {
+                sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?)
+            }
             k if k.starts_with(CO_PREFIX) || extra.contains(&k) => {}
             k => return Err(invalid(format!("unknown parameter {k:?}"))),
         }
@@ -276,19 +282,30 @@ impl Controller for Csi {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
-    async fn controller_publish_volume(&self, _: Request<ControllerPublishVolumeRequest>) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         unimplemented("ControllerPublishVolume")
     }
 
-    async fn controller_unpublish_volume(&self, _: Request<ControllerUnpublishVolumeRequest>) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         unimplemented("ControllerUnpublishVolume")
     }
 
-    async fn validate_volume_capabilities(&self, req: Request<ValidateVolumeCapabilitiesRequest>) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
         let id = paths::volume_id(&r.volume_id)?.to_owned();
         let vol = self.run("validate_volume_capabilities", move |d| d.volume(&id)).await?;
-        let vol = vol.filter(|v| v.state == crate::state::State::Ready).ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
+        let vol = vol
+            .filter(|v| v.state == crate::state::State::Ready)
+            .ok_or_else(|| Status::not_found(format!("volume {:?} does not exist", r.volume_id)))?;
         let access = capabilities(&r.volume_capabilities)?;
         let ok = access.iter().all(|a| match a {
             AccessType::Block => vol.kind != Kind::Dir,
@@ -343,7 +360,10 @@ impl Controller for Csi {
         }))
     }
 
-    async fn controller_get_capabilities(&self, _: Request<ControllerGetCapabilitiesRequest>) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         use controller_service_capability::rpc::Type;
         let rpc = |t: Type| ControllerServiceCapability {
             r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
@@ -408,7 +428,10 @@ impl Controller for Csi {
         unimplemented("GetSnapshot")
     }
 
-    async fn controller_expand_volume(&self, req: Request<ControllerExpandVolumeRequest>) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = paths::volume_id(&r.volume_id)?.to_owned();
         let range = r.capacity_range.ok_or_else(|| invalid("capacity_range is required"))?;
@@ -474,7 +497,8 @@ impl Node for Csi {
         let access = capability(cap)?;
         let kubelet = self.driver.config().kubelet_dir.clone();
         let target = paths::target(&r.target_path, "target_path", &kubelet)?;
-        let readonly = r.readonly || matches!(AccessMode::try_from(cap.access_mode.as_ref().map_or(0, |m| m.mode)), Ok(AccessMode::SingleNodeReaderOnly));
+        let readonly =
+            r.readonly || matches!(AccessMode::try_from(cap.access_mode.as_ref().map_or(0, |m| m.mode)), Ok(AccessMode::SingleNodeReaderOnly));
         if r.volume_context.get(EPHEMERAL).is_some_and(|v| v == "true") {
             let ctx = &r.volume_context;
             let (_, sandbox, kept) = parameters(ctx, &["size", "fsType"])?;
@@ -487,8 +511,17 @@ impl Node for Csi {
                 (None, AccessType::Mount { fs, .. }) => fs.or(Some(self.driver.config().default_fs)),
                 (None, AccessType::Block) => None,
             };
-            let create =
-                CreateRequest { name: id.clone(), required: size, limit: 0, kind: Kind::File, fs, sandbox, ephemeral: true, parameters: kept, source: None };
+            let create = CreateRequest {
+                name: id.clone(),
+                required: size,
+                limit: 0,
+                kind: Kind::File,
+                fs,
+                sandbox,
+                ephemeral: true,
+                parameters: kept,
+                source: None,
+            };
             self.run("node_publish_volume", move |d| d.publish_ephemeral(&id, &target, create, &access, readonly)).await?;
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }
@@ -534,7 +567,8 @@ impl Node for Csi {
             })
             .await?;
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let mut usage = vec![VolumeUsage { available: n(st.available), total: n(st.total), used: n(st.used), unit: volume_usage::Unit::Bytes as i32 }];
+        let mut usage =
+            vec![VolumeUsage { available: n(st.available), total: n(st.total), used: n(st.used), unit: volume_usage::Unit::Bytes as i32 }];
         if let Some((total, used, free)) = st.inodes {
             usage.push(VolumeUsage { available: n(free), total: n(total), used: n(used), unit: volume_usage::Unit::Inodes as i32 });
         }
@@ -561,7 +595,8 @@ impl Node for Csi {
 
     async fn node_get_capabilities(&self, _: Request<NodeGetCapabilitiesRequest>) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::rpc::Type;
-        let rpc = |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
+        let rpc =
+            |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities: vec![rpc(Type::GetVolumeStats), rpc(Type::ExpandVolume)] }))
     }
 

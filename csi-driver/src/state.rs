@@ -215,7 +215,13 @@ pub fn all<T: DeserializeOwned>(table: &impl ReadableTable<&'static str, &'stati
 }
 
 /// Removes the record `id` and its name, if the name still points at it.
-pub fn remove_named(txn: &WriteTransaction, records: TableDefinition<&str, &str>, names: TableDefinition<&str, &str>, id: &str, name: &str) -> Result<()> {
+pub fn remove_named(
+    txn: &WriteTransaction,
+    records: TableDefinition<&str, &str>,
+    names: TableDefinition<&str, &str>,
+    id: &str,
+    name: &str,
+) -> Result<()> {
     txn.open_table(records)?.remove(id)?;
     let mut names = txn.open_table(names)?;
     let ours = names.get(name)?.is_some_and(|v| v.value() == id);

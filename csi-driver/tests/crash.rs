@@ -47,7 +47,11 @@ async fn crash_at(kind: &str, point: &str) {
         // Rolled back entirely: nothing listed, nothing on disk.
         assert!(d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty(), "{what}");
         assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 0, "{what}: no image left");
-        assert_eq!(thinbox_blockstore::inventory(&d.path("state"), &Default::default()).unwrap().stored.unwrap_or_default().len(), 0, "{what}: no device left");
+        assert_eq!(
+            thinbox_blockstore::inventory(&d.path("state"), &Default::default()).unwrap().stored.unwrap_or_default().len(),
+            0,
+            "{what}: no device left"
+        );
     }
     // The CO retries (or this is the first create): it succeeds.
     let vol = create(&mut d, name, 400 << 20, &[("kind", kind)], mount_cap("ext4")).await;
@@ -90,7 +94,11 @@ async fn crash_at(kind: &str, point: &str) {
     }
     d.ctl.delete_volume(delete).await.unwrap();
     assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 0, "{what}: no image left");
-    assert_eq!(thinbox_blockstore::inventory(&d.path("state"), &Default::default()).unwrap().stored.unwrap_or_default().len(), 0, "{what}: no device left");
+    assert_eq!(
+        thinbox_blockstore::inventory(&d.path("state"), &Default::default()).unwrap().stored.unwrap_or_default().len(),
+        0,
+        "{what}: no device left"
+    );
     d.finish().await;
 }
 

@@ -70,11 +70,18 @@ async fn block_volume_mounted_for_runc_full_lifecycle() {
     // Repeating the same publish is fine; a different one at the same target is not.
     d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
     assert_eq!(code(d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), true, &[])).await), Code::AlreadyExists);
-    assert_eq!(code(d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await),
+        Code::FailedPrecondition
+    );
 
     let stats = d
         .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: vol.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() })
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -171,7 +178,10 @@ async fn kata_volumes_become_direct_volume_records_never_host_mounts() {
 
 /// Go's base64.URLEncoding (with padding), as Kata names record directories.
 fn base64_url(s: &str) -> String {
-    let out = Command::new("python3").args(["-c", "import base64,sys; print(base64.urlsafe_b64encode(sys.argv[1].encode()).decode())", s]).output().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", "import base64,sys; print(base64.urlsafe_b64encode(sys.argv[1].encode()).decode())", s])
+        .output()
+        .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -208,20 +218,29 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
     assert_eq!(code(c.create_volume(no_caps).await), Code::InvalidArgument, "no capabilities");
     let multi = VolumeCapability { access_mode: Some(AccessMode { mode: Mode::MultiNodeMultiWriter as i32 }), ..mount_cap("ext4") };
     assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[], multi)).await), Code::InvalidArgument, "multi-node access");
-    assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[("colour", "blue")], mount_cap("ext4"))).await), Code::InvalidArgument, "unknown parameter");
+    assert_eq!(
+        code(c.create_volume(create_req("n", 1 << 30, &[("colour", "blue")], mount_cap("ext4"))).await),
+        Code::InvalidArgument,
+        "unknown parameter"
+    );
     assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[("kind", "nfs")], mount_cap("ext4"))).await), Code::InvalidArgument, "unknown kind");
     assert_eq!(code(c.create_volume(create_req("n", 1 << 30, &[], mount_cap("zfs"))).await), Code::InvalidArgument, "unknown filesystem");
     let mut range = create_req("n", 2 << 30, &[], mount_cap("ext4"));
     range.capacity_range = Some(CapacityRange { required_bytes: 2 << 30, limit_bytes: 1 << 30 });
     assert_eq!(code(c.create_volume(range).await), Code::OutOfRange, "required above limit");
-    assert_eq!(code(c.create_volume(create_req("huge", 1 << 50, &[("kind", "file")], mount_cap("ext4"))).await), Code::ResourceExhausted, "bigger than the node");
+    assert_eq!(
+        code(c.create_volume(create_req("huge", 1 << 50, &[("kind", "file")], mount_cap("ext4"))).await),
+        Code::ResourceExhausted,
+        "bigger than the node"
+    );
     let mut elsewhere = create_req("n", 1 << 30, &[], mount_cap("ext4"));
     elsewhere.accessibility_requirements =
         Some(TopologyRequirement { requisite: vec![Topology { segments: params(&[("topology.thinbox.io/node", "node-b")]) }], preferred: vec![] });
     assert_eq!(code(c.create_volume(elsewhere).await), Code::ResourceExhausted, "another node's topology");
     assert_eq!(code(c.delete_volume(DeleteVolumeRequest::default()).await), Code::InvalidArgument);
     c.delete_volume(DeleteVolumeRequest { volume_id: "tb-block-999".into(), secrets: HashMap::new() }).await.unwrap();
-    let vvc = |id: &str| ValidateVolumeCapabilitiesRequest { volume_id: id.into(), volume_capabilities: vec![mount_cap("ext4")], ..Default::default() };
+    let vvc =
+        |id: &str| ValidateVolumeCapabilitiesRequest { volume_id: id.into(), volume_capabilities: vec![mount_cap("ext4")], ..Default::default() };
     assert_eq!(code(c.validate_volume_capabilities(vvc("tb-block-999")).await), Code::NotFound);
     assert!(c.validate_volume_capabilities(vvc(&ok.volume_id)).await.unwrap().into_inner().confirmed.is_some());
     let xfs = ValidateVolumeCapabilitiesRequest { volume_capabilities: vec![mount_cap("xfs")], ..vvc(&ok.volume_id) };
@@ -239,10 +258,18 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
     assert_eq!(code(n.node_publish_volume(p("tb-block-999", &target)).await), Code::NotFound, "unknown volume");
     assert_eq!(code(n.node_publish_volume(p(&ok.volume_id, Path::new("/etc/thinbox-escape"))).await), Code::InvalidArgument, "outside kubelet dir");
     assert_eq!(code(n.node_publish_volume(p(&ok.volume_id, &dotdot)).await), Code::InvalidArgument, "..");
-    assert_eq!(code(n.node_publish_volume(publish_req(&ok.volume_id, &target, mount_cap("xfs"), false, &[])).await), Code::InvalidArgument, "wrong fs");
+    assert_eq!(
+        code(n.node_publish_volume(publish_req(&ok.volume_id, &target, mount_cap("xfs"), false, &[])).await),
+        Code::InvalidArgument,
+        "wrong fs"
+    );
     assert!(!target.exists(), "failed publishes leave no target");
-    assert_eq!(code(n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: target.display().to_string() }).await), Code::InvalidArgument);
-    let stats = NodeGetVolumeStatsRequest { volume_id: ok.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() };
+    assert_eq!(
+        code(n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: target.display().to_string() }).await),
+        Code::InvalidArgument
+    );
+    let stats =
+        NodeGetVolumeStatsRequest { volume_id: ok.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() };
     assert_eq!(code(n.node_get_volume_stats(stats).await), Code::NotFound, "not published there");
     assert_eq!(code(n.node_stage_volume(NodeStageVolumeRequest::default()).await), Code::Unimplemented);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: ok.volume_id, secrets: HashMap::new() }).await.unwrap();
@@ -291,7 +318,11 @@ async fn grow_online(d: &mut Driver, fs: &str) {
         assert_eq!(d.ctl.controller_expand_volume(grow(1 << 30)).await.unwrap().into_inner().capacity_bytes, 1 << 30);
         assert_eq!(d.ctl.controller_expand_volume(grow(500 << 20)).await.unwrap().into_inner().capacity_bytes, 1 << 30);
         let path = target.display().to_string();
-        let r = d.node.node_expand_volume(NodeExpandVolumeRequest { volume_id: vol.volume_id.clone(), volume_path: path.clone(), ..Default::default() }).await.unwrap();
+        let r = d
+            .node
+            .node_expand_volume(NodeExpandVolumeRequest { volume_id: vol.volume_id.clone(), volume_path: path.clone(), ..Default::default() })
+            .await
+            .unwrap();
         assert_eq!(r.into_inner().capacity_bytes, 1 << 30);
         // The node alone can grow a volume too (one cluster-wide resizer never calls the controller side).
         let node_only = NodeExpandVolumeRequest {
@@ -374,8 +405,9 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
 
         // A clone of the live volume.
         let mut clone = create_req(&format!("clone-{kind}"), 0, &[("kind", kind)], mount_cap(fs));
-        clone.volume_content_source =
-            Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: vol.volume_id.clone() })) });
+        clone.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: vol.volume_id.clone() })),
+        });
         let cloned = d.ctl.create_volume(clone).await.unwrap().into_inner().volume.unwrap();
         assert_eq!(cloned.capacity_bytes, 400 << 20, "a clone without a range is its source's size");
         let ct = d.target(&format!("pod-c-{kind}"), "clone");
@@ -400,8 +432,14 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
         }
     }
     let c = &mut d.ctl;
-    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), name: "x".into(), ..Default::default() }).await), Code::NotFound);
-    assert_eq!(code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), ..Default::default() }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), name: "x".into(), ..Default::default() }).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), ..Default::default() }).await),
+        Code::InvalidArgument
+    );
     let mut from_missing = create_req("from-missing", 0, &[], mount_cap("ext4"));
     from_missing.volume_content_source = Some(snapshot_source("tb-snap-999"));
     assert_eq!(code(c.create_volume(from_missing).await), Code::NotFound);
@@ -423,7 +461,11 @@ async fn dir_volume_hard_project_quota_and_growth() {
     assert!(grown <= (300 << 20) + (16 << 20), "the host filesystem grew by about the quota at most: {grown}");
     let stats = d
         .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest { volume_id: vol.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() })
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -439,7 +481,10 @@ async fn dir_volume_hard_project_quota_and_growth() {
     let r = d.ctl.controller_expand_volume(grow).await.unwrap().into_inner();
     assert_eq!((r.capacity_bytes, r.node_expansion_required), (600 << 20, false));
     assert!(dd(&target.join("fill"), 400), "400MiB fit under the raised quota");
-    assert_eq!(code(d.ctl.create_snapshot(CreateSnapshotRequest { source_volume_id: vol.volume_id.clone(), name: "s".into(), ..Default::default() }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(d.ctl.create_snapshot(CreateSnapshotRequest { source_volume_id: vol.volume_id.clone(), name: "s".into(), ..Default::default() }).await),
+        Code::InvalidArgument
+    );
     assert_eq!(code(d.ctl.create_volume(create_req("dir-block", 300 << 20, &[("kind", "dir")], block_cap())).await), Code::InvalidArgument);
     unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();

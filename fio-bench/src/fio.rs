@@ -116,9 +116,16 @@ impl FioOutput {
     /// The measurement of `job` (read or write side by its pattern).
     pub fn measurement(&self, job: &Job) -> Result<Measurement, Error> {
         let name = job.name();
-        let j = self.jobs.iter().find(|j| j.jobname == name).ok_or_else(|| Error::FioResult { job: name.clone(), reason: "job missing from fio's output".into() })?;
+        let j = self
+            .jobs
+            .iter()
+            .find(|j| j.jobname == name)
+            .ok_or_else(|| Error::FioResult { job: name.clone(), reason: "job missing from fio's output".into() })?;
         if j.error != 0 {
-            return Err(Error::FioResult { job: name, reason: format!("fio reports error {} ({})", j.error, std::io::Error::from_raw_os_error(j.error as i32)) });
+            return Err(Error::FioResult {
+                job: name,
+                reason: format!("fio reports error {} ({})", j.error, std::io::Error::from_raw_os_error(j.error as i32)),
+            });
         }
         let d = if job.pattern.is_read() { &j.read } else { &j.write };
         let p99 = d
@@ -128,7 +135,14 @@ impl FioOutput {
             .find(|(k, _)| k.parse::<f64>().is_ok_and(|p| (p - 99.0).abs() < 1e-9))
             .map(|(_, v)| *v)
             .ok_or_else(|| Error::FioResult { job: name.clone(), reason: "no 99th percentile (no I/O completed?)".into() })?;
-        Ok(Measurement { iops: d.iops, bw_bytes: d.bw_bytes, p99_us: p99 as f64 / 1000.0, mean_us: d.lat_ns.mean / 1000.0, total_ios: d.total_ios, runtime_ms: d.runtime })
+        Ok(Measurement {
+            iops: d.iops,
+            bw_bytes: d.bw_bytes,
+            p99_us: p99 as f64 / 1000.0,
+            mean_us: d.lat_ns.mean / 1000.0,
+            total_ios: d.total_ios,
+            runtime_ms: d.runtime,
+        })
     }
 }
 
@@ -188,7 +202,12 @@ pub fn host_version() -> Result<String, Error> {
 /// Runs a command to completion (killing it after `timeout`); returns its
 /// stdout and stderr, or an error with their tail when it fails.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration, tool: &str) -> Result<String, Error> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|source| Error::Io { what: format!("starting {tool}"), source })?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Io { what: format!("starting {tool}"), source })?;
     let (out, err) = (child.stdout.take(), child.stderr.take());
     // Read both pipes on threads so a chatty child never blocks on a full pipe.
     let read = |p: Option<Box<dyn std::io::Read + Send>>| {
@@ -277,7 +296,8 @@ mod tests {
 
     #[test]
     fn rounds_combine_by_median() {
-        let m = |iops: f64, p99_us: f64| Measurement { iops, bw_bytes: (iops * 4096.0) as u64, p99_us, mean_us: 1.0, total_ios: 10, runtime_ms: 1000 };
+        let m =
+            |iops: f64, p99_us: f64| Measurement { iops, bw_bytes: (iops * 4096.0) as u64, p99_us, mean_us: 1.0, total_ios: 10, runtime_ms: 1000 };
         let c = Measurement::median(&[m(100.0, 9.0), m(300.0, 1.0), m(200.0, 5.0)]).unwrap();
         assert_eq!((c.iops, c.p99_us, c.total_ios, c.runtime_ms), (200.0, 5.0, 30, 3000));
         assert_eq!(Measurement::median(&[m(100.0, 1.0), m(200.0, 3.0)]).unwrap().iops, 150.0);

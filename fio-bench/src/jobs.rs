@@ -147,7 +147,11 @@ impl FromStr for JobFilter {
             return Ok(JobFilter::Depth(d));
         }
         let names: Vec<String> = Job::matrix().iter().map(Job::name).collect();
-        Err(format!("unknown job {s:?}: expected one of {}, a pattern ({}) or qd1/qd16", names.join(", "), Pattern::ALL.map(Pattern::name).join(", ")))
+        Err(format!(
+            "unknown job {s:?}: expected one of {}, a pattern ({}) or qd1/qd16",
+            names.join(", "),
+            Pattern::ALL.map(Pattern::name).join(", ")
+        ))
     }
 }
 
@@ -243,7 +247,19 @@ mod tests {
         let p = FioParams { runtime_secs: 10, ramp_secs: 2, file_size: 1 << 30, ioengine: "libaio".into() };
         let job = Job { pattern: Pattern::RandWrite4k, iodepth: 16 };
         let args = p.args(&job, "/mnt/t/fio.dat");
-        for want in ["--rw=randwrite", "--bs=4096", "--iodepth=16", "--direct=1", "--ioengine=libaio", "--size=1073741824", "--runtime=10", "--ramp_time=2", "--time_based=1", "--lat_percentiles=1", "--filename=/mnt/t/fio.dat"] {
+        for want in [
+            "--rw=randwrite",
+            "--bs=4096",
+            "--iodepth=16",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--size=1073741824",
+            "--runtime=10",
+            "--ramp_time=2",
+            "--time_based=1",
+            "--lat_percentiles=1",
+            "--filename=/mnt/t/fio.dat",
+        ] {
             assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
         }
         assert_eq!(p.job_secs(), 12);

@@ -282,7 +282,12 @@ impl Cli {
         rows.dedup();
         let jobs = jobs::select(&self.jobs);
         let (runtime, ramp, size) = if self.quick { (2, 1, Bytes(64 << 20)) } else { (10, 2, Bytes(1 << 30)) };
-        let params = FioParams { runtime_secs: self.runtime.unwrap_or(runtime), ramp_secs: self.ramp.unwrap_or(ramp), file_size: self.size.unwrap_or(size).get(), ioengine: "libaio".into() };
+        let params = FioParams {
+            runtime_secs: self.runtime.unwrap_or(runtime),
+            ramp_secs: self.ramp.unwrap_or(ramp),
+            file_size: self.size.unwrap_or(size).get(),
+            ioengine: "libaio".into(),
+        };
         if self.rounds == 0 {
             return Err(Error::Config("--rounds must be at least 1".into()));
         }
@@ -356,7 +361,13 @@ pub fn utc(secs: u64) -> String {
 }
 
 /// Sets up one row; `Err` carries the reason it has no numbers.
-fn setup_row(kind: RowKind, s: &Settings, cli: &Cli, guest: &Result<GuestConfig, String>, virtiofsd: &Result<Virtiofsd, String>) -> Result<Box<dyn Row>, Error> {
+fn setup_row(
+    kind: RowKind,
+    s: &Settings,
+    cli: &Cli,
+    guest: &Result<GuestConfig, String>,
+    virtiofsd: &Result<Virtiofsd, String>,
+) -> Result<Box<dyn Row>, Error> {
     let dir = s.work.join(kind.name());
     let g = || guest.as_ref().map_err(|e| Error::Unavailable(format!("no guest image: {e}")));
     Ok(match kind {
@@ -439,17 +450,18 @@ pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
     let guest = if needs_guest {
         let dir = cli.guest_cache_dir.clone().unwrap_or_else(GuestImage::default_cache_dir);
         progress(&format!("guest image in {} (built on first use)", dir.display()));
-        GuestImage::ensure(&dir).map(|image| GuestConfig {
-            image,
-            cpus: cli.guest_cpus,
-            mem_mib: cli.guest_mem_mib,
-            accel: match cli.accel {
-                AccelArg::Auto => AccelChoice::Auto,
-                AccelArg::Kvm => AccelChoice::Kvm,
-                AccelArg::Tcg => AccelChoice::Tcg,
-            },
-        })
-        .map_err(|e| chain(&e))
+        GuestImage::ensure(&dir)
+            .map(|image| GuestConfig {
+                image,
+                cpus: cli.guest_cpus,
+                mem_mib: cli.guest_mem_mib,
+                accel: match cli.accel {
+                    AccelArg::Auto => AccelChoice::Auto,
+                    AccelArg::Kvm => AccelChoice::Kvm,
+                    AccelArg::Tcg => AccelChoice::Tcg,
+                },
+            })
+            .map_err(|e| chain(&e))
     } else {
         Err("not needed".into())
     };
@@ -481,7 +493,17 @@ pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
     // 2. Jobs, interleaved across rows, the whole matrix once per round.
     let mut cells: Vec<Cell> = live
         .iter()
-        .flat_map(|r| s.jobs.iter().map(|j| Cell { row: r.info().kind, job: *j, result: None, rounds: Vec::new(), error: None, iops_vs_runc: None, p99_vs_runc: None }))
+        .flat_map(|r| {
+            s.jobs.iter().map(|j| Cell {
+                row: r.info().kind,
+                job: *j,
+                result: None,
+                rounds: Vec::new(),
+                error: None,
+                iops_vs_runc: None,
+                p99_vs_runc: None,
+            })
+        })
         .collect();
     let mut broken: Vec<(RowKind, String)> = Vec::new();
     'rounds: for round in 1..=cli.rounds {
@@ -549,7 +571,15 @@ pub fn main_with(cli: Cli) -> Result<Outcome, Error> {
     for info in &infos {
         if info.unavailable.is_some() {
             for job in &s.jobs {
-                cells.push(Cell { row: info.kind, job: *job, result: None, rounds: Vec::new(), error: info.unavailable.clone(), iops_vs_runc: None, p99_vs_runc: None });
+                cells.push(Cell {
+                    row: info.kind,
+                    job: *job,
+                    result: None,
+                    rounds: Vec::new(),
+                    error: info.unavailable.clone(),
+                    iops_vs_runc: None,
+                    p99_vs_runc: None,
+                });
             }
         }
     }
@@ -597,7 +627,10 @@ mod tests {
 
     #[test]
     fn cli_filters_and_checks() {
-        let s = Cli::try_parse_from(["fio-bench", "--rows", "thinbox-rootfs,runc,9p", "--jobs", "qd16", "--size", "128MiB"]).expect("parses").settings().expect("valid");
+        let s = Cli::try_parse_from(["fio-bench", "--rows", "thinbox-rootfs,runc,9p", "--jobs", "qd16", "--size", "128MiB"])
+            .expect("parses")
+            .settings()
+            .expect("valid");
         assert_eq!(s.rows, vec![RowKind::Runc, RowKind::NineP, RowKind::ThinboxRootfs], "table order, whatever the order given");
         assert!(s.jobs.iter().all(|j| j.iodepth == 16) && s.jobs.len() == 4);
         assert!(Cli::try_parse_from(["fio-bench", "--rows", "docker"]).is_err());

@@ -6,7 +6,10 @@ use clap::Parser;
 use fio_bench::{Cli, Outcome, main_with};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_env("THINBOX_LOG").unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("THINBOX_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
     match main_with(Cli::parse()) {
         Ok(Outcome::Complete(_)) => ExitCode::SUCCESS,
         Ok(Outcome::Partial(_, failures)) => {

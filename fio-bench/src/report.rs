@@ -186,7 +186,8 @@ impl Report {
     /// Fills in the ratio columns, the headline and the target checks from
     /// the cells.
     pub fn compute(&mut self) {
-        let base: Vec<(Job, Measurement)> = self.cells.iter().filter(|c| c.row == RowKind::Runc).filter_map(|c| c.result.map(|m| (c.job, m))).collect();
+        let base: Vec<(Job, Measurement)> =
+            self.cells.iter().filter(|c| c.row == RowKind::Runc).filter_map(|c| c.result.map(|m| (c.job, m))).collect();
         for c in &mut self.cells {
             let b = base.iter().find(|(j, _)| *j == c.job).map(|(_, m)| *m);
             (c.iops_vs_runc, c.p99_vs_runc) = match (c.result, b) {
@@ -339,7 +340,10 @@ impl Report {
     }
 
     fn target_lines(&self) -> Vec<String> {
-        self.targets.iter().map(|t| format!("Target (KVM hosts) {} ≥ {}: measured {} — {}", t.what, fmt_ratio(Some(t.target)), fmt_ratio(t.measured), t.verdict())).collect()
+        self.targets
+            .iter()
+            .map(|t| format!("Target (KVM hosts) {} ≥ {}: measured {} — {}", t.what, fmt_ratio(Some(t.target)), fmt_ratio(t.measured), t.verdict()))
+            .collect()
     }
 
     /// Plain text for a terminal: aligned tables.
@@ -414,7 +418,9 @@ fn markdown_table(header: &[String], lines: &[Vec<String>], right_from: usize) -
 }
 
 fn aligned(header: &[String], lines: &[Vec<String>]) -> String {
-    let width = |i: usize| std::iter::once(header).chain(lines.iter().map(Vec::as_slice)).filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0);
+    let width = |i: usize| {
+        std::iter::once(header).chain(lines.iter().map(Vec::as_slice)).filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)
+    };
     let widths: Vec<usize> = (0..header.len()).map(width).collect();
     let mut s = String::new();
     for l in std::iter::once(header).chain(lines.iter().map(Vec::as_slice)) {
@@ -480,7 +486,15 @@ pub(crate) mod tests {
             RowInfo { kind: RowKind::NineP, guest: guest(accel), setup: "9p msize=512000".into(), unavailable: None },
             RowInfo { kind: RowKind::ThinboxRootfs, guest: guest(accel), setup: "reflink snapshot".into(), unavailable: None },
         ];
-        let cell = |row, job: Job, result: Option<Measurement>| Cell { row, job, result, rounds: result.into_iter().collect(), error: result.is_none().then(|| "fio failed".to_owned()), iops_vs_runc: None, p99_vs_runc: None };
+        let cell = |row, job: Job, result: Option<Measurement>| Cell {
+            row,
+            job,
+            result,
+            rounds: result.into_iter().collect(),
+            error: result.is_none().then(|| "fio failed".to_owned()),
+            iops_vs_runc: None,
+            p99_vs_runc: None,
+        };
         let cells = vec![
             cell(RowKind::Runc, jobs[0], Some(m(80_000.0, 400.0, 4096))),
             cell(RowKind::Runc, jobs[1], Some(m(4_000.0, 500.0, 131_072))),
@@ -500,7 +514,20 @@ pub(crate) mod tests {
             load_end: 1.0,
         };
         let params = FioParams { runtime_secs: 10, ramp_secs: 2, file_size: 1 << 30, ioengine: "libaio".into() };
-        let mut r = Report { mode: "full".into(), started: "2026-11-23 18:00".into(), host, params, rounds: 1, rows, jobs, cells, headline: None, targets: vec![], notes: vec![], wall_secs: 600.0 };
+        let mut r = Report {
+            mode: "full".into(),
+            started: "2026-11-23 18:00".into(),
+            host,
+            params,
+            rounds: 1,
+            rows,
+            jobs,
+            cells,
+            headline: None,
+            targets: vec![],
+            notes: vec![],
+            wall_secs: 600.0,
+        };
         r.compute();
         r
     }
@@ -542,7 +569,10 @@ pub(crate) mod tests {
     fn tables_label_every_number_with_where_it_ran() {
         let r = sample("TCG");
         let md = r.to_markdown();
-        assert!(md.contains("| 4k randread qd16 | Thinbox virtio-blk rootfs | guest TCG, 2 vCPU, 1024 MiB | 8000 | 31.2 | 4000 | 0.10× | 10.00× |"), "{md}");
+        assert!(
+            md.contains("| 4k randread qd16 | Thinbox virtio-blk rootfs | guest TCG, 2 vCPU, 1024 MiB | 8000 | 31.2 | 4000 | 0.10× | 10.00× |"),
+            "{md}"
+        );
         assert!(md.contains("| 4k randread qd16 | runC (overlayfs) | host | 80000 | 312 | 400 | baseline | baseline |"), "{md}");
         assert!(md.contains("failed (see below)") && md.contains("* Failed: 9p / 128k seq write qd1: fio failed"), "{md}");
         assert!(md.contains("= 4.00×"));

@@ -43,7 +43,14 @@ pub fn render(report: &Report) -> Result<String, ChartError> {
         let bottom = values.iter().copied().fold(top, f64::min);
         // Whole decades around the data, so the log axis has round ticks.
         let (lo, hi) = (10f64.powf(bottom.log10().floor()).min(top / 10.0), 10f64.powf(top.log10().ceil() + 0.3));
-        let guests: Vec<String> = report.rows.iter().filter_map(|r| r.guest.as_ref()).map(|g| format!("{}, {} vCPU, {} MiB", g.accel, g.cpus, g.mem_mib)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let guests: Vec<String> = report
+            .rows
+            .iter()
+            .filter_map(|r| r.guest.as_ref())
+            .map(|g| format!("{}, {} vCPU, {} MiB", g.accel, g.cpus, g.mem_mib))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let caption = format!(
             "fio IOPS (log scale), direct I/O, {} s per job — guests: {} — host: {}",
             report.params.runtime_secs,
@@ -89,10 +96,19 @@ pub fn render(report: &Report) -> Result<String, ChartError> {
             if kind != RowKind::Runc {
                 // Upright labels of neighbouring bars would overlap: written bottom to top.
                 let font = ("sans-serif", 10).into_font().transform(FontTransform::Rotate270).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
-                chart.draw_series(bars.iter().map(|&(x0, x1, v, r)| Text::new(fmt_ratio(r), ((x0 + x1) / 2.0, v * 1.08), font.clone()))).map_err(err)?;
+                chart
+                    .draw_series(bars.iter().map(|&(x0, x1, v, r)| Text::new(fmt_ratio(r), ((x0 + x1) / 2.0, v * 1.08), font.clone())))
+                    .map_err(err)?;
             }
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 12)).draw().map_err(err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(err)?;
         // Job names under each group, in pixels (outside the plotting area).
         let label = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
         for (ji, job) in report.jobs.iter().enumerate() {
@@ -104,7 +120,12 @@ pub fn render(report: &Report) -> Result<String, ChartError> {
             Some(h) => format!("Thinbox virtio-blk rootfs / 9p, 4k randread qd16: {}", fmt_ratio(Some(h))),
             None => "Thinbox virtio-blk rootfs / 9p, 4k randread qd16: no measurement".to_owned(),
         };
-        root.draw(&Text::new(format!("{headline}. Labels on bars: IOPS / runC. {} UTC, {} mode.", report.started, report.mode), (80, HEIGHT as i32 - 16), foot)).map_err(err)?;
+        root.draw(&Text::new(
+            format!("{headline}. Labels on bars: IOPS / runC. {} UTC, {} mode.", report.started, report.mode),
+            (80, HEIGHT as i32 - 16),
+            foot,
+        ))
+        .map_err(err)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -122,7 +143,17 @@ mod tests {
         let r = sample("TCG");
         let svg = render(&r).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        for want in ["runC (overlayfs)", "9p", "Thinbox virtio-blk rootfs", "4k randread qd16", "128k seq write qd1", "TCG, 2 vCPU, 1024 MiB", "AMD EPYC", "fio-3.33", "4.00×"] {
+        for want in [
+            "runC (overlayfs)",
+            "9p",
+            "Thinbox virtio-blk rootfs",
+            "4k randread qd16",
+            "128k seq write qd1",
+            "TCG, 2 vCPU, 1024 MiB",
+            "AMD EPYC",
+            "fio-3.33",
+            "4.00×",
+        ] {
             assert!(svg.contains(want), "{want} missing");
         }
         // Bars in the three row colours: runC 2, 9p 1 (one cell failed), rootfs 2.

@@ -27,7 +27,8 @@ impl Mounted {
     pub fn new(source: &Path, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> Result<Mounted, Error> {
         std::fs::create_dir_all(target).map_err(Error::io(format!("creating {}", target.display())))?;
         let data = CString::new(data).map_err(|_| Error::Config("mount data holds a NUL byte".into()))?;
-        mount(source, target, fstype, flags, data.as_c_str()).map_err(|e| Error::io(format!("mounting {} ({fstype}) at {}", source.display(), target.display()))(e.into()))?;
+        mount(source, target, fstype, flags, data.as_c_str())
+            .map_err(|e| Error::io(format!("mounting {} ({fstype}) at {}", source.display(), target.display()))(e.into()))?;
         Ok(Mounted { target: target.to_owned(), mounted: true })
     }
 
@@ -144,7 +145,10 @@ impl Daemon {
                 return Err(Error::Tool { tool: self.name.clone(), reason: format!("exited {status}: {}", self.log_tail()) });
             }
             if Instant::now() >= deadline {
-                return Err(Error::Tool { tool: self.name.clone(), reason: format!("no {} after {} s: {}", path.display(), timeout.as_secs(), self.log_tail()) });
+                return Err(Error::Tool {
+                    tool: self.name.clone(),
+                    reason: format!("no {} after {} s: {}", path.display(), timeout.as_secs(), self.log_tail()),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }

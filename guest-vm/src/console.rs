@@ -130,7 +130,9 @@ impl Console {
                 Ok(())
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => Ok(()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Err(Error::Exited { status: "unknown".into(), tail: self.tail() }),
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+                Err(Error::Exited { status: "unknown".into(), tail: self.tail() })
+            }
             Err(e) => Err(Error::io("read", &self.log_path)(e)),
         }
     }
@@ -159,7 +161,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (host, guest) = UnixStream::pair().unwrap();
         // The guest loop without its port set-up and power-off.
-        let body: String = include_str!("guest/console.sh").lines().filter(|l| !l.starts_with("exec ") && !l.starts_with("poweroff")).collect::<Vec<_>>().join("\n");
+        let body: String =
+            include_str!("guest/console.sh").lines().filter(|l| !l.starts_with("exec ") && !l.starts_with("poweroff")).collect::<Vec<_>>().join("\n");
         let body = body.replace("/tmp/.thinbox-script", &tmp.path().join("s").display().to_string());
         let guest_in = guest.try_clone().unwrap();
         let mut sh = std::process::Command::new("busybox")

@@ -13,11 +13,23 @@ use std::path::{Path, PathBuf};
 pub enum Entry {
     Dir,
     /// Contents copied from this host file (symlinks followed).
-    File { from: PathBuf, mode: u32 },
+    File {
+        from: PathBuf,
+        mode: u32,
+    },
     /// Contents given inline.
-    Data { data: Vec<u8>, mode: u32 },
-    Symlink { target: String },
-    CharDev { major: u32, minor: u32, mode: u32 },
+    Data {
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
+    CharDev {
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
 }
 
 /// Archive contents by path (relative, no leading slash). Parent directories

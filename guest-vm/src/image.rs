@@ -93,7 +93,14 @@ impl GuestImage {
         let unused = std::time::Duration::from_secs(2 * 24 * 3600);
         for e in fs::read_dir(cache_dir).map_err(Error::io("list", cache_dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let stale = || e.path().join("initramfs.cpio").metadata().and_then(|m| m.accessed()).map(|t| t.elapsed().unwrap_or_default() > unused).unwrap_or(true);
+            let stale = || {
+                e.path()
+                    .join("initramfs.cpio")
+                    .metadata()
+                    .and_then(|m| m.accessed())
+                    .map(|t| t.elapsed().unwrap_or_default() > unused)
+                    .unwrap_or(true)
+            };
             if name.starts_with(".build-") || (e.path() != dir && e.path().is_dir() && !name.starts_with('.') && stale()) {
                 let _ = fs::remove_dir_all(e.path());
             }
@@ -145,7 +152,11 @@ fn current_kernel_package() -> Result<String, Error> {
 }
 
 fn parse_kernel_package(apt_cache_depends: &str) -> Option<String> {
-    apt_cache_depends.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")).find(|p| p.starts_with("linux-image-") && !p.contains('<')).map(str::to_owned)
+    apt_cache_depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && !p.contains('<'))
+        .map(str::to_owned)
 }
 
 fn build(package: &str, version: &str, tmp: &Path) -> Result<(), Error> {
@@ -193,7 +204,11 @@ fn build(package: &str, version: &str, tmp: &Path) -> Result<(), Error> {
             };
             let rel = Path::new(path)
                 .strip_prefix(&modules_root)
-                .map_err(|_| Error::Tool { tool: "modprobe".into(), status: "0".into(), stderr: format!("module outside {}: {path}", modules_root.display()) })?
+                .map_err(|_| Error::Tool {
+                    tool: "modprobe".into(),
+                    status: "0".into(),
+                    stderr: format!("module outside {}: {path}", modules_root.display()),
+                })?
                 .to_string_lossy()
                 .into_owned();
             if included.insert(rel.clone()) {
@@ -275,7 +290,11 @@ fn add_binary(archive: &mut Archive, host: &Path, guest_path: &str) -> Result<()
         if text.contains("not a dynamic executable") || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable") {
             return Ok(());
         }
-        return Err(Error::Tool { tool: format!("ldd {}", host.display()), status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() });
+        return Err(Error::Tool {
+            tool: format!("ldd {}", host.display()),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     for lib in parse_ldd(&text).map_err(|missing| Error::MissingLibrary { binary: host.to_owned(), library: missing })? {
         if !archive.contains(&lib) {

@@ -110,7 +110,9 @@ fn disk(id: &str, path: &Path, serial: &str, bus: String) -> Disk {
 /// Checks the device `dev` left the guest after an unplug.
 fn assert_gone_from_guest(vm: &mut Vm, dev: &str) {
     let name = dev.trim_start_matches("/dev/");
-    let out = vm.run(&format!("i=0; while [ -e /sys/block/{name} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e /sys/block/{name} ]"), T).unwrap();
+    let out = vm
+        .run(&format!("i=0; while [ -e /sys/block/{name} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e /sys/block/{name} ]"), T)
+        .unwrap();
     assert!(out.success(), "{dev} still in the guest after unplug: {}", out.stdout);
 }
 
@@ -149,7 +151,11 @@ fn boots_reports_accel_and_round_trips_commands() {
     assert!(engines.contains("libaio") && engines.contains("io_uring"), "{engines}");
     vm.run_ok("mkfs.ext4 -V && mkfs.xfs -V && dmsetup version", T).unwrap();
     // A filesystem module loads on first mount (busybox modprobe, kernel request).
-    vm.run_ok("truncate -s 32M /tmp/e.img && mkfs.ext4 -q /tmp/e.img && mkdir -p /mnt/e && mount -t ext4 -o loop /tmp/e.img /mnt/e && umount /mnt/e", T).unwrap();
+    vm.run_ok(
+        "truncate -s 32M /tmp/e.img && mkfs.ext4 -q /tmp/e.img && mkdir -p /mnt/e && mount -t ext4 -o loop /tmp/e.img /mnt/e && umount /mnt/e",
+        T,
+    )
+    .unwrap();
 
     // A time limit poisons the console; the VM is then only good for dropping.
     let t = Instant::now();
@@ -251,9 +257,14 @@ fn boot_disks_9p_and_virtiofs_reach_the_guest() {
     assert_eq!(lines[2].split_whitespace().next(), Some(host_md5.as_str()), "the guest reads the host's bytes");
     assert!(matches!(vm.wait_for_disk("nosuchdisk", Duration::from_secs(1)), Err(Error::Timeout { .. })));
 
-    vm.run_ok("mkdir -p /mnt/9p && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share /mnt/9p && echo from-guest > /mnt/9p/written && sync", T).unwrap();
+    vm.run_ok(
+        "mkdir -p /mnt/9p && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share /mnt/9p && echo from-guest > /mnt/9p/written && sync",
+        T,
+    )
+    .unwrap();
     assert_eq!(std::fs::read_to_string(share.join("written")).unwrap(), "from-guest\n");
-    let got = vm.run_ok("mkdir -p /mnt/vfs && mount -t virtiofs vfs /mnt/vfs && cat /mnt/vfs/from-host && umount /mnt/vfs && umount /mnt/9p", T).unwrap();
+    let got =
+        vm.run_ok("mkdir -p /mnt/vfs && mount -t virtiofs vfs /mnt/vfs && cat /mnt/vfs/from-host && umount /mnt/vfs && umount /mnt/9p", T).unwrap();
     assert_eq!(got, "over virtio-fs");
     vm.shutdown().unwrap();
     virtiofsd.stop();
@@ -382,9 +393,15 @@ async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> t
 }
 
 async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) {
-    c.commit(snap_req(CommitSnapshotRequest { snapshotter: "thinbox".into(), name: name.into(), key: key.into(), labels: HashMap::new(), parent: String::new() }))
-        .await
-        .unwrap();
+    c.commit(snap_req(CommitSnapshotRequest {
+        snapshotter: "thinbox".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+        parent: String::new(),
+    }))
+    .await
+    .unwrap();
 }
 
 async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) {
@@ -710,7 +727,11 @@ async fn csi_file_volume_for_kata_is_exactly_its_size_in_the_guest() {
         qmp.hotplug(&d).await.unwrap();
         tokio::task::block_in_place(|| {
             let gdev = vm.wait_for_disk(&serial, T).unwrap();
-            assert_eq!(vm.run_ok(&format!("blockdev --getsize64 {gdev}"), T).unwrap().trim(), SIZE.to_string(), "the guest's disk is the volume's size");
+            assert_eq!(
+                vm.run_ok(&format!("blockdev --getsize64 {gdev}"), T).unwrap().trim(),
+                SIZE.to_string(),
+                "the guest's disk is the volume's size"
+            );
             if raw {
                 // The whole device takes writes; one block past its end does not.
                 let mib = SIZE >> 20;
@@ -719,7 +740,9 @@ async fn csi_file_volume_for_kata_is_exactly_its_size_in_the_guest() {
                 assert_ne!(past.status, 0, "a write past the end must fail: {}", past.stdout);
             } else {
                 let opts = record.options.join(",");
-                let fill = vm.run(&format!("mkdir -p /mnt/v && mount -t ext4 -o {opts} {gdev} /mnt/v && dd if=/dev/zero of=/mnt/v/fill bs=1M 2>&1"), T).unwrap();
+                let fill = vm
+                    .run(&format!("mkdir -p /mnt/v && mount -t ext4 -o {opts} {gdev} /mnt/v && dd if=/dev/zero of=/mnt/v/fill bs=1M 2>&1"), T)
+                    .unwrap();
                 assert_ne!(fill.status, 0, "the writer runs into ENOSPC: {}", fill.stdout);
                 let written: u64 = vm.run_ok("sync; stat -c %s /mnt/v/fill; umount /mnt/v", T).unwrap().trim().parse().unwrap();
                 assert!(written <= SIZE && written > SIZE / 2, "the guest wrote {written} bytes into a {SIZE}-byte volume");

@@ -58,13 +58,7 @@ fn node_publish_volume_request_encodes_with_spec_field_numbers() {
         volume_context: map(&[("pool", "thin0")]),
         ..Default::default()
     };
-    let expected = [
-        len(1, "vol-1"),
-        len(4, "/var/lib/kubelet/pods/p/volumes/v/mount"),
-        varint(6, 1),
-        map_entry(8, "pool", "thin0"),
-    ]
-    .concat();
+    let expected = [len(1, "vol-1"), len(4, "/var/lib/kubelet/pods/p/volumes/v/mount"), varint(6, 1), map_entry(8, "pool", "thin0")].concat();
     assert_eq!(req.encode_to_vec(), expected);
     assert_eq!(expected[0], 0x0a, "volume_id: field 1, length-delimited");
 }
@@ -88,10 +82,7 @@ fn node_publish_volume_request_decodes_every_spec_field() {
     assert_eq!(req.staging_target_path, "/staging");
     assert_eq!(req.target_path, "/target");
     let cap = req.volume_capability.expect("volume_capability");
-    assert!(matches!(
-        cap.access_type,
-        Some(csi::volume_capability::AccessType::Block(_))
-    ));
+    assert!(matches!(cap.access_type, Some(csi::volume_capability::AccessType::Block(_))));
     assert!(req.readonly);
     assert_eq!(req.secrets, map(&[("sec", "s")]));
     assert_eq!(req.volume_context, map(&[("ctx", "c")]));
@@ -105,9 +96,7 @@ fn volume_capability_oneof_and_access_mode_numbers() {
     // AccessMode access_mode = 3; AccessMode.mode = 1.
     let block = csi::VolumeCapability {
         access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
     };
     assert_eq!(block.encode_to_vec(), [len(1, []), len(3, varint(1, 1))].concat());
 
@@ -118,20 +107,11 @@ fn volume_capability_oneof_and_access_mode_numbers() {
             mount_flags: vec!["noatime".into()],
             volume_mount_group: "1000".into(),
         })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeMultiWriter as i32,
-        }),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeMultiWriter as i32 }),
     };
-    let expected = [
-        len(2, [len(1, "ext4"), len(2, "noatime"), len(3, "1000")].concat()),
-        len(3, varint(1, 7)),
-    ]
-    .concat();
+    let expected = [len(2, [len(1, "ext4"), len(2, "noatime"), len(3, "1000")].concat()), len(3, varint(1, 7))].concat();
     assert_eq!(mount.encode_to_vec(), expected);
-    assert_eq!(
-        csi::VolumeCapability::decode(expected.as_slice()).expect("decode"),
-        mount
-    );
+    assert_eq!(csi::VolumeCapability::decode(expected.as_slice()).expect("decode"), mount);
 }
 
 #[test]
@@ -149,22 +129,13 @@ fn create_volume_request_decodes_every_spec_field() {
         map_entry(4, "param", "a"),
         map_entry(5, "secret", "b"),
         len(6, len(1, len(1, "snap-1"))),
-        len(
-            7,
-            [len(1, map_entry(1, "zone", "z1")), len(2, map_entry(1, "zone", "z2"))].concat(),
-        ),
+        len(7, [len(1, map_entry(1, "zone", "z1")), len(2, map_entry(1, "zone", "z2"))].concat()),
         map_entry(8, "iops", "3000"),
     ]
     .concat();
     let req = csi::CreateVolumeRequest::decode(bytes.as_slice()).expect("decode");
     assert_eq!(req.name, "pvc-1");
-    assert_eq!(
-        req.capacity_range,
-        Some(csi::CapacityRange {
-            required_bytes: 100,
-            limit_bytes: 120
-        })
-    );
+    assert_eq!(req.capacity_range, Some(csi::CapacityRange { required_bytes: 100, limit_bytes: 120 }));
     assert_eq!(req.volume_capabilities.len(), 1);
     match &req.volume_capabilities[0].access_type {
         Some(csi::volume_capability::AccessType::Mount(m)) => assert_eq!(m.fs_type, "xfs"),
@@ -194,20 +165,10 @@ fn modify_volume_and_validate_capabilities_mutable_parameters() {
     // Spec: ControllerModifyVolumeRequest volume_id = 1, secrets = 2,
     // mutable_parameters = 3; ValidateVolumeCapabilitiesRequest
     // mutable_parameters = 6.
-    let req = csi::ControllerModifyVolumeRequest {
-        volume_id: "v".into(),
-        secrets: map(&[("s", "1")]),
-        mutable_parameters: map(&[("m", "2")]),
-    };
-    assert_eq!(
-        req.encode_to_vec(),
-        [len(1, "v"), map_entry(2, "s", "1"), map_entry(3, "m", "2")].concat()
-    );
+    let req = csi::ControllerModifyVolumeRequest { volume_id: "v".into(), secrets: map(&[("s", "1")]), mutable_parameters: map(&[("m", "2")]) };
+    assert_eq!(req.encode_to_vec(), [len(1, "v"), map_entry(2, "s", "1"), map_entry(3, "m", "2")].concat());
 
-    let req = csi::ValidateVolumeCapabilitiesRequest {
-        mutable_parameters: map(&[("m", "2")]),
-        ..Default::default()
-    };
+    let req = csi::ValidateVolumeCapabilitiesRequest { mutable_parameters: map(&[("m", "2")]), ..Default::default() };
     assert_eq!(req.encode_to_vec(), map_entry(6, "m", "2"));
 }
 
@@ -216,23 +177,13 @@ fn well_known_types_are_wrappers_on_the_wire() {
     // Spec: ProbeResponse { google.protobuf.BoolValue ready = 1; }. An explicit
     // false must be sent (as an empty BoolValue), unlike an unset field.
     assert_eq!(csi::ProbeResponse { ready: Some(false) }.encode_to_vec(), len(1, []));
-    assert_eq!(
-        csi::ProbeResponse { ready: Some(true) }.encode_to_vec(),
-        len(1, varint(1, 1))
-    );
+    assert_eq!(csi::ProbeResponse { ready: Some(true) }.encode_to_vec(), len(1, varint(1, 1)));
     assert!(csi::ProbeResponse { ready: None }.encode_to_vec().is_empty());
 
     // Spec: GetCapacityResponse available_capacity = 1 (int64),
     // maximum_volume_size = 2 and minimum_volume_size = 3 (Int64Value).
-    let resp = csi::GetCapacityResponse {
-        available_capacity: 5,
-        maximum_volume_size: Some(100),
-        minimum_volume_size: Some(1),
-    };
-    assert_eq!(
-        resp.encode_to_vec(),
-        [varint(1, 5), len(2, varint(1, 100)), len(3, varint(1, 1))].concat()
-    );
+    let resp = csi::GetCapacityResponse { available_capacity: 5, maximum_volume_size: Some(100), minimum_volume_size: Some(1) };
+    assert_eq!(resp.encode_to_vec(), [varint(1, 5), len(2, varint(1, 100)), len(3, varint(1, 1))].concat());
 
     // Spec: Snapshot size_bytes = 1, snapshot_id = 2, source_volume_id = 3,
     // creation_time = 4 (Timestamp: seconds = 1, nanos = 2), ready_to_use = 5,
@@ -245,15 +196,7 @@ fn well_known_types_are_wrappers_on_the_wire() {
         ready_to_use: true,
         group_snapshot_id: "g".into(),
     };
-    let expected = [
-        varint(1, 7),
-        len(2, "s"),
-        len(3, "v"),
-        len(4, [varint(1, 1), varint(2, 2)].concat()),
-        varint(5, 1),
-        len(6, "g"),
-    ]
-    .concat();
+    let expected = [varint(1, 7), len(2, "s"), len(3, "v"), len(4, [varint(1, 1), varint(2, 2)].concat()), varint(5, 1), len(6, "g")].concat();
     assert_eq!(snap.encode_to_vec(), expected);
 }
 
@@ -263,29 +206,23 @@ fn capability_oneofs() {
     // RPC.type = 1. PluginCapability { oneof type { Service service = 1;
     // VolumeExpansion volume_expansion = 2; } }, each with type = 1.
     let cap = csi::ControllerServiceCapability {
-        r#type: Some(csi::controller_service_capability::Type::Rpc(
-            csi::controller_service_capability::Rpc {
-                r#type: csi::controller_service_capability::rpc::Type::ModifyVolume as i32,
-            },
-        )),
+        r#type: Some(csi::controller_service_capability::Type::Rpc(csi::controller_service_capability::Rpc {
+            r#type: csi::controller_service_capability::rpc::Type::ModifyVolume as i32,
+        })),
     };
     assert_eq!(cap.encode_to_vec(), len(1, varint(1, 14)));
 
     let cap = csi::NodeServiceCapability {
-        r#type: Some(csi::node_service_capability::Type::Rpc(
-            csi::node_service_capability::Rpc {
-                r#type: csi::node_service_capability::rpc::Type::StageUnstageVolume as i32,
-            },
-        )),
+        r#type: Some(csi::node_service_capability::Type::Rpc(csi::node_service_capability::Rpc {
+            r#type: csi::node_service_capability::rpc::Type::StageUnstageVolume as i32,
+        })),
     };
     assert_eq!(cap.encode_to_vec(), len(1, varint(1, 1)));
 
     let cap = csi::PluginCapability {
-        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
-            csi::plugin_capability::VolumeExpansion {
-                r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
-            },
-        )),
+        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(csi::plugin_capability::VolumeExpansion {
+            r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+        })),
     };
     assert_eq!(cap.encode_to_vec(), len(2, varint(1, 1)));
 }
@@ -381,14 +318,8 @@ fn plugin_group_and_usage_values() {
             ("SNAPSHOT_METADATA_SERVICE", 4),
         ]
     );
-    assert_enum!(
-        csi::plugin_capability::volume_expansion::Type,
-        [("UNKNOWN", 0), ("ONLINE", 1), ("OFFLINE", 2),]
-    );
-    assert_enum!(
-        csi::group_controller_service_capability::rpc::Type,
-        [("UNKNOWN", 0), ("CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT", 1),]
-    );
+    assert_enum!(csi::plugin_capability::volume_expansion::Type, [("UNKNOWN", 0), ("ONLINE", 1), ("OFFLINE", 2),]);
+    assert_enum!(csi::group_controller_service_capability::rpc::Type, [("UNKNOWN", 0), ("CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT", 1),]);
     assert_enum!(csi::volume_usage::Unit, [("UNKNOWN", 0), ("BYTES", 1), ("INODES", 2)]);
 }
 

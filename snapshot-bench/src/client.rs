@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
-use thinbox_proto::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
-};
+use thinbox_proto::snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, ViewSnapshotRequest};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
@@ -39,24 +37,17 @@ impl Target {
     /// single request.
     pub async fn connect(spec: TargetSpec, timeout: Duration) -> Result<Self, Error> {
         let namespace = match &spec.namespace {
-            Some(ns) => Some(ns.parse::<AsciiMetadataValue>().map_err(|_| {
-                Error::Config(format!("namespace {ns:?} is not a valid gRPC header value"))
-            })?),
+            Some(ns) => {
+                Some(ns.parse::<AsciiMetadataValue>().map_err(|_| Error::Config(format!("namespace {ns:?} is not a valid gRPC header value")))?)
+            }
             None => None,
         };
-        let channel = thinbox_proto::unix_channel(spec.socket.clone(), timeout)
-            .await
-            .map_err(|source| Error::Connect {
-                target: spec.name.clone(),
-                socket: spec.socket.clone(),
-                source: Box::new(source),
-            })?;
-        Ok(Target {
-            spec: Arc::new(spec),
-            client: SnapshotsClient::new(channel),
-            namespace,
-            ledger: Arc::new(Mutex::new(Vec::new())),
-        })
+        let channel = thinbox_proto::unix_channel(spec.socket.clone(), timeout).await.map_err(|source| Error::Connect {
+            target: spec.name.clone(),
+            socket: spec.socket.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(Target { spec: Arc::new(spec), client: SnapshotsClient::new(channel), namespace, ledger: Arc::new(Mutex::new(Vec::new())) })
     }
 
     /// Target name.
@@ -73,16 +64,11 @@ impl Target {
     }
 
     fn labels() -> HashMap<String, String> {
-        HashMap::from([(
-            GC_ROOT_LABEL.to_owned(),
-            "thinbox-snapshot-bench".to_owned(),
-        )])
+        HashMap::from([(GC_ROOT_LABEL.to_owned(), "thinbox-snapshot-bench".to_owned())])
     }
 
     fn ledger(&self) -> MutexGuard<'_, Vec<String>> {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn note(&self, key: &str) {
@@ -108,14 +94,7 @@ impl Target {
     /// ledger only if the service may have created it anyway.
     fn failed_create(&self, op: &'static str, key: &str, status: tonic::Status) -> Error {
         use tonic::Code;
-        let ambiguous = matches!(
-            status.code(),
-            Code::Unknown
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::Unavailable
-                | Code::Internal
-        );
+        let ambiguous = matches!(status.code(), Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable | Code::Internal);
         if !ambiguous {
             self.forget(key);
         }
@@ -123,12 +102,7 @@ impl Target {
     }
 
     fn rpc_error(&self, op: &'static str, key: &str, status: tonic::Status) -> Error {
-        Error::Rpc {
-            target: self.spec.name.clone(),
-            op,
-            key: key.to_owned(),
-            status: Box::new(status),
-        }
+        Error::Rpc { target: self.spec.name.clone(), op, key: key.to_owned(), status: Box::new(status) }
     }
 
     /// `Prepare(key, parent)`; returns the call's latency.
@@ -199,21 +173,12 @@ impl Target {
         match res {
             Err(status) if status.code() == tonic::Code::NotFound => Ok(took),
             Err(status) => Err(self.rpc_error("remove (missing key)", key, status)),
-            Ok(_) => Err(Error::Internal(format!(
-                "target {}: Remove of {key:?}, which was never created, succeeded",
-                self.name()
-            ))),
+            Ok(_) => Err(Error::Internal(format!("target {}: Remove of {key:?}, which was never created, succeeded", self.name()))),
         }
     }
 
-    async fn timed_remove(
-        &self,
-        key: &str,
-    ) -> (Result<tonic::Response<()>, tonic::Status>, Duration) {
-        let req = self.request(RemoveSnapshotRequest {
-            snapshotter: self.spec.snapshotter.clone(),
-            key: key.to_owned(),
-        });
+    async fn timed_remove(&self, key: &str) -> (Result<tonic::Response<()>, tonic::Status>, Duration) {
+        let req = self.request(RemoveSnapshotRequest { snapshotter: self.spec.snapshotter.clone(), key: key.to_owned() });
         timed(self.client.clone().remove(req)).await
     }
 
@@ -251,10 +216,7 @@ async fn timed<T>(call: impl std::future::Future<Output = T>) -> (T, Duration) {
 /// Reads `VmRSS` of `pid` from `/proc/PID/status`, in KiB.
 pub fn read_rss_kib(pid: u32) -> Result<u64, Error> {
     let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        what: path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { what: path.clone(), source })?;
     parse_vm_rss_kib(&text).ok_or_else(|| Error::Config(format!("no VmRSS line in {path}")))
 }
 

@@ -155,19 +155,12 @@ impl Cli {
     pub fn validate(&self) -> Result<RunConfig, Error> {
         for (i, t) in self.targets.iter().enumerate() {
             if self.targets[..i].iter().any(|o| o.name == t.name) {
-                return Err(Error::Config(format!(
-                    "target name {:?} used twice",
-                    t.name
-                )));
+                return Err(Error::Config(format!("target name {:?} used twice", t.name)));
             }
         }
         let workloads = self.workload_list();
         let positive = |name: &str, v: usize| {
-            if v == 0 {
-                Err(Error::Config(format!("--{name} must be at least 1")))
-            } else {
-                Ok(())
-            }
+            if v == 0 { Err(Error::Config(format!("--{name} must be at least 1"))) } else { Ok(()) }
         };
         positive("chain-layers", self.chain_layers)?;
         positive("chain-repeats", self.chain_repeats)?;
@@ -182,11 +175,7 @@ impl Cli {
             chain_layers: self.chain_layers,
             chain_repeats: self.chain_repeats,
             parallel: self.parallel,
-            parallel_concurrency: if self.concurrency == 0 {
-                self.parallel
-            } else {
-                self.concurrency.min(self.parallel)
-            },
+            parallel_concurrency: if self.concurrency == 0 { self.parallel } else { self.concurrency.min(self.parallel) },
             parallel_repeats: self.parallel_repeats,
             rss_count: self.rss_count,
             rss_mix: self.rss_mix,
@@ -198,10 +187,7 @@ impl Cli {
 
 /// A per-run key prefix: `tbb-<pid>-<unix ms>`.
 pub fn new_run_id() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default();
     format!("tbb-{}-{ms}", std::process::id())
 }
 
@@ -220,12 +206,7 @@ fn progress(msg: &str) {
 
 /// Runs the workloads, interleaving targets within each. Failures are
 /// recorded (after cleaning up the failed target) and the run goes on.
-pub async fn run_workloads(
-    targets: &[Target],
-    cfg: &RunConfig,
-    run_id: &str,
-    rss_settle: Duration,
-) -> Results {
+pub async fn run_workloads(targets: &[Target], cfg: &RunConfig, run_id: &str, rss_settle: Duration) -> Results {
     let mut results = Results::new(targets.iter().map(|t| t.name().to_owned()).collect());
     for (i, t) in targets.iter().enumerate() {
         if let Err(e) = workloads::warm_up(t, &format!("{run_id}-t{i}")).await {
@@ -259,38 +240,22 @@ pub async fn run_workloads(
                 if results.failed(workload, t.name()) {
                     continue;
                 }
-                progress(&format!(
-                    "{workload} {}/{repeats} on {}",
-                    repeat + 1,
-                    t.name()
-                ));
+                progress(&format!("{workload} {}/{repeats} on {}", repeat + 1, t.name()));
                 let prefix = format!("{run_id}-t{i}-{workload}-r{repeat}");
                 let outcome = match workload {
                     Workload::Chain => workloads::chain(t, &prefix, cfg.chain_layers).await,
-                    Workload::Parallel => {
-                        workloads::parallel(t, &prefix, cfg.parallel, cfg.parallel_concurrency)
-                            .await
-                    }
-                    Workload::Rss => {
-                        workloads::rss(t, &prefix, cfg.rss_count, cfg.rss_mix, rss_settle).await
-                    }
+                    Workload::Parallel => workloads::parallel(t, &prefix, cfg.parallel, cfg.parallel_concurrency).await,
+                    Workload::Rss => workloads::rss(t, &prefix, cfg.rss_count, cfg.rss_mix, rss_settle).await,
                 };
                 let outcome = match (outcome, &cfg.settle) {
-                    (Ok(batch), Some(cmd)) => settle(cmd, t.name(), &workload.to_string())
-                        .await
-                        .map(|()| batch),
+                    (Ok(batch), Some(cmd)) => settle(cmd, t.name(), &workload.to_string()).await.map(|()| batch),
                     (outcome, _) => outcome,
                 };
                 match outcome {
                     Ok(batch) => results.merge(workload, i, batch),
                     Err(e) => {
                         progress(&format!("FAILED {workload} on {}: {e}", t.name()));
-                        results.failures.push(Failure {
-                            workload,
-                            target: t.name().to_owned(),
-                            repeat,
-                            error: e.to_string(),
-                        });
+                        results.failures.push(Failure { workload, target: t.name().to_owned(), repeat, error: e.to_string() });
                         t.cleanup().await;
                     }
                 }
@@ -311,22 +276,9 @@ async fn settle(cmd: &str, target: &str, workload: &str) -> Result<(), Error> {
         .stdin(std::process::Stdio::null())
         .status()
         .await
-        .map_err(|source| Error::Io {
-            what: format!("running --settle command {cmd:?}"),
-            source,
-        })?;
-    progress(&format!(
-        "settled after {workload} on {target} in {:.1} s",
-        start.elapsed().as_secs_f64()
-    ));
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Settle {
-            target: target.to_owned(),
-            status,
-        })
-    }
+        .map_err(|source| Error::Io { what: format!("running --settle command {cmd:?}"), source })?;
+    progress(&format!("settled after {workload} on {target} in {:.1} s", start.elapsed().as_secs_f64()));
+    if status.success() { Ok(()) } else { Err(Error::Settle { target: target.to_owned(), status }) }
 }
 
 /// Removes whatever every target still holds; returns what stayed.
@@ -334,21 +286,14 @@ pub async fn cleanup_all(targets: &[Target]) -> Vec<Leftover> {
     let mut left = Vec::new();
     for t in targets {
         for (key, error) in t.cleanup().await {
-            left.push(Leftover {
-                target: t.name().to_owned(),
-                key,
-                error,
-            });
+            left.push(Leftover { target: t.name().to_owned(), key, error });
         }
     }
     left
 }
 
 fn write_file(path: &PathBuf, text: &str) -> Result<(), Error> {
-    std::fs::write(path, text).map_err(|source| Error::Io {
-        what: format!("writing {}", path.display()),
-        source,
-    })
+    std::fs::write(path, text).map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })
 }
 
 /// How the run ended.
@@ -386,45 +331,27 @@ pub async fn main_with(cli: Cli) -> Result<Outcome, Error> {
     let run_id = new_run_id();
     progress(&format!("run id {run_id}"));
 
-    let run = run_workloads(
-        &targets,
-        &cfg,
-        &run_id,
-        Duration::from_millis(cli.rss_settle_ms),
-    );
+    let run = run_workloads(&targets, &cfg, &run_id, Duration::from_millis(cli.rss_settle_ms));
     let results = tokio::select! {
         r = run => Some(r),
         _ = shutdown_signal() => None,
     };
     let leftovers = cleanup_all(&targets).await;
     for l in &leftovers {
-        progress(&format!(
-            "could not remove {} on {}: {}",
-            l.key, l.target, l.error
-        ));
+        progress(&format!("could not remove {} on {}: {}", l.key, l.target, l.error));
     }
     let Some(results) = results else {
         progress("interrupted; created snapshots removed");
         return Ok(Outcome::Interrupted);
     };
 
-    let report = Report::build(
-        run_id,
-        Host::detect(),
-        cfg,
-        cli.targets.clone(),
-        &results,
-        leftovers,
-        cli.notes.clone(),
-    );
+    let report = Report::build(run_id, Host::detect(), cfg, cli.targets.clone(), &results, leftovers, cli.notes.clone());
     print!("{}", report.to_text());
     if let Some(path) = &cli.markdown {
         write_file(path, &report.to_markdown())?;
     }
     if let Some(path) = &cli.json {
-        let json = report
-            .to_json()
-            .map_err(|e| Error::Internal(format!("serializing report: {e}")))?;
+        let json = report.to_json().map_err(|e| Error::Internal(format!("serializing report: {e}")))?;
         write_file(path, &(json + "\n"))?;
     }
     if report.failures.is_empty() && report.leftovers.is_empty() {
@@ -460,8 +387,7 @@ mod tests {
 
     #[test]
     fn cli_rejects_duplicate_names_and_bad_specs() {
-        let cli = Cli::try_parse_from(["x", "--target", "a=/1.sock", "--target", "a=/2.sock"])
-            .expect("parses");
+        let cli = Cli::try_parse_from(["x", "--target", "a=/1.sock", "--target", "a=/2.sock"]).expect("parses");
         assert!(cli.validate().is_err());
         assert!(Cli::try_parse_from(["x", "--target", "nope"]).is_err());
         assert!(Cli::try_parse_from(["x"]).is_err());

@@ -47,12 +47,8 @@ impl Host {
     /// Describes this machine (best effort).
     pub fn detect() -> Self {
         Host {
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_else(|_| "unknown".to_owned()),
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".to_owned()),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         }
     }
 }
@@ -146,11 +142,7 @@ impl Report {
                 let note = match cell {
                     Cell::NotAvailable(why) => Some(why.clone()),
                     Cell::Samples(s) if s.is_empty() => {
-                        Some(if results.failed(metric.id.workload, &name) {
-                            "failed".to_owned()
-                        } else {
-                            "-".to_owned()
-                        })
+                        Some(if results.failed(metric.id.workload, &name) { "failed".to_owned() } else { "-".to_owned() })
                     }
                     Cell::Samples(_) => None,
                 };
@@ -159,9 +151,7 @@ impl Report {
                 } else {
                     let label = Some(format!("{name} / {baseline}"));
                     match (summary, base) {
-                        (Some(s), Some(b)) => {
-                            (label, ratio(s.median, b.median), ratio(s.p99, b.p99))
-                        }
+                        (Some(s), Some(b)) => (label, ratio(s.median, b.median), ratio(s.p99, b.p99)),
                         _ => (label, None, None),
                     }
                 };
@@ -178,17 +168,7 @@ impl Report {
                 });
             }
         }
-        Report {
-            run_id,
-            host,
-            config,
-            baseline,
-            targets,
-            rows,
-            failures: results.failures.clone(),
-            leftovers,
-            notes,
-        }
+        Report { run_id, host, config, baseline, targets, rows, failures: results.failures.clone(), leftovers, notes }
     }
 
     /// `thinbox / overlayfs` when there are exactly two targets, otherwise
@@ -201,10 +181,7 @@ impl Report {
     }
 
     fn header(&self) -> Vec<String> {
-        let mut h: Vec<String> = ["workload", "op", "target", "unit", "median", "p99", "n"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let mut h: Vec<String> = ["workload", "op", "target", "unit", "median", "p99", "n"].into_iter().map(String::from).collect();
         if self.has_ratios() {
             let r = self.ratio_header();
             h.push(format!("{r} (median)"));
@@ -236,15 +213,7 @@ impl Report {
                         if multi { format!("{s} ({label})") } else { s }
                     }
                 };
-                let mut cells = vec![
-                    row.workload.to_string(),
-                    row.op.clone(),
-                    row.target.clone(),
-                    row.unit.as_str().to_owned(),
-                    median,
-                    p99,
-                    n,
-                ];
+                let mut cells = vec![row.workload.to_string(), row.op.clone(), row.target.clone(), row.unit.as_str().to_owned(), median, p99, n];
                 if self.has_ratios() {
                     cells.push(fmt(row.ratio_median));
                     cells.push(fmt(row.ratio_p99));
@@ -260,19 +229,12 @@ impl Report {
         let c = &self.config;
         let mut lines = Vec::new();
         lines.push(if local {
-            format!(
-                "run {} on Linux {}, {} CPUs",
-                self.run_id, self.host.kernel, self.host.cpus
-            )
+            format!("run {} on Linux {}, {} CPUs", self.run_id, self.host.kernel, self.host.cpus)
         } else {
             format!("Linux {}, {} CPUs", self.host.kernel, self.host.cpus)
         });
         for (i, t) in self.targets.iter().enumerate() {
-            let mut s = if local {
-                format!("target {} = {}", t.name, t.socket.display())
-            } else {
-                format!("target {}", t.name)
-            };
+            let mut s = if local { format!("target {} = {}", t.name, t.socket.display()) } else { format!("target {}", t.name) };
             if !t.snapshotter.is_empty() {
                 let _ = write!(s, ", snapshotter={}", t.snapshotter);
             }
@@ -313,9 +275,7 @@ impl Report {
             });
         }
         if let Some(cmd) = &c.settle {
-            lines.push(format!(
-                "after each target's turn (unmeasured, before the next target starts): `{cmd}`"
-            ));
+            lines.push(format!("after each target's turn (unmeasured, before the next target starts): `{cmd}`"));
         }
         if self.has_ratios() {
             lines.push(format!(
@@ -331,16 +291,10 @@ impl Report {
     fn trailer(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for f in &self.failures {
-            lines.push(format!(
-                "FAILED: {} on {} (repeat {}): {}",
-                f.workload, f.target, f.repeat, f.error
-            ));
+            lines.push(format!("FAILED: {} on {} (repeat {}): {}", f.workload, f.target, f.repeat, f.error));
         }
         for l in &self.leftovers {
-            lines.push(format!(
-                "LEFT BEHIND: {} key {}: {}",
-                l.target, l.key, l.error
-            ));
+            lines.push(format!("LEFT BEHIND: {} key {}: {}", l.target, l.key, l.error));
         }
         lines
     }
@@ -410,25 +364,11 @@ impl Report {
         }
         out.push('\n');
         let header = self.header();
-        let _ = writeln!(
-            out,
-            "| {} |",
-            header
-                .iter()
-                .map(|h| esc(h))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        let align: Vec<&str> = (0..header.len())
-            .map(|i| if (4..=8).contains(&i) { "---:" } else { "---" })
-            .collect();
+        let _ = writeln!(out, "| {} |", header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(" | "));
+        let align: Vec<&str> = (0..header.len()).map(|i| if (4..=8).contains(&i) { "---:" } else { "---" }).collect();
         let _ = writeln!(out, "|{}|", align.join("|"));
         for cells in self.cells() {
-            let _ = writeln!(
-                out,
-                "| {} |",
-                cells.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | ")
-            );
+            let _ = writeln!(out, "| {} |", cells.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
         }
         let trailer = self.trailer();
         if !trailer.is_empty() {
@@ -487,10 +427,7 @@ mod tests {
         }
         Report::build(
             "run".into(),
-            Host {
-                kernel: "6.1".into(),
-                cpus: 2,
-            },
+            Host { kernel: "6.1".into(), cpus: 2 },
             config(),
             vec![spec("overlayfs"), spec("thinbox")],
             &r,
@@ -503,19 +440,11 @@ mod tests {
     fn ratios_against_first_target() {
         let rep = sample_report();
         assert_eq!(rep.ratio_header(), "thinbox / overlayfs");
-        let thin = rep
-            .rows
-            .iter()
-            .find(|r| r.target == "thinbox" && r.op == "prepare")
-            .expect("row");
+        let thin = rep.rows.iter().find(|r| r.target == "thinbox" && r.op == "prepare").expect("row");
         assert_eq!(thin.ratio_median, Some(0.5));
         assert_eq!(thin.ratio_p99, Some(0.5));
         assert_eq!(thin.ratio_label.as_deref(), Some("thinbox / overlayfs"));
-        let base = rep
-            .rows
-            .iter()
-            .find(|r| r.target == "overlayfs" && r.op == "prepare")
-            .expect("row");
+        let base = rep.rows.iter().find(|r| r.target == "overlayfs" && r.op == "prepare").expect("row");
         assert_eq!(base.ratio_median, None);
     }
 
@@ -531,10 +460,7 @@ mod tests {
         let md = rep.to_markdown();
         assert!(md.contains("| workload | op | target |"), "{md}");
         assert!(md.contains("|---|---|---|---|---:|"), "{md}");
-        assert!(
-            md.contains("| chain | prepare | thinbox | ms | 1.500 | 2.000 | 2 | 0.50× | 0.50× |"),
-            "{md}"
-        );
+        assert!(md.contains("| chain | prepare | thinbox | ms | 1.500 | 2.000 | 2 | 0.50× | 0.50× |"), "{md}");
         let json = rep.to_json().expect("json");
         let mut single = rep.clone();
         single.targets.truncate(1);

@@ -105,30 +105,15 @@ pub struct Results {
 impl Results {
     /// Empty results for these targets.
     pub fn new(targets: Vec<String>) -> Self {
-        Results {
-            targets,
-            rows: Vec::new(),
-            failures: Vec::new(),
-        }
+        Results { targets, rows: Vec::new(), failures: Vec::new() }
     }
 
     /// Index of the row for a metric, created (with empty cells) if new.
     pub fn declare(&mut self, workload: Workload, op: &str, unit: Unit) -> usize {
-        if let Some(i) = self
-            .rows
-            .iter()
-            .position(|r| r.id.workload == workload && r.id.op == op && r.id.unit == unit)
-        {
+        if let Some(i) = self.rows.iter().position(|r| r.id.workload == workload && r.id.op == op && r.id.unit == unit) {
             return i;
         }
-        self.rows.push(MetricRow {
-            id: MetricId {
-                workload,
-                op: op.to_owned(),
-                unit,
-            },
-            cells: vec![Cell::Samples(Vec::new()); self.targets.len()],
-        });
+        self.rows.push(MetricRow { id: MetricId { workload, op: op.to_owned(), unit }, cells: vec![Cell::Samples(Vec::new()); self.targets.len()] });
         self.rows.len() - 1
     }
 
@@ -156,9 +141,7 @@ impl Results {
 
     /// Whether `target` failed any run of `workload`.
     pub fn failed(&self, workload: Workload, target: &str) -> bool {
-        self.failures
-            .iter()
-            .any(|f| f.workload == workload && f.target == target)
+        self.failures.iter().any(|f| f.workload == workload && f.target == target)
     }
 }
 
@@ -178,10 +161,7 @@ mod tests {
         assert_eq!(r.rows.len(), 2);
         assert_eq!(r.rows[0].id.op, "rss before");
         assert_eq!(r.rows[0].cells[0], Cell::Samples(vec![]));
-        assert_eq!(
-            r.rows[0].cells[1],
-            Cell::NotAvailable("n/a (no --pid)".into())
-        );
+        assert_eq!(r.rows[0].cells[1], Cell::NotAvailable("n/a (no --pid)".into()));
         assert_eq!(r.rows[1].cells[1], Cell::Samples(vec![1.0, 2.0]));
     }
 }

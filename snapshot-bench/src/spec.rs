@@ -50,10 +50,7 @@ pub enum SpecError {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 impl FromStr for TargetSpec {
@@ -62,9 +59,7 @@ impl FromStr for TargetSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let head = parts.next().unwrap_or_default();
-        let (name, socket) = head
-            .split_once('=')
-            .ok_or_else(|| SpecError::Shape(s.to_owned()))?;
+        let (name, socket) = head.split_once('=').ok_or_else(|| SpecError::Shape(s.to_owned()))?;
         let (name, socket) = (name.trim(), socket.trim());
         if !valid_name(name) {
             return Err(SpecError::Name(name.to_owned()));
@@ -76,14 +71,9 @@ impl FromStr for TargetSpec {
         let mut namespace = None;
         let mut pid = None;
         for part in parts {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| SpecError::Shape(s.to_owned()))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| SpecError::Shape(s.to_owned()))?;
             let (key, value) = (key.trim(), value.trim());
-            let bad = || SpecError::Value {
-                option: key.to_owned(),
-                value: value.to_owned(),
-            };
+            let bad = || SpecError::Value { option: key.to_owned(), value: value.to_owned() };
             if value.is_empty() {
                 return Err(bad());
             }
@@ -109,13 +99,7 @@ impl FromStr for TargetSpec {
                 return Err(SpecError::Duplicate(key.to_owned()));
             }
         }
-        Ok(TargetSpec {
-            name: name.to_owned(),
-            socket: PathBuf::from(socket),
-            snapshotter: snapshotter.unwrap_or_default(),
-            namespace,
-            pid,
-        })
+        Ok(TargetSpec { name: name.to_owned(), socket: PathBuf::from(socket), snapshotter: snapshotter.unwrap_or_default(), namespace, pid })
     }
 }
 
@@ -159,9 +143,7 @@ impl FromStr for Workload {
             "chain" => Ok(Workload::Chain),
             "parallel" => Ok(Workload::Parallel),
             "rss" => Ok(Workload::Rss),
-            other => Err(format!(
-                "unknown workload {other:?} (known: chain, parallel, rss)"
-            )),
+            other => Err(format!("unknown workload {other:?} (known: chain, parallel, rss)")),
         }
     }
 }
@@ -197,10 +179,7 @@ mod tests {
 
     #[test]
     fn full_target() {
-        let t: TargetSpec =
-            "overlayfs=/tmp/c/containerd.sock,snapshotter=overlayfs,namespace=bench,pid=42"
-                .parse()
-                .expect("parses");
+        let t: TargetSpec = "overlayfs=/tmp/c/containerd.sock,snapshotter=overlayfs,namespace=bench,pid=42".parse().expect("parses");
         assert_eq!(t.name, "overlayfs");
         assert_eq!(t.socket, PathBuf::from("/tmp/c/containerd.sock"));
         assert_eq!(t.snapshotter, "overlayfs");
@@ -210,9 +189,7 @@ mod tests {
 
     #[test]
     fn options_in_any_order_and_socket_with_equals() {
-        let t: TargetSpec = "a=/tmp/x=y.sock,pid=7,namespace=ns"
-            .parse()
-            .expect("parses");
+        let t: TargetSpec = "a=/tmp/x=y.sock,pid=7,namespace=ns".parse().expect("parses");
         assert_eq!(t.socket, PathBuf::from("/tmp/x=y.sock"));
         assert_eq!(t.pid, Some(7));
         assert_eq!(t.namespace.as_deref(), Some("ns"));
@@ -228,24 +205,15 @@ mod tests {
         assert!(matches!(err("a=/s,pid=abc"), SpecError::Value { .. }));
         assert!(matches!(err("a=/s,pid=0"), SpecError::Value { .. }));
         assert!(matches!(err("a=/s,namespace="), SpecError::Value { .. }));
-        assert!(matches!(
-            err("a=/s,colour=red"),
-            SpecError::UnknownOption(_)
-        ));
+        assert!(matches!(err("a=/s,colour=red"), SpecError::UnknownOption(_)));
         assert!(matches!(err("a=/s,pid=1,pid=2"), SpecError::Duplicate(_)));
         assert!(matches!(err("a=/s,pid"), SpecError::Shape(_)));
     }
 
     #[test]
     fn workloads_list() {
-        assert_eq!(
-            parse_workloads("rss,chain,rss").expect("parses"),
-            vec![Workload::Rss, Workload::Chain]
-        );
-        assert_eq!(
-            parse_workloads("chain,parallel,rss").expect("parses"),
-            Workload::ALL.to_vec()
-        );
+        assert_eq!(parse_workloads("rss,chain,rss").expect("parses"), vec![Workload::Rss, Workload::Chain]);
+        assert_eq!(parse_workloads("chain,parallel,rss").expect("parses"), Workload::ALL.to_vec());
         assert!(parse_workloads("chain,nope").is_err());
         assert!(parse_workloads("").is_err());
     }

@@ -33,11 +33,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
-    let p = if p.is_nan() {
-        100.0
-    } else {
-        p.clamp(0.0, 100.0)
-    };
+    let p = if p.is_nan() { 100.0 } else { p.clamp(0.0, 100.0) };
     let n = sorted.len();
     // rank = ceil(p/100 * n), at least 1. Computed in integers where possible so
     // that e.g. p=99, n=100 gives exactly rank 99.
@@ -57,11 +53,7 @@ pub fn median(sorted: &[f64]) -> Option<f64> {
     if n == 0 {
         return None;
     }
-    if n % 2 == 1 {
-        sorted.get(n / 2).copied()
-    } else {
-        Some((sorted.get(n / 2 - 1)? + sorted.get(n / 2)?) / 2.0)
-    }
+    if n % 2 == 1 { sorted.get(n / 2).copied() } else { Some((sorted.get(n / 2 - 1)? + sorted.get(n / 2)?) / 2.0) }
 }
 
 /// Summarises samples in any order; `None` for no samples.

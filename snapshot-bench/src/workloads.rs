@@ -78,12 +78,7 @@ async fn remove_image(t: &Target, names: &[String]) -> Result<(), Error> {
 /// Runs `op` on every key with at most `concurrency` in flight. Returns each
 /// call's latency and the wall time from the first start to the last finish,
 /// or the first error once every call has finished.
-async fn fan_out<F, Fut>(
-    t: &Target,
-    keys: Vec<String>,
-    concurrency: usize,
-    op: F,
-) -> Result<(Vec<Duration>, Duration), Error>
+async fn fan_out<F, Fut>(t: &Target, keys: Vec<String>, concurrency: usize, op: F) -> Result<(Vec<Duration>, Duration), Error>
 where
     F: Fn(Target, String) -> Fut,
     Fut: std::future::Future<Output = Result<Duration, Error>> + Send + 'static,
@@ -95,10 +90,7 @@ where
         let sem = Arc::clone(&sem);
         let call = op(t.clone(), key);
         set.spawn(async move {
-            let _permit = sem
-                .acquire_owned()
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            let _permit = sem.acquire_owned().await.map_err(|e| Error::Internal(e.to_string()))?;
             call.await
         });
     }
@@ -126,18 +118,11 @@ where
 /// most `concurrency` in flight, then Removed the same way. Before the
 /// Removes, as many Removes of keys that never existed, the same way
 /// (`remove missing`): the floor under a burst of Removes.
-pub async fn parallel(
-    t: &Target,
-    prefix: &str,
-    count: usize,
-    concurrency: usize,
-) -> Result<Batch, Error> {
+pub async fn parallel(t: &Target, prefix: &str, count: usize, concurrency: usize) -> Result<Batch, Error> {
     let mut out = Batch::default();
     let image = build_image(t, prefix, 3).await?;
     let top = image.last().cloned().unwrap_or_default();
-    let keys: Vec<String> = (1..=count)
-        .map(|i| format!("{prefix}-container-{i}"))
-        .collect();
+    let keys: Vec<String> = (1..=count).map(|i| format!("{prefix}-container-{i}")).collect();
 
     let parent = Arc::new(top);
     let burst = fan_out(t, keys.clone(), concurrency, move |t, key| {
@@ -148,16 +133,10 @@ pub async fn parallel(
     push_burst(&mut out, "prepare", count, burst);
 
     let missing: Vec<String> = keys.iter().map(|k| format!("{k}-missing")).collect();
-    let burst = fan_out(t, missing, concurrency, |t, key| async move {
-        t.remove_missing(&key).await
-    })
-    .await?;
+    let burst = fan_out(t, missing, concurrency, |t, key| async move { t.remove_missing(&key).await }).await?;
     push_burst(&mut out, "remove missing", count, burst);
 
-    let burst = fan_out(t, keys, concurrency, |t, key| async move {
-        t.remove(&key).await
-    })
-    .await?;
+    let burst = fan_out(t, keys, concurrency, |t, key| async move { t.remove(&key).await }).await?;
     push_burst(&mut out, "remove", count, burst);
 
     remove_image(t, &image).await?;
@@ -166,12 +145,7 @@ pub async fn parallel(
 
 /// Records a [`fan_out`] of `count` calls: each latency as `op`, and the
 /// wall time as `<op> wall (<count> at once)`.
-fn push_burst(
-    out: &mut Batch,
-    op: &str,
-    count: usize,
-    (latencies, wall): (Vec<Duration>, Duration),
-) {
+fn push_burst(out: &mut Batch, op: &str, count: usize, (latencies, wall): (Vec<Duration>, Duration)) {
     for d in latencies {
         out.push_duration(op, d);
     }
@@ -187,23 +161,12 @@ fn rss_mib(pid: Option<u32>) -> Result<Option<f64>, Error> {
 
 /// Operation names of the `rss` workload's memory rows, in display order.
 pub fn rss_ops(count: usize) -> [String; 4] {
-    [
-        "rss before".to_owned(),
-        format!("rss with {count} snapshots"),
-        "rss growth".to_owned(),
-        "rss after remove".to_owned(),
-    ]
+    ["rss before".to_owned(), format!("rss with {count} snapshots"), "rss growth".to_owned(), "rss after remove".to_owned()]
 }
 
 /// `count` snapshots alive at once (one committed base plus `count - 1`
 /// others), the daemon's RSS before, with them, and after removing them.
-pub async fn rss(
-    t: &Target,
-    prefix: &str,
-    count: usize,
-    mix: RssMix,
-    settle: Duration,
-) -> Result<Batch, Error> {
+pub async fn rss(t: &Target, prefix: &str, count: usize, mix: RssMix, settle: Duration) -> Result<Batch, Error> {
     let mut out = Batch::default();
     let pid = t.spec.pid;
     let [before_op, with_op, growth_op, after_op] = rss_ops(count);

@@ -151,11 +151,8 @@ mod tests {
     fn readme_sample_parses() {
         let readme = include_str!("../../README.md");
         let start = readme.find("    release_on_exit = false").expect("README config sample");
-        let sample: String = readme[start..]
-            .lines()
-            .take_while(|l| l.starts_with("    ") || l.is_empty())
-            .map(|l| format!("{}\n", l.trim_start()))
-            .collect();
+        let sample: String =
+            readme[start..].lines().take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();
         let cfg: Config = toml::from_str(&sample).expect("README sample parses");
         cfg.validate().expect("README sample is valid");
         assert_eq!(cfg.pool.thin.pool_name.as_deref(), Some("vg-thinpool"));

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use thinbox_proto::ServeError;
 use thinbox_proto::admin::admin_server::AdminServer;
 use thinbox_proto::snapshots::snapshots_server::SnapshotsServer;
-pub use thinbox_proto::ServeError;
 
 use crate::admin::Admin;
 use crate::service::Service;

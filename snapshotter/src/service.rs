@@ -85,13 +85,16 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status
 impl SnapshotsApi for Service {
     async fn prepare(&self, req: Request<PrepareSnapshotRequest>) -> Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.run_limited(&self.change_slots, "prepare", move |s| s.prepare(Kind::Active, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        let mounts = self
+            .run_limited(&self.change_slots, "prepare", move |s| s.prepare(Kind::Active, &r.key, &r.parent, r.labels.into_iter().collect()))
+            .await?;
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(&self, req: Request<ViewSnapshotRequest>) -> Result<Response<ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let mounts = self.run_limited(&self.change_slots, "view", move |s| s.prepare(Kind::View, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        let mounts =
+            self.run_limited(&self.change_slots, "view", move |s| s.prepare(Kind::View, &r.key, &r.parent, r.labels.into_iter().collect())).await?;
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
 

@@ -391,7 +391,6 @@ impl Snapshots {
         Ok(self.pool.shutdown(self.cfg.release_on_exit)?)
     }
 
-
     fn record(&self, key: &str) -> Result<Record> {
         let txn = self.pool.store().db().begin_read()?;
         meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))

@@ -64,7 +64,10 @@ async fn error_paths_have_the_right_codes_and_leak_nothing() {
     assert_eq!(code(remove(&mut c, "base").await), Code::FailedPrecondition);
     assert_eq!(code(commit(&mut c, "x", "view").await), Code::FailedPrecondition);
     assert_eq!(code(commit(&mut c, "x", "base").await), Code::FailedPrecondition);
-    assert_eq!(code(c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "base".into() }).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "base".into() }).await),
+        Code::FailedPrecondition
+    );
     // INVALID_ARGUMENT
     assert_eq!(code(prepare(&mut c, "", "", HashMap::new()).await), Code::InvalidArgument);
     assert_eq!(code(prepare(&mut c, "a\0b", "", HashMap::new()).await), Code::InvalidArgument);
@@ -163,7 +166,8 @@ async fn restart_keeps_devices_attached_and_reboot_reattaches_them() {
     assert!(d.stop().success());
     assert!(std::fs::read_to_string(mp.join("b")).is_ok(), "rootfs still usable while the daemon is down");
     let mut c = d.spawn(&[]).await;
-    let again = c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "ctr".into() }).await.unwrap().into_inner().mounts;
+    let again =
+        c.mounts(thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: "ctr".into() }).await.unwrap().into_inner().mounts;
     assert_eq!(again[0].source, m[0].source);
     assert_eq!(stat(&mut c, "ctr").await.unwrap().labels.get("team").map(String::as_str), Some("x"));
     umount(&mp);

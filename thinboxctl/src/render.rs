@@ -442,7 +442,8 @@ mod tests {
     #[test]
     fn host_shows_kvm_or_why_not() {
         use crate::model::KvmProbe;
-        let usable = HostReport { kvm: KvmProbe { usable: true, api_version: Some(12), max_vcpus: Some(1024), recommended_vcpus: Some(2), reason: None } };
+        let usable =
+            HostReport { kvm: KvmProbe { usable: true, api_version: Some(12), max_vcpus: Some(1024), recommended_vcpus: Some(2), reason: None } };
         let (outcome, out, _) = run(&Answer::Host(usable.clone()), false);
         assert_eq!(outcome, Outcome::Ok);
         assert_eq!(
@@ -467,10 +468,7 @@ mod tests {
         let (_, out, err) = run(&Answer::Host(usable), true);
         assert!(err.is_empty());
         let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
-        assert_eq!(
-            v,
-            serde_json::json!({"kvm": {"usable": true, "api_version": 12, "max_vcpus": 1024, "recommended_vcpus": 2, "reason": null}})
-        );
+        assert_eq!(v, serde_json::json!({"kvm": {"usable": true, "api_version": 12, "max_vcpus": 1024, "recommended_vcpus": 2, "reason": null}}));
     }
 
     #[test]

@@ -98,7 +98,8 @@ impl Driver {
     pub async fn finish(mut self) {
         self.stop();
         let kept = [self.path("state/pool"), self.path("state/dirs")];
-        let mounts: Vec<_> = mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| !kept.iter().any(|k| Path::new(m) == k)).collect();
+        let mounts: Vec<_> =
+            mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| !kept.iter().any(|k| Path::new(m) == k)).collect();
         assert_eq!(mounts, Vec::<String>::new(), "mounts left");
         self.child = Some(spawn(self.dir.path(), &["--release-on-exit".to_owned()]).await.0);
         self.stop();
@@ -142,7 +143,11 @@ pub async fn spawn(dir: &Path, args: &[String]) -> (Child, ControllerClient<Chan
 }
 
 /// [`spawn`], with `THINBOX_FAULT=fault` (fault-injection builds abort there).
-pub async fn spawn_with(dir: &Path, args: &[String], fault: Option<&str>) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
+pub async fn spawn_with(
+    dir: &Path,
+    args: &[String],
+    fault: Option<&str>,
+) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
     let sock = dir.join("csi.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-csi"));
@@ -187,7 +192,11 @@ pub fn mounts_under(prefix: &str) -> Vec<String> {
 pub fn mount_cap(fs: &str) -> VolumeCapability {
     VolumeCapability {
         access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), mount_flags: vec!["noatime".into()], volume_mount_group: String::new() })),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: String::new(),
+        })),
     }
 }
 
@@ -241,7 +250,13 @@ pub fn fstype_of(target: &Path) -> String {
 }
 
 pub fn dd(of: &Path, mib: u32) -> bool {
-    Command::new("dd").args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"]).arg(format!("of={}", of.display())).output().unwrap().status.success()
+    Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"])
+        .arg(format!("of={}", of.display()))
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 /// `GET /metrics` from the driver's exporter.
@@ -254,4 +269,3 @@ pub async fn scrape(port: u16) -> String {
     assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
     out
 }
-

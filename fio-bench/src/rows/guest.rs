@@ -116,7 +116,8 @@ impl Guest {
         if out.status != 0 {
             return Err(Error::Tool { tool: "fio in the guest".into(), reason: format!("exit {}: {}", out.status, tail(&out.stdout, 15)) });
         }
-        let json = json.ok_or_else(|| Error::Tool { tool: "fio in the guest".into(), reason: format!("no JSON in the output: {}", tail(&out.stdout, 10)) })?;
+        let json =
+            json.ok_or_else(|| Error::Tool { tool: "fio in the guest".into(), reason: format!("no JSON in the output: {}", tail(&out.stdout, 10)) })?;
         FioOutput::parse(json)?.measurement(job)
     }
 

@@ -134,9 +134,12 @@ impl Virtiofsd {
                 .chain(std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join("virtiofsd")))
                 .chain(std::iter::once(PathBuf::from("/usr/libexec/virtiofsd")))
                 .find(|p| p.is_file())
-                .ok_or_else(|| format!("no virtiofsd: {C_VIRTIOFSD} (Debian's qemu-system-common) is absent and no virtiofsd is in PATH or /usr/libexec"))?,
+                .ok_or_else(|| {
+                    format!("no virtiofsd: {C_VIRTIOFSD} (Debian's qemu-system-common) is absent and no virtiofsd is in PATH or /usr/libexec")
+                })?,
         };
-        let help = run_with_timeout(Command::new(&path).arg("--help"), Duration::from_secs(30), "virtiofsd --help").map_err(|e| format!("{}: {}", path.display(), crate::chain(&e)))?;
+        let help = run_with_timeout(Command::new(&path).arg("--help"), Duration::from_secs(30), "virtiofsd --help")
+            .map_err(|e| format!("{}: {}", path.display(), crate::chain(&e)))?;
         Ok(if help.contains("--shared-dir") { Virtiofsd::Rust(path) } else { Virtiofsd::C(path) })
     }
 
@@ -150,7 +153,15 @@ impl Virtiofsd {
     pub fn args(&self, socket: &Path, source: &Path, cache: VirtiofsCache, direct_io: bool) -> Vec<String> {
         match self {
             Virtiofsd::C(_) => {
-                let mut a = vec![format!("--socket-path={}", socket.display()), "-o".into(), format!("source={}", source.display()), "-o".into(), format!("cache={}", cache.as_str()), "-o".into(), "sandbox=chroot".into()];
+                let mut a = vec![
+                    format!("--socket-path={}", socket.display()),
+                    "-o".into(),
+                    format!("source={}", source.display()),
+                    "-o".into(),
+                    format!("cache={}", cache.as_str()),
+                    "-o".into(),
+                    "sandbox=chroot".into(),
+                ];
                 if direct_io {
                     a.extend(["-o".into(), "allow_direct_io".into()]);
                 }
@@ -162,7 +173,12 @@ impl Virtiofsd {
                     VirtiofsCache::Always => "always",
                     VirtiofsCache::None => "never",
                 };
-                let mut a = vec![format!("--socket-path={}", socket.display()), format!("--shared-dir={}", source.display()), format!("--cache={cache}"), "--sandbox=chroot".into()];
+                let mut a = vec![
+                    format!("--socket-path={}", socket.display()),
+                    format!("--shared-dir={}", source.display()),
+                    format!("--cache={cache}"),
+                    "--sandbox=chroot".into(),
+                ];
                 if direct_io {
                     a.push("--allow-direct-io".into());
                 }
@@ -219,7 +235,11 @@ impl VirtioFsRow {
             daemon_kind.describe(),
             opts.cache.as_str(),
             if opts.direct_io { ", allow_direct_io" } else { "" },
-            if opts.direct_io { "O_DIRECT kept on the host side (no host page cache)" } else { "the host side reads and writes through the host page cache (dropped before every job)" }
+            if opts.direct_io {
+                "O_DIRECT kept on the host side (no host page cache)"
+            } else {
+                "the host side reads and writes through the host page cache (dropped before every job)"
+            }
         );
         let info = RowInfo { kind: RowKind::VirtioFs, guest: Some(guest.info().clone()), setup, unavailable: None };
         Ok(VirtioFsRow { info, guest, daemon, overlay })

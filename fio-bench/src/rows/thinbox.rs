@@ -68,7 +68,12 @@ impl Rootfs {
         };
         let (snapshots, _) = Snapshots::open(&root, config).map_err(snap_err("opening the snapshotter"))?;
         // From here on, a failure tears down through `Rootfs`'s teardown.
-        let mut row = Rootfs { info: RowInfo { kind: RowKind::ThinboxRootfs, guest: None, setup: String::new(), unavailable: None }, guest: None, snapshots: Some(snapshots), root };
+        let mut row = Rootfs {
+            info: RowInfo { kind: RowKind::ThinboxRootfs, guest: None, setup: String::new(), unavailable: None },
+            guest: None,
+            snapshots: Some(snapshots),
+            root,
+        };
         match row.build(dir, params, cfg, size) {
             Ok(()) => Ok(row),
             Err(e) => {
@@ -201,7 +206,9 @@ impl EmptyDir {
             parameters: BTreeMap::new(),
             source: None,
         };
-        driver.publish_ephemeral(HANDLE, &self.target, req, &AccessType::Mount { fs: Some(FsType::Ext4), flags: Vec::new() }, false).map_err(csi_err("publishing the inline volume"))?;
+        driver
+            .publish_ephemeral(HANDLE, &self.target, req, &AccessType::Mount { fs: Some(FsType::Ext4), flags: Vec::new() }, false)
+            .map_err(csi_err("publishing the inline volume"))?;
         let record = DirectVolumes::new(&self.dirs[2])
             .get(&self.target)
             .map_err(|e| Error::Config(format!("reading the direct-volume record: {}", crate::chain(&e))))?

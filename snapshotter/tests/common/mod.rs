@@ -223,9 +223,15 @@ pub async fn view(c: &mut Client, key: &str, parent: &str) -> Result<Vec<thinbox
 }
 
 pub async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), tonic::Status> {
-    c.commit(CommitSnapshotRequest { snapshotter: "thinbox".into(), name: name.into(), key: key.into(), labels: HashMap::new(), parent: String::new() })
-        .await
-        .map(|_| ())
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "thinbox".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+        parent: String::new(),
+    })
+    .await
+    .map(|_| ())
 }
 
 pub async fn remove(c: &mut Client, key: &str) -> Result<(), tonic::Status> {
