@@ -44,6 +44,7 @@ run_tier() {
 failed=0
 
 tier_unit() {
+  cargo fmt --all --check
   cargo clippy --workspace --all-targets -- -D warnings
   cargo test --workspace --lib --bins
 }
