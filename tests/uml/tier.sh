@@ -31,7 +31,7 @@ if [ "${1:-}" != --inside ]; then
   # The crash test needs the fault-injection build (own target dir, as in the crash tier).
   crash_test=$(test_binary crash --target-dir target/fault -p thinbox-snapshotter --features fault-injection)
   # The conformance suite is built on the host (Go comes from apt), run in the guest.
-  bash ../shared/conformance/containerd-snapshotter/run.sh build
+  bash tests/conformance/run.sh build
   UML_PASS_ENV="DM_TEST SNAP_TEST CSI_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CSI_TEST="$csi_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
 fi
 
@@ -47,15 +47,12 @@ THINBOX_TEST_BACKEND=dm-thin "$CSI_TEST" --test-threads=1 || failed=1
 # Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
 "$CRASH_TEST" --test-threads=1 || failed=1
 
-bash ../shared/conformance/containerd-snapshotter/run.sh test \
+bash tests/conformance/run.sh test \
   "$PWD/target/debug/thinbox-snapshotter --root \"\$SNAPSHOTTER_ROOT\" --address \"\$SNAPSHOTTER_SOCKET\" --release-on-exit" thinbox \
   > "$log" 2>&1 || failed=1
 grep -E '^\s*--- (PASS|FAIL|SKIP)' "$log" || true
 grep -q 'backend="dm-thin"' "$log" || { echo "conformance did not run on dm-thin" >&2; failed=1; }
-pass=$(grep -c -- '--- PASS: TestContainerdSnapshotterSuite/' "$log" || true)
-fail=$(grep -c -- '--- FAIL' "$log" || true)
-echo "uml-conformance: $pass passed, $fail failed"
-[ "$fail" = 0 ] && [ "$pass" -ge 20 ] || failed=1
+bash tests/conformance/run.sh count uml-conformance "$log" || failed=1
 
 # Real containers on thin devices (runc works here: the guest mounts cgroup2).
 bash tests/host/containerd-e2e.sh || failed=1
