@@ -153,7 +153,7 @@ host_main() {
     # Which source the binaries come from (best effort: the git tree around them).
     local commit dirty
     commit=$(git -C "$bin_dir" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    dirty=$(git -C "$bin_dir" status --porcelain -- :/blockstore :/snapshotter :/snapshot-bench :/proto :/Cargo.lock 2>/dev/null || true)
+    dirty=$(git -C "$bin_dir" status --porcelain -- :/crates :/bench/snapshot-bench :/Cargo.lock 2>/dev/null || true)
     [[ -z $dirty ]] || commit+=" with uncommitted changes"
 
     # Short: unix socket paths live in here (containerd's and thinbox's).

@@ -2,7 +2,7 @@
 # The vm tier: real QEMU guests (KVM where it works, else TCG) booted from the
 # cached guest image (Debian's kernel as a PVH ELF + busybox initramfs, built
 # on first use under $THINBOX_GUEST_CACHE or /var/cache/thinbox/guest), with
-# Thinbox storage hot-plugged into them over QMP: guest-vm/tests/vm.rs.
+# Thinbox storage hot-plugged into them over QMP: harness/guest-vm/tests/vm.rs.
 # Ends with "vm: N passed, M failed"; fails if anything failed or a QEMU
 # process, loop device or mount of its own was left. Runs as root.
 set -euo pipefail

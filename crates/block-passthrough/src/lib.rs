@@ -10,7 +10,7 @@
 //!   path, attaches the device to the VM and mounts it inside the guest.
 //!   NodeUnpublish removes the record. The filesystem is then never mounted
 //!   on the host while the guest has it.
-//! * **QMP hot-plug** ([`qmp`]) for a QEMU we talk to ourselves: `blockdev-add`
+//! * **QMP hot-plug** (`qmp`, behind the feature of that name) for a QEMU we talk to ourselves: `blockdev-add`
 //!   of the file or device plus a raw node, `device_add virtio-blk-pci`, and
 //!   the reverse once the guest released the device (`DEVICE_DELETED`).
 //!
@@ -18,6 +18,7 @@
 
 mod direct_volume;
 pub mod probe;
+#[cfg(feature = "qmp")]
 pub mod qmp;
 
 pub use direct_volume::{DirectVolumes, Error, KATA_DIRECT_VOLUMES, MOUNT_INFO, MountInfo};

@@ -598,7 +598,7 @@ pub(crate) mod tests {
     /// types, and its ratios and headline are what its cells give.
     #[test]
     fn committed_result_parses_and_recomputes_identically() {
-        let r: Report = serde_json::from_str(include_str!("../../docs/fio-bench/latest.json")).unwrap();
+        let r: Report = serde_json::from_str(include_str!("../../../docs/fio-bench/latest.json")).unwrap();
         assert_eq!(r.cells.len(), r.rows.len() * r.jobs.len());
         let mut again = r.clone();
         again.compute();

@@ -149,7 +149,7 @@ mod tests {
     /// The sample in the README is a valid config.
     #[test]
     fn readme_sample_parses() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let start = readme.find("    release_on_exit = false").expect("README config sample");
         let sample: String =
             readme[start..].lines().take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();

@@ -120,7 +120,7 @@ mod tests {
     /// The sample in docs/csi.md is a valid config.
     #[test]
     fn documented_sample_parses() {
-        let doc = include_str!("../../docs/csi.md");
+        let doc = include_str!("../../../docs/csi.md");
         let start = doc.find("    kubelet_dir = ").unwrap();
         let sample: String =
             doc[start..].lines().take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();
