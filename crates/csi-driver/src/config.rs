@@ -11,18 +11,8 @@ use crate::state::Sandbox;
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("read {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("parse {path}")]
-    Parse {
-        path: String,
-        #[source]
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] thinbox_daemon::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -73,9 +63,7 @@ pub const MIN_VOLUME_SIZE: Bytes = Bytes(300 << 20);
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p, source })?;
+        let cfg: Config = thinbox_daemon::load_toml(path)?;
         cfg.validate()?;
         Ok(cfg)
     }

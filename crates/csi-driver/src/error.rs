@@ -91,17 +91,7 @@ from_redb!(
     thinbox_blockstore::redb::CommitError
 );
 
-/// The error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
-}
+pub use thinbox_daemon::chain;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {

@@ -89,17 +89,7 @@ impl Error {
     }
 }
 
-/// Renders the whole source chain once, here at the top.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use thinbox_daemon::chain;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
