@@ -104,7 +104,7 @@ impl DmThin {
     /// of this root already active. On the `first` start on a root, a pool not
     /// embedded must hold no thin devices yet: Thinbox would delete them.
     pub fn open(root: &Path, cfg: &PoolConfig, first: bool) -> Result<DmThin> {
-        let dm = DM::new().map_err(dm_err("open", "/dev/mapper/control"))?;
+        let dm = DM::new().map_err(Error::NoDeviceMapper)?;
         let prefix = prefix(root);
         let dir = root.join("thin");
         fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;

@@ -41,8 +41,21 @@ pub enum Error {
     MetadataFull { pool: String, used: Bytes, total: Bytes, limit: u8 },
     #[error("thin pool {pool} cannot be used: {detail}")]
     PoolSource { pool: String, detail: String },
-    #[error("pool directory {path} cannot hold reflinked devices")]
+    #[error(
+        "pool directory {path} cannot hold reflinked devices: put [pool] dir on XFS made with `mkfs.xfs -m reflink=1` or on btrfs, or leave it unset for the embedded pool"
+    )]
     NoReflink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("device-mapper is not available (/dev/mapper/control): load it with `modprobe dm_thin_pool`, or set [pool] backend = \"reflink\"")]
+    NoDeviceMapper(#[source] devicemapper::DmError),
+    #[error("loop devices are not available (/dev/loop-control): load the loop module with `modprobe loop`")]
+    NoLoopDevices(#[source] io::Error),
+    #[error("the kernel cannot mount {fs} (for {path}): load its module with `modprobe {fs}`")]
+    NoFilesystem {
+        fs: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -83,7 +96,13 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::DeviceNotFound(_) => ErrorKind::NotFound,
-            Error::DeviceNotReady { .. } | Error::NoReflink { .. } | Error::PoolInUse(_) | Error::PoolSource { .. } => ErrorKind::FailedPrecondition,
+            Error::DeviceNotReady { .. }
+            | Error::NoReflink { .. }
+            | Error::NoDeviceMapper(_)
+            | Error::NoLoopDevices(_)
+            | Error::NoFilesystem { .. }
+            | Error::PoolInUse(_)
+            | Error::PoolSource { .. } => ErrorKind::FailedPrecondition,
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,

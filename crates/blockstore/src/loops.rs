@@ -44,7 +44,7 @@ pub struct Attached {
 /// Attaches `file` to a free loop device.
 pub fn attach(file: &Path, opts: AttachOpts) -> Result<Attached> {
     let backing = OpenOptions::new().read(true).write(!opts.read_only).open(file).map_err(Error::io("open", file))?;
-    let ctl = LoopControl::open().map_err(Error::io("open loop control", "/dev/loop-control"))?;
+    let ctl = LoopControl::open().map_err(Error::NoLoopDevices)?;
     let mut flags = if opts.read_only { sys::LO_FLAGS_READ_ONLY } else { 0 };
     if opts.autoclear {
         flags |= sys::LO_FLAGS_AUTOCLEAR;
