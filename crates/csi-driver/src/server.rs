@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use thinbox_metrics::Metrics;
 use thinbox_proto::ServeError;
 use thinbox_proto::csi::v1::controller_server::ControllerServer;
 use thinbox_proto::csi::v1::identity_server::IdentityServer;
@@ -12,7 +13,7 @@ use thinbox_proto::csi::v1::node_server::NodeServer;
 
 use crate::driver::Driver;
 use crate::error::invalid;
-use crate::metrics::Metrics;
+use crate::metrics::Gauges;
 use crate::service::Csi;
 
 /// Connections get this long to finish after SIGTERM.
@@ -29,7 +30,9 @@ pub fn endpoint_path(endpoint: &str) -> crate::error::Result<PathBuf> {
 
 /// Serves until SIGTERM or SIGINT, and metrics on `metrics_address` if given.
 pub async fn serve(driver: Arc<Driver>, socket: &Path, metrics_address: Option<SocketAddr>) -> Result<(), ServeError> {
-    let metrics = Arc::new(Metrics::default());
+    let mut metrics = Metrics::new();
+    metrics.register_collector(Gauges::new(driver.clone()));
+    let metrics = Arc::new(metrics);
     let exporter = match metrics_address {
         Some(addr) => {
             // Bound before serving, so a bad or busy address fails the start.
@@ -38,12 +41,7 @@ pub async fn serve(driver: Arc<Driver>, socket: &Path, metrics_address: Option<S
                 path: addr.to_string(),
                 source,
             })?;
-            let task = crate::metrics::serve(listener, metrics.clone(), driver.clone());
-            Some(tokio::spawn(async move {
-                if let Err(e) = task.await {
-                    tracing::error!(address = %addr, error = %e, "metrics endpoint failed");
-                }
-            }))
+            Some(tokio::spawn(thinbox_metrics::serve(listener, metrics.clone())))
         }
         None => None,
     };

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thinbox_blockstore::FsType;
+use thinbox_metrics::{Api, Metrics};
 use thinbox_proto::csi::v1::controller_server::Controller;
 use thinbox_proto::csi::v1::identity_server::Identity;
 use thinbox_proto::csi::v1::node_server::Node;
@@ -17,7 +18,6 @@ use tonic::{Request, Response, Status};
 
 use crate::driver::{AccessType, CreateRequest, Driver};
 use crate::error::{Error, Result, invalid};
-use crate::metrics::Metrics;
 use crate::paths;
 use crate::state::{Kind, Sandbox, Source};
 
@@ -55,7 +55,7 @@ impl Csi {
         let d = self.driver.clone();
         let start = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || f(&d)).await.map_err(Error::from).and_then(|r| r);
-        self.metrics.observe(op, out.is_ok(), start.elapsed());
+        self.metrics.observe(Api::Csi, op, out.is_ok(), start.elapsed());
         tracing::debug!(op, elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), "rpc");
         out.map_err(Status::from)
     }

@@ -40,14 +40,19 @@ async fn identity_node_info_and_metrics() {
     let vol = create(&mut d, "pvc-m", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
     let text = scrape(PORT).await;
     for want in [
-        "thinbox_csi_operations_total{op=\"create_volume\",result=\"ok\"} 1",
-        "thinbox_csi_operation_duration_seconds_count{op=\"create_volume\",result=\"ok\"} 1",
+        "\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n",
+        "thinbox_operations_total{api=\"csi\",op=\"create_volume\",result=\"ok\"} 1\n",
+        "thinbox_operations_total{api=\"csi\",op=\"get_capacity\",result=\"ok\"} 2\n",
+        "thinbox_operation_duration_seconds_count{api=\"csi\",op=\"create_volume\",result=\"ok\"} 1\n",
+        "# TYPE thinbox_csi_available_bytes gauge\n",
         "thinbox_csi_available_bytes{kind=\"block\"}",
-        &format!("thinbox_csi_volume_capacity_bytes{{volume=\"{}\",kind=\"file\"}} {}", vol.volume_id, 300 << 20),
+        "thinbox_csi_available_bytes{kind=\"file\"}",
+        &format!("thinbox_csi_volume_capacity_bytes{{volume=\"{}\",kind=\"file\"}} {}\n", vol.volume_id, 300 << 20),
         &format!("thinbox_csi_volume_allocated_bytes{{volume=\"{}\",kind=\"file\"}}", vol.volume_id),
     ] {
         assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
     }
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
     d.finish().await;
 }
