@@ -24,6 +24,7 @@
 //! inactive origin). `auto` picks dm-thin where the kernel has device-mapper.
 
 mod backend;
+mod config;
 mod dmthin;
 pub mod embedded;
 mod error;
@@ -35,15 +36,18 @@ mod pool;
 mod reflink;
 mod store;
 mod sys;
+mod types;
 mod units;
 
 pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
+pub use config::{PoolConfig, ThinConfig};
 pub use dmthin::DmThin;
 pub use error::{Error, ErrorKind, Result};
 pub use fs::run as run_tool;
 pub use loops::{BoundLoop, scan as scan_loops};
-pub use pool::{BackendKind, CreateSpec, Pool, PoolConfig, ReconcileReport, ThinConfig, inventory};
+pub use pool::{CreateSpec, Pool, ReconcileReport, inventory};
 pub use redb;
 pub use reflink::Reflink;
-pub use store::{Access, DeviceRecord, DeviceState, Devices, FsType, Store};
+pub use store::{DeviceRecord, DeviceState, Devices, Store};
+pub use types::{Access, BackendKind, FsType};
 pub use units::{Bytes, DeviceId, ParseBytesError};

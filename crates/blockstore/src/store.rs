@@ -10,45 +10,17 @@ use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransac
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::pool::BackendKind;
+use crate::types::BackendKind;
 use crate::units::{Bytes, DeviceId};
+
+// Their home is `types`; re-exported for the modules that still import them from `crate::store`.
+pub(crate) use crate::types::{Access, FsType};
 
 const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("blockstore.devices");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("blockstore.counters");
 const NEXT_ID: &str = "next_device_id";
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("blockstore.settings");
 const BACKEND: &str = "backend";
-
-/// Filesystem created inside a fresh device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    /// ext4: fast to create (lazy init, no discard), default.
-    #[default]
-    Ext4,
-    /// xfs: mounted with `nouuid`, since clones share the origin's UUID.
-    Xfs,
-}
-
-impl FsType {
-    /// The name `mount(2)` knows it by.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-}
-
-/// How an active device is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Access {
-    /// Read-write block device.
-    ReadWrite,
-    /// Read-only block device.
-    ReadOnly,
-}
 
 /// Lifecycle of a device record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
