@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thinbox_metrics::Metrics;
 pub use thinbox_proto::ServeError;
 use thinbox_proto::admin::admin_server::AdminServer;
 use thinbox_proto::snapshots::snapshots_server::SnapshotsServer;
@@ -19,10 +20,12 @@ use crate::snapshots::Snapshots;
 /// are waited for separately (see [`Snapshots::shutdown`]).
 const GRACE: Duration = Duration::from_secs(2);
 
-/// Binds `address`, serves until SIGTERM or SIGINT, then returns.
-pub async fn serve(snapshots: Arc<Snapshots>, address: &Path) -> Result<(), ServeError> {
+/// Binds `address`, serves until SIGTERM or SIGINT, then returns. Snapshot
+/// service calls are counted and timed in `metrics`; serving those over HTTP
+/// is the caller's (`thinbox_metrics::serve`).
+pub async fn serve(snapshots: Arc<Snapshots>, address: &Path, metrics: Arc<Metrics>) -> Result<(), ServeError> {
     let router = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(snapshots.clone())))
+        .add_service(SnapshotsServer::new(Service::new(snapshots.clone(), metrics)))
         .add_service(AdminServer::new(Admin::new(snapshots.clone())));
     tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1 and thinbox.admin.v1");
     let maintenance = tokio::spawn(maintain(snapshots));

@@ -1,10 +1,14 @@
 //! The `containerd.services.snapshots.v1.Snapshots` gRPC service. Thin: decodes
 //! requests, runs the blocking work off the async runtime, encodes responses.
 //! A Remove that need not wait runs in place (see `Snapshots::try_remove`).
+//! Every call is counted and timed in [`Metrics`] (`api="snapshots"`), from
+//! its arrival to its answer (waiting for a slot included).
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
+use thinbox_metrics::{Api, Metrics};
 use thinbox_proto::snapshots::snapshots_server::Snapshots as SnapshotsApi;
 use thinbox_proto::snapshots::*;
 use tokio_stream::Stream;
@@ -27,6 +31,7 @@ const REMOVES_AT_ONCE: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Service {
     inner: Arc<Snapshots>,
+    metrics: Arc<Metrics>,
     /// Prepares, Views and Commits running at once; the rest wait in arrival
     /// order. Each passes the same serialized steps (the store's write
     /// transaction, the pool's message lock) around its kernel work, so a
@@ -43,11 +48,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// Wraps the snapshotter.
-    pub fn new(inner: Arc<Snapshots>) -> Service {
+    /// Wraps the snapshotter; every call is recorded in `metrics`.
+    pub fn new(inner: Arc<Snapshots>, metrics: Arc<Metrics>) -> Service {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Service {
             inner,
+            metrics,
             change_slots: Arc::new(tokio::sync::Semaphore::new(CHANGES_PER_CPU * cpus)),
             remove_slots: Arc::new(tokio::sync::Semaphore::new(REMOVES_AT_ONCE)),
         }
@@ -60,20 +66,31 @@ impl Service {
         op: &'static str,
         f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let start = std::time::Instant::now();
+        let arrived = Instant::now();
         // Never closed, so acquiring cannot fail.
         let _slot = slots.acquire().await.map_err(|_| Status::internal("request slots closed"))?;
-        let waited = start.elapsed();
+        let waited = arrived.elapsed();
         if waited > std::time::Duration::from_millis(1) {
             tracing::debug!(op, waited_us = waited.as_micros() as u64, "waited for a slot");
         }
-        self.run(op, f).await
+        self.run_since(arrived, op, f).await
     }
 
     async fn run<T: Send + 'static>(&self, op: &'static str, f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static) -> Result<T, Status> {
+        self.run_since(Instant::now(), op, f).await
+    }
+
+    /// Runs `f` on a blocking thread; the call arrived at `arrived`.
+    async fn run_since<T: Send + 'static>(
+        &self,
+        arrived: Instant,
+        op: &'static str,
+        f: impl FnOnce(&Snapshots) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
         let inner = self.inner.clone();
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let out = tokio::task::spawn_blocking(move || f(&inner)).await.map_err(Error::from).and_then(|r| r);
+        self.metrics.observe(Api::Snapshots, op, out.is_ok(), arrived.elapsed());
         tracing::debug!(op, elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), "rpc");
         out.map_err(Status::from)
     }
@@ -112,9 +129,10 @@ impl SnapshotsApi for Service {
 
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         match self.inner.try_remove(&r.key) {
             Some(out) => {
+                self.metrics.observe(Api::Snapshots, "remove", out.is_ok(), start.elapsed());
                 tracing::debug!(op = "remove", elapsed_us = start.elapsed().as_micros() as u64, ok = out.is_ok(), inline = true, "rpc");
                 out?;
             }
@@ -131,9 +149,8 @@ impl SnapshotsApi for Service {
 
     async fn update(&self, req: Request<UpdateSnapshotRequest>) -> Result<Response<UpdateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let info = r.info.ok_or_else(|| Status::from(Error::MissingInfo))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let info = self.run("update", move |s| s.update(info, &paths)).await?;
+        let info = self.run("update", move |s| s.update(r.info.ok_or(Error::MissingInfo)?, &paths)).await?;
         Ok(Response::new(UpdateSnapshotResponse { info: Some(info) }))
     }
 

@@ -421,3 +421,55 @@ async fn bad_config_is_refused_at_start() {
     }
     assert!(thinbox_blockstore::scan_loops(dir.path()).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn metrics_count_every_snapshots_call() {
+    let dir = tmp();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let (d, mut c) = Daemon::start_with_args(dir.path(), Some(SMALL), &["--metrics-address", &address]).await;
+    prepare(&mut c, "base-active", "", HashMap::new()).await.unwrap();
+    commit(&mut c, "base", "base-active").await.unwrap();
+    prepare(&mut c, "child", "base", HashMap::new()).await.unwrap();
+    remove(&mut c, "child").await.unwrap();
+    assert_eq!(code(remove(&mut c, "missing").await), Code::NotFound);
+    assert_eq!(code(stat(&mut c, "missing").await), Code::NotFound);
+
+    let text = scrape(port).await;
+    let ops = |op: &str, result: &str, n: u64| format!("\nthinbox_operations_total{{api=\"snapshots\",op=\"{op}\",result=\"{result}\"}} {n}\n");
+    for want in [
+        "\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n".to_owned(),
+        ops("prepare", "ok", 2),
+        ops("commit", "ok", 1),
+        ops("remove", "ok", 1),
+        ops("remove", "error", 1),
+        ops("stat", "error", 1),
+        "\nthinbox_operation_duration_seconds_count{api=\"snapshots\",op=\"prepare\",result=\"ok\"} 2\n".to_owned(),
+        "\nthinbox_operation_duration_seconds_bucket{le=\"+Inf\",api=\"snapshots\",op=\"commit\",result=\"ok\"} 1\n".to_owned(),
+    ] {
+        assert!(text.contains(&want), "metrics lack {want:?}:\n{text}");
+    }
+    for absent in ["op=\"prepare\",result=\"error\"", "op=\"commit\",result=\"error\"", "api=\"csi\""] {
+        assert!(!text.contains(absent), "metrics have {absent:?}:\n{text}");
+    }
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
+
+    // A second daemon on the same metrics address fails its start before it
+    // touches its state.
+    let other = dir.path().join("other");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
+        .arg("--root")
+        .arg(other.join("state"))
+        .arg("--address")
+        .arg(other.join("s.sock"))
+        .args(["--metrics-address", &address])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a busy metrics address must fail the start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("bind metrics endpoint {address}")), "{stderr}");
+    assert!(!other.join("state").exists(), "state made before the bind failed");
+
+    assert_no_leaks(&mut c, &d, 0).await;
+    d.release().await;
+}

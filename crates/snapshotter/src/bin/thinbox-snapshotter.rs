@@ -1,11 +1,13 @@
-//! `thinbox-snapshotter --root DIR --address SOCKET [--config FILE]`: serves
-//! containerd's snapshot API with block-device snapshots.
+//! `thinbox-snapshotter --root DIR --address SOCKET [--config FILE]
+//! [--metrics-address ADDR]`: serves containerd's snapshot API with
+//! block-device snapshots.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use thinbox_metrics::Metrics;
 use thinbox_snapshotter::error::chain;
 use thinbox_snapshotter::{Config, Snapshots, server};
 
@@ -22,6 +24,9 @@ struct Args {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9821).
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Detach loop devices and unmount the embedded pool on exit.
     #[arg(long)]
     release_on_exit: bool,
@@ -48,12 +53,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => Config::default(),
     };
     cfg.release_on_exit |= args.release_on_exit;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Bound before the state is opened, so a bad or busy address fails the
+    // start before any device is attached.
+    let exporter = match args.metrics_address {
+        Some(addr) => Some(rt.block_on(thinbox_metrics::bind(addr))?),
+        None => None,
+    };
     let start = std::time::Instant::now();
     let (snapshots, _report) = Snapshots::open(&args.root, cfg)?;
     tracing::info!(root = %args.root.display(), elapsed_ms = start.elapsed().as_millis() as u64, "state opened");
     let snapshots = Arc::new(snapshots);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(server::serve(snapshots.clone(), &args.address))?;
+    let metrics = Arc::new(Metrics::new());
+    let exporter = exporter.map(|listener| rt.spawn(thinbox_metrics::serve(listener, metrics.clone())));
+    let served = rt.block_on(server::serve(snapshots.clone(), &args.address, metrics));
+    if let Some(task) = exporter {
+        task.abort();
+    }
+    served?;
     snapshots.shutdown()?;
     tracing::info!("stopped");
     Ok(())

@@ -34,6 +34,8 @@ pub struct Daemon {
     pub config: Option<PathBuf>,
     /// The daemon's stderr goes here (appended) instead of the test's.
     pub log: Option<PathBuf>,
+    /// More command-line arguments, on every (re)start.
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -47,8 +49,22 @@ impl Daemon {
             std::fs::write(&p, c).unwrap();
             p
         });
-        let mut d = Daemon { root, socket, config, log: None, child: None };
+        let mut d = Daemon { root, socket, config, log: None, args: Vec::new(), child: None };
         let client = d.spawn(env).await;
+        (d, client)
+    }
+
+    /// [`Daemon::start`] with more command-line arguments.
+    pub async fn start_with_args(dir: &Path, config: Option<&str>, args: &[&str]) -> (Daemon, Client) {
+        let root = dir.join("state");
+        let socket = dir.join("snap.sock");
+        let config = config.map(|c| {
+            let p = dir.join("config.toml");
+            std::fs::write(&p, c).unwrap();
+            p
+        });
+        let mut d = Daemon { root, socket, config, log: None, args: args.iter().map(|a| a.to_string()).collect(), child: None };
+        let client = d.spawn(&[]).await;
         (d, client)
     }
 
@@ -61,7 +77,7 @@ impl Daemon {
             std::fs::write(&p, c).unwrap();
             p
         });
-        let mut d = Daemon { root, socket, config, log: Some(dir.join("daemon.log")), child: None };
+        let mut d = Daemon { root, socket, config, log: Some(dir.join("daemon.log")), args: Vec::new(), child: None };
         let client = d.spawn(env).await;
         (d, client)
     }
@@ -79,6 +95,7 @@ impl Daemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.args);
         cmd.env("THINBOX_LOG", "info");
         if let Some(log) = &self.log {
             cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap());
@@ -292,4 +309,21 @@ pub async fn read_through_view(c: &mut Client, work: &Path, committed: &str, fil
     umount(&mp);
     remove(c, &key).await.unwrap();
     content
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (just now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the whole response, headers included
+/// (the server closes the connection after it).
+pub async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut out)).await.expect("metrics response").unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    out
 }
