@@ -25,8 +25,10 @@
 
 mod backend;
 mod config;
+mod deleter;
 mod dmthin;
 pub mod embedded;
+mod engine;
 mod error;
 pub mod fault;
 mod fs;
@@ -41,7 +43,9 @@ mod units;
 
 pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 pub use config::{PoolConfig, ThinConfig};
+pub use deleter::{Deleter, Progress};
 pub use dmthin::DmThin;
+pub use engine::{Consumer, Engine};
 pub use error::{Error, ErrorKind, Result};
 pub use fs::run as run_tool;
 pub use loops::{BoundLoop, scan as scan_loops};

@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
-use thinbox_blockstore::redb::{ReadableDatabase, TableDefinition};
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, FsType, Pool, embedded, fault, image, run_tool};
+use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use thinbox_blockstore::{
+    Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, FsType, Pool, embedded, fault, image, run_tool,
+};
 
 use crate::config::{Config, MIN_VOLUME_SIZE};
 use crate::dirs::Dirs;
@@ -97,7 +99,7 @@ pub struct Stats {
 /// The driver state of one node.
 #[derive(Debug)]
 pub struct Driver {
-    pool: Pool,
+    engine: Arc<Engine>,
     cfg: Config,
     node_id: String,
     files: PathBuf,
@@ -112,10 +114,28 @@ pub struct Driver {
     lock: Mutex<()>,
 }
 
+/// A mutating operation's hold: the driver's lock, then the engine's gate shared.
+struct Serial<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    _lock: MutexGuard<'a, ()>,
+}
+
 impl Driver {
-    /// Opens the state under `root` and converges it with the disk and kernel.
+    /// Opens the state under `root` as the pool's only consumer and converges
+    /// it with the disk and kernel.
     pub fn open(root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
-        let pool = Pool::open(root, cfg.pool.clone())?;
+        let engine = Arc::new(Engine::open(root, cfg.pool.clone(), vec![Box::new(VolumeRecords)])?);
+        let d = Driver::new(engine, root, node_id, cfg)?;
+        d.engine.reconcile()?;
+        Ok(d)
+    }
+
+    /// The volume front end over an engine that lists [`VolumeRecords`] among
+    /// its consumers: finishes what a crash interrupted on the volumes' side
+    /// (publications, half-made or half-deleted volumes, stray images and
+    /// directories). The engine's reconciliation, which its owner runs next,
+    /// does the pool's side.
+    pub fn new(engine: Arc<Engine>, root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
         let (files, snapshots_dir) = (root.join("files"), root.join("snapshots"));
         for dir in [&files, &snapshots_dir] {
@@ -123,7 +143,7 @@ impl Driver {
         }
         let direct = DirectVolumes::new(&cfg.direct_volumes);
         let d = Driver {
-            pool,
+            engine,
             cfg,
             node_id: node_id.to_owned(),
             files,
@@ -133,11 +153,16 @@ impl Driver {
             direct,
             lock: Mutex::new(()),
         };
-        let txn = d.pool.store().write()?;
+        let txn = d.pool().store().write()?;
         state::init(&txn)?;
         txn.commit()?;
-        d.reconcile()?;
+        d.recover()?;
         Ok(d)
+    }
+
+    /// The device pool.
+    pub fn pool(&self) -> &Pool {
+        self.engine.pool()
     }
 
     /// The node's id (for NodeGetInfo and topology).
@@ -165,8 +190,9 @@ impl Driver {
         self.cfg.dir_path.is_some() || self.root.join("dirs.img").exists()
     }
 
-    fn serial(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    fn serial(&self) -> Serial<'_> {
+        let _lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        Serial { _gate: self.engine.shared(), _lock }
     }
 
     fn image(&self, id: &str) -> PathBuf {
@@ -175,7 +201,7 @@ impl Driver {
 
     /// A volume by id.
     pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         state::get(&txn.open_table(VOLUMES)?, id)
     }
 
@@ -188,7 +214,7 @@ impl Driver {
 
     /// Every ready volume.
     pub fn volumes(&self) -> Result<Vec<Volume>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         let all: Vec<Volume> = state::all(&txn.open_table(VOLUMES)?)?;
         Ok(all.into_iter().filter(|v| v.state == State::Ready).collect())
     }
@@ -197,7 +223,7 @@ impl Driver {
     pub fn capacity(&self, kind: Kind) -> Result<u64> {
         match kind {
             Kind::Block => {
-                let st = self.pool.status()?;
+                let st = self.pool().status()?;
                 Ok(st.free.get().saturating_sub(st.reserve.get()))
             }
             Kind::File => {
@@ -231,14 +257,14 @@ impl Driver {
             return Err(Error::ResourceExhausted(format!("no room for a {size} {} volume on this node", req.kind.as_str())));
         }
         // Intent: the record (and the block device's record) before any work.
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         let n = state::next_number(&txn, "volume")?;
         let id = format!("tb-{}-{n}", req.kind.as_str());
         let device = match req.kind {
             Kind::Block => {
                 let fs = fs.ok_or_else(|| invalid("a block store volume needs a filesystem"))?;
                 let spec = CreateSpec { size, origin: origin.as_ref().and_then(|o| o.device), fs, access: None };
-                Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
+                Some(self.pool().plan_create(&mut Devices::open(&txn)?, spec)?)
             }
             Kind::File | Kind::Dir => None,
         };
@@ -266,7 +292,7 @@ impl Driver {
         fault::point("csi.create.after_intent");
 
         let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| match (&device, &origin) {
-            (Some(rec), _) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            (Some(rec), _) => self.pool().build(rec).map(|_| ()).map_err(Error::from),
             (None, _) if req.kind == Kind::Dir => self.dirs()?.create(&id, project.unwrap_or_default(), size),
             (None, Some(o)) => image::copy(&o.image, &self.image(&id), size, fs, &self.scratch(&id)).map_err(Error::from),
             (None, None) => image::create(&self.image(&id), size, fs).map_err(Error::from),
@@ -319,7 +345,7 @@ impl Driver {
     /// cannot be frozen from here and is copied crash-consistent.
     fn freeze(&self, vol: Option<&Volume>) -> Result<Option<Frozen>> {
         let Some(vol) = vol else { return Ok(None) };
-        if vol.kind == Kind::Block && self.pool.status()?.backend == "dm-thin" {
+        if vol.kind == Kind::Block && self.pool().status()?.backend == "dm-thin" {
             return Ok(None);
         }
         let Some(p) = self.publications_of(&vol.id)?.into_iter().find(|p| p.mode == Mode::HostMount && !p.readonly) else { return Ok(None) };
@@ -337,13 +363,13 @@ impl Driver {
 
     /// A snapshot by id.
     pub fn snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         state::get(&txn.open_table(SNAPSHOTS)?, id)
     }
 
     /// Every ready snapshot.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         let all: Vec<Snapshot> = state::all(&txn.open_table(SNAPSHOTS)?)?;
         Ok(all.into_iter().filter(|s| s.state == State::Ready).collect())
     }
@@ -354,7 +380,7 @@ impl Driver {
     pub fn create_snapshot(&self, name: &str, source: &str) -> Result<Snapshot> {
         let _s = self.serial();
         let existing = {
-            let txn = self.pool.store().db().begin_read()?;
+            let txn = self.pool().store().db().begin_read()?;
             let id = txn.open_table(SNAPSHOT_NAMES)?.get(name)?.map(|v| v.value().to_owned());
             match id {
                 Some(id) => state::get::<Snapshot>(&txn.open_table(SNAPSHOTS)?, &id)?,
@@ -371,12 +397,12 @@ impl Driver {
         if vol.kind == Kind::Dir {
             return Err(invalid(format!("volume {source} is a directory; dir volumes have no snapshots")));
         }
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         let id = format!("tb-snap-{}", state::next_number(&txn, "snapshot")?);
         let device = match vol.device {
             Some(dev) => {
                 let spec = CreateSpec { size: vol.size, origin: Some(dev), fs: vol.fs.unwrap_or(self.cfg.default_fs), access: None };
-                Some(self.pool.plan_create(&mut Devices::open(&txn)?, spec)?)
+                Some(self.pool().plan_create(&mut Devices::open(&txn)?, spec)?)
             }
             None => None,
         };
@@ -396,7 +422,7 @@ impl Driver {
         txn.open_table(SNAPSHOT_NAMES)?.insert(name, id.as_str())?;
         txn.commit()?;
         let made = self.freeze(Some(&vol)).and_then(|_frozen| match &device {
-            Some(rec) => self.pool.build(rec).map(|_| ()).map_err(Error::from),
+            Some(rec) => self.pool().build(rec).map(|_| ()).map_err(Error::from),
             None => image::copy(&self.image(source), &self.snap_image(&id), vol.size, None, &self.scratch(&id)).map_err(Error::from),
         });
         if let Err(e) = made {
@@ -423,10 +449,10 @@ impl Driver {
         let marked = Snapshot { state: State::Deleting, ..snap.clone() };
         self.mark_deleting(SNAPSHOTS, &snap.id, &marked, snap.device)?;
         match snap.device {
-            Some(dev) => self.pool.destroy(dev)?,
+            Some(dev) => self.pool().destroy(dev)?,
             None => remove_file_if_any(&self.snap_image(&snap.id))?,
         }
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         state::remove_named(&txn, SNAPSHOTS, SNAPSHOT_NAMES, &snap.id, &snap.name)?;
         txn.commit()?;
         tracing::info!(snapshot = %snap.id, "snapshot deleted");
@@ -442,7 +468,7 @@ impl Driver {
         ready: &T,
         device: Option<thinbox_blockstore::DeviceId>,
     ) -> Result<()> {
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         if let Some(dev) = device {
             let mut devs = Devices::open(&txn)?;
             let mut r = devs.require(dev)?;
@@ -463,12 +489,12 @@ impl Driver {
         marked: &T,
         device: Option<thinbox_blockstore::DeviceId>,
     ) -> Result<()> {
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         state::put(&mut txn.open_table(table)?, id, marked)?;
         if let Some(dev) = device {
             let mut devs = Devices::open(&txn)?;
             if devs.get(dev)?.is_some() {
-                self.pool.plan_delete(&mut devs, dev)?;
+                self.pool().plan_delete(&mut devs, dev)?;
             }
         }
         txn.commit()?;
@@ -476,7 +502,7 @@ impl Driver {
     }
 
     fn by_name(&self, name: &str) -> Result<Option<Volume>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         let Some(id) = txn.open_table(NAMES)?.get(name)?.map(|v| v.value().to_owned()) else { return Ok(None) };
         state::get(&txn.open_table(VOLUMES)?, &id)
     }
@@ -497,7 +523,7 @@ impl Driver {
         self.mark_deleting(VOLUMES, &vol.id, &marked, vol.device)?;
         fault::point("csi.delete.after_mark");
         match (vol.device, vol.project) {
-            (Some(dev), _) => self.pool.destroy(dev)?,
+            (Some(dev), _) => self.pool().destroy(dev)?,
             (None, Some(project)) => self.dirs()?.remove(&vol.id, project)?,
             (None, None) => {
                 let img = self.image(&vol.id);
@@ -505,7 +531,7 @@ impl Driver {
                 remove_file_if_any(&img)?;
             }
         }
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         state::remove_named(&txn, VOLUMES, NAMES, &vol.id, &vol.name)?;
         txn.commit()?;
         tracing::info!(volume = %vol.id, "volume deleted");
@@ -513,13 +539,13 @@ impl Driver {
     }
 
     fn publications_of(&self, id: &str) -> Result<Vec<Publication>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         let all: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
         Ok(all.into_iter().filter(|p| p.volume == id).collect())
     }
 
     fn publication(&self, target: &Path) -> Result<Option<Publication>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.pool().store().db().begin_read()?;
         state::get(&txn.open_table(PUBLICATIONS)?, &target.to_string_lossy())
     }
 
@@ -527,7 +553,7 @@ impl Driver {
     /// The device node of a volume (its directory for `dir`), attaching it if needed.
     fn attach(&self, vol: &Volume) -> Result<PathBuf> {
         match (vol.device, vol.kind) {
-            (Some(dev), _) => Ok(self.pool.activate(dev, Access::ReadWrite)?),
+            (Some(dev), _) => Ok(self.pool().activate(dev, Access::ReadWrite)?),
             (None, Kind::Dir) => Ok(self.dirs()?.path(&vol.id)),
             (None, _) => Ok(image::attach(&self.image(&vol.id), false)?),
         }
@@ -535,7 +561,7 @@ impl Driver {
 
     fn detach(&self, vol: &Volume) -> Result<()> {
         match (vol.device, vol.kind) {
-            (Some(dev), _) => Ok(self.pool.release(dev)?),
+            (Some(dev), _) => Ok(self.pool().release(dev)?),
             (None, Kind::Dir) => Ok(()),
             (None, _) => Ok(image::detach(&self.image(&vol.id))?),
         }
@@ -585,7 +611,7 @@ impl Driver {
                 if other.mode == Mode::Kata { "Kata" } else { "runC" }
             )));
         }
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         state::put(&mut txn.open_table(PUBLICATIONS)?, &target.to_string_lossy(), &wanted)?;
         txn.commit()?;
         fault::point("csi.publish.after_record");
@@ -701,7 +727,7 @@ impl Driver {
         }
         fault::point("csi.unpublish.after_unmount");
         remove_target(&p.target)?;
-        let txn = self.pool.store().write()?;
+        let txn = self.pool().store().write()?;
         txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
         txn.commit()?;
         if self.publications_of(&vol.id)?.is_empty() {
@@ -761,7 +787,7 @@ impl Driver {
         if size > vol.size {
             match vol.device {
                 Some(dev) => {
-                    self.pool.resize(dev, size)?;
+                    self.pool().resize(dev, size)?;
                 }
                 None => {
                     if self.capacity(vol.kind)? < size.get() - vol.size.get() {
@@ -772,7 +798,7 @@ impl Driver {
             // Recorded before a file grows: a crash leaves the image no larger
             // than its record, and the CO's retry grows it.
             vol.size = size;
-            let txn = self.pool.store().write()?;
+            let txn = self.pool().store().write()?;
             state::put(&mut txn.open_table(VOLUMES)?, id, &vol)?;
             txn.commit()?;
         }
@@ -817,8 +843,8 @@ impl Driver {
         }
         match vol.device {
             Some(dev) => {
-                let rec = self.pool.store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {}", vol.id)))?;
-                Ok(self.pool.usage(&rec)?.bytes.get())
+                let rec = self.pool().store().device(dev)?.ok_or_else(|| Error::NotFound(format!("device of volume {}", vol.id)))?;
+                Ok(self.pool().usage(&rec)?.bytes.get())
             }
             None => {
                 let img = self.image(&vol.id);
@@ -855,13 +881,12 @@ impl Driver {
     /// Rolls back half-made volumes, finishes half-deleted ones, drops
     /// publications whose target is gone, and lets the pool remove devices no
     /// volume references; image files without a volume are removed.
-    fn reconcile(&self) -> Result<()> {
-        let txn = self.pool.store().db().begin_read()?;
+    fn recover(&self) -> Result<()> {
+        let txn = self.pool().store().db().begin_read()?;
         let all: Vec<Volume> = state::all(&txn.open_table(VOLUMES)?)?;
         let pubs: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
         let snaps: Vec<Snapshot> = state::all(&txn.open_table(SNAPSHOTS)?)?;
         drop(txn);
-        let mut referenced = HashSet::new();
         let mut images = HashSet::new();
         let mut dirs = HashSet::new();
         for snap in snaps {
@@ -870,7 +895,6 @@ impl Driver {
                 self.forget_snapshot(&snap)?;
                 continue;
             }
-            referenced.extend(snap.device);
             if snap.device.is_none() {
                 images.insert(self.snap_image(&snap.id));
             }
@@ -881,7 +905,6 @@ impl Driver {
                 self.forget(&vol)?;
                 continue;
             }
-            referenced.extend(vol.device);
             match vol.kind {
                 Kind::File => {
                     images.insert(self.image(&vol.id));
@@ -903,7 +926,7 @@ impl Driver {
                 continue;
             }
             tracing::info!(target = %p.target.display(), "dropping publication whose target is gone");
-            let txn = self.pool.store().write()?;
+            let txn = self.pool().store().write()?;
             txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
             txn.commit()?;
             // A publish cut short may have made the target directory or file.
@@ -919,14 +942,12 @@ impl Driver {
             }
             if vol.ephemeral {
                 tracing::info!(volume = %vol.id, "removing inline volume without a publication");
-                referenced.retain(|d| Some(*d) != vol.device);
                 images.remove(&self.image(&vol.id));
                 self.forget(&vol)?;
                 continue;
             }
             self.detach(&vol)?;
         }
-        let report = self.pool.reconcile(&referenced)?;
         for dir in [&self.files, &self.snapshots_dir] {
             for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
                 let path = entry.map_err(Error::io("list", dir))?.path();
@@ -946,18 +967,58 @@ impl Driver {
                 }
             }
         }
-        tracing::info!(?report, "reconciled");
+        tracing::info!("volumes recovered");
         Ok(())
     }
 
-    /// On exit with `release`: detach what nothing publishes.
-    pub fn shutdown(&self, release: bool) -> Result<()> {
-        let _s = self.serial();
-        self.pool.shutdown(release)?;
+    /// On exit with `release`: unmount the `dir` volumes' filesystem. The
+    /// engine's own shutdown is its owner's.
+    pub fn release(&self, release: bool) -> Result<()> {
+        let _l = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if release && let Some(d) = self.dirs.get() {
             d.release()?;
         }
         Ok(())
+    }
+
+    /// On exit, for a daemon that serves volumes alone: [`Driver::release`],
+    /// then the engine's shutdown (with `release`: detach what nothing
+    /// publishes, unmount the embedded pool).
+    pub fn shutdown(&self, release: bool) -> Result<()> {
+        self.release(release)?;
+        Ok(self.engine.shutdown(release)?)
+    }
+}
+
+/// The volume and snapshot records, as a consumer of the pool. Every record
+/// references its device, whatever its state: the driver's own recovery at
+/// start (and its operations, under the gate) finish half-made and
+/// half-deleted records, so the pool never deletes a device a volume record
+/// still names; a device marked `Deleting` goes whoever names it.
+#[derive(Debug)]
+pub struct VolumeRecords;
+
+impl Consumer for VolumeRecords {
+    fn name(&self) -> &'static str {
+        "volumes"
+    }
+
+    fn settle(&self, txn: &WriteTransaction) -> thinbox_blockstore::Result<HashSet<DeviceId>> {
+        /// The one field of a volume or snapshot record the pool cares about.
+        #[derive(serde::Deserialize)]
+        struct DeviceOf {
+            device: Option<DeviceId>,
+        }
+        let mut referenced = HashSet::new();
+        for table in [VOLUMES, SNAPSHOTS] {
+            for row in txn.open_table(table)?.iter()? {
+                let (k, v) = row?;
+                let rec: DeviceOf =
+                    serde_json::from_str(v.value()).map_err(|source| thinbox_blockstore::Error::Corrupt { key: k.value().to_owned(), source })?;
+                referenced.extend(rec.device);
+            }
+        }
+        Ok(referenced)
     }
 }
 

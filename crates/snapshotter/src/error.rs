@@ -49,8 +49,6 @@ pub enum Error {
     },
     #[error("worker task failed")]
     Join(#[from] tokio::task::JoinError),
-    #[error("cannot start the device deleter thread")]
-    Spawn(#[source] std::io::Error),
 }
 
 impl Error {
@@ -72,7 +70,7 @@ impl Error {
             | Error::MissingInfo
             | Error::Filter(_) => ErrorKind::InvalidArgument,
             Error::Block(e) => e.kind(),
-            Error::Corrupt { .. } | Error::Join(_) | Error::Spawn(_) => ErrorKind::Internal,
+            Error::Corrupt { .. } | Error::Join(_) => ErrorKind::Internal,
         }
     }
 

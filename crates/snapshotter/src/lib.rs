@@ -1,10 +1,12 @@
 //! Thinbox's containerd proxy snapshotter.
 //!
 //! # Lifecycle
-//! * Start: [`Snapshots::open`] opens the pool under `--root` (mounting the
-//!   embedded pool image if no pool directory is configured), drops snapshot
-//!   records a crash left half-made, removes devices nobody references, and
-//!   re-attaches active snapshots after a reboot. Then [`server::serve`] listens
+//! * Start: the block engine opens the pool under `--root` (mounting the
+//!   embedded pool image if no pool directory is configured) with
+//!   [`snapshots::SnapshotRecords`] among its consumers; its reconciliation
+//!   drops snapshot records a crash left half-made, removes devices no consumer
+//!   references, and re-attaches active snapshots after a reboot
+//!   ([`Snapshots::open`] does both for a daemon that serves snapshots alone). Then [`server::serve`] listens
 //!   on the unix socket (mode 0660).
 //! * Prepare/View: one transaction writes the snapshot and its device intent; the
 //!   device is then cloned from the parent (or made with mkfs) and attached to a
@@ -12,7 +14,7 @@
 //!   `{type: ext4|xfs, source: /dev/loopN, options: [rw|ro]}`.
 //! * Commit: the record becomes committed and the device is detached.
 //! * Remove: the record goes (refused with children) and the device is marked
-//!   `Deleting` in the same, unflushed transaction; the [`deleter`] thread
+//!   `Deleting` in the same, unflushed transaction; the engine's deleter thread
 //!   makes it durable and destroys the device after the call returns.
 //!   `Cleanup` finishes pending deletions at once; a Prepare that finds the
 //!   pool full while deletions are pending waits for them and tries once more.
@@ -26,7 +28,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod deleter;
 pub mod error;
 pub mod filter;
 pub mod meta;

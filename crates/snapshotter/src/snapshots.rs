@@ -4,25 +4,24 @@
 //! has no parent, otherwise a copy-on-write snapshot of its parent's device.
 //! Active snapshots are attached read-write, views read-only; committing
 //! detaches. Every operation writes the snapshot record and the device intent in
-//! one transaction before touching the kernel, so [`Snapshots::open`] can
-//! converge any crash: a snapshot whose device never became ready is dropped,
-//! devices nobody references are deleted.
+//! one transaction before touching the kernel, so the engine's reconciliation
+//! can converge any crash: [`SnapshotRecords`] drops a snapshot whose device
+//! never became ready, and the pool deletes devices nobody references.
 //!
 //! Remove is the one operation that leaves kernel work for later: it marks the
-//! device `Deleting` and the background [`Deleter`] destroys it; `Cleanup`
-//! finishes pending deletions at once.
+//! device `Deleting` and the engine's background deleter destroys it;
+//! `Cleanup` finishes pending deletions at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, TryLockError};
+use std::sync::Arc;
 
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceState, Devices, ErrorKind, Pool, ReconcileReport, fault};
+use thinbox_blockstore::{Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, ErrorKind, Pool, ReconcileReport, fault};
 use thinbox_proto::Mount;
 use thinbox_proto::snapshots::{Info, Kind as ProtoKind};
 
 use crate::config::{Config, MIN_SNAPSHOT_SIZE};
-use crate::deleter::Deleter;
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::meta::{self, CHILDREN, Kind, Record, SNAPSHOTS};
@@ -46,32 +45,33 @@ pub struct Usage {
 /// The snapshotter: a pool plus snapshot records.
 #[derive(Debug)]
 pub struct Snapshots {
-    pool: Arc<Pool>,
+    engine: Arc<Engine>,
     cfg: Config,
-    /// Ordinary operations share it, and so does the deleter around each
-    /// destroy; `cleanup`, `check` and shutdown take it alone, so they never
-    /// mistake an operation in flight for a leftover.
-    gate: Arc<RwLock<()>>,
-    /// Destroys removed snapshots' devices in the background.
-    deleter: Deleter,
 }
 
 impl Snapshots {
-    /// Opens the state under `root` and converges it with the kernel.
+    /// Opens the state under `root` as the pool's only consumer and converges
+    /// it with the kernel, before anything is served.
     pub fn open(root: &Path, cfg: Config) -> Result<(Snapshots, ReconcileReport)> {
-        let pool = Arc::new(Pool::open(root, cfg.pool.clone())?);
-        let gate = Arc::new(RwLock::new(()));
-        // Reconciliation first, synchronously: devices a previous run left
-        // `Deleting` are finished before anything is served.
-        let report = converge(&pool, true)?;
-        tracing::info!(?report, "reconciled");
-        let deleter = Deleter::start(pool.clone(), gate.clone()).map_err(Error::Spawn)?;
-        Ok((Snapshots { pool, cfg, gate, deleter }, report))
+        let engine = Arc::new(Engine::open(root, cfg.pool.clone(), vec![Box::new(SnapshotRecords)])?);
+        let report = engine.reconcile()?;
+        Ok((Snapshots::new(engine, cfg), report))
+    }
+
+    /// The snapshot front end over an engine that lists [`SnapshotRecords`]
+    /// among its consumers (reconciled by its owner).
+    pub fn new(engine: Arc<Engine>, cfg: Config) -> Snapshots {
+        Snapshots { engine, cfg }
     }
 
     /// The device pool.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.engine.pool()
+    }
+
+    /// The engine under this front end.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Creates an active snapshot (or a view) `key` on `parent` ("" for none).
@@ -80,15 +80,15 @@ impl Snapshots {
     /// deleted (or just were) waits for the deleter and tries once more: a
     /// client that removes to make room must not fail because of our deferral.
     pub fn prepare(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
-        let before = self.deleter.progress();
+        let before = self.engine.deleter().progress();
         match self.prepare_once(kind, key, parent, labels.clone()) {
             Err(e) if e.kind() == ErrorKind::ResourceExhausted => {
-                let now = self.deleter.progress();
+                let now = self.engine.deleter().progress();
                 if before.pending == 0 && now.pending == 0 && now.finished == before.finished {
                     return Err(e);
                 }
                 tracing::info!(key, pending = now.pending, error = %crate::error::chain(&e), "pool full while deletions are pending; waiting for them, then retrying once");
-                self.deleter.wait_idle();
+                self.engine.deleter().wait_idle();
                 self.prepare_once(kind, key, parent, labels)
             }
             other => other,
@@ -101,7 +101,7 @@ impl Snapshots {
         validate_labels(&labels)?;
         let requested = size_label(&labels)?;
         let access = if kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
-        let txn = self.pool.store().write()?;
+        let txn = self.engine.pool().store().write()?;
         let dev = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut devs = Devices::open(&txn)?;
@@ -125,7 +125,7 @@ impl Snapshots {
                 (None, None) => self.cfg.snapshot.default_size,
             };
             let spec = CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.snapshot.filesystem, access: Some(access) };
-            let dev = self.pool.plan_create(&mut devs, spec)?;
+            let dev = self.engine.pool().plan_create(&mut devs, spec)?;
             let now = meta::now();
             let rec = Record { kind, parent: parent.to_owned(), labels, created: now, updated: now, device: dev.id };
             snaps.insert(key, meta::encode(key, &rec)?.as_slice())?;
@@ -136,7 +136,7 @@ impl Snapshots {
         };
         txn.commit()?;
         fault::point("prepare.after_intent");
-        let node = match self.pool.build(&dev) {
+        let node = match self.engine.pool().build(&dev) {
             Ok(node) => node.ok_or_else(|| Error::NotAttached(key.to_owned()))?,
             Err(e) => {
                 self.discard(key, parent, dev.id);
@@ -144,7 +144,7 @@ impl Snapshots {
             }
         };
         fault::point("prepare.after_build");
-        let txn = self.pool.store().write()?;
+        let txn = self.engine.pool().store().write()?;
         {
             let mut devs = Devices::open(&txn)?;
             let mut d = devs.require(dev.id)?;
@@ -159,11 +159,11 @@ impl Snapshots {
     /// Undoes a prepare whose kernel work failed: the record goes, the device with it.
     fn discard(&self, key: &str, parent: &str, dev: thinbox_blockstore::DeviceId) {
         let result = (|| -> Result<()> {
-            let txn = self.pool.store().write()?;
+            let txn = self.engine.pool().store().write()?;
             remove_record(&txn, key, parent)?;
-            self.pool.plan_delete(&mut Devices::open(&txn)?, dev)?;
+            self.engine.pool().plan_delete(&mut Devices::open(&txn)?, dev)?;
             txn.commit()?;
-            Ok(self.pool.destroy(dev)?)
+            Ok(self.engine.pool().destroy(dev)?)
         })();
         if let Err(e) = result {
             tracing::warn!(key, device = %dev, error = %crate::error::chain(&e), "discarding failed prepare; left for reconciliation");
@@ -176,8 +176,8 @@ impl Snapshots {
         if rec.kind == Kind::Committed {
             return Err(Error::Committed(key.to_owned()));
         }
-        let node = self.pool.node(rec.device).ok_or_else(|| Error::NotAttached(key.to_owned()))?;
-        let dev = self.pool.store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
+        let node = self.engine.pool().node(rec.device).ok_or_else(|| Error::NotAttached(key.to_owned()))?;
+        let dev = self.engine.pool().store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
         Ok(vec![mount(&node, dev.fs, rec.kind)])
     }
 
@@ -186,7 +186,7 @@ impl Snapshots {
         let _g = self.shared();
         validate_key(name)?;
         validate_labels(&labels)?;
-        let txn = self.pool.store().write()?;
+        let txn = self.engine.pool().store().write()?;
         let device = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let rec = meta::get(&snaps, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
@@ -218,7 +218,7 @@ impl Snapshots {
         fault::point("commit.after_record");
         // The commit is durable now; a failed detach is converged by the next
         // reconciliation and must not make the client retry a done commit.
-        if let Err(e) = self.pool.deactivate(device) {
+        if let Err(e) = self.engine.pool().deactivate(device) {
             tracing::warn!(name, device = %device, error = %crate::error::chain(&e), "detach after commit failed; left for reconciliation");
         }
         fault::point("commit.after_detach");
@@ -233,7 +233,7 @@ impl Snapshots {
         // Not flushed: the deleter makes it durable before it deletes the
         // device. A crash before that undoes the Remove whole; containerd's
         // garbage collector removes a snapshot it no longer knows again.
-        let txn = self.pool.store().write_lazy()?;
+        let txn = self.engine.pool().store().write_lazy()?;
         self.remove_in(txn, key)
     }
 
@@ -242,12 +242,8 @@ impl Snapshots {
     /// Remove changes the store in memory only, so an async caller can run it
     /// in place rather than hand it to a thread and back.
     pub fn try_remove(&self, key: &str) -> Option<Result<()>> {
-        let _g = match self.gate.try_read() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
-        };
-        match self.pool.store().try_write_lazy() {
+        let _g = self.engine.try_shared()?;
+        match self.engine.pool().store().try_write_lazy() {
             Ok(Some(txn)) => Some(self.remove_in(txn, key)),
             Ok(None) => None,
             Err(e) => Some(Err(e.into())),
@@ -262,7 +258,7 @@ impl Snapshots {
                 return Err(Error::HasChildren(key.to_owned()));
             }
             remove_record(&txn, key, &rec.parent)?;
-            self.pool.plan_delete(&mut Devices::open(&txn)?, rec.device)?;
+            self.engine.pool().plan_delete(&mut Devices::open(&txn)?, rec.device)?;
             rec.device
         };
         txn.commit()?;
@@ -271,7 +267,7 @@ impl Snapshots {
         // here a crash, a stop or a failing destroy all leave it to
         // reconciliation. Queued under the gate, so an exclusive path sees the
         // queue and the store agree.
-        self.deleter.push(device);
+        self.engine.deleter().push(device);
         Ok(())
     }
 
@@ -296,7 +292,7 @@ impl Snapshots {
                 return Err(Error::ImmutableField(p.clone()));
             }
         }
-        let txn = self.pool.store().write()?;
+        let txn = self.engine.pool().store().write()?;
         let rec = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut rec = meta::get(&snaps, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
@@ -320,7 +316,7 @@ impl Snapshots {
     /// Every snapshot matching `filters` (containerd filter syntax; any string matches).
     pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
         let filter = Filter::parse(filters)?;
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.engine.pool().store().db().begin_read()?;
         let snaps = txn.open_table(SNAPSHOTS)?;
         let mut out = Vec::new();
         for row in snaps.iter()? {
@@ -336,15 +332,15 @@ impl Snapshots {
     /// Bytes and inodes a snapshot holds beyond its parent.
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let rec = self.record(key)?;
-        let dev = self.pool.store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
-        let u = self.pool.usage(&dev)?;
+        let dev = self.engine.pool().store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
+        let u = self.engine.pool().usage(&dev)?;
         Ok(Usage { size: u.bytes.get(), inodes: u.inodes })
     }
 
     /// Snapshot keys by the device that holds their content (for the admin
     /// API; one consistent read, no lock).
     pub fn keys_by_device(&self) -> Result<BTreeMap<thinbox_blockstore::DeviceId, Vec<String>>> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.engine.pool().store().db().begin_read()?;
         let snaps = txn.open_table(SNAPSHOTS)?;
         let mut out: BTreeMap<_, Vec<String>> = BTreeMap::new();
         for row in snaps.iter()? {
@@ -355,66 +351,53 @@ impl Snapshots {
     }
 
     /// Reclaims space now: finishes every pending deletion (synchronously,
-    /// failures included) and what interrupted operations left behind.
+    /// failures included) and what interrupted operations left behind, of
+    /// every consumer of the pool.
     pub fn cleanup(&self) -> Result<ReconcileReport> {
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let report = converge(&self.pool, true)?;
-        // Reconciliation destroyed every device not `Ready`, so every queued one.
-        self.deleter.forget_all();
-        tracing::info!(?report, "reconciled");
-        Ok(report)
+        Ok(self.engine.reconcile()?)
     }
 
     /// What [`Snapshots::cleanup`] would reclaim, changing nothing; also
-    /// devices whose storage is missing. Deletions in progress are waited for
-    /// first, so what it reports was left behind, not merely not yet done
-    /// (except a Remove arriving in between, and deletions waiting for a retry).
+    /// devices whose storage is missing.
     pub fn check(&self) -> Result<ReconcileReport> {
-        self.deleter.wait_idle();
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        converge(&self.pool, false)
+        Ok(self.engine.check()?)
     }
 
-    /// Called on exit; see [`Config::release_on_exit`]. The deleter stops after
-    /// the device in hand; devices still queued stay marked `Deleting` and the
-    /// next start finishes them, the same path as after a crash. Draining
-    /// instead could hold a stop for minutes (a thin delete costs up to
-    /// hundreds of milliseconds) and buys no safety.
+    /// Called on exit; see [`Config::release_on_exit`] and [`Engine::shutdown`].
     pub fn shutdown(&self) -> Result<()> {
-        let left = self.deleter.stop();
-        if left > 0 {
-            tracing::info!(devices = left, "pending deletions left for the next start");
-        }
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        // Removes the deleter did not get to are made durable too.
-        self.pool.store().persist()?;
-        Ok(self.pool.shutdown(self.cfg.release_on_exit)?)
+        Ok(self.engine.shutdown(self.cfg.release_on_exit)?)
     }
 
     fn record(&self, key: &str) -> Result<Record> {
-        let txn = self.pool.store().db().begin_read()?;
+        let txn = self.engine.pool().store().db().begin_read()?;
         meta::get(&txn.open_table(SNAPSHOTS)?, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+        self.engine.shared()
     }
 }
 
-/// Drops snapshot records whose device never became ready, then, with
-/// `apply`, lets the pool remove every device no record references (finishing
-/// those marked `Deleting`); without, reports what that would do.
-fn converge(pool: &Pool, apply: bool) -> Result<ReconcileReport> {
-    let txn = pool.store().write()?;
-    let mut referenced = HashSet::new();
-    {
-        let devs = Devices::open(&txn)?;
+/// The snapshot records, as a consumer of the pool.
+#[derive(Debug)]
+pub struct SnapshotRecords;
+
+impl Consumer for SnapshotRecords {
+    fn name(&self) -> &'static str {
+        "snapshots"
+    }
+
+    /// Drops snapshot records whose device never became ready.
+    fn settle(&self, txn: &WriteTransaction) -> thinbox_blockstore::Result<HashSet<DeviceId>> {
+        let mut referenced = HashSet::new();
+        let devs = Devices::open(txn)?;
         let mut snaps = txn.open_table(SNAPSHOTS)?;
         let mut children = txn.open_multimap_table(CHILDREN)?;
         let mut dropped = Vec::new();
         for row in snaps.iter()? {
             let (k, v) = row?;
-            let rec = meta::decode(k.value(), v.value())?;
+            let rec: Record =
+                serde_json::from_slice(v.value()).map_err(|source| thinbox_blockstore::Error::Corrupt { key: k.value().to_owned(), source })?;
             match devs.get(rec.device)? {
                 Some(d) if d.state == DeviceState::Ready => {
                     referenced.insert(rec.device);
@@ -423,17 +406,12 @@ fn converge(pool: &Pool, apply: bool) -> Result<ReconcileReport> {
             }
         }
         for (key, parent) in dropped {
-            tracing::info!(key, apply, "dropping snapshot whose device was never completed");
+            tracing::info!(key, "dropping snapshot whose device was never completed");
             snaps.remove(key.as_str())?;
             children.remove(parent.as_str(), key.as_str())?;
         }
+        Ok(referenced)
     }
-    if !apply {
-        txn.abort()?;
-        return Ok(pool.check(&referenced)?);
-    }
-    txn.commit()?;
-    Ok(pool.reconcile(&referenced)?)
 }
 
 fn remove_record(txn: &WriteTransaction, key: &str, parent: &str) -> Result<()> {

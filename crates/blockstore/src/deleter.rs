@@ -1,11 +1,12 @@
-//! Background deletion of removed snapshots' devices.
+//! Background deletion of removed devices, for every front end.
 //!
-//! `Remove` commits the record's removal and the device's `Deleting` mark in one
-//! transaction, hands the device id to the [`Deleter`] and returns: containerd
-//! only needs the snapshot gone, and the kernel work (detach, discard, the thin
+//! A front end's delete (a snapshot's `Remove`, a volume's `DeleteVolume`)
+//! commits the record's removal and the device's `Deleting` mark in one
+//! transaction, hands the device id to the [`Deleter`] and returns: the client
+//! only needs the record gone, and the kernel work (detach, discard, the thin
 //! pool's `delete`, or unlinking an image) costs milliseconds to hundreds of
 //! milliseconds. One worker thread destroys the queued devices one at a time,
-//! each under the snapshotter's shared gate, so the exclusive paths (`Cleanup`,
+//! each under the engine's shared gate, so the exclusive paths (`Cleanup`,
 //! `check`, shutdown) never see a half-done destroy.
 //!
 //! The queue is only a hint: the `Deleting` mark in the store is what counts.
@@ -20,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use thinbox_blockstore::{DeviceId, DeviceState, Pool};
+use crate::{DeviceId, DeviceState, Pool};
 
 /// Attempts per device before it is left to reconciliation.
 const ATTEMPTS: u32 = 4;
@@ -276,7 +277,7 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
             }
             Err(e) => {
                 let failures = job.failures + 1;
-                let error = crate::error::chain(&e);
+                let error = thinbox_daemon::chain(&e);
                 if failures < ATTEMPTS {
                     let wait = backoff(failures);
                     tracing::warn!(device = %job.id, failures, retry_in_s = wait.as_secs(), %error, "deleting device failed; will retry");
@@ -293,7 +294,7 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
 
 /// Destroys the device if its record still says `Deleting`; a device that
 /// reconciliation already finished (record gone) is done.
-fn destroy_if_deleting(pool: &Pool, id: DeviceId) -> thinbox_blockstore::Result<()> {
+fn destroy_if_deleting(pool: &Pool, id: DeviceId) -> crate::Result<()> {
     match pool.store().device(id)? {
         Some(rec) if rec.state == DeviceState::Deleting => pool.destroy(id),
         Some(rec) => {

@@ -1,0 +1,164 @@
+//! The block engine every front end shares: one [`Pool`] (one store, one
+//! flock on the root), one gate, one background [`Deleter`], and one
+//! reconciliation over the records of every consumer of the pool.
+//!
+//! A front end (the snapshotter's snapshots, the CSI driver's volumes) keeps
+//! its own records in its own tables of the pool's store and registers a
+//! [`Consumer`] that says which devices those records reference. The pool
+//! deletes a device only when no consumer references it, so front ends never
+//! reconcile the pool on their own: a reconciliation that saw one front end's
+//! records would delete the other's devices.
+//!
+//! The gate: every operation that plans or builds devices holds it shared
+//! ([`Engine::shared`]); reconciliation, `check` and shutdown hold it alone, so
+//! they never mistake an operation in flight for a leftover. The deleter holds
+//! it shared around each destroy.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+
+use redb::WriteTransaction;
+
+use crate::config::PoolConfig;
+use crate::deleter::Deleter;
+use crate::error::{Error, Result};
+use crate::pool::{Pool, ReconcileReport};
+use crate::units::DeviceId;
+
+/// Settings key: every consumer that ever opened this root.
+const CONSUMERS: &str = "consumers";
+
+/// A front end whose records reference pool devices.
+pub trait Consumer: Send + Sync + std::fmt::Debug {
+    /// Stable name, remembered by the root (`snapshots`, `volumes`).
+    fn name(&self) -> &'static str;
+
+    /// Inside reconciliation's write transaction (committed only when the
+    /// reconciliation applies): drops this consumer's records whose device
+    /// never became ready, and returns the devices its remaining records
+    /// reference.
+    fn settle(&self, txn: &WriteTransaction) -> Result<HashSet<DeviceId>>;
+}
+
+/// The shared pool, its gate, deleter and consumers.
+#[derive(Debug)]
+pub struct Engine {
+    pool: Arc<Pool>,
+    gate: Arc<RwLock<()>>,
+    deleter: Deleter,
+    consumers: Vec<Box<dyn Consumer>>,
+}
+
+impl Engine {
+    /// Opens the pool under `root` for `consumers` and starts the deleter.
+    /// Front ends attach next (each undoing its own half-done work that needs
+    /// the kernel), then [`Engine::reconcile`] converges the pool with all of
+    /// them before anything is served.
+    ///
+    /// A root remembers every consumer that ever opened it and refuses to open
+    /// without one of them: reconciling without its records would delete its
+    /// devices.
+    pub fn open(root: &Path, cfg: PoolConfig, consumers: Vec<Box<dyn Consumer>>) -> Result<Engine> {
+        let pool = Arc::new(Pool::open(root, cfg)?);
+        let given: BTreeSet<&str> = consumers.iter().map(|c| c.name()).collect();
+        let remembered = pool.store().setting(CONSUMERS)?.unwrap_or_default();
+        let remembered: BTreeSet<&str> = remembered.split(',').filter(|s| !s.is_empty()).collect();
+        let missing: Vec<&str> = remembered.difference(&given).copied().collect();
+        if !missing.is_empty() {
+            return Err(Error::Config(format!(
+                "{} also holds {} records, which this daemon does not serve: start thinboxd on it",
+                root.display(),
+                missing.join(" and ")
+            )));
+        }
+        let all: Vec<&str> = remembered.union(&given).copied().collect();
+        pool.store().set_setting(CONSUMERS, &all.join(","))?;
+        let gate = Arc::new(RwLock::new(()));
+        let deleter = Deleter::start(pool.clone(), gate.clone()).map_err(Error::io("start the deleter thread for", root))?;
+        Ok(Engine { pool, gate, deleter, consumers })
+    }
+
+    /// The device pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The background deleter (a front end pushes the devices it marked `Deleting`).
+    pub fn deleter(&self) -> &Deleter {
+        &self.deleter
+    }
+
+    /// The gate, shared: hold it for the whole of an operation.
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The gate, shared, if that need not wait.
+    pub fn try_shared(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        match self.gate.try_read() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Converges the pool with every consumer's records: half-done records
+    /// are dropped, devices nobody references (and those marked `Deleting`)
+    /// destroyed, stray files and loops removed, active devices re-attached.
+    /// At start, and on request (`Cleanup`, `thinboxctl gc`): it finishes
+    /// every pending deletion synchronously.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let _g = self.exclusive();
+        let report = self.converge(true)?;
+        // Reconciliation destroyed every device not `Ready`, so every queued one.
+        self.deleter.forget_all();
+        tracing::info!(?report, "reconciled");
+        Ok(report)
+    }
+
+    /// What [`Engine::reconcile`] would do, changing nothing; also devices
+    /// whose storage is missing. Deletions in progress are waited for first,
+    /// so what it reports was left behind, not merely not yet done (except a
+    /// delete arriving in between, and deletions waiting for a retry).
+    pub fn check(&self) -> Result<ReconcileReport> {
+        self.deleter.wait_idle();
+        let _g = self.exclusive();
+        self.converge(false)
+    }
+
+    fn converge(&self, apply: bool) -> Result<ReconcileReport> {
+        let txn = self.pool.store().write()?;
+        let mut referenced = HashSet::new();
+        for c in &self.consumers {
+            referenced.extend(c.settle(&txn)?);
+        }
+        if !apply {
+            txn.abort()?;
+            return self.pool.check(&referenced);
+        }
+        txn.commit()?;
+        self.pool.reconcile(&referenced)
+    }
+
+    /// Called on exit. The deleter stops after the device in hand; devices
+    /// still queued stay marked `Deleting` and the next start finishes them,
+    /// the same path as after a crash. Draining instead could hold a stop for
+    /// minutes (a thin delete costs up to hundreds of milliseconds) and buys
+    /// no safety. With `release`, loops are detached and the embedded pool
+    /// unmounted.
+    pub fn shutdown(&self, release: bool) -> Result<()> {
+        let left = self.deleter.stop();
+        if left > 0 {
+            tracing::info!(devices = left, "pending deletions left for the next start");
+        }
+        let _g = self.exclusive();
+        // Deletes the deleter did not get to are made durable too.
+        self.pool.store().persist()?;
+        self.pool.shutdown(release)
+    }
+}
