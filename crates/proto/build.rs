@@ -1,5 +1,6 @@
 //! Generates the tonic/prost code for our own copies of the published protos
-//! (containerd snapshots, CSI v1.12.0) and for Thinbox's own admin API.
+//! (containerd snapshots, namespaces and introspection, CSI v1.12.0) and for
+//! Thinbox's own admin API.
 //! Well-known types (`google.protobuf.Timestamp`, `Int64Value`, ...) map to
 //! `prost-types`, tonic-prost-build's default.
 //! `protoc` comes from `protoc-bin-vendored` so a fresh machine needs cargo only.
@@ -12,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/containerd/types/mount.proto",
             "proto/containerd/services/snapshots/v1/snapshots.proto",
+            "proto/containerd/services/namespaces/v1/namespace.proto",
+            "proto/containerd/services/introspection/v1/introspection.proto",
             "proto/thinbox/admin/v1/admin.proto",
             "proto/csi/v1/csi.proto",
         ],

@@ -1,7 +1,9 @@
 //! Wire definitions for Thinbox, generated from our own `.proto` transcriptions of
-//! published APIs (containerd `snapshots.v1` and `types.Mount`, and the Container
-//! Storage Interface `csi.v1` at spec v1.12.0), and of Thinbox's own administration
-//! API (`thinbox.admin.v1`, served next to `snapshots.v1`).
+//! published APIs (containerd `snapshots.v1` and `types.Mount`, the parts of
+//! containerd's `namespaces.v1` and `introspection.v1` that `thinboxctl` calls,
+//! and the Container Storage Interface `csi.v1` at spec v1.12.0), and of
+//! Thinbox's own administration API (`thinbox.admin.v1`, served next to
+//! `snapshots.v1`).
 //!
 //! The generated modules mirror the protobuf packages so that type paths read like
 //! the upstream API: `containerd::services::snapshots::v1::PrepareSnapshotRequest`,
@@ -29,6 +31,21 @@ pub mod containerd {
             /// `containerd.services.snapshots.v1`.
             pub mod v1 {
                 tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+        /// `containerd.services.namespaces`.
+        pub mod namespaces {
+            /// `containerd.services.namespaces.v1`: only `List`.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.namespaces.v1");
+            }
+        }
+        /// `containerd.services.introspection`.
+        pub mod introspection {
+            /// `containerd.services.introspection.v1`: only `Plugins`, and of a
+            /// plugin only its type, id and exports.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.introspection.v1");
             }
         }
     }
