@@ -82,7 +82,7 @@ tier_conformance() {
     2>&1 | tee target/conformance.log | grep -E '^\s*--- (PASS|FAIL|SKIP)|^(PASS|FAIL|ok)'
   bash tests/conformance/run.sh count conformance target/conformance.log
 }
-tier_containerd() { need_root containerd; bash tests/host/containerd-e2e.sh; }
+tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd-e2e.sh || rc=1; bash tests/host/containerd-gc.sh || rc=1; return "$rc"; }
 tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 tier_vm() { need_root vm; bash tests/vm/tier.sh; }
 tier_fio() { need_root fio; cargo run --release -p fio-bench -- --quick --out target/fio-bench-quick; }

@@ -10,34 +10,47 @@
 //!   snapshot keys it holds.
 //! * `check`: what `gc` would do, read-only; exit code 1 if anything.
 //! * `gc`: reconciliation (what containerd's `Cleanup` and a restart do).
+//! * `gc --containerd [SOCK]`: instead, removes the snapshots containerd no
+//!   longer lists (a collection pass containerd dropped while the daemon was
+//!   unreachable); see [`containerd`].
 //! * `host`: what this host offers VM sandboxes (is KVM usable, its API
 //!   version and vCPU limits), probed locally; it needs no daemon.
 //!
 //! Output is aligned tables, or one JSON document with `--json`. [`ask`] talks
-//! to the daemon, [`render::render`] prints; the binary only maps the
+//! to the daemon (and containerd), [`render::render`] prints; the binary only maps the
 //! [`render::Outcome`] or the [`Error`] to an exit code.
 
+pub mod containerd;
 pub mod model;
 pub mod render;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use thinbox_proto::admin::admin_client::AdminClient;
 use thinbox_proto::admin::{CheckRequest, GcRequest, ListDevicesRequest, PoolStatusRequest};
+use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::model::{Device, HostReport, PoolStatus, Report};
+use crate::model::{ContainerdGc, Device, HostReport, PoolStatus, Report};
 
 /// Where `thinbox-snapshotter` serves by default (README, `scripts/quickstart.sh`).
 pub const DEFAULT_ADDRESS: &str = "/run/thinbox/snapshotter.sock";
+/// containerd's socket by default.
+pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
+/// The name containerd's config gives the proxy snapshotter by default (`[proxy_plugins.thinbox]`).
+pub const DEFAULT_SNAPSHOTTER: &str = "thinbox";
+/// `gc --containerd` keeps snapshots changed within this many seconds.
+pub const DEFAULT_MIN_AGE: u64 = 600;
 
 /// Exit code: success (and for `check`: nothing to clean).
 pub const EXIT_OK: u8 = 0;
 /// Exit code: `check` found something to clean or a device whose storage is missing.
 pub const EXIT_FINDINGS: u8 = 1;
-/// Exit code: the daemon could not be reached or refused, or bad usage.
+/// Exit code: the daemon (or, for `gc --containerd`, containerd) could not be
+/// reached or refused, or bad usage.
 pub const EXIT_ERROR: u8 = 2;
 
 /// Command line.
@@ -47,7 +60,7 @@ pub const EXIT_ERROR: u8 = 2;
     version,
     about = "Inspect and clean up the pool of a running thinbox-snapshotter; probe this host for VM sandboxes (host)",
     after_help = "Exit codes: 0 success; 1 `check` found something to clean or a device whose storage is missing; \
-                  2 the daemon could not be reached or refused the request, or bad usage."
+                  2 the daemon (or for gc --containerd: containerd) could not be reached or refused the request, or bad usage."
 )]
 pub struct Cli {
     /// The daemon's socket (its --address).
@@ -65,7 +78,7 @@ pub struct Cli {
 }
 
 /// The subcommands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Pool capacity, free space and reserve; dm-thin: metadata, low-water mark, mode.
     Status,
@@ -73,19 +86,40 @@ pub enum Command {
     Devices,
     /// Compare the store with the pool; report what `gc` would do, changing nothing.
     Check,
-    /// Remove leftover devices and orphans, re-attach or detach devices to match their records.
-    Gc,
+    /// Remove leftover devices and orphans, re-attach or detach devices to match their records;
+    /// with --containerd, instead remove the snapshots containerd no longer knows.
+    Gc(GcArgs),
     /// This host's KVM: usable or why not, API version, vCPU limits (probed here, no daemon needed).
     Host,
 }
 
+/// `gc`'s options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct GcArgs {
+    /// Instead of reconciling the pool: remove every snapshot containerd (at SOCK, default
+    /// /run/containerd/containerd.sock) no longer lists in any namespace, children first; refuses if
+    /// containerd cannot be reached or any listing fails.
+    #[arg(long, value_name = "SOCK", num_args = 0..=1, default_missing_value = DEFAULT_CONTAINERD)]
+    pub containerd: Option<PathBuf>,
+    /// With --containerd: the proxy snapshotter's name in containerd's config; it must be served at --address.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_SNAPSHOTTER, requires = "containerd")]
+    pub snapshotter: String,
+    /// With --containerd: list what would be removed, remove nothing.
+    #[arg(long, requires = "containerd")]
+    pub dry_run: bool,
+    /// With --containerd: keep snapshots created or changed within SECS (containerd records a snapshot
+    /// after the daemon made it, so a young one may be about to be known).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MIN_AGE, requires = "containerd")]
+    pub min_age: u64,
+}
+
 impl Command {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             Command::Status => "status",
             Command::Devices => "devices",
             Command::Check => "check",
-            Command::Gc => "gc",
+            Command::Gc(_) => "gc",
             Command::Host => "host",
         }
     }
@@ -117,6 +151,56 @@ pub enum Error {
     Unimplemented {
         /// The socket.
         socket: PathBuf,
+    },
+    /// The socket does not serve containerd's snapshots API.
+    #[error("{} does not serve containerd's snapshots API: not a thinbox-snapshotter socket", socket.display())]
+    NotSnapshotter {
+        /// The socket.
+        socket: PathBuf,
+    },
+    /// Connecting to containerd failed (`gc --containerd`); nothing was removed.
+    #[error("cannot reach containerd at {}: {reason}; nothing removed", socket.display())]
+    ContainerdConnect {
+        /// containerd's socket.
+        socket: PathBuf,
+        /// The root cause, with a hint.
+        reason: String,
+    },
+    /// containerd failed a request `gc --containerd` needs for its view; nothing was removed.
+    #[error("containerd at {}: {what}: {reason}; nothing removed", socket.display())]
+    Containerd {
+        /// containerd's socket.
+        socket: PathBuf,
+        /// The request.
+        what: String,
+        /// containerd's answer.
+        reason: String,
+    },
+    /// containerd's `--snapshotter` is not the daemon at `--address`; nothing was removed.
+    #[error(
+        "containerd at {}: snapshotter {name:?} {found}, not at --address {} (see --snapshotter); nothing removed",
+        containerd.display(),
+        address.display()
+    )]
+    NotOurSnapshotter {
+        /// containerd's socket.
+        containerd: PathBuf,
+        /// `--snapshotter`.
+        name: String,
+        /// What containerd has under that name.
+        found: String,
+        /// `--address`.
+        address: PathBuf,
+    },
+    /// Removing a snapshot failed; `gc --containerd` stopped there.
+    #[error("gc: removing snapshot {key:?} failed after {done} removal(s): {} ({:?})", status.message(), status.code())]
+    Remove {
+        /// The snapshot.
+        key: String,
+        /// How many were removed before.
+        done: usize,
+        /// The daemon's answer.
+        status: Box<Status>,
     },
     /// No answer within `--timeout`.
     #[error("{op}: no answer from thinbox-snapshotter within {secs} s (--timeout)")]
@@ -167,17 +251,18 @@ impl Error {
     }
 }
 
+/// The hint for a daemon socket that is missing or refuses connections.
+const DAEMON_HINT: &str = " (is the daemon running? --address or THINBOX_SOCKET must name its socket)";
+
 /// The innermost cause of a failed connect, plus what an operator usually
-/// has to do about it.
-fn connect_reason(e: &(dyn std::error::Error + 'static)) -> String {
+/// has to do about it (`not_running` if nothing listens there).
+fn connect_reason(e: &(dyn std::error::Error + 'static), not_running: &str) -> String {
     let mut root = e;
     while let Some(next) = root.source() {
         root = next;
     }
     let hint = match root.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
-        Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
-            " (is the daemon running? --address or THINBOX_SOCKET must name its socket)"
-        }
+        Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => not_running,
         Some(std::io::ErrorKind::PermissionDenied) => " (the socket is mode 0660: run as root or as a member of its group)",
         _ => "",
     };
@@ -195,16 +280,18 @@ pub enum Answer {
     Check(Report),
     /// `gc`.
     Gc(Report),
+    /// `gc --containerd`.
+    ContainerdGc(ContainerdGc),
     /// `host`.
     Host(HostReport),
 }
 
 /// Asks the daemon what `cli.command` needs; `host` asks this machine and
-/// never connects.
+/// never connects; `gc --containerd` asks containerd first.
 pub async fn ask(cli: &Cli) -> Result<Answer, Error> {
     let op = cli.command.name();
     let rpc = |status| Error::rpc(cli, status);
-    Ok(match cli.command {
+    Ok(match &cli.command {
         Command::Status => {
             let st = connect(cli).await?.pool_status(PoolStatusRequest {}).await.map_err(rpc)?.into_inner().status;
             Answer::Status(st.ok_or(Error::Incomplete { op, field: "status" })?.into())
@@ -217,7 +304,8 @@ pub async fn ask(cli: &Cli) -> Result<Answer, Error> {
             let r = connect(cli).await?.check(CheckRequest {}).await.map_err(rpc)?.into_inner().report;
             Answer::Check(r.ok_or(Error::Incomplete { op, field: "report" })?.into())
         }
-        Command::Gc => {
+        Command::Gc(args @ GcArgs { containerd: Some(socket), .. }) => Answer::ContainerdGc(containerd::run(cli, args, socket).await?),
+        Command::Gc(_) => {
             let r = connect(cli).await?.gc(GcRequest {}).await.map_err(rpc)?.into_inner().report;
             Answer::Gc(r.ok_or(Error::Incomplete { op, field: "report" })?.into())
         }
@@ -225,11 +313,27 @@ pub async fn ask(cli: &Cli) -> Result<Answer, Error> {
     })
 }
 
-async fn connect(cli: &Cli) -> Result<AdminClient<tonic::transport::Channel>, Error> {
-    let channel = thinbox_proto::unix_channel(&cli.address, Duration::from_secs(cli.timeout))
+async fn channel(cli: &Cli) -> Result<Channel, Error> {
+    thinbox_proto::unix_channel(&cli.address, Duration::from_secs(cli.timeout))
         .await
-        .map_err(|e| Error::Connect { socket: cli.address.clone(), reason: connect_reason(&e) })?;
-    Ok(AdminClient::new(channel))
+        .map_err(|e| Error::Connect { socket: cli.address.clone(), reason: connect_reason(&e, DAEMON_HINT) })
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient<Channel>, Error> {
+    Ok(AdminClient::new(channel(cli).await?))
+}
+
+/// containerd's snapshots API on the daemon's socket.
+async fn connect_snapshots(cli: &Cli) -> Result<SnapshotsClient<Channel>, Error> {
+    Ok(SnapshotsClient::new(channel(cli).await?))
+}
+
+/// [`Error::rpc`] for a request of containerd's snapshots API to the daemon.
+fn snapshots_status(cli: &Cli, status: Status) -> Error {
+    match status.code() {
+        Code::Unimplemented => Error::NotSnapshotter { socket: cli.address.clone() },
+        _ => Error::rpc(cli, status),
+    }
 }
 
 #[cfg(test)]
@@ -250,7 +354,7 @@ mod tests {
     #[tokio::test]
     async fn host_needs_no_daemon() {
         let cli = Cli::try_parse_from(["thinboxctl", "--address", "/nonexistent/thinbox.sock", "host", "--json"]).expect("parses");
-        assert_eq!((cli.command, cli.json), (Command::Host, true));
+        assert_eq!((&cli.command, cli.json), (&Command::Host, true));
         let Answer::Host(h) = ask(&cli).await.expect("no socket needed") else { panic!("host answers Host") };
         assert_eq!(h.kvm.usable, h.kvm.reason.is_none());
     }
@@ -271,11 +375,28 @@ mod tests {
         #[error("transport error")]
         struct Wrapper(#[source] std::io::Error);
         let e = Wrapper(std::io::Error::from(std::io::ErrorKind::NotFound));
-        let reason = connect_reason(&e);
+        let reason = connect_reason(&e, DAEMON_HINT);
         assert!(reason.starts_with("entity not found (is the daemon running?"), "{reason}");
         let e = Wrapper(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
-        assert!(connect_reason(&e).contains("mode 0660"));
-        assert_eq!(connect_reason(&Wrapper(std::io::Error::other("odd"))), "odd");
+        assert!(connect_reason(&e, DAEMON_HINT).contains("mode 0660"));
+        assert_eq!(connect_reason(&Wrapper(std::io::Error::other("odd")), DAEMON_HINT), "odd");
+    }
+
+    #[test]
+    fn gc_takes_containerd_options_only_with_containerd() {
+        let cli = Cli::try_parse_from(["thinboxctl", "gc"]).expect("parses");
+        assert_eq!(cli.command, Command::Gc(GcArgs { snapshotter: "thinbox".into(), min_age: DEFAULT_MIN_AGE, ..GcArgs::default() }));
+        let cli = Cli::try_parse_from(["thinboxctl", "gc", "--containerd", "--json"]).expect("parses");
+        let Command::Gc(args) = &cli.command else { panic!("gc") };
+        assert_eq!(args.containerd.as_deref(), Some(std::path::Path::new(DEFAULT_CONTAINERD)), "SOCK is optional");
+        assert!(cli.json && !args.dry_run);
+        let cli = Cli::try_parse_from(["thinboxctl", "gc", "--containerd", "/c.sock", "--snapshotter", "tb", "--dry-run", "--min-age", "0"])
+            .expect("parses");
+        assert_eq!(cli.command, Command::Gc(GcArgs { containerd: Some("/c.sock".into()), snapshotter: "tb".into(), dry_run: true, min_age: 0 }));
+        for flags in [&["--dry-run"][..], &["--snapshotter", "x"], &["--min-age", "5"]] {
+            let args = ["thinboxctl", "gc"].iter().chain(flags).copied();
+            assert!(Cli::try_parse_from(args).is_err(), "{flags:?} needs --containerd");
+        }
     }
 
     #[test]

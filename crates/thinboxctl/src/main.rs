@@ -1,4 +1,5 @@
-//! `thinboxctl [--address SOCK] [--json] [--timeout SECS] <status|devices|check|gc|host>`:
+//! `thinboxctl [--address SOCK] [--json] [--timeout SECS] <status|devices|check|gc|host>`,
+//! `thinboxctl gc --containerd [SOCK] [--snapshotter NAME] [--dry-run] [--min-age SECS]`:
 //! see the library documentation and `--help`.
 
 use std::process::ExitCode;

@@ -157,6 +157,65 @@ impl From<proto::ReconcileReport> for Report {
     }
 }
 
+/// `gc --containerd`: the snapshots containerd no longer knows that were
+/// removed (with `dry_run`: would be), and those kept all the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerdGc {
+    /// `--dry-run`: nothing was removed; `removed` is what would have been.
+    pub dry_run: bool,
+    /// `--min-age` in seconds: snapshots changed more recently were kept.
+    pub min_age: u64,
+    /// containerd's proxy snapshotters served by this daemon (`--snapshotter`
+    /// and any other name containerd gives the same socket).
+    pub snapshotters: Vec<String>,
+    /// containerd's namespaces; every one was listed.
+    pub namespaces: Vec<String>,
+    /// Snapshots the daemon held before.
+    pub snapshots: usize,
+    /// Of those, how many containerd lists (kept).
+    pub known: usize,
+    /// Of those, how many containerd did not make (key not `<ns>/<n>/<name>`; kept).
+    pub other: usize,
+    /// Removed, in the order removed (children before parents).
+    pub removed: Vec<GcSnapshot>,
+    /// Unknown to containerd, yet kept (by key).
+    pub kept: Vec<KeptSnapshot>,
+}
+
+/// A snapshot `gc --containerd` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GcSnapshot {
+    /// Its key in the daemon (`<namespace>/<n>/<containerd's key>`).
+    pub key: String,
+    /// "active", "view" or "committed".
+    pub kind: String,
+    /// Its parent's key.
+    pub parent: Option<String>,
+}
+
+/// A snapshot unknown to containerd that `gc --containerd` kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeptSnapshot {
+    /// Its key in the daemon.
+    pub key: String,
+    /// "active", "view" or "committed".
+    pub kind: String,
+    /// Why it was kept.
+    pub reason: KeepReason,
+}
+
+/// Why `gc --containerd` kept a snapshot containerd does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepReason {
+    /// Created or changed within `--min-age`: containerd may be about to record it.
+    Recent,
+    /// Its namespace is not one containerd has.
+    UnknownNamespace,
+    /// A snapshot that stays is its child.
+    ParentOfKept,
+}
+
 /// `host`: what this machine offers VM sandboxes. An object, so more probes
 /// can join `kvm` later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

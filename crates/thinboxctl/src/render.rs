@@ -6,7 +6,8 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::model::{Device, HostReport, PoolStatus, Report};
+use crate::containerd::BackendKey;
+use crate::model::{ContainerdGc, Device, HostReport, KeepReason, PoolStatus, Report};
 use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
 
 /// How a command ended, short of an error.
@@ -63,6 +64,7 @@ pub fn to_json(answer: &Answer) -> Result<String, serde_json::Error> {
         Answer::Status(s) => serde_json::to_string_pretty(s),
         Answer::Devices(d) => serde_json::to_string_pretty(&DeviceList { devices: d }),
         Answer::Check(r) | Answer::Gc(r) => serde_json::to_string_pretty(r),
+        Answer::ContainerdGc(g) => serde_json::to_string_pretty(g),
         Answer::Host(h) => serde_json::to_string_pretty(h),
     }
 }
@@ -74,8 +76,43 @@ pub fn text(answer: &Answer) -> String {
         Answer::Devices(d) => devices_text(d),
         Answer::Check(r) => report_text(r, Tense::Would),
         Answer::Gc(r) => report_text(r, Tense::Did),
+        Answer::ContainerdGc(g) => containerd_gc_text(g),
         Answer::Host(h) => host_text(h),
     }
+}
+
+fn containerd_gc_text(g: &ContainerdGc) -> String {
+    let mut rows = Vec::new();
+    for s in &g.removed {
+        let verb = if g.dry_run { "would remove" } else { "removed" };
+        rows.push(vec![verb.to_owned(), s.key.clone(), s.kind.clone(), "containerd no longer lists it".to_owned()]);
+    }
+    for k in &g.kept {
+        let why = match k.reason {
+            KeepReason::Recent => format!("containerd does not list it, but it changed within --min-age ({} s)", g.min_age),
+            KeepReason::UnknownNamespace => match BackendKey::parse(&k.key) {
+                Some(b) => format!("containerd has no namespace {:?}", b.namespace),
+                None => "containerd has no such namespace".to_owned(),
+            },
+            KeepReason::ParentOfKept => "containerd does not list it, but a snapshot that stays is its child".to_owned(),
+        };
+        rows.push(vec!["kept".to_owned(), k.key.clone(), k.kind.clone(), why]);
+    }
+    let mut line = match (g.removed.len(), g.dry_run) {
+        (0, _) => format!("gc: nothing to remove; containerd lists {} of {} snapshot(s)", g.known, g.snapshots),
+        (n, true) => format!("gc: would remove {n} of {} snapshot(s), which containerd no longer lists", g.snapshots),
+        (n, false) => format!("gc: removed {n} of {} snapshot(s), which containerd no longer lists", g.snapshots),
+    };
+    if g.other > 0 {
+        let _ = write!(line, "; {} not made by containerd, left alone", g.other);
+    }
+    if !g.kept.is_empty() {
+        let _ = write!(line, "; kept {} it does not list (above)", g.kept.len());
+    }
+    if g.dry_run {
+        line.push_str("; --dry-run: nothing removed");
+    }
+    table(&rows) + &line + "\n"
 }
 
 fn host_text(h: &HostReport) -> String {
@@ -469,6 +506,69 @@ mod tests {
         assert!(err.is_empty());
         let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
         assert_eq!(v, serde_json::json!({"kvm": {"usable": true, "api_version": 12, "max_vcpus": 1024, "recommended_vcpus": 2, "reason": null}}));
+    }
+
+    fn containerd_gc(dry_run: bool) -> ContainerdGc {
+        use crate::model::{GcSnapshot, KeptSnapshot};
+        ContainerdGc {
+            dry_run,
+            min_age: 600,
+            snapshotters: vec!["thinbox".into()],
+            namespaces: vec!["default".into(), "k8s.io".into()],
+            snapshots: 7,
+            known: 2,
+            other: 1,
+            removed: vec![
+                GcSnapshot { key: "default/4/sha256:b".into(), kind: "committed".into(), parent: Some("default/2/sha256:a".into()) },
+                GcSnapshot { key: "default/2/sha256:a".into(), kind: "committed".into(), parent: None },
+            ],
+            kept: vec![
+                KeptSnapshot { key: "gone/1/x".into(), kind: "active".into(), reason: KeepReason::UnknownNamespace },
+                KeptSnapshot { key: "k8s.io/9/c".into(), kind: "active".into(), reason: KeepReason::Recent },
+            ],
+        }
+    }
+
+    #[test]
+    fn containerd_gc_lists_removals_in_order_and_what_it_kept() {
+        let (outcome, out, err) = run(&Answer::ContainerdGc(containerd_gc(false)), false);
+        assert_eq!((outcome, err.as_str()), (Outcome::Ok, ""));
+        assert_eq!(
+            out,
+            "removed  default/4/sha256:b  committed  containerd no longer lists it\n\
+             removed  default/2/sha256:a  committed  containerd no longer lists it\n\
+             kept     gone/1/x            active     containerd has no namespace \"gone\"\n\
+             kept     k8s.io/9/c          active     containerd does not list it, but it changed within --min-age (600 s)\n\
+             gc: removed 2 of 7 snapshot(s), which containerd no longer lists; 1 not made by containerd, left alone; \
+             kept 2 it does not list (above)\n"
+        );
+        let out = text(&Answer::ContainerdGc(containerd_gc(true)));
+        assert!(out.starts_with("would remove  default/4/sha256:b"), "{out}");
+        assert!(out.ends_with("gc: would remove 2 of 7 snapshot(s), which containerd no longer lists; 1 not made by containerd, left alone; kept 2 it does not list (above); --dry-run: nothing removed\n"), "{out}");
+        let none = ContainerdGc { removed: vec![], kept: vec![], other: 0, snapshots: 2, ..containerd_gc(false) };
+        assert_eq!(text(&Answer::ContainerdGc(none)), "gc: nothing to remove; containerd lists 2 of 2 snapshot(s)\n");
+    }
+
+    #[test]
+    fn containerd_gc_json_names_every_field() {
+        let (_, out, err) = run(&Answer::ContainerdGc(containerd_gc(true)), true);
+        assert!(err.is_empty());
+        let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "dry_run": true, "min_age": 600, "snapshotters": ["thinbox"], "namespaces": ["default", "k8s.io"],
+                "snapshots": 7, "known": 2, "other": 1,
+                "removed": [
+                    {"key": "default/4/sha256:b", "kind": "committed", "parent": "default/2/sha256:a"},
+                    {"key": "default/2/sha256:a", "kind": "committed", "parent": null}
+                ],
+                "kept": [
+                    {"key": "gone/1/x", "kind": "active", "reason": "unknown_namespace"},
+                    {"key": "k8s.io/9/c", "kind": "active", "reason": "recent"}
+                ]
+            })
+        );
     }
 
     #[test]
