@@ -48,7 +48,13 @@ run_tier() {
   local t=$1; shift
   echo "=== tier $t"
   local start=$SECONDS
-  if "$@" 2>&1 | tee -a "$log"; then summary+=("$t: ok ($((SECONDS - start))s)"); else summary+=("$t: FAILED"); failed=1; fi
+  # Not in an `if`: bash ignores errexit inside a condition, so a tier whose
+  # first command failed would pass on its last one's status.
+  set +e
+  (set -e; "$@") 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" = 0 ]; then summary+=("$t: ok ($((SECONDS - start))s)"); else summary+=("$t: FAILED"); failed=1; fi
 }
 failed=0
 
@@ -110,6 +116,7 @@ read -r passed failures < <(sed -nE \
   -e 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' \
   -e 's/^[a-z0-9-]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$log" |
   awk '{p += $1; f += $2} END {print p + 0, f + 0}')
+[ "$failures" = 0 ] || failed=1
 [ "$failed" = 0 ] || [ "$failures" -gt 0 ] || failures=1
 echo "total: $passed passed, $failures failed"
 exit $failed
