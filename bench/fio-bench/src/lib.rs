@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use thinbox_blockstore::Bytes;
+use thinbox_blockstore::{Bytes, mountinfo};
 use thinbox_guest_vm::{AccelChoice, GuestImage};
 
 use crate::fio::Measurement;
@@ -385,13 +385,9 @@ fn setup_row(
 /// Mounts and loop devices still under `work`.
 fn leftovers(work: &Path) -> Vec<String> {
     let mut left = Vec::new();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for l in mountinfo.lines() {
-        if let Some(mp) = l.split(' ').nth(4)
-            && Path::new(mp).starts_with(work)
-        {
-            left.push(format!("still mounted: {mp}"));
-        }
+    match mountinfo::mounts_under(work) {
+        Ok(mounts) => left.extend(mounts.into_iter().map(|mp| format!("still mounted: {}", mp.display()))),
+        Err(e) => left.push(format!("cannot read {}: {e}", mountinfo::PATH)),
     }
     match thinbox_blockstore::scan_loops(work) {
         Ok(loops) => left.extend(loops.into_iter().map(|l| format!("loop device {} still bound to {}", l.node.display(), l.backing.display()))),

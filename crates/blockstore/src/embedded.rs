@@ -11,6 +11,7 @@ use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 use crate::error::{Error, Result};
 use crate::fs::run;
 use crate::loops::{self, AttachOpts};
+use crate::mountinfo;
 use crate::units::Bytes;
 
 /// Makes sure the embedded pool exists and is mounted; returns its mount point.
@@ -57,34 +58,5 @@ pub fn release(mp: &Path) -> Result<()> {
 
 /// Whether `path` is a mount point, from `/proc/self/mountinfo`.
 pub fn is_mountpoint(path: &Path) -> Result<bool> {
-    let info = "/proc/self/mountinfo";
-    let text = fs::read_to_string(info).map_err(Error::io("read", info))?;
-    Ok(text.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| Path::new(&unescape(mp)) == path)))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for space, ...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn unescapes_mountinfo() {
-        assert_eq!(super::unescape(r"/a\040b\011c"), "/a b\tc");
-        assert_eq!(super::unescape(r"/plain"), "/plain");
-        assert_eq!(super::unescape(r"/trail\04"), r"/trail\04");
-    }
+    mountinfo::is_mount_point(path).map_err(Error::io("read", mountinfo::PATH))
 }

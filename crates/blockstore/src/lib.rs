@@ -34,6 +34,7 @@ pub mod fault;
 mod fs;
 pub mod image;
 mod loops;
+pub mod mountinfo;
 mod pool;
 mod reflink;
 mod store;

@@ -145,3 +145,23 @@ fn a_pool_below_its_reserve_refuses_new_devices() {
     pool.shutdown(true).unwrap();
     assert!(scan_loops(dir.path()).unwrap().is_empty(), "release leaves no loop");
 }
+
+#[test]
+fn a_mount_point_whose_name_has_a_space_is_one() {
+    use thinbox_blockstore::{embedded, mountinfo};
+    let dir = tmp();
+    let mp = dir.path().canonicalize().unwrap().join("a dir\twith space");
+    std::fs::create_dir(&mp).unwrap();
+    assert!(!mountinfo::is_mount_point(&mp).unwrap());
+    sh("mount", &["-t", "tmpfs", "-o", "size=1m", "thinbox test", mp.to_str().unwrap()]);
+    let result = std::panic::catch_unwind(|| {
+        assert!(mountinfo::is_mount_point(&mp).unwrap(), "{mp:?} is mounted: {:#?}", mountinfo::read().unwrap());
+        assert!(embedded::is_mountpoint(&mp).unwrap());
+        let m = mountinfo::mount_at(&mp).unwrap().unwrap();
+        assert_eq!((m.fs_type.as_str(), m.source.as_str()), ("tmpfs", "thinbox test"));
+        assert_eq!(mountinfo::mounts_under(dir.path()).unwrap(), vec![mp.clone()]);
+    });
+    sh("umount", &[mp.to_str().unwrap()]);
+    result.unwrap();
+    assert!(!mountinfo::is_mount_point(&mp).unwrap());
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use thinbox_blockstore::Bytes;
-use thinbox_blockstore::embedded;
+use thinbox_blockstore::{embedded, mountinfo};
 
 use crate::error::{Error, Result};
 
@@ -143,16 +143,8 @@ impl Dirs {
     }
 }
 
-/// Filesystem type and options of the mount at `mp`, if it is one.
+/// Filesystem type and super options of the mount at `mp`, if it is one.
 fn mount_options(mp: &Path) -> Result<Option<(String, String)>> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read", "/proc/self/mountinfo"))?;
-    let want = mp.to_string_lossy();
-    Ok(info.lines().rev().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        if fields.get(4)? != &want {
-            return None;
-        }
-        let sep = fields.iter().position(|f| *f == "-")?;
-        Some((fields.get(sep + 1)?.to_string(), fields.get(sep + 3)?.to_string()))
-    }))
+    let mount = mountinfo::mount_at(mp).map_err(Error::io("read", mountinfo::PATH))?;
+    Ok(mount.map(|m| (m.fs_type, m.super_options)))
 }

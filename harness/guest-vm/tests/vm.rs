@@ -71,9 +71,7 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 fn mounts_under(prefix: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let prefix = prefix.to_str().unwrap();
-    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(prefix)).map(str::to_owned).collect()
+    thinbox_blockstore::mountinfo::mounts_under(prefix).unwrap().into_iter().map(|m| m.display().to_string()).collect()
 }
 
 /// The file behind a loop device, if it is bound.

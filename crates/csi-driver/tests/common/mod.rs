@@ -98,12 +98,11 @@ impl Driver {
     pub async fn finish(mut self) {
         self.stop();
         let kept = [self.path("state/pool"), self.path("state/dirs")];
-        let mounts: Vec<_> =
-            mounts_under(self.dir.path().to_str().unwrap()).into_iter().filter(|m| !kept.iter().any(|k| Path::new(m) == k)).collect();
-        assert_eq!(mounts, Vec::<String>::new(), "mounts left");
+        let mounts: Vec<_> = mounts_under(self.dir.path()).into_iter().filter(|m| !kept.contains(m)).collect();
+        assert_eq!(mounts, Vec::<PathBuf>::new(), "mounts left");
         self.child = Some(spawn(self.dir.path(), &["--release-on-exit".to_owned()]).await.0);
         self.stop();
-        assert_eq!(mounts_under(self.dir.path().to_str().unwrap()), Vec::<String>::new(), "mounts left after release");
+        assert_eq!(mounts_under(self.dir.path()), Vec::<PathBuf>::new(), "mounts left after release");
         assert_eq!(thinbox_blockstore::scan_loops(self.dir.path()).unwrap(), vec![], "loop devices left");
         assert_eq!(thinbox_blockstore::inventory(&self.path("state"), &Default::default()).unwrap().attached, Default::default(), "devices left");
     }
@@ -130,7 +129,7 @@ pub fn cleanup(dir: &Path) {
     // Loops first: once their filesystems are lazily unmounted their backing
     // paths no longer show where they live.
     let loops = thinbox_blockstore::scan_loops(dir).unwrap_or_default();
-    for m in mounts_under(dir.to_str().unwrap()).into_iter().rev() {
+    for m in mounts_under(dir).into_iter().rev() {
         let _ = Command::new("umount").arg("-l").arg(m).status();
     }
     for l in loops.iter().rev() {
@@ -184,9 +183,8 @@ pub async fn spawn_with(
     (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch))
 }
 
-pub fn mounts_under(prefix: &str) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(prefix)).map(str::to_owned).collect()
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    thinbox_blockstore::mountinfo::mounts_under(dir).unwrap()
 }
 
 pub fn mount_cap(fs: &str) -> VolumeCapability {
