@@ -110,6 +110,11 @@ impl Pool {
         Ok(Pool { store, backend, cfg })
     }
 
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
     /// The metadata store (shared with the front end's own tables).
     pub fn store(&self) -> &Store {
         &self.store

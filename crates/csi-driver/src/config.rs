@@ -1,30 +1,30 @@
-//! Configuration file (TOML): every key optional, unknown keys are errors.
+//! The `[csi]` section of thinboxd's configuration: the CSI front door and
+//! the defaults of new volumes. Every key is optional; unknown keys are errors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use thinbox_block_passthrough::KATA_DIRECT_VOLUMES;
-use thinbox_blockstore::{Bytes, FsType, PoolConfig};
+use thinbox_blockstore::{Bytes, FsType};
 
 use crate::state::Sandbox;
 
-/// Errors reading the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    File(#[from] thinbox_daemon::ConfigError),
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
+/// Where kubelet's plugin registration finds the driver by default.
+pub const DEFAULT_ENDPOINT: &str = "unix:///var/lib/kubelet/plugins/csi.thinbox.io/csi.sock";
 
-/// The driver's configuration.
+/// The volume front end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
+pub struct CsiConfig {
+    /// Serve CSI (off: the daemon serves snapshots only; the pool's volume
+    /// records are still reconciled and kept).
+    pub enabled: bool,
+    /// CSI endpoint: `unix:///absolute/path`.
+    pub endpoint: String,
+    /// This node's name as Kubernetes knows it; absent: the hostname.
+    pub node_id: Option<String>,
     /// The kubelet's root directory: every target path must lie inside it.
     pub kubelet_dir: PathBuf,
-    /// The pool of `block` volumes (same keys as the snapshotter's `[pool]`).
-    pub pool: PoolConfig,
     /// Filesystem when neither the request nor the StorageClass names one.
     pub default_fs: FsType,
     /// Size when a request gives no capacity range (and for inline volumes
@@ -42,11 +42,13 @@ pub struct Config {
     pub dir_pool_size: Bytes,
 }
 
-impl Default for Config {
+impl Default for CsiConfig {
     fn default() -> Self {
-        Config {
+        CsiConfig {
+            enabled: true,
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            node_id: None,
             kubelet_dir: PathBuf::from("/var/lib/kubelet"),
-            pool: PoolConfig::default(),
             default_fs: FsType::Ext4,
             default_size: Bytes(1 << 30),
             default_sandbox: Sandbox::Runc,
@@ -60,27 +62,23 @@ impl Default for Config {
 /// Smallest volume: room for ext4 or xfs metadata (xfs needs 300 MiB).
 pub const MIN_VOLUME_SIZE: Bytes = Bytes(300 << 20);
 
-impl Config {
-    /// Reads and validates a TOML file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = thinbox_daemon::load_toml(path)?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.pool.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+impl CsiConfig {
+    /// Checks what serde cannot; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::server::endpoint_path(&self.endpoint).map_err(|e| format!("csi.endpoint: {e}"))?;
+        if self.node_id.as_deref() == Some("") {
+            return Err("csi.node_id must not be empty".into());
+        }
         for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)]
             .into_iter()
             .chain(self.dir_path.iter().map(|p| ("dir_path", p)))
         {
             if !p.is_absolute() {
-                return Err(ConfigError::Invalid(format!("{key} {} must be an absolute path", p.display())));
+                return Err(format!("csi.{key} {} must be an absolute path", p.display()));
             }
         }
         if self.default_size < MIN_VOLUME_SIZE {
-            return Err(ConfigError::Invalid(format!("default_size {} is below the minimum {MIN_VOLUME_SIZE}", self.default_size)));
+            return Err(format!("csi.default_size {} is below the minimum {MIN_VOLUME_SIZE}", self.default_size));
         }
         Ok(())
     }
@@ -94,26 +92,16 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let cfg: Config =
-            toml::from_str("kubelet_dir = \"/k\"\ndefault_sandbox = \"kata\"\ndefault_fs = \"xfs\"\n[pool]\nbackend = \"reflink\"").unwrap();
+        let cfg: CsiConfig = toml::from_str("kubelet_dir = \"/k\"\ndefault_sandbox = \"kata\"\ndefault_fs = \"xfs\"").unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.default_sandbox, Sandbox::Kata);
-        assert!(toml::from_str::<Config>("kubelet = \"/k\"").is_err(), "unknown key");
-        let rel: Config = toml::from_str("kubelet_dir = \"k\"").unwrap();
-        assert!(rel.validate().is_err());
-        let small: Config = toml::from_str("default_size = \"1MiB\"").unwrap();
+        assert!(toml::from_str::<CsiConfig>("kubelet = \"/k\"").is_err(), "unknown key");
+        assert!(toml::from_str::<CsiConfig>("[pool]\nbackend = \"reflink\"").is_err(), "the pool is thinboxd's [pool]");
+        let rel: CsiConfig = toml::from_str("kubelet_dir = \"k\"").unwrap();
+        assert!(rel.validate().unwrap_err().contains("csi.kubelet_dir"));
+        let small: CsiConfig = toml::from_str("default_size = \"1MiB\"").unwrap();
         assert!(small.validate().is_err());
-    }
-
-    /// The sample in docs/csi.md is a valid config.
-    #[test]
-    fn documented_sample_parses() {
-        let doc = include_str!("../../../docs/csi.md");
-        let start = doc.find("    kubelet_dir = ").unwrap();
-        let sample: String =
-            doc[start..].lines().take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();
-        let cfg: Config = toml::from_str(&sample).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.dir_pool_size, Bytes(64 << 30));
+        let tcp: CsiConfig = toml::from_str("endpoint = \"tcp://1.2.3.4:5\"").unwrap();
+        assert!(tcp.validate().unwrap_err().contains("csi.endpoint"));
     }
 }

@@ -16,10 +16,10 @@ use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, 
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thinbox_blockstore::{
-    Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, FsType, Pool, embedded, fault, image, run_tool,
+    Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, FsType, Pool, PoolConfig, embedded, fault, image, run_tool,
 };
 
-use crate::config::{Config, MIN_VOLUME_SIZE};
+use crate::config::{CsiConfig, MIN_VOLUME_SIZE};
 use crate::dirs::Dirs;
 use crate::error::{Error, Result, invalid};
 use crate::state::{
@@ -100,7 +100,7 @@ pub struct Stats {
 #[derive(Debug)]
 pub struct Driver {
     engine: Arc<Engine>,
-    cfg: Config,
+    cfg: CsiConfig,
     node_id: String,
     files: PathBuf,
     snapshots_dir: PathBuf,
@@ -123,8 +123,8 @@ struct Serial<'a> {
 impl Driver {
     /// Opens the state under `root` as the pool's only consumer and converges
     /// it with the disk and kernel.
-    pub fn open(root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
-        let engine = Arc::new(Engine::open(root, cfg.pool.clone(), vec![Box::new(VolumeRecords)])?);
+    pub fn open(root: &Path, node_id: &str, pool: PoolConfig, cfg: CsiConfig) -> Result<Driver> {
+        let engine = Arc::new(Engine::open(root, pool, vec![Box::new(VolumeRecords)])?);
         let d = Driver::new(engine, root, node_id, cfg)?;
         d.engine.reconcile()?;
         Ok(d)
@@ -135,7 +135,7 @@ impl Driver {
     /// (publications, half-made or half-deleted volumes, stray images and
     /// directories). The engine's reconciliation, which its owner runs next,
     /// does the pool's side.
-    pub fn new(engine: Arc<Engine>, root: &Path, node_id: &str, cfg: Config) -> Result<Driver> {
+    pub fn new(engine: Arc<Engine>, root: &Path, node_id: &str, cfg: CsiConfig) -> Result<Driver> {
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
         let (files, snapshots_dir) = (root.join("files"), root.join("snapshots"));
         for dir in [&files, &snapshots_dir] {
@@ -171,7 +171,7 @@ impl Driver {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &CsiConfig {
         &self.cfg
     }
 
@@ -228,9 +228,9 @@ impl Driver {
             }
             Kind::File => {
                 let st = rustix::fs::statvfs(&self.files).map_err(|e| Error::io("statvfs", &self.files)(e.into()))?;
-                Ok((st.f_bavail * st.f_frsize).saturating_sub(self.cfg.pool.reserve.get()))
+                Ok((st.f_bavail * st.f_frsize).saturating_sub(self.pool().config().reserve.get()))
             }
-            Kind::Dir => Ok(self.dirs()?.free()?.saturating_sub(self.cfg.pool.reserve.get())),
+            Kind::Dir => Ok(self.dirs()?.free()?.saturating_sub(self.pool().config().reserve.get())),
         }
     }
 

@@ -27,6 +27,6 @@ pub mod server;
 pub mod service;
 pub mod state;
 
-pub use config::Config;
+pub use config::CsiConfig;
 pub use driver::Driver;
 pub use service::{Csi, DRIVER_NAME, TOPOLOGY_KEY};

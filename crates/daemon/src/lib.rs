@@ -1,11 +1,16 @@
 //! Daemon scaffolding, written once: logging set-up, reading a TOML config
-//! file, and printing an error with its whole source chain on one line.
+//! file, printing an error with its whole source chain on one line, and
+//! serving gRPC on a unix socket.
 //!
 //! A daemon's `main` calls [`init_tracing`], loads its config with
 //! [`load_toml`], runs, and on failure logs [`chain`] of the error once, at the
 //! top, so every start-up failure is one line that says what went wrong.
 
 use std::path::{Path, PathBuf};
+
+mod serve;
+
+pub use serve::{Bound, ServeError, bind_unix, serve_unix, shutdown_signal};
 
 use serde::de::DeserializeOwned;
 

@@ -75,9 +75,6 @@ pub use containerd::types::Mount;
 pub use csi::v1 as csi_v1;
 pub use thinbox::admin::v1 as admin;
 
-mod serve;
-pub use serve::{ServeError, serve_unix};
-
 /// A gRPC channel over a unix socket (containerd and CSI speak gRPC on unix
 /// sockets); `timeout` bounds connecting and each request.
 pub async fn unix_channel(

@@ -35,6 +35,6 @@ pub mod server;
 pub mod service;
 pub mod snapshots;
 
-pub use config::Config;
+pub use config::SnapshotConfig;
 pub use error::Error;
 pub use snapshots::Snapshots;

@@ -17,11 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
-use thinbox_blockstore::{Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, ErrorKind, Pool, ReconcileReport, fault};
+use thinbox_blockstore::{
+    Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, ErrorKind, Pool, PoolConfig, ReconcileReport, fault,
+};
 use thinbox_proto::Mount;
 use thinbox_proto::snapshots::{Info, Kind as ProtoKind};
 
-use crate::config::{Config, MIN_SNAPSHOT_SIZE};
+use crate::config::{MIN_SNAPSHOT_SIZE, SnapshotConfig};
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::meta::{self, CHILDREN, Kind, Record, SNAPSHOTS};
@@ -46,21 +48,21 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct Snapshots {
     engine: Arc<Engine>,
-    cfg: Config,
+    cfg: SnapshotConfig,
 }
 
 impl Snapshots {
     /// Opens the state under `root` as the pool's only consumer and converges
     /// it with the kernel, before anything is served.
-    pub fn open(root: &Path, cfg: Config) -> Result<(Snapshots, ReconcileReport)> {
-        let engine = Arc::new(Engine::open(root, cfg.pool.clone(), vec![Box::new(SnapshotRecords)])?);
+    pub fn open(root: &Path, pool: PoolConfig, cfg: SnapshotConfig) -> Result<(Snapshots, ReconcileReport)> {
+        let engine = Arc::new(Engine::open(root, pool, vec![Box::new(SnapshotRecords)])?);
         let report = engine.reconcile()?;
         Ok((Snapshots::new(engine, cfg), report))
     }
 
     /// The snapshot front end over an engine that lists [`SnapshotRecords`]
     /// among its consumers (reconciled by its owner).
-    pub fn new(engine: Arc<Engine>, cfg: Config) -> Snapshots {
+    pub fn new(engine: Arc<Engine>, cfg: SnapshotConfig) -> Snapshots {
         Snapshots { engine, cfg }
     }
 
@@ -121,10 +123,10 @@ impl Snapshots {
                 // A view never writes, so it keeps its parent's size.
                 (Some(o), _) if kind == Kind::View => o.size,
                 (_, Some(size)) => size,
-                (Some(o), None) => o.size.max(self.cfg.snapshot.default_size),
-                (None, None) => self.cfg.snapshot.default_size,
+                (Some(o), None) => o.size.max(self.cfg.default_size),
+                (None, None) => self.cfg.default_size,
             };
-            let spec = CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.snapshot.filesystem, access: Some(access) };
+            let spec = CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.filesystem, access: Some(access) };
             let dev = self.engine.pool().plan_create(&mut devs, spec)?;
             let now = meta::now();
             let rec = Record { kind, parent: parent.to_owned(), labels, created: now, updated: now, device: dev.id };
@@ -337,6 +339,21 @@ impl Snapshots {
         Ok(Usage { size: u.bytes.get(), inodes: u.inodes })
     }
 
+    /// How many snapshots are committed (image layers) and how many are
+    /// active or views (container rootfs), in one consistent read.
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        let txn = self.pool().store().db().begin_read()?;
+        let (mut committed, mut active) = (0, 0);
+        for row in txn.open_table(SNAPSHOTS)?.iter()? {
+            let (k, v) = row?;
+            match meta::decode(k.value(), v.value())?.kind {
+                Kind::Committed => committed += 1,
+                Kind::Active | Kind::View => active += 1,
+            }
+        }
+        Ok((committed, active))
+    }
+
     /// Snapshot keys by the device that holds their content (for the admin
     /// API; one consistent read, no lock).
     pub fn keys_by_device(&self) -> Result<BTreeMap<thinbox_blockstore::DeviceId, Vec<String>>> {
@@ -363,9 +380,9 @@ impl Snapshots {
         Ok(self.engine.check()?)
     }
 
-    /// Called on exit; see [`Config::release_on_exit`] and [`Engine::shutdown`].
-    pub fn shutdown(&self) -> Result<()> {
-        Ok(self.engine.shutdown(self.cfg.release_on_exit)?)
+    /// Called on exit by a daemon that serves snapshots alone; see [`Engine::shutdown`].
+    pub fn shutdown(&self, release: bool) -> Result<()> {
+        Ok(self.engine.shutdown(release)?)
     }
 
     fn record(&self, key: &str) -> Result<Record> {

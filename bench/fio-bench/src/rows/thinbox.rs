@@ -61,12 +61,9 @@ impl Rootfs {
         let root = dir.join("snapshotter");
         std::fs::create_dir_all(&root).map_err(Error::io(format!("creating {}", root.display())))?;
         let size = volume_size(params.file_size);
-        let config = thinbox_snapshotter::Config {
-            pool: PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes((size.get() * 4).max(4 << 30)), ..PoolConfig::default() },
-            snapshot: SnapshotConfig { default_size: size, filesystem: FsType::Ext4 },
-            release_on_exit: true,
-        };
-        let (snapshots, _) = Snapshots::open(&root, config).map_err(snap_err("opening the snapshotter"))?;
+        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes((size.get() * 4).max(4 << 30)), ..PoolConfig::default() };
+        let snapshot = SnapshotConfig { default_size: size, filesystem: FsType::Ext4, ..SnapshotConfig::default() };
+        let (snapshots, _) = Snapshots::open(&root, pool, snapshot).map_err(snap_err("opening the snapshotter"))?;
         // From here on, a failure tears down through `Rootfs`'s teardown.
         let mut row = Rootfs {
             info: RowInfo { kind: RowKind::ThinboxRootfs, guest: None, setup: String::new(), unavailable: None },
@@ -131,7 +128,7 @@ impl Row for Rootfs {
                 }
             }
             result = result.and(snaps.cleanup().map(drop).map_err(snap_err("cleaning up")));
-            result = result.and(snaps.shutdown().map_err(snap_err("shutting down")));
+            result = result.and(snaps.shutdown(true).map_err(snap_err("shutting down")));
         }
         if result.is_ok() {
             result = std::fs::remove_dir_all(&self.root).map_err(Error::io(format!("removing {}", self.root.display())));
@@ -160,15 +157,15 @@ impl EmptyDir {
         for d in [&root, &kubelet, &direct] {
             std::fs::create_dir_all(d).map_err(Error::io(format!("creating {}", d.display())))?;
         }
-        let config = thinbox_csi::Config {
+        let config = thinbox_csi::CsiConfig {
             kubelet_dir: kubelet.clone(),
-            // Block volumes are not used here; keep their embedded pool small.
-            pool: PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() },
             default_sandbox: Sandbox::Kata,
             direct_volumes: direct.clone(),
-            ..thinbox_csi::Config::default()
+            ..thinbox_csi::CsiConfig::default()
         };
-        let driver = thinbox_csi::Driver::open(&root, "fio-bench", config).map_err(csi_err("opening the CSI driver"))?;
+        // Block volumes are not used here; keep the embedded pool small.
+        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() };
+        let driver = thinbox_csi::Driver::open(&root, "fio-bench", pool, config).map_err(csi_err("opening the CSI driver"))?;
         let target = kubelet.join("pods/fio-bench/volumes/kubernetes.io~csi/scratch/mount");
         // The kubelet makes the target's parent; the driver makes the target.
         if let Some(parent) = target.parent() {
