@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::store::{Access, DeviceRecord};
+use crate::store::DeviceRecord;
+use crate::types::Access;
 use crate::units::{Bytes, DeviceId};
 
 /// Space a device holds on its own.

@@ -21,7 +21,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{DeviceId, DeviceState, Pool};
+use crate::pool::Pool;
+use crate::store::DeviceState;
+use crate::units::DeviceId;
 
 /// Attempts per device before it is left to reconciliation.
 const ATTEMPTS: u32 = 4;

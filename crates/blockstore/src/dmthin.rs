@@ -28,13 +28,14 @@ use devicemapper::{
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
+use crate::config::{PoolConfig, ThinConfig};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
 use crate::loops::{self, AttachOpts};
-use crate::pool::{PoolConfig, ThinConfig};
-use crate::store::{Access, DeviceRecord, FsType};
+use crate::store::DeviceRecord;
 use crate::sys;
+use crate::types::{Access, FsType};
 use crate::units::{Bytes, DeviceId};
 
 /// Data block size of pools Thinbox creates: 64 KiB, as containerd's devmapper.

@@ -11,7 +11,7 @@ use std::process::Command;
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
 use crate::error::{Error, Result};
-use crate::store::FsType;
+use crate::types::FsType;
 
 /// Runs `tool args…` and turns a failure into [`Error::Tool`] about `path`.
 pub fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<()> {

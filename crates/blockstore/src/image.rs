@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::fs;
 use crate::loops::{self, AttachOpts};
-use crate::store::FsType;
+use crate::types::FsType;
 use crate::units::Bytes;
 
 /// Creates the sparse image `path` of exactly `size` (a fresh file: an existing

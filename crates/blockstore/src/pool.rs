@@ -23,8 +23,7 @@ use crate::store::{DeviceRecord, DeviceState, Devices, Store};
 use crate::types::{Access, BackendKind, FsType};
 use crate::units::{Bytes, DeviceId};
 
-// Their home is `config`; re-exported for the modules that still import them from `crate::pool`.
-pub(crate) use crate::config::{PoolConfig, ThinConfig};
+use crate::config::PoolConfig;
 
 /// Settings key: where the thin pool of a dm-thin root lives.
 const THIN_SOURCE: &str = "thin_source";

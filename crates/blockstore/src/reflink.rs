@@ -12,15 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+use crate::config::PoolConfig;
 use crate::embedded;
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
 use crate::image;
 use crate::loops::{self, AttachOpts};
-use crate::pool::PoolConfig;
-use crate::store::{Access, DeviceRecord, FsType};
+use crate::store::DeviceRecord;
 use crate::sys::{self, FIEMAP_EXTENT_SHARED};
+use crate::types::{Access, FsType};
 use crate::units::{Bytes, DeviceId};
 
 /// Devices as reflinked image files on loop devices.

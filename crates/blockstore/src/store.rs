@@ -13,8 +13,7 @@ use crate::error::{Error, Result};
 use crate::types::BackendKind;
 use crate::units::{Bytes, DeviceId};
 
-// Their home is `types`; re-exported for the modules that still import them from `crate::store`.
-pub(crate) use crate::types::{Access, FsType};
+use crate::types::{Access, FsType};
 
 const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("blockstore.devices");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("blockstore.counters");
