@@ -103,6 +103,26 @@ impl Engine {
         }
     }
 
+    /// Runs `op`; when it fails for space (`is_full`) while deletions are
+    /// pending, or finished while it ran, waits for the deleter and runs it
+    /// once more: a client that deletes to make room must not fail because
+    /// the deletion is deferred. The caller must not hold the gate.
+    pub fn with_room<T, E: std::fmt::Display>(&self, is_full: impl Fn(&E) -> bool, mut op: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+        let before = self.deleter.progress();
+        match op() {
+            Err(e) if is_full(&e) => {
+                let now = self.deleter.progress();
+                if before.pending == 0 && now.pending == 0 && now.finished == before.finished {
+                    return Err(e);
+                }
+                tracing::info!(pending = now.pending, error = %e, "pool full while deletions are pending; waiting for them, then retrying once");
+                self.deleter.wait_idle();
+                op()
+            }
+            other => other,
+        }
+    }
+
     fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         self.gate.write().unwrap_or_else(|p| p.into_inner())
     }

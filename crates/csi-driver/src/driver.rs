@@ -237,6 +237,10 @@ impl Driver {
     /// CreateVolume: idempotent by name; from a snapshot or a clone of another
     /// volume when `source` says.
     pub fn create(&self, req: &CreateRequest) -> Result<Volume> {
+        self.engine.with_room(|e: &Error| e.code() == tonic::Code::ResourceExhausted, || self.create_once(req))
+    }
+
+    fn create_once(&self, req: &CreateRequest) -> Result<Volume> {
         let _s = self.serial();
         let origin = match &req.source {
             None => None,
@@ -446,16 +450,43 @@ impl Driver {
     }
 
     fn forget_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        let marked = Snapshot { state: State::Deleting, ..snap.clone() };
-        self.mark_deleting(SNAPSHOTS, &snap.id, &marked, snap.device)?;
-        match snap.device {
-            Some(dev) => self.pool().destroy(dev)?,
-            None => remove_file_if_any(&self.snap_image(&snap.id))?,
+        if let Some(dev) = snap.device {
+            self.forget_device(SNAPSHOTS, SNAPSHOT_NAMES, &snap.id, &snap.name, dev)?;
+            tracing::info!(snapshot = %snap.id, device = %dev, "snapshot deleted; its device goes in the background");
+            return Ok(());
         }
+        let marked = Snapshot { state: State::Deleting, ..snap.clone() };
+        self.mark_deleting(SNAPSHOTS, &snap.id, &marked, None)?;
+        remove_file_if_any(&self.snap_image(&snap.id))?;
         let txn = self.pool().store().write()?;
         state::remove_named(&txn, SNAPSHOTS, SNAPSHOT_NAMES, &snap.id, &snap.name)?;
         txn.commit()?;
         tracing::info!(snapshot = %snap.id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Removes a record and its name and marks its device `Deleting` in one
+    /// transaction, then hands the device to the engine's deleter: the call
+    /// returns before the kernel work, and a crash leaves the device to
+    /// reconciliation.
+    fn forget_device(
+        &self,
+        records: TableDefinition<&str, &str>,
+        names: TableDefinition<&str, &str>,
+        id: &str,
+        name: &str,
+        dev: DeviceId,
+    ) -> Result<()> {
+        let txn = self.pool().store().write()?;
+        state::remove_named(&txn, records, names, id, name)?;
+        {
+            let mut devs = Devices::open(&txn)?;
+            if devs.get(dev)?.is_some() {
+                self.pool().plan_delete(&mut devs, dev)?;
+            }
+        }
+        txn.commit()?;
+        self.engine.deleter().push(dev);
         Ok(())
     }
 
@@ -519,13 +550,18 @@ impl Driver {
 
     /// Marks the volume deleting, removes its storage, then its records.
     fn forget(&self, vol: &Volume) -> Result<()> {
+        if let Some(dev) = vol.device {
+            self.forget_device(VOLUMES, NAMES, &vol.id, &vol.name, dev)?;
+            fault::point("csi.delete.after_mark");
+            tracing::info!(volume = %vol.id, device = %dev, "volume deleted; its device goes in the background");
+            return Ok(());
+        }
         let marked = Volume { state: State::Deleting, ..vol.clone() };
         self.mark_deleting(VOLUMES, &vol.id, &marked, vol.device)?;
         fault::point("csi.delete.after_mark");
-        match (vol.device, vol.project) {
-            (Some(dev), _) => self.pool().destroy(dev)?,
-            (None, Some(project)) => self.dirs()?.remove(&vol.id, project)?,
-            (None, None) => {
+        match vol.project {
+            Some(project) => self.dirs()?.remove(&vol.id, project)?,
+            None => {
                 let img = self.image(&vol.id);
                 image::detach(&img)?;
                 remove_file_if_any(&img)?;

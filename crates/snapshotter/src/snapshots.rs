@@ -82,19 +82,7 @@ impl Snapshots {
     /// deleted (or just were) waits for the deleter and tries once more: a
     /// client that removes to make room must not fail because of our deferral.
     pub fn prepare(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
-        let before = self.engine.deleter().progress();
-        match self.prepare_once(kind, key, parent, labels.clone()) {
-            Err(e) if e.kind() == ErrorKind::ResourceExhausted => {
-                let now = self.engine.deleter().progress();
-                if before.pending == 0 && now.pending == 0 && now.finished == before.finished {
-                    return Err(e);
-                }
-                tracing::info!(key, pending = now.pending, error = %crate::error::chain(&e), "pool full while deletions are pending; waiting for them, then retrying once");
-                self.engine.deleter().wait_idle();
-                self.prepare_once(kind, key, parent, labels)
-            }
-            other => other,
-        }
+        self.engine.with_room(|e: &Error| e.kind() == ErrorKind::ResourceExhausted, || self.prepare_once(kind, key, parent, labels.clone()))
     }
 
     fn prepare_once(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
