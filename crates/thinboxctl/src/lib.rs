@@ -1,4 +1,4 @@
-//! `thinboxctl`: the operator's view of a running `thinbox-snapshotter`.
+//! `thinboxctl`: the operator's view of a running `thinboxd`.
 //!
 //! The daemon owns the metadata store (redb admits one process), so every
 //! command asks the daemon over its socket (`thinbox.admin.v1`, served next to
@@ -36,7 +36,7 @@ use tonic::{Code, Status};
 
 use crate::model::{ContainerdGc, Device, HostReport, PoolStatus, Report};
 
-/// Where `thinbox-snapshotter` serves by default (README, `scripts/quickstart.sh`).
+/// Where `thinboxd` serves its snapshot socket by default (README, `scripts/quickstart.sh`).
 pub const DEFAULT_ADDRESS: &str = "/run/thinbox/snapshotter.sock";
 /// containerd's socket by default.
 pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
@@ -58,7 +58,7 @@ pub const EXIT_ERROR: u8 = 2;
 #[command(
     name = "thinboxctl",
     version,
-    about = "Inspect and clean up the pool of a running thinbox-snapshotter; probe this host for VM sandboxes (host)",
+    about = "Inspect and clean up the pool of a running thinboxd; probe this host for VM sandboxes (host)",
     after_help = "Exit codes: 0 success; 1 `check` found something to clean or a device whose storage is missing; \
                   2 the daemon (or for gc --containerd: containerd) could not be reached or refused the request, or bad usage."
 )]
@@ -129,7 +129,7 @@ impl Command {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Connecting to the socket failed.
-    #[error("cannot reach thinbox-snapshotter at {}: {reason}", socket.display())]
+    #[error("cannot reach thinboxd at {}: {reason}", socket.display())]
     Connect {
         /// The socket.
         socket: PathBuf,
@@ -139,7 +139,7 @@ pub enum Error {
         reason: String,
     },
     /// The connection broke during the request.
-    #[error("cannot reach thinbox-snapshotter at {}: {}", socket.display(), status.message())]
+    #[error("cannot reach thinboxd at {}: {}", socket.display(), status.message())]
     Unavailable {
         /// The socket.
         socket: PathBuf,
@@ -147,13 +147,13 @@ pub enum Error {
         status: Box<Status>,
     },
     /// The daemon does not know the admin service.
-    #[error("thinbox-snapshotter at {} does not serve thinbox.admin.v1 (a daemon older than thinboxctl?)", socket.display())]
+    #[error("thinboxd at {} does not serve thinbox.admin.v1 (a daemon older than thinboxctl?)", socket.display())]
     Unimplemented {
         /// The socket.
         socket: PathBuf,
     },
     /// The socket does not serve containerd's snapshots API.
-    #[error("{} does not serve containerd's snapshots API: not a thinbox-snapshotter socket", socket.display())]
+    #[error("{} does not serve containerd's snapshots API: not a thinboxd snapshot socket", socket.display())]
     NotSnapshotter {
         /// The socket.
         socket: PathBuf,
@@ -203,7 +203,7 @@ pub enum Error {
         status: Box<Status>,
     },
     /// No answer within `--timeout`.
-    #[error("{op}: no answer from thinbox-snapshotter within {secs} s (--timeout)")]
+    #[error("{op}: no answer from thinboxd within {secs} s (--timeout)")]
     Timeout {
         /// The command.
         op: &'static str,
@@ -211,7 +211,7 @@ pub enum Error {
         secs: u64,
     },
     /// The daemon answered with an error.
-    #[error("{op}: thinbox-snapshotter failed: {} ({:?})", status.message(), status.code())]
+    #[error("{op}: thinboxd failed: {} ({:?})", status.message(), status.code())]
     Rpc {
         /// The command.
         op: &'static str,
@@ -403,9 +403,9 @@ mod tests {
     fn statuses_map_to_clear_errors() {
         let cli = Cli::try_parse_from(["thinboxctl", "--address", "/s", "--timeout", "7", "gc"]).expect("parses");
         let msg = |s: Status| Error::rpc(&cli, s).to_string();
-        assert_eq!(msg(Status::unavailable("connection reset")), "cannot reach thinbox-snapshotter at /s: connection reset");
+        assert_eq!(msg(Status::unavailable("connection reset")), "cannot reach thinboxd at /s: connection reset");
         assert!(msg(Status::unimplemented("")).contains("does not serve thinbox.admin.v1"));
-        assert_eq!(msg(Status::cancelled("Timeout expired")), "gc: no answer from thinbox-snapshotter within 7 s (--timeout)");
-        assert_eq!(msg(Status::internal("pool: I/O error")), "gc: thinbox-snapshotter failed: pool: I/O error (Internal)");
+        assert_eq!(msg(Status::cancelled("Timeout expired")), "gc: no answer from thinboxd within 7 s (--timeout)");
+        assert_eq!(msg(Status::internal("pool: I/O error")), "gc: thinboxd failed: pool: I/O error (Internal)");
     }
 }
