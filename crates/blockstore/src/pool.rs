@@ -84,7 +84,12 @@ impl Pool {
             (BackendKind::Auto, None) if DmThin::available() || cfg.thin.external() => BackendKind::DmThin,
             (BackendKind::Auto, None) => BackendKind::Reflink,
             (wanted, Some(remembered)) if wanted != remembered => {
-                return Err(Error::Config(format!("{} holds a {remembered:?} pool; pool.backend says {wanted:?}", root.display())));
+                return Err(Error::Config(format!(
+                    "{} holds a {} pool; pool.backend says {}: a root keeps the backend it started with (give another --root for a new pool)",
+                    root.display(),
+                    remembered.as_str(),
+                    wanted.as_str()
+                )));
             }
             (wanted, _) => wanted,
         };

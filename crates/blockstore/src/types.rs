@@ -48,3 +48,14 @@ pub enum BackendKind {
     /// Thin devices in a kernel thin pool.
     DmThin,
 }
+
+impl BackendKind {
+    /// The name the configuration uses (`pool.backend`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Reflink => "reflink",
+            BackendKind::DmThin => "dm-thin",
+        }
+    }
+}
