@@ -48,7 +48,7 @@ THINBOX_TEST_BACKEND=dm-thin "$CSI_TEST" --test-threads=1 || failed=1
 "$CRASH_TEST" --test-threads=1 || failed=1
 
 bash tests/conformance/run.sh test \
-  "$PWD/target/debug/thinbox-snapshotter --root \"\$SNAPSHOTTER_ROOT\" --address \"\$SNAPSHOTTER_SOCKET\" --release-on-exit" thinbox \
+  "$PWD/target/debug/thinboxd --root \"\$SNAPSHOTTER_ROOT\" --snapshotter-address \"\$SNAPSHOTTER_SOCKET\" --no-csi --release-on-exit" thinbox \
   > "$log" 2>&1 || failed=1
 grep -E '^\s*--- (PASS|FAIL|SKIP)' "$log" || true
 grep -q 'backend="dm-thin"' "$log" || { echo "conformance did not run on dm-thin" >&2; failed=1; }
