@@ -1,88 +1,38 @@
 #!/usr/bin/env bash
-# End-to-end test: a real containerd using thinbox-snapshotter as a proxy
-# snapshotter imports a 3-layer image, runs containers on it, and everything
-# (snapshots, loop devices or thin devices, mounts) is gone afterwards. Needs
-# root. Runs on whichever backend the snapshotter picks: reflink on the host,
-# dm-thin where the kernel has device-mapper (the uml tier runs it there).
+# End-to-end test: a real containerd using thinboxd as a proxy snapshotter
+# imports a 3-layer image, runs containers on it, and everything (snapshots,
+# loop devices or thin devices, mounts) is gone afterwards. Needs root. Runs on
+# whichever backend the daemon picks: reflink on the host, dm-thin where the
+# kernel has device-mapper (the uml tier runs it there).
 #
 #   sudo tests/host/containerd-e2e.sh
 #
-# Environment: THINBOX_SNAPSHOTTER (binary; default target/debug/thinbox-snapshotter,
-# built with cargo if missing), THINBOX_E2E_KEEP=1 (keep the temp dir),
-# THINBOX_LOG (snapshotter log filter, default info,thinbox=debug), TMPDIR.
+# Environment: THINBOX_DAEMON (the thinboxd binary; default
+# target/debug/thinboxd, built with cargo if missing), THINBOX_E2E_KEEP=1
+# (keep the temp dir), THINBOX_LOG (daemon log filter, default
+# info,thinbox_snapshotter=debug,thinbox_blockstore=debug), TMPDIR.
 # Last line: "containerd-e2e: N passed, M failed"; exit status 0 only if M is 0.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib/checks.sh
+source "$REPO/tests/lib/checks.sh"
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
+# shellcheck source=tests/lib/thinboxd.sh
+source "$REPO/tests/lib/thinboxd.sh"
 
 IMAGE=localhost/thinbox-test:3layers
 SN=thinbox
 GC_TIMEOUT=30
-PASSED=0
-FAILED=0
 TMP=
-SNAP_PID=
-SNAP_STATUS=
 RUN_PID=
 ERR_LINE=
 SIGNALLED=
 
-ok() { PASSED=$((PASSED + 1)); echo "ok   - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "FAIL - $*" >&2; }
-# check DESCRIPTION COMMAND...: one assertion.
-check() { local d=$1; shift; if "$@"; then ok "$d"; else not_ok "$d"; fi; }
-# check_eq DESCRIPTION EXPECTED ACTUAL
-check_eq() {
-    if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: expected '$2', got '$3'"; fi
-}
-die() { not_ok "$*"; exit 1; }
-# must DESCRIPTION COMMAND...: run a setup step; on failure show its output and stop.
-must() {
-    local d=$1 out; shift
-    if ! out=$("$@" 2>&1); then
-        printf '%s\n' "$out" >&2
-        die "$d"
-    fi
-    [[ -z $out ]] || printf '%s\n' "$out"
-}
-
-log_tails() {
-    local f
-    for f in "$TMP/snapshotter.log" "$TMP/ctd/containerd.log"; do
-        [[ -s $f ]] || continue
-        echo "---- last lines of $f ----" >&2
-        tail -n 60 "$f" | sed 's/\x1b\[[0-9;]*m//g' >&2
-    done
-}
-
-# Loop devices whose backing file lies under $1, as "NODE BACKING".
-loops_under() {
-    losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
-        awk -v p="$1/" 'index($2, p) == 1'
-}
-mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
-
-# Runs a garbage collection now: a synchronous lease delete does.
-gc_now() {
-    local lease
-    if lease=$(ctr_ leases create 2>/dev/null); then
-        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
-    fi
-}
-
-stop_snapshotter() {
-    [[ -n $SNAP_PID ]] || return 0
-    terminate "$SNAP_PID" 30 thinbox-snapshotter || true
-    SNAP_STATUS=0
-    wait "$SNAP_PID" 2>/dev/null || SNAP_STATUS=$?
-    SNAP_PID=
-}
-
 cleanup() {
-    local rc=$? m l
+    local rc=$?
     trap - EXIT
     set +e
     if [[ -n $SIGNALLED ]]; then
@@ -92,30 +42,14 @@ cleanup() {
     fi
     if [[ -n $RUN_PID ]]; then kill "$RUN_PID" 2>/dev/null; wait "$RUN_PID" 2>/dev/null; fi
     if [[ -n $TMP ]]; then
-        if [[ -n $SNAP_PID ]] && ! kill -0 "$SNAP_PID" 2>/dev/null; then
-            not_ok "thinbox-snapshotter died unexpectedly"
+        if [[ -n $THINBOXD_PID ]] && ! kill -0 "$THINBOXD_PID" 2>/dev/null; then
+            not_ok "thinboxd died unexpectedly"
         fi
-        (( FAILED == 0 )) || log_tails
+        (( FAILED == 0 )) || log_tails "$TMP/thinboxd.log" "$TMP/ctd/containerd.log"
         containerd_stop
-        stop_snapshotter
-        # Last resort, so a failed run leaves nothing behind on the host. Loop
-        # files live inside the pool mount, so alternate unmounting and
-        # detaching (a busy loop is marked to detach on last close).
-        for _ in 1 2 3; do
-            while read -r m; do umount "$m" 2>/dev/null; done < <(mounts_under "$TMP" | sort -r)
-            while read -r l _; do losetup -d "$l" 2>/dev/null; done < <(loops_under "$TMP")
-        done
-        while read -r m; do
-            echo "lazily unmounting $m" >&2
-            umount -l "$m"
-        done < <(mounts_under "$TMP" | sort -r)
-        if [[ ${THINBOX_E2E_KEEP:-0} == 1 ]]; then
-            echo "kept $TMP"
-        elif [[ -z $(mounts_under "$TMP") ]]; then
-            rm -rf --one-file-system "$TMP"
-        else
-            echo "left $TMP: still mounted" >&2
-        fi
+        thinboxd_stop
+        # Last resort, so a failed run leaves nothing behind on the host.
+        sweep_tmp "$TMP"
     fi
     echo "containerd-e2e: $PASSED passed, $FAILED failed"
     (( FAILED == 0 )) && exit 0 || exit 1
@@ -144,19 +78,14 @@ if (( ${#need[@]} )); then
         apt-get install -y -qq "${need[@]}"
 fi
 
-SNAPSHOTTER=${THINBOX_SNAPSHOTTER:-$REPO/target/debug/thinbox-snapshotter}
-if [[ ! -x $SNAPSHOTTER ]]; then
-    [[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER=$SNAPSHOTTER is not executable"
-    echo "building thinbox-snapshotter"
-    (cd "$REPO" && cargo build -p thinbox-snapshotter) || die "cargo build -p thinbox-snapshotter failed"
-    [[ -x $SNAPSHOTTER ]] || die "cargo build did not produce $SNAPSHOTTER"
-fi
+[[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
+THINBOXD=$(thinbox_binary "$REPO" thinboxd THINBOX_DAEMON) || die "no thinboxd binary"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-e2e.XXXXXX")
 ROOT=$TMP/root
 SOCK=$TMP/thinbox.sock
 
-# ---- snapshotter ---------------------------------------------------------
+# ---- thinboxd ------------------------------------------------------------
 # Small sizes keep the sparse files modest; exercises --config as well.
 cat >"$TMP/thinbox.toml" <<'EOF'
 [pool]
@@ -164,20 +93,12 @@ embedded_size = "8GiB"
 [snapshot]
 default_size = "1GiB"
 EOF
-THINBOX_LOG=${THINBOX_LOG:-info,thinbox_snapshotter=debug,thinbox_blockstore=debug} "$SNAPSHOTTER" --root "$ROOT" --address "$SOCK" \
-    --config "$TMP/thinbox.toml" --release-on-exit >"$TMP/snapshotter.log" 2>&1 </dev/null &
-SNAP_PID=$!
-for (( i = 0; i < 300; i++ )); do
-    kill -0 "$SNAP_PID" 2>/dev/null || die "thinbox-snapshotter exited during startup"
-    [[ -S $SOCK ]] && break
-    sleep 0.1
-done
-[[ -S $SOCK ]] || die "thinbox-snapshotter did not create $SOCK within 30s"
-ok "thinbox-snapshotter listening on $SOCK"
-BACKEND=$(grep -o 'backend="[a-z-]*"' "$TMP/snapshotter.log" | head -n 1 | cut -d'"' -f2)
+thinboxd_start "$ROOT" "$SOCK" "$TMP/thinboxd.log" --config "$TMP/thinbox.toml" --release-on-exit
+ok "thinboxd serving snapshots on $SOCK"
+BACKEND=$(grep -o 'backend="[a-z-]*"' "$TMP/thinboxd.log" | head -n 1 | cut -d'"' -f2)
 case $BACKEND in
     reflink | dm-thin) ok "pool backend: $BACKEND" ;;
-    *) die "cannot tell the pool backend from the snapshotter log" ;;
+    *) die "cannot tell the pool backend from the thinboxd log" ;;
 esac
 
 # Active devices of the pool: loops on its images, or its thin dm devices.
@@ -316,11 +237,11 @@ if [[ -b $h_src ]]; then
     check_eq "container root device number matches $h_src" "$h_devno" "$c_devno"
 fi
 if [[ $BACKEND == reflink ]]; then
-    check "$h_src is a loop device backed by a file under the snapshotter root" \
+    check "$h_src is a loop device backed by a file under the daemon's root" \
         grep -q "^$h_src $ROOT/" <<<"$(loops_under "$ROOT")"
 else
     dm_name=$(cat "/sys/block/${h_src#/dev/}/dm/name" 2>/dev/null || true)
-    check "$h_src ($dm_name) is a thin device of the snapshotter's pool" \
+    check "$h_src ($dm_name) is a thin device of the daemon's pool" \
         grep -Eq "^0 [0-9]+ thin " <<<"$(dmsetup table "$dm_name" 2>/dev/null)"
 fi
 bundle=$CONTAINERD_WORKDIR/state/io.containerd.runtime.v2.task/$CTR_NAMESPACE/$ID/rootfs
@@ -357,14 +278,14 @@ while :; do
 done
 check_eq "containerd GC removed every thinbox snapshot (waited $((SECONDS - gc_start))s)" "" "$left"
 check_eq "no $BACKEND device left active" "" "$devs"
-check_eq "snapshotter deleted its device storage (images or thin ids)" "" "$imgs"
+check_eq "thinboxd deleted its device storage (images or thin ids)" "" "$imgs"
 
 # ---- shutdown ------------------------------------------------------------
-check "thinbox-snapshotter still running" kill -0 "$SNAP_PID"
+check "thinboxd still running" kill -0 "$THINBOXD_PID"
 containerd_stop
 check "containerd stopped" test -z "$CONTAINERD_PID"
-stop_snapshotter
-check_eq "thinbox-snapshotter exited cleanly on SIGTERM" 0 "$SNAP_STATUS"
+thinboxd_stop
+check_eq "thinboxd exited cleanly on SIGTERM" 0 "$THINBOXD_STATUS"
 check_eq "no loop device backed by a file under $ROOT" "" "$(loops_under "$ROOT")"
 check_eq "nothing mounted under $TMP" "" "$(mounts_under "$TMP")"
 if [[ $BACKEND == dm-thin ]]; then

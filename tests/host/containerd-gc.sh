@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host test of `thinboxctl gc --containerd`: containerd 1.6 drops a garbage
 # collection pass that finds its proxy snapshotter unreachable, so snapshots it
-# forgot while thinbox-snapshotter was down stay in the pool. Reproduces that
+# forgot while thinboxd was down stay in the pool. Reproduces that
 # with a private containerd and the real daemon, then checks that
 # `thinboxctl gc --containerd` removes exactly the forgotten snapshots (children
 # first), never one containerd lists (in either of two namespaces), removes
@@ -10,16 +10,20 @@
 #
 #   sudo tests/host/containerd-gc.sh
 #
-# Environment: THINBOX_SNAPSHOTTER, THINBOX_CTL (binaries; default
-# target/debug/…, built with cargo if missing), THINBOX_E2E_KEEP=1 (keep the
-# temp dir), THINBOX_LOG (snapshotter log filter), TMPDIR.
+# Environment: THINBOX_DAEMON, THINBOX_CTL (the thinboxd and thinboxctl
+# binaries; default target/debug/…, built with cargo if missing),
+# THINBOX_E2E_KEEP=1 (keep the temp dir), THINBOX_LOG (daemon log filter), TMPDIR.
 # Last line: "containerd-gc: N passed, M failed"; exit status 0 only if M is 0.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib/checks.sh
+source "$REPO/tests/lib/checks.sh"
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
+# shellcheck source=tests/lib/thinboxd.sh
+source "$REPO/tests/lib/thinboxd.sh"
 
 IMAGE=localhost/thinbox-test:3layers
 SN=thinbox
@@ -28,76 +32,18 @@ CTR_NAMESPACE=thinbox-gc
 # ... and one whose image and container stay in use throughout.
 NS_KEPT=thinbox-gc-kept
 GC_TIMEOUT=30
-PASSED=0
-FAILED=0
 TMP=
-SNAP_PID=
-SNAP_STATUS=
 ERR_LINE=
 SIGNALLED=
 
-ok() { PASSED=$((PASSED + 1)); echo "ok   - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "FAIL - $*" >&2; }
-check() { local d=$1; shift; if "$@"; then ok "$d"; else not_ok "$d"; fi; }
-check_eq() {
-    if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: expected '$2', got '$3'"; fi
-}
-die() { not_ok "$*"; exit 1; }
-must() {
-    local d=$1 out; shift
-    if ! out=$("$@" 2>&1); then
-        printf '%s\n' "$out" >&2
-        die "$d"
-    fi
-    [[ -z $out ]] || printf '%s\n' "$out"
-}
 # ctr (bounded) in the namespace that keeps its image.
 ctr_kept() { CTR_NAMESPACE=$NS_KEPT ctr_t 120 "$@"; }
 
-loops_under() {
-    losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
-        awk -v p="$1/" 'index($2, p) == 1'
-}
-mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
-
-log_tails() {
-    local f
-    for f in "$TMP"/snapshotter*.log "$TMP/ctd/containerd.log"; do
-        [[ -s $f ]] || continue
-        echo "---- last lines of $f ----" >&2
-        tail -n 60 "$f" | sed 's/\x1b\[[0-9;]*m//g' >&2
-    done
-}
-
-# Runs a garbage collection now: a synchronous lease delete does.
-gc_now() {
-    local lease
-    if lease=$(ctr_ leases create 2>/dev/null); then
-        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
-    fi
-}
-
-# start_snapshotter LOG [FLAG...]: starts the daemon on $ROOT and waits until it answers.
-start_snapshotter() {
-    local log=$1 i
+# start_daemon LOG [FLAG...]: thinboxd on $ROOT with this test's config, serving $SOCK.
+start_daemon() {
+    local log=$1
     shift
-    THINBOX_LOG=${THINBOX_LOG:-info,thinbox_snapshotter=debug,thinbox_blockstore=debug} "$SNAPSHOTTER" --root "$ROOT" --address "$SOCK" \
-        --config "$TMP/thinbox.toml" "$@" >"$TMP/$log" 2>&1 </dev/null &
-    SNAP_PID=$!
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$SNAP_PID" 2>/dev/null || die "thinbox-snapshotter exited during startup (see $log)"
-        "$CTL" --address "$SOCK" --timeout 5 status >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    die "thinbox-snapshotter did not answer on $SOCK within 30s"
-}
-
-stop_snapshotter() {
-    [[ -n $SNAP_PID ]] || return 0
-    terminate "$SNAP_PID" 30 thinbox-snapshotter || true
-    SNAP_STATUS=0
-    wait "$SNAP_PID" 2>/dev/null || SNAP_STATUS=$?
-    SNAP_PID=
+    thinboxd_start "$ROOT" "$SOCK" "$TMP/$log" --config "$TMP/thinbox.toml" "$@"
 }
 
 # Every snapshot key the daemon holds, sorted, one a line.
@@ -120,7 +66,7 @@ print(" ".join(e["key"] if isinstance(e, dict) else str(e) for e in v) if isinst
 }
 
 cleanup() {
-    local rc=$? m l
+    local rc=$?
     trap - EXIT
     set +e
     if [[ -n $SIGNALLED ]]; then
@@ -129,32 +75,17 @@ cleanup() {
         not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
     fi
     if [[ -n $TMP ]]; then
-        if [[ -n $SNAP_PID ]] && ! kill -0 "$SNAP_PID" 2>/dev/null; then
-            not_ok "thinbox-snapshotter died unexpectedly"
+        if [[ -n $THINBOXD_PID ]] && ! kill -0 "$THINBOXD_PID" 2>/dev/null; then
+            not_ok "thinboxd died unexpectedly"
         fi
-        (( FAILED == 0 )) || log_tails
+        (( FAILED == 0 )) || log_tails "$TMP"/thinboxd*.log "$TMP/ctd/containerd.log"
         if [[ -n ${CONTAINERD_PID:-} ]]; then
             CTR_NAMESPACE=$NS_KEPT _ctr_bounded container delete gc-ctr >/dev/null
         fi
         containerd_stop
-        stop_snapshotter
-        # Last resort (a daemon stopped without --release-on-exit leaves its
-        # loops): alternate unmounting and detaching, as loops live in the pool mount.
-        for _ in 1 2 3; do
-            while read -r m; do umount "$m" 2>/dev/null; done < <(mounts_under "$TMP" | sort -r)
-            while read -r l _; do losetup -d "$l" 2>/dev/null; done < <(loops_under "$TMP")
-        done
-        while read -r m; do
-            echo "lazily unmounting $m" >&2
-            umount -l "$m"
-        done < <(mounts_under "$TMP" | sort -r)
-        if [[ ${THINBOX_E2E_KEEP:-0} == 1 ]]; then
-            echo "kept $TMP"
-        elif [[ -z $(mounts_under "$TMP") ]]; then
-            rm -rf --one-file-system "$TMP"
-        else
-            echo "left $TMP: still mounted" >&2
-        fi
+        thinboxd_stop
+        # Last resort (a daemon stopped without --release-on-exit leaves its loops).
+        sweep_tmp "$TMP"
     fi
     echo "containerd-gc: $PASSED passed, $FAILED failed"
     (( FAILED == 0 )) && exit 0 || exit 1
@@ -182,16 +113,9 @@ if (( ${#need[@]} )); then
         apt-get install -y -qq "${need[@]}"
 fi
 
-SNAPSHOTTER=${THINBOX_SNAPSHOTTER:-$REPO/target/debug/thinbox-snapshotter}
-CTL=${THINBOX_CTL:-$REPO/target/debug/thinboxctl}
-for bin in "$SNAPSHOTTER:thinbox-snapshotter:THINBOX_SNAPSHOTTER" "$CTL:thinboxctl:THINBOX_CTL"; do
-    IFS=: read -r path pkg var <<<"$bin"
-    [[ -x $path ]] && continue
-    [[ -z ${!var:-} ]] || die "$var=$path is not executable"
-    echo "building $pkg"
-    (cd "$REPO" && cargo build -p "$pkg") || die "cargo build -p $pkg failed"
-    [[ -x $path ]] || die "cargo build did not produce $path"
-done
+[[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
+THINBOXD=$(thinbox_binary "$REPO" thinboxd THINBOX_DAEMON) || die "no thinboxd binary"
+CTL=$(thinbox_binary "$REPO" thinboxctl THINBOX_CTL) || die "no thinboxctl binary"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-gc.XXXXXX")
 ROOT=$TMP/root
@@ -205,8 +129,8 @@ EOF
 
 # ---- setup: two namespaces use the daemon --------------------------------
 # Without --release-on-exit: a stop keeps the pool as it is (like an upgrade).
-start_snapshotter snapshotter-1.log
-ok "thinbox-snapshotter listening on $SOCK"
+start_daemon thinboxd-1.log
+ok "thinboxd serving snapshots on $SOCK"
 containerd_start "$TMP/ctd" "$SOCK" || die "containerd did not start"
 must "build OCI image" python3 "$REPO/tests/lib/make-oci-image.py" "$TMP/image.tar" --ref "$IMAGE"
 must "ctr image import ($CTR_NAMESPACE)" ctr_t 120 image import --snapshotter "$SN" "$TMP/image.tar"
@@ -232,8 +156,8 @@ forgotten=$(grep "^$CTR_NAMESPACE/[0-9]*/sha256:" <<<"$before" || true)
 check_eq "3 of them are $CTR_NAMESPACE's layers" 3 "$(wc -l <<<"$forgotten")"
 
 # ---- the issue: containerd collects while the daemon is down -------------
-stop_snapshotter
-check_eq "thinbox-snapshotter stopped cleanly (SIGTERM)" 0 "$SNAP_STATUS"
+thinboxd_stop
+check_eq "thinboxd stopped cleanly (SIGTERM)" 0 "$THINBOXD_STATUS"
 check "its loops stay (no --release-on-exit)" test -n "$(loops_under "$ROOT")"
 log_mark=$(wc -l <"$CONTAINERD_WORKDIR/containerd.log")
 ctr_t 60 image rm --sync "$IMAGE" >/dev/null 2>&1 || true
@@ -255,8 +179,8 @@ check_eq "a namespace's listing fails: exit 2" 2 "$rc"
 check "... one line: which listing, nothing removed" \
     test "$(wc -l <<<"$out")" -eq 1 -a -n "$(grep -F "list the snapshots of \"$SN\" in namespace" <<<"$out" | grep -F 'nothing removed')"
 
-start_snapshotter snapshotter-2.log --release-on-exit
-ok "thinbox-snapshotter restarted on the same root"
+start_daemon thinboxd-2.log --release-on-exit
+ok "thinboxd restarted on the same root"
 # containerd's proxy client reconnects after a backoff (at most 3 s in 1.6).
 for (( i = 0; i < 100; i++ )); do
     ctr_ snapshots --snapshotter "$SN" ls >/dev/null 2>&1 && break
@@ -341,7 +265,7 @@ check_eq "containerd's GC then removes the rest: 0 snapshots left" "" "$left"
 
 # ---- shutdown ------------------------------------------------------------
 containerd_stop
-stop_snapshotter
-check_eq "thinbox-snapshotter exited cleanly" 0 "$SNAP_STATUS"
+thinboxd_stop
+check_eq "thinboxd exited cleanly" 0 "$THINBOXD_STATUS"
 check_eq "no loop device backed by a file under $ROOT" "" "$(loops_under "$ROOT")"
 check_eq "nothing mounted under $TMP" "" "$(mounts_under "$TMP")"

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Private containerd instance for Thinbox tests. Source it; needs root.
 #
-# Interface (kept stable; tests/host/containerd-e2e.sh and the benchmark use it):
+# Interface (kept stable; tests/host/containerd-*.sh and the benchmarks use it):
 #   containerd_start WORKDIR [SNAPSHOTTER_SOCKET]
 #       Writes WORKDIR/containerd.toml (root, state, sockets and the opt plugin
 #       path all under WORKDIR; CRI disabled), starts containerd in the
@@ -22,6 +22,9 @@
 #       ctr --address "$CONTAINERD_ADDRESS" -n "$CTR_NAMESPACE" ARGS...
 #   ctr_t SECONDS ARGS...
 #       ctr_ under `timeout SECONDS` (exit status 124 on timeout).
+#   gc_now
+#       Runs a garbage collection in containerd now (a synchronous lease
+#       delete does); best effort, quiet.
 # Tunables (environment): CTR_NAMESPACE (thinbox-test),
 #   CONTAINERD_START_TIMEOUT (30 s), CONTAINERD_STOP_TIMEOUT (15 s),
 #   CONTAINERD_BIN (containerd), CONTAINERD_LOG_LEVEL (debug),
@@ -41,6 +44,13 @@ ctr_t() {
     local secs=$1
     shift
     timeout "$secs" ctr --address "$CONTAINERD_ADDRESS" -n "$CTR_NAMESPACE" "$@"
+}
+
+gc_now() {
+    local lease
+    if lease=$(ctr_ leases create 2>/dev/null); then
+        ctr_ leases delete --sync "$lease" >/dev/null 2>&1 || true
+    fi
 }
 
 # For cleanup paths: bounded, quiet.

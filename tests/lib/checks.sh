@@ -1,0 +1,74 @@
+# shellcheck shell=bash
+# Assertions and leftover sweeping shared by the host scripts
+# (tests/host/containerd-e2e.sh, tests/host/containerd-gc.sh). Source it; it
+# sets PASSED=0 and FAILED=0, which the scripts report on their last line.
+#
+#   ok DESCRIPTION               a passed assertion ("ok   - ..." on stdout)
+#   not_ok DESCRIPTION           a failed one ("FAIL - ..." on stderr)
+#   check DESCRIPTION CMD...     one assertion: CMD's exit status
+#   check_eq DESCRIPTION EXPECTED ACTUAL
+#   die DESCRIPTION              a failed assertion that ends the script (exit 1;
+#                                the caller's EXIT trap cleans up and reports)
+#   must DESCRIPTION CMD...      a setup step: on failure, its output and die
+#   loops_under DIR              loop devices whose backing file lies under DIR,
+#                                as "NODE BACKING" lines
+#   mounts_under DIR             mount points at or under DIR
+#   log_tails FILE...            the last 60 lines of each non-empty FILE, on stderr
+#   sweep_tmp DIR                last resort of a cleanup: unmount and detach
+#                                whatever is left under DIR, then remove DIR
+#                                (kept if THINBOX_E2E_KEEP=1 or still mounted)
+
+PASSED=0
+FAILED=0
+
+ok() { PASSED=$((PASSED + 1)); echo "ok   - $*"; }
+not_ok() { FAILED=$((FAILED + 1)); echo "FAIL - $*" >&2; }
+check() { local d=$1; shift; if "$@"; then ok "$d"; else not_ok "$d"; fi; }
+check_eq() {
+    if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: expected '$2', got '$3'"; fi
+}
+die() { not_ok "$*"; exit 1; }
+must() {
+    local d=$1 out; shift
+    if ! out=$("$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "$d"
+    fi
+    [[ -z $out ]] || printf '%s\n' "$out"
+}
+
+loops_under() {
+    losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
+        awk -v p="$1/" 'index($2, p) == 1'
+}
+mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
+
+log_tails() {
+    local f
+    for f in "$@"; do
+        [[ -s $f ]] || continue
+        echo "---- last lines of $f ----" >&2
+        tail -n 60 "$f" | sed 's/\x1b\[[0-9;]*m//g' >&2
+    done
+}
+
+sweep_tmp() {
+    local dir=$1 m l
+    # Loop files live inside the embedded pool's mount, so alternate
+    # unmounting and detaching (a busy loop is marked to detach on last close).
+    for _ in 1 2 3; do
+        while read -r m; do umount "$m" 2>/dev/null; done < <(mounts_under "$dir" | sort -r)
+        while read -r l _; do losetup -d "$l" 2>/dev/null; done < <(loops_under "$dir")
+    done
+    while read -r m; do
+        echo "lazily unmounting $m" >&2
+        umount -l "$m"
+    done < <(mounts_under "$dir" | sort -r)
+    if [[ ${THINBOX_E2E_KEEP:-0} == 1 ]]; then
+        echo "kept $dir"
+    elif [[ -z $(mounts_under "$dir") ]]; then
+        rm -rf --one-file-system "$dir"
+    else
+        echo "left $dir: still mounted" >&2
+    fi
+}
