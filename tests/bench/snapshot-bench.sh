@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Snapshot benchmark: the same snapshots.v1 operation sequences against
 # containerd's built-in overlayfs snapshotter (baseline, through a private
-# containerd's main socket) and thinbox-snapshotter (its own socket), targets
+# containerd's main socket) and thinboxd (its own snapshot socket), targets
 # interleaved within each workload. Needs root.
 #
 #   sudo tests/bench/snapshot-bench.sh [thinbox-snapshot-bench options...]
@@ -17,7 +17,7 @@
 #   BENCH_TARGETS=both|overlayfs|thinbox   which daemons to run (default both)
 #   BENCH_SKIP_BUILD=1    use the existing target/release binaries
 #   BENCH_OUT=DIR         output directory
-#   THINBOX_LOG           thinbox-snapshotter log filter (default info)
+#   THINBOX_LOG           thinboxd log filter (default info; must keep its info lines)
 #   TMPDIR                where the daemons' state goes (default /tmp; keep it
 #                         short, unix socket paths are limited to 107 bytes)
 # Exit status: the benchmark's (0 all measured, 1 a workload failed or a
@@ -29,7 +29,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 OUT=${BENCH_OUT:-$REPO/target/snapshot-bench}
 TARGETS=${BENCH_TARGETS:-both}
 NAMESPACE=bench
-SNAPSHOTTER_BIN=$REPO/target/release/thinbox-snapshotter
+THINBOXD_BIN=$REPO/target/release/thinboxd
 BENCH_BIN=$REPO/target/release/thinbox-snapshot-bench
 
 log() { echo "[snapshot-bench.sh] $*" >&2; }
@@ -46,12 +46,12 @@ esac
 # ---- build -------------------------------------------------------------------
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     pkgs=(-p thinbox-snapshot-bench)
-    (( want_thinbox )) && pkgs+=(-p thinbox-snapshotter)
+    (( want_thinbox )) && pkgs+=(-p thinboxd)
     log "building release binaries: ${pkgs[*]}"
     (cd "$REPO" && cargo build --release "${pkgs[@]}")
 fi
 [[ -x $BENCH_BIN ]] || die "missing $BENCH_BIN"
-(( want_thinbox == 0 )) || [[ -x $SNAPSHOTTER_BIN ]] || die "missing $SNAPSHOTTER_BIN"
+(( want_thinbox == 0 )) || [[ -x $THINBOXD_BIN ]] || die "missing $THINBOXD_BIN"
 
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
@@ -75,7 +75,7 @@ cleanup() {
         wait "$BENCH_PID" 2>/dev/null || true
     fi
     if [[ -n $THINBOX_PID ]] && kill -0 "$THINBOX_PID" 2>/dev/null; then
-        terminate "$THINBOX_PID" 30 thinbox-snapshotter || status=1
+        terminate "$THINBOX_PID" 30 thinboxd || status=1
         wait "$THINBOX_PID" 2>/dev/null || true
     fi
     if (( want_overlayfs )); then
@@ -110,21 +110,24 @@ if (( want_overlayfs )); then
     notes+=(--note "overlayfs: $(containerd --version | awk '{print $1, $3}') (private instance, debug log level), snapshot service on its main socket, root on $fs; its Remove deletes the metadata record and leaves deleting the directories to containerd's background GC, which may overlap later operations")
 fi
 
-# ---- thinbox-snapshotter ---------------------------------------------------------
+# ---- thinboxd ----------------------------------------------------------------------
+# The snapshot door only (the CSI door's default endpoint is the node's kubelet
+# directory). thinboxd binds its socket before it opens the pool: wait for it
+# to say it serves, so that no measured call waits for the pool.
 if (( want_thinbox )); then
-    THINBOX_LOG=${THINBOX_LOG:-info} "$SNAPSHOTTER_BIN" --root "$WORK/thinbox" \
-        --address "$WORK/thinbox.sock" --release-on-exit \
+    THINBOX_LOG=${THINBOX_LOG:-info} "$THINBOXD_BIN" --root "$WORK/thinbox" \
+        --snapshotter-address "$WORK/thinbox.sock" --no-csi --release-on-exit \
         >"$WORK/thinbox.log" 2>&1 </dev/null &
     THINBOX_PID=$!
     for (( i = 0; i < 300; i++ )); do
-        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$WORK/thinbox.log" >&2; die "thinbox-snapshotter exited during startup"; }
-        [[ -S $WORK/thinbox.sock ]] && break
+        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$WORK/thinbox.log" >&2; die "thinboxd exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$WORK/thinbox.log" && break
         sleep 0.1
     done
-    [[ -S $WORK/thinbox.sock ]] || die "thinbox-snapshotter did not create $WORK/thinbox.sock in 30 s"
-    log "thinbox-snapshotter pid $THINBOX_PID on $WORK/thinbox.sock"
+    grep -q 'serving containerd.services.snapshots.v1' "$WORK/thinbox.log" || die "thinboxd did not serve $WORK/thinbox.sock in 30 s"
+    log "thinboxd pid $THINBOX_PID on $WORK/thinbox.sock"
     args+=(--target "thinbox=$WORK/thinbox.sock,pid=$THINBOX_PID")
-    notes+=(--note "thinbox: thinbox-snapshotter release build, own socket, default config (embedded XFS reflink pool on a loop device, ext4 snapshots, loop devices with direct I/O), THINBOX_LOG=${THINBOX_LOG:-info}")
+    notes+=(--note "thinbox: thinboxd release build, snapshot socket only (--no-csi), default config (embedded XFS reflink pool on a loop device, ext4 snapshots, loop devices with direct I/O), THINBOX_LOG=${THINBOX_LOG:-info}")
 fi
 
 # ---- run -------------------------------------------------------------------------

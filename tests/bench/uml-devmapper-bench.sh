@@ -7,14 +7,14 @@
 #
 # What it does:
 #   host   installs what it needs (tests/uml/install.sh, fio, containerd, runc),
-#          builds release binaries (cargo build --release -p thinbox-snapshotter
+#          builds release binaries (cargo build --release -p thinboxd
 #          -p thinbox-snapshot-bench) unless BENCH_BIN_DIR is set, copies them
 #          into a work directory under /var/tmp (which the guest sees through
 #          hostfs; the binaries cannot change under the run), boots UML once
 #          (tests/uml/run-in-uml.sh) running this script with --inside, then
 #          checks that nothing of the run is attached or mounted and removes the
 #          work directory.
-#   guest  1. thinbox-snapshotter (--release-on-exit) on dm-thin: its embedded
+#   guest  1. thinboxd (snapshot socket only, --release-on-exit) on dm-thin: its embedded
 #             pool = sparse meta/data files on loop devices -> dm-linear ->
 #             thin-pool (128-sector blocks, low water mark 10% of the data
 #             blocks, error_if_no_space, block zeroing on).
@@ -34,7 +34,7 @@
 #             loop device over a file of the same size as that pool's data file
 #             (the kind of device the pool's data sits on), both in the same
 #             host directory; the tested region is written once on both first.
-#          5. Teardown (also on failure): snapshotter, containerd, dm devices,
+#          5. Teardown (also on failure): thinboxd, containerd, dm devices,
 #             loops, mounts; then `dmsetup ls`, `losetup -a` and findmnt must
 #             show nothing, or the run fails.
 #
@@ -51,7 +51,7 @@
 #   thinbox.log containerd.log run.log   logs
 #
 # Environment (all optional):
-#   BENCH_BIN_DIR=DIR        use thinbox-snapshotter and thinbox-snapshot-bench
+#   BENCH_BIN_DIR=DIR        use thinboxd and thinbox-snapshot-bench
 #                            from DIR instead of building (e.g. a worktree's
 #                            target/release)
 #   BENCH_OUT=DIR            output directory (a host path; default target/uml-bench)
@@ -144,10 +144,10 @@ host_main() {
         log "using prebuilt binaries from $bin_dir"
     else
         log "building release binaries"
-        (cd "$REPO" && cargo build --release -p thinbox-snapshotter -p thinbox-snapshot-bench)
+        (cd "$REPO" && cargo build --release -p thinboxd -p thinbox-snapshot-bench)
         bin_dir=$REPO/target/release
     fi
-    for p in thinbox-snapshotter thinbox-snapshot-bench; do
+    for p in thinboxd thinbox-snapshot-bench; do
         [[ -x $bin_dir/$p ]] || die "missing $bin_dir/$p"
     done
     # Which source the binaries come from (best effort: the git tree around them).
@@ -164,7 +164,7 @@ host_main() {
     trap 'exit 130' INT
     trap 'exit 143' TERM
     mkdir -p "$BENCH_WORK/bin"
-    cp "$bin_dir/thinbox-snapshotter" "$bin_dir/thinbox-snapshot-bench" "$BENCH_WORK/bin/"
+    cp "$bin_dir/thinboxd" "$bin_dir/thinbox-snapshot-bench" "$BENCH_WORK/bin/"
 
     mkdir -p "$BENCH_OUT"
     rm -rf "$BENCH_OUT/fio"
@@ -265,26 +265,29 @@ embedded_size = "$BENCH_POOL_SIZE"
 default_size = "$BENCH_SNAPSHOT_SIZE"
 filesystem = "ext4"
 EOF
-    # The deleter's debug lines time each background deletion (deleter.txt).
-    THINBOX_LOG=info,thinbox_snapshotter::deleter=debug "$BIN/thinbox-snapshotter" --root "$W/thinbox" --address "$W/thinbox.sock" \
-        --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
+    # The deleter's debug lines time each background deletion (deleter.txt);
+    # the deleter is the block engine's (blockstore), under both front ends.
+    # The snapshot door only; thinboxd binds its socket before it opens the
+    # pool, so wait for it to say it serves.
+    THINBOX_LOG=info,thinbox_blockstore::deleter=debug "$BIN/thinboxd" --root "$W/thinbox" --snapshotter-address "$W/thinbox.sock" \
+        --no-csi --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
     THINBOX_PID=$!
     local i
     for (( i = 0; i < 600; i++ )); do
-        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$W/thinbox.log" >&2; die "thinbox-snapshotter exited during startup"; }
-        [[ -S $W/thinbox.sock ]] && break
+        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$W/thinbox.log" >&2; die "thinboxd exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox.log" && break
         sleep 0.1
     done
-    [[ -S $W/thinbox.sock ]] || die "thinbox-snapshotter did not create its socket in 60 s"
+    grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox.log" || die "thinboxd did not serve its socket in 60 s"
     grep -q 'backend="dm-thin"' "$W/thinbox.log" || { cat "$W/thinbox.log" >&2; die "thinbox is not on the dm-thin backend"; }
-    log "thinbox-snapshotter pid $THINBOX_PID (dm-thin)"
+    log "thinboxd pid $THINBOX_PID (dm-thin)"
 }
 
 stop_thinbox() {
     [[ -n $THINBOX_PID ]] || return 0
     local st=0
     if kill -0 "$THINBOX_PID" 2>/dev/null; then
-        terminate "$THINBOX_PID" 60 thinbox-snapshotter || st=1
+        terminate "$THINBOX_PID" 60 thinboxd || st=1
     fi
     wait "$THINBOX_PID" 2>/dev/null || true
     THINBOX_PID=
@@ -352,7 +355,7 @@ run_snapshot_bench() {
     ctrd_version=$(containerd --version | awk '{ print $3 }')
     notes+=(--note "machine: user-mode Linux guest (kernel $(uname -r), 1 CPU, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)) on a ${BENCH_HOST_CPUS}-core host (kernel $BENCH_HOST_KERNEL); both daemons and the benchmark client in that one guest")
     notes+=(--note "pools: identical, made the same way: sparse meta and data files ($(bytes_of "$W/devmapper/meta.img") and $(bytes_of "$W/devmapper/data.img") bytes) in one host ext4 directory seen through hostfs, loop devices (buffered, no direct I/O), dm-linear, thin-pool; thinbox's thin-pool table copied: block size (sectors), low water mark (blocks), features = $POOL_PARAMS (block zeroing on unless skip_block_zeroing is listed)")
-    notes+=(--note "thinbox: thinbox-snapshotter release build, own socket, pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info,thinbox_snapshotter::deleter=debug")
+    notes+=(--note "thinbox: thinboxd release build, snapshot socket only (--no-csi), pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info,thinbox_blockstore::deleter=debug")
     notes+=(--note "devmapper: containerd $ctrd_version built-in devmapper snapshotter through containerd's main socket (namespace bench, debug log level, root on the same host directory): base_image_size = $BENCH_SNAPSHOT_SIZE, fs_type = ext4 (its mkfs: nodiscard, lazy_itable_init=0, lazy_journal_init=0), async_remove = false, discard_blocks = false; it runs dmsetup and mkfs as processes")
     notes+=(--note "devmapper Remove as measured is containerd's metadata deletion: containerd's garbage collector removes the thin device afterwards, in the background (async_remove = false only makes that removal synchronous within the collector); see the GC line below the table")
     notes+=(--note "thinbox Remove as measured deletes the snapshot's record (unflushed) and queues its device: thinbox's deleter thread removes the thin device afterwards, in the background; see the deleter line below the table")
@@ -548,7 +551,7 @@ guest_cleanup() {
         kill -TERM "$BENCH_PID" 2>/dev/null || true
         wait "$BENCH_PID" 2>/dev/null || true
     fi
-    stop_thinbox || { log "ERROR: thinbox-snapshotter had to be killed"; st=1; }
+    stop_thinbox || { log "ERROR: thinboxd had to be killed"; st=1; }
     # thinbox releases its pool on exit (--release-on-exit): nothing of it may stay.
     if [[ -n ${THINBOX_POOL:-} ]] && dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then
         log "ERROR: thinbox left its pool $THINBOX_POOL after exiting"
@@ -599,7 +602,7 @@ guest_main() {
     wait_devmapper_gc
 
     # Done with the daemons: the fio part runs on a quiet guest.
-    stop_thinbox || die "thinbox-snapshotter had to be killed"
+    stop_thinbox || die "thinboxd had to be killed"
     if dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then die "thinbox left its pool $THINBOX_POOL after exiting"; fi
     containerd_stop || die "containerd did not stop cleanly"
     CTRD_STARTED=
