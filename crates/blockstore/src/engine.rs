@@ -17,6 +17,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use redb::WriteTransaction;
 
@@ -25,6 +26,9 @@ use crate::deleter::Deleter;
 use crate::error::{Error, Result};
 use crate::pool::{Pool, ReconcileReport};
 use crate::units::DeviceId;
+
+/// How long a retry for space waits at most for deleted devices' space to show.
+const FREED_SPACE_WAIT: Duration = Duration::from_secs(2);
 
 /// Settings key: every consumer that ever opened this root.
 const CONSUMERS: &str = "consumers";
@@ -117,9 +121,24 @@ impl Engine {
                 }
                 tracing::info!(pending = now.pending, error = %e, "pool full while deletions are pending; waiting for them, then retrying once");
                 self.deleter.wait_idle();
+                self.wait_for_freed_space();
                 op()
             }
             other => other,
+        }
+    }
+
+    /// Waits (at most [`FREED_SPACE_WAIT`]) until the pool's free space is
+    /// above its reserve: a filesystem may release a deleted image's blocks a
+    /// moment after the unlink (XFS frees unlinked inodes in the background),
+    /// so the deleter being done does not yet mean the space is.
+    fn wait_for_freed_space(&self) {
+        let deadline = Instant::now() + FREED_SPACE_WAIT;
+        while Instant::now() < deadline {
+            match self.pool.status() {
+                Ok(st) if st.free < st.reserve => std::thread::sleep(Duration::from_millis(20)),
+                _ => return,
+            }
         }
     }
 
