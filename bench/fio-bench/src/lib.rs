@@ -156,20 +156,7 @@ impl Error {
     }
 }
 
-/// An error and its causes on one line: `a: b: c`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use thinbox_daemon::chain;
 
 /// Which accelerator guests use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

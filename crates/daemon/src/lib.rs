@@ -25,12 +25,17 @@ pub fn init_tracing() {
 }
 
 /// Renders an error and its sources as one line: `outer: inner: root cause`.
+/// A source whose text the line already ends with (an error that prints its
+/// source itself) is not repeated.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
         cur = c.source();
     }
     s
@@ -112,5 +117,9 @@ mod tests {
     fn chain_joins_sources() {
         let e = ConfigError::Read { path: "/x".into(), source: std::io::Error::other("boom") };
         assert_eq!(chain(&e), "read config /x: boom");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        assert_eq!(chain(&Repeats(std::io::Error::other("inner"))), "outer: inner", "a source already printed is not repeated");
     }
 }

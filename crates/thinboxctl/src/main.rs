@@ -16,20 +16,8 @@ fn main() -> ExitCode {
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(e) => {
-            eprintln!("thinboxctl: {}", chain(&e));
+            eprintln!("thinboxctl: {}", thinbox_daemon::chain(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }
-}
-
-/// The error and its causes on one line, printed once here.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
