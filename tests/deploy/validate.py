@@ -15,17 +15,25 @@ What is checked, per file:
       is listed, every `images` entry names an image used by a container.
     * Rules the API server enforces that the schemas do not express, and
       consistency with the driver's contract (csi.thinbox.io, parameters,
-      socket paths, references between objects); see lint_*().
+      socket paths, references between objects); see lint_*(). The node
+      DaemonSet runs only the upstream sidecars (thinboxd is on the host):
+      no other image, nothing privileged, no host path but the CSI socket's
+      directory and kubelet's plugin registry, each sidecar's required flags.
   deploy/host/*.toml
     * Parses (tomllib). Kata fragment: the [hypervisor.qemu] keys and values.
     * containerd snippet: the expected tables, and `containerd config dump`
       of the snippet keeps every key with its value (containerd drops keys it
       does not know without a word).
+    * thinboxd's config (thinboxd.toml, installed as /etc/thinbox/config.toml):
+      only thinboxd's top-level keys and sections, devices kept on exit, and
+      the sockets (set or default) the containerd snippet and the DaemonSet use.
   deploy/systemd/*.service
     * `systemd-analyze verify` against a scratch root holding the unit, the
       system's unit files and stubs for the ExecStart binaries; any output
       (unknown keys, bad values) is a failure, not only the exit code.
-    * The directives the deployment relies on.
+    * The directives the deployment relies on: thinboxd with the installed
+      config, ordered before (and wanted by) containerd and kubelet, no
+      release on exit, no mount namespace or device restrictions.
 
 Prints one line per file (and the reasons under an invalid one), then
 `deploy: N valid, M invalid`; exits 1 if anything is invalid.
@@ -47,8 +55,36 @@ from kubernetes_validate import utils as kv
 
 DRIVER = "csi.thinbox.io"
 NAMESPACE = "thinbox-system"
+# thinboxd's defaults (crates/snapshotter/src/config.rs, crates/csi-driver/src/config.rs).
 SOCKET = "/run/thinbox/snapshotter.sock"
-STATE_ROOT = "/var/lib/thinbox"
+CSI_DIR = f"/var/lib/kubelet/plugins/{DRIVER}"
+CSI_ENDPOINT = f"unix://{CSI_DIR}/csi.sock"
+THINBOXD = "/usr/bin/thinboxd"
+CONFIG = "/etc/thinbox/config.toml"
+# thinboxd's configuration: top-level keys and sections (crates/thinboxd/src/config.rs).
+CONFIG_KEYS = {"release_on_exit", "metrics_address", "pool", "snapshot", "csi"}
+# The node DaemonSet: upstream sidecars only, each with the flags the
+# deployment relies on (name: (image, required args)).
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+SIDECARS = {
+    "node-driver-registrar": ("csi-node-driver-registrar", [f"--kubelet-registration-path={CSI_DIR}/csi.sock"]),
+    "livenessprobe": ("livenessprobe", []),
+    "csi-provisioner": ("csi-provisioner", ["--node-deployment", "--enable-capacity", "--capacity-ownerref-level=1",
+                                            "--node-deployment-immediate-binding=false", "--strict-topology"]),
+    "csi-resizer": ("csi-resizer", ["--leader-election"]),
+    "csi-snapshotter": ("csi-snapshotter", ["--node-deployment"]),
+}
+# Host paths the sidecar pod may mount: the socket's directory and kubelet's plugin registry.
+SIDECAR_HOST_PATHS = {CSI_DIR, "/var/lib/kubelet/plugins_registry"}
+# Unit options that give the service its own mount namespace (the pool mount,
+# containerd's device mounts and kubelet's volume mounts must be the host's)
+# or restrict device access (loop and device-mapper nodes).
+UNIT_NAMESPACING = ("PrivateTmp", "ProtectSystem", "ProtectHome", "ReadWritePaths", "ReadOnlyPaths",
+                    "InaccessiblePaths", "PrivateMounts", "ProtectKernelTunables", "ProtectKernelModules",
+                    "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+                    "ProtectProc", "ProcSubset", "BindPaths", "BindReadOnlyPaths", "TemporaryFileSystem",
+                    "MountFlags", "RootDirectory", "RootImage")
+UNIT_DEVICES = ("PrivateDevices", "DevicePolicy", "DeviceAllow")
 
 # --- YAML with duplicate-key detection ------------------------------------------
 
@@ -254,54 +290,87 @@ def lint_pod_spec(doc, spec, index):
     return errs
 
 
-def lint_node_plugin(doc):
-    """The DaemonSet against the driver's contract."""
+def lint_node_plugin(doc, index):
+    """The sidecar DaemonSet against the driver's contract: thinboxd serves the
+    CSI socket on the host; the pod holds only upstream sidecars reaching it."""
     errs = []
+    where = key(doc)
     spec = pod_spec(doc)
     cs = {c["name"]: c for c in spec.get("containers") or []}
     vols = {v["name"]: v for v in spec.get("volumes") or []}
-    drv = cs.get("thinbox-csi")
-    if drv is None:
-        return [f"{key(doc)}: no thinbox-csi container"]
-    args = drv.get("args") or []
-    for want in ("--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)", "--root=/var/lib/thinbox-csi"):
-        if want not in args:
-            errs.append(f"{key(doc)}/thinbox-csi: missing {want}")
-    metrics = [a for a in args if a.startswith("--metrics-address=")]
-    mport = {p.get("name"): p.get("containerPort") for p in drv.get("ports") or []}
-    if not metrics or mport.get("metrics") is None or not metrics[0].endswith(f":{mport['metrics']}"):
-        errs.append(f"{key(doc)}/thinbox-csi: --metrics-address and the port named metrics disagree")
-    # The socket kubelet is told about must be the one the driver serves.
+    for name, c in cs.items():
+        if name not in SIDECARS:
+            errs.append(f"{where}/{name}: not one of the upstream sidecars {sorted(SIDECARS)} "
+                        "(thinboxd runs on the host, not in the pod)")
+            continue
+        image = c.get("image", "")
+        if image.rsplit(":", 1)[0] != SIDECAR_REGISTRY + SIDECARS[name][0]:
+            errs.append(f"{where}/{name}: image {image!r} is not {SIDECAR_REGISTRY}{SIDECARS[name][0]}")
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged") or sc.get("allowPrivilegeEscalation", True) is not False:
+            errs.append(f"{where}/{name}: privileged or allowPrivilegeEscalation not false (a sidecar needs neither)")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            errs.append(f"{where}/{name}: capabilities not dropped (drop: [ALL])")
+        args = c.get("args") or []
+        if "--csi-address=/csi/csi.sock" not in args:
+            errs.append(f"{where}/{name}: missing --csi-address=/csi/csi.sock")
+        for want in SIDECARS[name][1]:
+            if want not in args:
+                errs.append(f"{where}/{name}: missing {want}")
+        mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
+        plugin = mounts.get("/csi")
+        if plugin is None:
+            errs.append(f"{where}/{name}: the CSI socket's directory is not mounted at /csi")
+        else:
+            hp = (vols.get(plugin) or {}).get("hostPath") or {}
+            if hp.get("path", "").rstrip("/") != CSI_DIR or hp.get("type") not in ("Directory", "DirectoryOrCreate"):
+                errs.append(f"{where}/{name}: /csi is not the host directory {CSI_DIR} (type Directory or "
+                            f"DirectoryOrCreate; a socket file mount would keep a restarted thinboxd's old socket)")
+        for m in c.get("volumeMounts") or []:
+            if m.get("mountPropagation") not in (None, "None"):
+                errs.append(f"{where}/{name}: mountPropagation {m['mountPropagation']} (the sidecars mount nothing)")
+        if ("--node-deployment" in args) != (name in ("csi-provisioner", "csi-snapshotter")):
+            errs.append(f"{where}/{name}: --node-deployment belongs to the provisioner and the snapshotter only")
+        if "--node-deployment" in args:
+            if any(a.startswith("--leader-election") and a != "--leader-election=false" for a in args):
+                errs.append(f"{where}/{name}: leader election with --node-deployment")
+            if "NODE_NAME" not in {e["name"] for e in c.get("env") or []}:
+                errs.append(f"{where}/{name}: NODE_NAME env missing")
+    for name in SIDECARS:
+        if name not in cs:
+            errs.append(f"{where}: no {name} container")
+    for init in spec.get("initContainers") or []:
+        errs.append(f"{where}/{init.get('name')}: init container (the pod holds the sidecars only)")
+    for v in vols.values():
+        hp = (v.get("hostPath") or {}).get("path")
+        if hp is not None and hp.rstrip("/") not in SIDECAR_HOST_PATHS:
+            errs.append(f"{where}: host path {hp} (the sidecars need only {sorted(SIDECAR_HOST_PATHS)})")
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        errs.append(f"{where}: host network, PID or IPC namespace (the sidecars need none)")
+    # The socket kubelet is told about must be the one thinboxd serves.
     reg = cs.get("node-driver-registrar") or {}
     regpath = [a.split("=", 1)[1] for a in reg.get("args") or [] if a.startswith("--kubelet-registration-path=")]
-    csi_mount = {m["name"]: m["mountPath"] for m in drv.get("volumeMounts") or []}
-    plugin = next((n for n, p in csi_mount.items() if p == "/csi"), None)
-    host_dir = ((vols.get(plugin) or {}).get("hostPath") or {}).get("path")
-    if not regpath or host_dir is None or regpath[0] != f"{host_dir}/csi.sock":
-        errs.append(f"{key(doc)}: kubelet registration path {regpath} is not <plugin hostPath {host_dir}>/csi.sock")
-    if host_dir and f"/plugins/{DRIVER}" not in host_dir:
-        errs.append(f"{key(doc)}: plugin directory {host_dir} is not named after {DRIVER}")
-    for name in ("csi-provisioner", "csi-snapshotter"):
-        c = cs.get(name)
-        if c is None:
-            errs.append(f"{key(doc)}: no {name} container")
-            continue
-        cargs = c.get("args") or []
-        if "--node-deployment" not in cargs:
-            errs.append(f"{key(doc)}/{name}: --node-deployment missing")
-        if any(a.startswith("--leader-election") and a != "--leader-election=false" for a in cargs):
-            errs.append(f"{key(doc)}/{name}: leader election with --node-deployment")
-        if "NODE_NAME" not in {e["name"] for e in c.get("env") or []}:
-            errs.append(f"{key(doc)}/{name}: NODE_NAME env missing")
+    index["registration_path"] = regpath[0] if regpath else None
+    if regpath and regpath[0] != f"{CSI_DIR}/csi.sock":
+        errs.append(f"{where}: kubelet registration path {regpath[0]} is not thinboxd's CSI socket {CSI_DIR}/csi.sock")
+    if "/registration" not in {m.get("mountPath") for m in reg.get("volumeMounts") or []}:
+        errs.append(f"{where}/node-driver-registrar: kubelet's plugin registry is not mounted at /registration")
     prov = cs.get("csi-provisioner") or {}
-    if "--enable-capacity" in (prov.get("args") or []):
-        env = {e["name"] for e in prov.get("env") or []}
-        if not {"NAMESPACE", "POD_NAME"} <= env:
-            errs.append(f"{key(doc)}/csi-provisioner: --enable-capacity needs NAMESPACE and POD_NAME env")
+    env = {e["name"] for e in prov.get("env") or []}
+    if not {"NAMESPACE", "POD_NAME"} <= env:
+        errs.append(f"{where}/csi-provisioner: --enable-capacity needs NAMESPACE and POD_NAME env")
+    # thinboxd's health: the livenessprobe sidecar's /healthz, used as the pod's readiness.
+    probe = cs.get("livenessprobe") or {}
+    endpoint = [a.split(":")[-1] for a in probe.get("args") or [] if a.startswith("--http-endpoint=")]
+    ports = {p.get("name"): p.get("containerPort") for p in probe.get("ports") or []}
+    ready = ((probe.get("readinessProbe") or {}).get("httpGet") or {})
+    port = ports.get(ready.get("port"), ready.get("port"))
+    if not endpoint or ready.get("path") != "/healthz" or str(port) != endpoint[0]:
+        errs.append(f"{where}/livenessprobe: no readinessProbe on its own /healthz (--http-endpoint)")
     sel = ((doc.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
     labels = (((doc.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
     if not sel or any(labels.get(k) != v for k, v in sel.items()):
-        errs.append(f"{key(doc)}: selector does not match the template's labels")
+        errs.append(f"{where}: selector does not match the template's labels")
     return errs
 
 
@@ -315,7 +384,7 @@ def lint_doc(doc, rel, index):
     if spec is not None:
         errs += lint_pod_spec(doc, spec, index)
     if kind == "DaemonSet" and name_of(doc) == "thinbox-csi-node":
-        errs += lint_node_plugin(doc)
+        errs += lint_node_plugin(doc, index)
     if kind == "CSIDriver":
         if name_of(doc) != DRIVER:
             errs.append(f"{key(doc)}: name is not {DRIVER}")
@@ -432,6 +501,8 @@ def check_toml_file(path, rel, containerd, index):
     except tomllib.TOMLDecodeError as e:
         return [f"TOML: {e}"], "unparsable"
     errs = []
+    if path.name.startswith("thinboxd"):
+        return check_thinboxd_config(data, index)
     if path.name.startswith("configuration-"):
         qemu = (data.get("hypervisor") or {}).get("qemu") or {}
         if qemu.get("disable_block_device_use") is not False:
@@ -476,6 +547,30 @@ def check_toml_file(path, rel, containerd, index):
     return errs, "parsed"
 
 
+def check_thinboxd_config(data, index):
+    """thinboxd's config as the unit reads it (/etc/thinbox/config.toml).
+
+    Only the shape is checked here (thinboxd itself refuses unknown keys
+    within the sections, naming them); what matters to the rest of deploy/ is
+    checked against it: devices kept on exit, the sockets containerd and the
+    sidecars use."""
+    errs = []
+    for k in sorted(set(data) - CONFIG_KEYS):
+        errs.append(f"unknown key or section {k!r} (thinboxd knows {sorted(CONFIG_KEYS)})")
+    for k in ("pool", "snapshot", "csi"):
+        if not isinstance(data.get(k, {}), dict):
+            errs.append(f"{k} must be a section [{k}]")
+    if data.get("release_on_exit", False) is not False:
+        errs.append("release_on_exit must stay false on a node (a restart or upgrade would take running sandboxes' devices)")
+    snap, csi = data.get("snapshot") or {}, data.get("csi") or {}
+    index["config_address"] = snap.get("address", SOCKET) if snap.get("enabled", True) else None
+    if snap.get("enabled", True) is not True or snap.get("address", SOCKET) != SOCKET:
+        errs.append(f"[snapshot] must be served at {SOCKET} (containerd's proxy plugin address)")
+    if csi.get("enabled", True) is not True or csi.get("endpoint", CSI_ENDPOINT) != CSI_ENDPOINT:
+        errs.append(f"[csi] must be served at {CSI_ENDPOINT} (the DaemonSet's registration path and hostPath)")
+    return errs, "thinboxd config: keys, release_on_exit and sockets checked"
+
+
 def check_unit_file(path, rel, scratch, index):
     errs = []
     text = path.read_text()
@@ -485,25 +580,40 @@ def check_unit_file(path, rel, scratch, index):
         if line and not line.startswith(("#", ";", "[")) and "=" in line:
             k, v = line.split("=", 1)
             directives.setdefault(k.strip(), []).append(v.strip())
-    want = {"Type": "simple", "Restart": "on-failure", "KillMode": "mixed", "TimeoutStopSec": "30"}
+    want = {"Restart": "on-failure", "KillMode": "mixed", "TimeoutStopSec": "30"}
     for k, v in want.items():
         if directives.get(k, [None])[-1] != v:
             errs.append(f"{k}={v} expected")
-    if "containerd.service" not in " ".join(directives.get("Before", [])):
-        errs.append("Before=containerd.service expected")
+    if directives.get("Type", [None])[-1] not in ("exec", "simple"):
+        errs.append("Type=exec (or simple) expected: thinboxd does not speak sd_notify and does not fork")
+    before = " ".join(directives.get("Before", [])).split()
+    wanted = " ".join(directives.get("WantedBy", []) + directives.get("RequiredBy", [])).split()
+    for u in ("containerd.service", "kubelet.service"):
+        if u not in before:
+            errs.append(f"Before={u} expected (it needs thinboxd's socket before any pod starts)")
+    if "containerd.service" not in wanted or "multi-user.target" not in wanted:
+        errs.append("WantedBy=multi-user.target and containerd.service expected (starting containerd starts thinboxd)")
     if "LimitNOFILE" not in directives:
         errs.append("LimitNOFILE expected")
     start = directives.get("ExecStart", [""])[-1]
+    argv = start.split()
+    if not argv or argv[0] != THINBOXD:
+        errs.append(f"ExecStart must run {THINBOXD}")
     if "--release-on-exit" in start:
         errs.append("ExecStart must not release devices on exit (running containers keep them)")
-    m_addr = re.search(r"--address[ =](\S+)", start)
-    m_root = re.search(r"--root[ =](\S+)", start)
-    if not m_addr or m_addr.group(1) != SOCKET or not m_root or m_root.group(1) != STATE_ROOT:
-        errs.append(f"ExecStart must serve {SOCKET} with root {STATE_ROOT}")
-    for k in ("PrivateTmp", "ProtectSystem", "ProtectHome", "ReadWritePaths", "PrivateMounts"):
+    m_cfg = re.search(r"--config[ =](\S+)", start)
+    if not m_cfg or m_cfg.group(1) != CONFIG:
+        errs.append(f"ExecStart must read the installed config --config {CONFIG}")
+    for flag in ("--snapshotter-address", "--csi-endpoint", "--root", "--no-snapshotter", "--no-csi"):
+        if flag in start:
+            errs.append(f"ExecStart must not pass {flag}: the defaults and {CONFIG} say where thinboxd serves")
+    for k in UNIT_NAMESPACING:
         if k in directives:
             errs.append(f"{k}= gives the daemon its own mount namespace (its pool mount must be the host's)")
-    index["unit_address"] = m_addr.group(1) if m_addr else None
+    for k in UNIT_DEVICES:
+        if k in directives:
+            errs.append(f"{k}= restricts device access (thinboxd makes and hands out loop and dm devices)")
+    index["unit_config"] = m_cfg.group(1) if m_cfg else None
 
     root = scratch / "systemd-root"
     shutil.rmtree(root, ignore_errors=True)
@@ -559,9 +669,12 @@ def validate_tree(repo, versions, containerd, scratch):
         rel = next((r for r in results if r.endswith(".yaml") and results[r][1] != "unparsable" and any(
             where == key(d) for d in load_docs(repo / r) if isinstance(d, dict))), "deploy/")
         results.setdefault(rel, ([], ""))[0].append(f"{where}: {kind} {name!r} is not defined in deploy/")
-    if index.get("containerd_address") != index.get("unit_address"):
+    if index.get("containerd_address") != index.get("config_address", SOCKET):
         results.setdefault("deploy/host", ([], ""))[0].append(
-            f"containerd proxy address {index.get('containerd_address')} != unit --address {index.get('unit_address')}")
+            f"containerd proxy address {index.get('containerd_address')} != thinboxd's snapshot socket "
+            f"{index.get('config_address')}")
+    if index.get("registration_path") is None:
+        results.setdefault("deploy/kubernetes", ([], ""))[0].append("no node DaemonSet thinbox-csi-node with a registration path")
     return results
 
 
@@ -569,8 +682,8 @@ def validate_tree(repo, versions, containerd, scratch):
 # invalid with a reason containing the given text. Guards against a validator
 # that passes everything (a changed package, a check that silently stopped running).
 FAULTS = [
-    ("deploy/kubernetes/node-daemonset.yaml", "          volumeMounts:\n            - name: plugin-dir\n              mountPath: /csi\n            - name: kubelet-dir",
-     "          volumeMount:\n            - name: plugin-dir\n              mountPath: /csi\n            - name: kubelet-dir", "schema"),
+    ("deploy/kubernetes/node-daemonset.yaml", "          volumeMounts:\n            - name: plugin-dir\n              mountPath: /csi\n            - name: registration-dir",
+     "          volumeMount:\n            - name: plugin-dir\n              mountPath: /csi\n            - name: registration-dir", "schema"),
     ("deploy/kubernetes/csidriver.yaml", "attachRequired: false", 'attachRequired: "false"', "schema"),
     ("deploy/kubernetes/runtimeclass.yaml", "apiVersion: node.k8s.io/v1", "apiVersion: node.k8s.io/v2", "find schema"),
     ("deploy/kubernetes/volumesnapshotclass.yaml", "deletionPolicy: Delete", "deletionPolicy: Keep", "snapshot CRD schema"),
@@ -579,16 +692,31 @@ FAULTS = [
     ("deploy/kubernetes/rbac.yaml", "kind: ServiceAccount\n", "kind: ServiceAccount\nkind: ServiceAccount\n", "duplicate key"),
     ("deploy/kubernetes/kustomization.yaml", "  - runtimeclass.yaml\n", "", "not listed"),
     ("deploy/kubernetes/storageclasses.yaml", "  kind: block", "  kind: blok", "parameter kind"),
-    ("deploy/kubernetes/node-daemonset.yaml", "--node-id=$(NODE_NAME)", "--node-id=$(NODE)", "$(NODE)"),
-    ("deploy/kubernetes/node-daemonset.yaml", "plugins/csi.thinbox.io/csi.sock", "plugins/thinbox/csi.sock", "registration path"),
+    ("deploy/kubernetes/node-daemonset.yaml", "--leader-election-namespace=$(NAMESPACE)",
+     "--leader-election-namespace=$(NAMESPAC)", "$(NAMESPAC)"),
+    ("deploy/kubernetes/node-daemonset.yaml", "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.thinbox.io/csi.sock",
+     "--kubelet-registration-path=/var/lib/kubelet/plugins/thinbox/csi.sock", "registration path"),
+    ("deploy/kubernetes/node-daemonset.yaml", "            - --capacity-ownerref-level=1\n", "", "--capacity-ownerref-level=1"),
+    ("deploy/kubernetes/node-daemonset.yaml", "      containers:\n",
+     "      containers:\n        - name: thinbox-csi\n          image: thinbox/thinbox-csi:0.1.0\n", "upstream sidecars"),
+    ("deploy/kubernetes/node-daemonset.yaml", "            allowPrivilegeEscalation: false\n",
+     "            privileged: true\n", "privileged"),
+    ("deploy/kubernetes/node-daemonset.yaml", "            path: /var/lib/kubelet/plugins/csi.thinbox.io\n",
+     "            path: /var/lib/kubelet/plugins/csi.thinbox.io/csi.sock\n", "host directory"),
     ("deploy/examples/pvc-pod-runc.yaml", "storageClassName: thinbox-block", "storageClassName: thinbox-blk", "not defined"),
     ("deploy/host/containerd-kata-thinbox.toml", '    runtime_type = "io.containerd.kata.v2"',
      '    runtime_type = "io.containerd.kata.v2"\n    snapshotter = "thinbox"', "containerd ignores"),
     ("deploy/host/configuration-thinbox.toml", "disable_block_device_use = false", 'disable_block_device_use = "false"',
      "disable_block_device_use"),
-    ("deploy/systemd/thinbox-snapshotter.service", "KillMode=mixed", "KillMode=mixed\nRestartSecs=2", "systemd-analyze verify"),
-    ("deploy/systemd/thinbox-snapshotter.service", "--address /run/thinbox/snapshotter.sock",
-     "--address /run/thinbox/snapshotter.sock --release-on-exit", "release"),
+    ("deploy/systemd/thinboxd.service", "KillMode=mixed", "KillMode=mixed\nRestartSecs=2", "systemd-analyze verify"),
+    ("deploy/systemd/thinboxd.service", "--config /etc/thinbox/config.toml",
+     "--config /etc/thinbox/config.toml --release-on-exit", "release"),
+    ("deploy/systemd/thinboxd.service", "Before=containerd.service kubelet.service", "Before=containerd.service",
+     "kubelet.service"),
+    ("deploy/systemd/thinboxd.service", "KillMode=mixed", "KillMode=mixed\nPrivateTmp=yes", "mount namespace"),
+    ("deploy/host/thinboxd.toml", "release_on_exit = false", "release_on_exit = true", "release_on_exit"),
+    ("deploy/host/thinboxd.toml", "[csi]\n", "[csi]\nendpoint = \"unix:///run/thinbox/csi.sock\"\n", "[csi] must be served"),
+    ("deploy/host/thinboxd.toml", "[pool]\n", "[pools]\n", "unknown key or section"),
 ]
 
 
