@@ -1,6 +1,6 @@
-//! Host tier: `thinboxctl` against the real daemon (reflink backend, embedded
-//! pool): status, devices, check and gc as an operator runs them, exit codes
-//! included. Needs root.
+//! Host tier: `thinboxctl` against the real daemon (`thinboxd` serving its
+//! snapshot socket; reflink backend, embedded pool): status, devices, check and
+//! gc as an operator runs them, exit codes included. Needs root.
 //!
 //! `thinboxctl` is another package, so cargo does not build its binary for this
 //! test; the test builds it once with the same cargo, target directory and
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::*;
+use common::snapshots::*;
 use serde_json::Value;
 
 const CFG: &str = "[pool]\nbackend = \"reflink\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[snapshot]\ndefault_size = \"512MiB\"\n";
@@ -25,7 +25,7 @@ const CFG: &str = "[pool]\nbackend = \"reflink\"\nembedded_size = \"4GiB\"\nrese
 fn thinboxctl() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let profile_dir = Path::new(env!("CARGO_BIN_EXE_thinbox-snapshotter")).parent().unwrap();
+        let profile_dir = Path::new(env!("CARGO_BIN_EXE_thinboxd")).parent().unwrap();
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", "thinboxctl", "--bin", "thinboxctl", "--target-dir"]).arg(profile_dir.parent().unwrap());
         match profile_dir.file_name().unwrap().to_str().unwrap() {
@@ -184,6 +184,6 @@ fn an_unreachable_daemon_is_exit_code_2_with_a_clear_message() {
     let out = ctl(&socket, &["status"]);
     assert_eq!(out.code, 2);
     assert!(out.stdout.is_empty());
-    let expected = format!("thinboxctl: cannot reach thinbox-snapshotter at {}: ", socket.display());
+    let expected = format!("thinboxctl: cannot reach thinboxd at {}: ", socket.display());
     assert!(out.stderr.starts_with(&expected), "{}", out.stderr);
 }

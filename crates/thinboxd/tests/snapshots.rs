@@ -1,6 +1,6 @@
-//! Host tier: the real daemon on real loop devices and a real XFS pool, driven
-//! over its socket. Every error path answers with the right gRPC code and leaves
-//! nothing behind. Needs root.
+//! Host tier: the real daemon (`thinboxd`, snapshot socket only) on real loop
+//! devices and a real XFS pool, driven over its socket. Every error path
+//! answers with the right gRPC code and leaves nothing behind. Needs root.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::snapshots::*;
 use thinbox_proto::snapshots::{CleanupRequest, Info, UpdateSnapshotRequest, UsageRequest};
 use tonic::Code;
 
@@ -321,12 +321,13 @@ async fn remove_returns_before_its_device_is_deleted() {
 fn remove_in_place_never_waits_for_the_store() {
     use std::collections::BTreeMap;
     use thinbox_snapshotter::meta::Kind;
-    use thinbox_snapshotter::{Config, Error, Snapshots};
+    use thinbox_snapshotter::{Error, Snapshots};
 
     let dir = tmp();
     let cfg_path = dir.path().join("config.toml");
     std::fs::write(&cfg_path, format!("release_on_exit = true\n{SMALL}")).unwrap();
-    let (s, _) = Snapshots::open(&dir.path().join("root"), Config::load(&cfg_path).unwrap()).unwrap();
+    let cfg = thinboxd::Config::load(&cfg_path).unwrap();
+    let (s, _) = Snapshots::open(&dir.path().join("root"), cfg.pool, cfg.snapshot).unwrap();
     for key in ["a", "b"] {
         s.prepare(Kind::Active, key, "", BTreeMap::new()).unwrap();
     }
@@ -345,7 +346,7 @@ fn remove_in_place_never_waits_for_the_store() {
     assert!(s.list(&[]).unwrap().is_empty());
     s.cleanup().unwrap();
     assert!(s.pool().store().devices().unwrap().is_empty(), "both devices deleted");
-    s.shutdown().unwrap();
+    s.shutdown(cfg.release_on_exit).unwrap();
 }
 
 /// Cleanup (containerd's "reclaim now", also `thinboxctl gc`) finishes every
@@ -387,38 +388,47 @@ async fn cleanup_finishes_pending_deletions_at_once() {
 #[tokio::test]
 async fn socket_is_0660_and_a_second_daemon_on_the_same_root_is_refused() {
     let dir = tmp();
-    let (d, _c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
-        .arg("--root")
-        .arg(&d.root)
-        .arg("--address")
-        .arg(dir.path().join("other.sock"))
-        .output()
-        .unwrap();
+    let other = dir.path().join("other.sock");
+    let out = common::thinboxd().arg("--root").arg(&d.root).arg("--snapshotter-address").arg(&other).arg("--no-csi").output().unwrap();
     assert!(!out.status.success(), "a second daemon on the same root must fail");
+    let errors = common::error_lines(&out.stderr);
+    assert_eq!(errors.len(), 1, "one error line: {errors:#?}");
+    assert!(!other.exists(), "the refused daemon's socket is gone with it");
+    assert_eq!(list(&mut c, &[]).await.unwrap(), Vec::<String>::new(), "the first daemon keeps serving");
     d.release().await;
 }
 
 #[tokio::test]
 async fn bad_config_is_refused_at_start() {
     let dir = tmp();
-    for cfg in ["[pool]\nsize = 1\n", "[snapshot]\ndefault_size = \"1MiB\"\n", "[pool]\ndir = \"relative/path\"\n"] {
-        let p = dir.path().join("bad.toml");
+    let p = dir.path().join("bad.toml");
+    // A parse error names the file, line and column; a bad value, its key.
+    let at = format!("config {}, line 2, column 1: unknown field `size`", p.display());
+    for (cfg, says) in [
+        ("[pool]\nsize = 1\n", at.as_str()),
+        ("[snapshot]\ndefault_size = \"1MiB\"\n", "snapshot.default_size 1MiB is below the minimum"),
+        ("[pool]\ndir = \"relative/path\"\n", "invalid configuration: pool: "),
+    ] {
         std::fs::write(&p, cfg).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
+        let out = common::thinboxd()
             .arg("--root")
             .arg(dir.path().join("state"))
-            .arg("--address")
+            .arg("--snapshotter-address")
             .arg(dir.path().join("s.sock"))
+            .arg("--no-csi")
             .arg("--config")
             .arg(&p)
             .output()
             .unwrap();
         assert!(!out.status.success(), "config {cfg:?} must be refused");
-        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+        let errors = common::error_lines(&out.stderr);
+        assert_eq!(errors.len(), 1, "config {cfg:?}: one error line: {errors:#?}");
+        assert!(errors[0].contains(says), "config {cfg:?}: {:?} should say {says:?}", errors[0]);
     }
+    assert!(!dir.path().join("state").exists() && !dir.path().join("s.sock").exists(), "refused before anything was made");
     assert!(thinbox_blockstore::scan_loops(dir.path()).unwrap().is_empty());
 }
 
@@ -457,11 +467,12 @@ async fn metrics_count_every_snapshots_call() {
     // A second daemon on the same metrics address fails its start before it
     // touches its state.
     let other = dir.path().join("other");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"))
+    let out = common::thinboxd()
         .arg("--root")
         .arg(other.join("state"))
-        .arg("--address")
+        .arg("--snapshotter-address")
         .arg(other.join("s.sock"))
+        .arg("--no-csi")
         .args(["--metrics-address", &address])
         .output()
         .unwrap();
@@ -469,6 +480,7 @@ async fn metrics_count_every_snapshots_call() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("bind metrics endpoint {address}")), "{stderr}");
     assert!(!other.join("state").exists(), "state made before the bind failed");
+    assert!(!other.join("s.sock").exists(), "the socket bound before the metrics address is gone with the daemon");
 
     assert_no_leaks(&mut c, &d, 0).await;
     d.release().await;

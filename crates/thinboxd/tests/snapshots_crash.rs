@@ -1,8 +1,9 @@
-//! Crash safety (host tier, `fault-injection` build): the daemon aborts, like
-//! `kill -9`, at each step of Prepare, Commit and Remove. After a restart, Stat
-//! and List agree with what is on disk and in the kernel, committed data is
-//! intact, the interrupted operation either happened entirely or not at all, and
-//! no image file or loop device is leaked. Needs root.
+//! Crash safety (crash tier, `fault-injection` build): `thinboxd`, serving its
+//! snapshot socket, aborts, like `kill -9`, at each step of Prepare, Commit and
+//! Remove. After a restart, Stat and List agree with what is on disk and in the
+//! kernel, committed data is intact, the interrupted operation either happened
+//! entirely or not at all, and no image file or loop device is leaked. Needs
+//! root.
 //!
 //! Remove hands the device to the background deleter, so the last point
 //! (`destroy.after_unlink`) is reached after Remove has returned, in the
@@ -20,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
-use common::*;
+use common::snapshots::*;
 use thinbox_proto::snapshots::{Kind, MountsRequest};
 
 const CFG: &str = "[pool]\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[snapshot]\ndefault_size = \"512MiB\"\n";

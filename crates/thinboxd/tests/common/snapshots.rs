@@ -1,7 +1,8 @@
-//! Harness for tests that drive the real `thinbox-snapshotter` binary over its
-//! socket, as containerd's proxy client does. Needs root (loop devices, mounts).
+//! Harness for tests that drive the real `thinboxd` binary over its snapshot
+//! socket (`--no-csi`), as containerd's proxy client does. Needs root (loop
+//! devices, mounts).
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::*;
 use tonic::transport::Channel;
 
+pub use super::{free_port, require_root, scrape};
+
 pub type Client = SnapshotsClient<Channel>;
 pub type Admin = AdminClient<Channel>;
 
@@ -23,11 +26,7 @@ pub type Admin = AdminClient<Channel>;
 /// assertion: deletion takes milliseconds to a second).
 pub const DELETION_DEADLINE: Duration = Duration::from_secs(120);
 
-pub fn require_root() {
-    assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
-}
-
-/// A running daemon with its own state root.
+/// A running daemon with its own state root, serving snapshots only.
 pub struct Daemon {
     pub root: PathBuf,
     pub socket: PathBuf,
@@ -87,31 +86,29 @@ impl Daemon {
         std::fs::read_to_string(self.log.as_ref().expect("started with start_logged")).unwrap_or_default()
     }
 
-    /// (Re)starts the process on the same state.
-    pub async fn spawn(&mut self, env: &[(&str, &str)]) -> Client {
-        let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"));
-        cmd.arg("--root").arg(&self.root).arg("--address").arg(&self.socket).stdin(Stdio::null());
+    /// The daemon's command line: this root, the snapshot socket, no CSI.
+    fn command(&self) -> Command {
+        let mut cmd = super::thinboxd();
+        cmd.arg("--root").arg(&self.root).arg("--snapshotter-address").arg(&self.socket).arg("--no-csi").stdin(Stdio::null());
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd
+    }
+
+    /// (Re)starts the process on the same state.
+    pub async fn spawn(&mut self, env: &[(&str, &str)]) -> Client {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = self.command();
         cmd.args(&self.args);
-        cmd.env("THINBOX_LOG", "info");
         if let Some(log) = &self.log {
             cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap());
         }
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("spawn thinbox-snapshotter"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("thinbox-snapshotter exited during start-up: {status}");
-            }
-            assert!(Instant::now() < deadline, "socket did not appear");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.child = Some(cmd.spawn().expect("spawn thinboxd"));
+        served(self.child.as_mut().unwrap(), &self.socket).await;
         // The uml tier sets it so that these tests provably ran on dm-thin.
         if let Ok(want) = std::env::var("THINBOX_TEST_BACKEND") {
             let got = thinbox_blockstore::inventory(&self.root, &Default::default()).unwrap().backend;
@@ -146,17 +143,8 @@ impl Daemon {
             self.stop();
         }
         let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-snapshotter"));
-        cmd.arg("--root").arg(&self.root).arg("--address").arg(&self.socket).arg("--release-on-exit");
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
-        self.child = Some(cmd.spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            assert!(Instant::now() < deadline, "socket did not appear");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child = Some(self.command().arg("--release-on-exit").spawn().unwrap());
+        super::block_on(served(self.child.as_mut().unwrap(), &self.socket));
         assert!(self.stop().success());
     }
 
@@ -204,8 +192,19 @@ impl Drop for Daemon {
             if self.root.exists() {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.release_now()));
             }
+            // A release that failed half-way leaves no process behind either.
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
+}
+
+/// Waits until `child` serves the snapshot socket (see [`super::until_served`]).
+async fn served(child: &mut Child, socket: &Path) {
+    let answers = |channel| async move { AdminClient::new(channel).pool_status(PoolStatusRequest {}).await.is_ok() };
+    super::until_served(child, socket, answers).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Connects, retrying briefly: the socket file appears between bind(2) and
@@ -309,21 +308,4 @@ pub async fn read_through_view(c: &mut Client, work: &Path, committed: &str, fil
     umount(&mp);
     remove(c, &key).await.unwrap();
     content
-}
-
-/// A TCP port on 127.0.0.1 that nothing listens on (just now).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET /metrics` on 127.0.0.1:`port`: the whole response, headers included
-/// (the server closes the connection after it).
-pub async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut out)).await.expect("metrics response").unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
-    out
 }
