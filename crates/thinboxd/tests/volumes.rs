@@ -1,6 +1,7 @@
-//! Host tier: the real `thinbox-csi` over its socket, driven the way kubelet and
-//! external-provisioner drive it, on real loop devices and filesystems (reflink
-//! pool for `block` volumes, image files for `file` volumes). Needs root.
+//! Host tier: the real daemon (`thinboxd`, CSI socket only) over its socket,
+//! driven the way kubelet and external-provisioner drive it, on real loop
+//! devices and filesystems (reflink pool for `block` volumes, image files for
+//! `file` volumes). Needs root.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use common::volumes::*;
 use thinbox_proto::csi::v1::volume_capability::AccessMode;
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
 use thinbox_proto::csi::v1::*;
@@ -20,8 +21,8 @@ use tonic::Code;
 
 #[tokio::test]
 async fn identity_node_info_and_metrics() {
-    const PORT: u16 = 19822;
-    let mut d = Driver::start_with(&["--metrics-address", "127.0.0.1:19822"]).await;
+    let port = free_port();
+    let mut d = Driver::start_with(&["--metrics-address", &format!("127.0.0.1:{port}")]).await;
     let info = d.ident.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.name, "csi.thinbox.io");
     assert!(!info.vendor_version.is_empty());
@@ -38,7 +39,7 @@ async fn identity_node_info_and_metrics() {
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
     assert!(cap.available_capacity > 0);
     let vol = create(&mut d, "pvc-m", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
-    let text = scrape(PORT).await;
+    let text = scrape(port).await;
     for want in [
         "\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n",
         "thinbox_operations_total{api=\"csi\",op=\"create_volume\",result=\"ok\"} 1\n",

@@ -1,11 +1,13 @@
 //! Harnesses of the tests that drive the real `thinboxd` binary over its front
-//! doors, as containerd does: [`snapshots`] serves the snapshot socket alone
-//! (`--no-csi`). Every path the daemon uses is under the test's temporary
-//! directory. Needs root (loop devices, mounts).
+//! doors, as containerd and kubelet do: [`snapshots`] serves the snapshot
+//! socket alone (`--no-csi`), [`volumes`] the CSI socket alone
+//! (`--no-snapshotter`). Every path the daemon uses is under the test's
+//! temporary directory. Needs root (loop devices, mounts).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod snapshots;
+pub mod volumes;
 
 use std::future::Future;
 use std::path::Path;

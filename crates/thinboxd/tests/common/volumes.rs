@@ -1,6 +1,6 @@
-//! The harness of the CSI driver's tests: a real `thinbox-csi` process on a
-//! temporary root with its own kubelet and Kata directories, and request
-//! builders.
+//! The harness of the volume tests: a real `thinboxd` process serving its CSI
+//! socket alone (`--no-snapshotter`) on a temporary root with its own kubelet
+//! and Kata directories, and request builders.
 
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
@@ -19,7 +19,14 @@ use thinbox_proto::csi::v1::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
+pub use super::{free_port, require_root, scrape};
+
 pub const NODE: &str = "node-a";
+
+/// How long a deleted volume's device may take to be deleted in the
+/// background before a test calls it stuck (a failure guard, not a timing
+/// assertion: deletion takes milliseconds to a second).
+pub const DELETION_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A driver process on a temporary root, with its own kubelet and Kata directories.
 pub struct Driver {
@@ -38,11 +45,11 @@ impl Driver {
     }
 
     pub async fn start_with(args: &[&str]) -> Driver {
-        assert!(rustix::process::geteuid().is_root(), "host-tier tests need root: run `sudo tests/run.sh host`");
+        require_root();
         let dir = tempfile::Builder::new().prefix("thinbox-csi-").tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
         let cfg = format!(
-            "kubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n[pool]\nbackend = \"{1}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n",
+            "[pool]\nbackend = \"{1}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[csi]\nkubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n",
             dir.path().display(),
             // The uml tier runs these tests again on a kernel thin pool.
             std::env::var("THINBOX_TEST_BACKEND").unwrap_or_else(|_| "reflink".into())
@@ -107,6 +114,21 @@ impl Driver {
         assert_eq!(thinbox_blockstore::inventory(&self.path("state"), &Default::default()).unwrap().attached, Default::default(), "devices left");
     }
 
+    /// How many devices the pool holds once the background deleter has
+    /// finished what DeleteVolume and DeleteSnapshot left it: waits for the
+    /// count to come down to `want`, at most [`DELETION_DEADLINE`], and
+    /// returns it (the caller asserts).
+    pub async fn stored_devices(&self, want: usize) -> usize {
+        let deadline = Instant::now() + DELETION_DEADLINE;
+        loop {
+            let n = thinbox_blockstore::inventory(&self.path("state"), &Default::default()).unwrap().stored.unwrap_or_default().len();
+            if n <= want || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn stop(&mut self) {
         let mut c = self.child.take().unwrap();
         rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
@@ -149,13 +171,13 @@ pub async fn spawn_with(
 ) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
     let sock = dir.join("csi.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinbox-csi"));
+    let mut cmd = super::thinboxd();
     if let Some(f) = fault {
         cmd.env("THINBOX_FAULT", f);
     }
-    let child = cmd
+    let mut child = cmd
         .args(args)
-        .args(["--endpoint", &format!("unix://{}", sock.display()), "--node-id", NODE, "--root"])
+        .args(["--csi-endpoint", &format!("unix://{}", sock.display()), "--no-snapshotter", "--node-id", NODE, "--root"])
         .arg(dir.join("state"))
         .arg("--config")
         .arg(dir.join("csi.toml"))
@@ -163,23 +185,16 @@ pub async fn spawn_with(
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut child = child;
-    let ch = loop {
-        match thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await {
-            Ok(ch) => break ch,
-            Err(e) => {
-                let exited = child.try_wait().unwrap();
-                if exited.is_some() || Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    cleanup(dir);
-                    panic!("driver did not answer on {} ({exited:?}): {e}", sock.display());
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // A start that fails or hangs leaves nothing mounted or running.
+    let answers =
+        |channel| async move { IdentityClient::new(channel).probe(ProbeRequest {}).await.is_ok_and(|r| r.into_inner().ready == Some(true)) };
+    if let Err(e) = super::until_served(&mut child, &sock, answers).await {
+        let _ = child.kill();
+        let _ = child.wait();
+        cleanup(dir);
+        panic!("{e}");
+    }
+    let ch = thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await.expect("connect to the CSI socket");
     (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch))
 }
 
@@ -255,15 +270,4 @@ pub fn dd(of: &Path, mib: u32) -> bool {
         .unwrap()
         .status
         .success()
-}
-
-/// `GET /metrics` from the driver's exporter.
-pub async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
 }
