@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 bash scripts/install-deps.sh --test
 # The tests start the real daemons built beside them, and the example that
 # boots a guest (killed to show its guest goes with it).
-cargo build -p thinbox-snapshotter -p thinbox-csi
+cargo build -p thinboxd
 cargo build -p thinbox-guest-vm --example guest-shell
 mkdir -p target
 log=target/vm-tier.log

@@ -1,12 +1,14 @@
 //! The vm tier: real QEMU guests (TCG here, KVM where it works) on the
 //! cached guest image, with Thinbox's storage hot-plugged into them over QMP
 //! the way a VM sandbox receives it. Needs root (loop devices, mounts) and
-//! the `thinbox-snapshotter` and `thinbox-csi` binaries built beside this
-//! test (`tests/vm/tier.sh` builds them). Run: `sudo bash tests/vm/tier.sh`.
+//! the `thinboxd` binary built beside this test (`tests/vm/tier.sh` builds
+//! it); each daemon instance serves one door, on a private root with every
+//! path temporary. Run: `sudo bash tests/vm/tier.sh`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +18,10 @@ use std::time::{Duration, Instant};
 use thinbox_block_passthrough::qmp::{Aio, Disk, Qmp};
 use thinbox_block_passthrough::{DirectVolumes, MountInfo};
 use thinbox_guest_vm::{Accel, BootDisk, Error, GuestImage, Output, Share9p, VirtioFs, Vm, VmSpec};
+use thinbox_proto::admin::PoolStatusRequest;
+use thinbox_proto::admin::admin_client::AdminClient;
 use thinbox_proto::csi::v1::controller_client::ControllerClient;
+use thinbox_proto::csi::v1::identity_client::IdentityClient;
 use thinbox_proto::csi::v1::node_client::NodeClient;
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
 use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -62,6 +67,54 @@ fn workspace_bin(name: &str) -> PathBuf {
     let path = exe.parent().and_then(Path::parent).unwrap().join(name);
     assert!(path.is_file(), "{} is missing: build it first (`cargo build -p {name}`; tests/vm/tier.sh does)", path.display());
     path
+}
+
+/// A front door of `thinboxd`.
+#[derive(Clone, Copy, Debug)]
+enum Door {
+    Snapshots,
+    Csi,
+}
+
+/// Whether `door` answers a request on `socket` now.
+async fn answers(socket: &Path, door: Door) -> bool {
+    let Ok(channel) = thinbox_proto::unix_channel(socket, Duration::from_secs(5)).await else {
+        return false;
+    };
+    match door {
+        Door::Snapshots => AdminClient::new(channel).pool_status(PoolStatusRequest {}).await.is_ok(),
+        Door::Csi => IdentityClient::new(channel).probe(ProbeRequest {}).await.is_ok(),
+    }
+}
+
+/// Waits until `thinboxd` (`child`) serves `door` on `socket`. It binds its
+/// sockets before it opens the pool and serves them after, so the socket file
+/// alone proves nothing; once a request is answered the daemon is up, its
+/// SIGTERM handler installed. Fails if it exits first or takes a minute.
+async fn until_served(child: &mut Child, socket: &Path, door: Door) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(socket.exists() && answers(socket, door).await) {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("thinboxd exited during start-up ({status}) before it served {}", socket.display()));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("thinboxd did not serve {} within 60 s", socket.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a runtime and thread of its own: callable from blocking code
+/// and from `Drop`, inside an async test or not.
+fn block_on<F: Future + Send>(f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        let joined = s.spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)).join();
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -305,7 +358,8 @@ impl Drop for VirtioFsd {
 // ---------------------------------------------------------------------------
 // b) a container rootfs from the snapshotter, hot-plugged into a guest
 
-/// The real snapshotter daemon on a private root (embedded reflink pool).
+/// The real daemon serving snapshots alone (`--no-csi`) on a private root
+/// (embedded reflink pool).
 struct Snapshotter {
     dir: PathBuf,
     child: Option<Child>,
@@ -316,17 +370,8 @@ impl Snapshotter {
         let mut s = Snapshotter { dir: dir.to_owned(), child: None };
         s.spawn(false);
         let socket = s.socket();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let channel = loop {
-            match thinbox_proto::unix_channel(&socket, Duration::from_secs(120)).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(s.child.as_mut().unwrap().try_wait().unwrap().is_none(), "thinbox-snapshotter exited during start-up");
-                    assert!(Instant::now() < deadline, "snapshotter did not answer: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
+        until_served(s.child.as_mut().unwrap(), &socket, Door::Snapshots).await.unwrap_or_else(|e| panic!("{e}"));
+        let channel = thinbox_proto::unix_channel(&socket, Duration::from_secs(120)).await.expect("connect to the snapshot socket");
         (s, SnapshotsClient::new(channel))
     }
 
@@ -336,19 +381,25 @@ impl Snapshotter {
 
     fn spawn(&mut self, release_on_exit: bool) {
         let _ = std::fs::remove_file(self.socket());
-        let mut cmd = Command::new(workspace_bin("thinbox-snapshotter"));
-        cmd.arg("--root").arg(self.dir.join("state")).arg("--address").arg(self.socket()).stdin(Stdio::null()).env("THINBOX_LOG", "info");
+        let mut cmd = Command::new(workspace_bin("thinboxd"));
+        cmd.arg("--root")
+            .arg(self.dir.join("state"))
+            .arg("--snapshotter-address")
+            .arg(self.socket())
+            .arg("--no-csi")
+            .stdin(Stdio::null())
+            .env("THINBOX_LOG", "info");
         if release_on_exit {
             cmd.arg("--release-on-exit");
         }
-        self.child = Some(cmd.spawn().expect("spawn thinbox-snapshotter"));
+        self.child = Some(cmd.spawn().expect("spawn thinboxd"));
     }
 
     fn stop(&mut self) {
         if let Some(c) = self.child.take() {
             rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
             let mut c = c;
-            assert!(c.wait().unwrap().success(), "snapshotter exits cleanly on SIGTERM");
+            assert!(c.wait().unwrap().success(), "thinboxd exits cleanly on SIGTERM");
         }
     }
 
@@ -357,11 +408,8 @@ impl Snapshotter {
     fn release(&mut self) {
         self.stop();
         self.spawn(true);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket().exists() {
-            assert!(Instant::now() < deadline, "snapshotter socket did not appear");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let socket = self.socket();
+        block_on(until_served(self.child.as_mut().unwrap(), &socket, Door::Snapshots)).unwrap_or_else(|e| panic!("{e}"));
         self.stop();
     }
 }
@@ -561,7 +609,8 @@ impl Drop for ScratchFs {
     }
 }
 
-/// The real CSI driver on a root inside the scratch filesystem.
+/// The real daemon serving CSI alone (`--no-snapshotter`) on a root inside the
+/// scratch filesystem.
 struct Csi {
     root: PathBuf,
     child: Option<Child>,
@@ -573,7 +622,7 @@ impl Csi {
     async fn start(root: &Path) -> Csi {
         std::fs::create_dir_all(root.join("kubelet/pods")).unwrap();
         let cfg = format!(
-            "kubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n[pool]\nbackend = \"reflink\"\nembedded_size = \"1GiB\"\nreserve = \"16MiB\"\n",
+            "[pool]\nbackend = \"reflink\"\nembedded_size = \"1GiB\"\nreserve = \"16MiB\"\n[csi]\nkubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n",
             root.display()
         );
         std::fs::write(root.join("csi.toml"), cfg).unwrap();
@@ -584,40 +633,32 @@ impl Csi {
     async fn spawn(root: &Path, release_on_exit: bool) -> (Child, Channel) {
         let sock = root.join("csi.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut cmd = Command::new(workspace_bin("thinbox-csi"));
+        let mut cmd = Command::new(workspace_bin("thinboxd"));
         if release_on_exit {
             cmd.arg("--release-on-exit");
         }
         let mut child = cmd
-            .args(["--endpoint", &format!("unix://{}", sock.display()), "--node-id", "vm-node", "--root"])
+            .args(["--csi-endpoint", &format!("unix://{}", sock.display()), "--no-snapshotter", "--node-id", "vm-node", "--root"])
             .arg(root.join("state"))
             .arg("--config")
             .arg(root.join("csi.toml"))
             .env("THINBOX_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
-            .expect("spawn thinbox-csi");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await {
-                Ok(ch) => return (child, ch),
-                Err(e) => {
-                    let exited = child.try_wait().unwrap();
-                    if exited.is_some() || Instant::now() >= deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        panic!("thinbox-csi did not answer ({exited:?}): {e}");
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            .expect("spawn thinboxd");
+        if let Err(e) = until_served(&mut child, &sock, Door::Csi).await {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{e}");
         }
+        let ch = thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await.expect("connect to the CSI socket");
+        (child, ch)
     }
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
-            assert!(c.wait().unwrap().success(), "thinbox-csi exits cleanly on SIGTERM");
+            assert!(c.wait().unwrap().success(), "thinboxd exits cleanly on SIGTERM");
         }
     }
 
