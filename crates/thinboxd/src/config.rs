@@ -132,6 +132,13 @@ mod tests {
         }
     }
 
+    /// The node config the unit and the package install sets nothing but
+    /// defaults (its commented keys show them).
+    #[test]
+    fn shipped_node_config_is_the_defaults() {
+        assert_eq!(parse(include_str!("../../../deploy/host/thinboxd.toml")).unwrap(), Config::default());
+    }
+
     /// The samples in the README and docs/csi.md are valid configs.
     #[test]
     fn documented_samples_parse() {
