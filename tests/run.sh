@@ -66,19 +66,17 @@ tier_unit() {
 tier_host() {
   need_root host
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
-  cargo test -p thinbox-snapshotter --test host -- --test-threads=2
-  cargo test -p thinbox-snapshotter --test admin -- --test-threads=2
+  cargo test -p thinboxd --test snapshots --test admin -- --test-threads=2
   cargo test -p thinbox-block-passthrough --test qmp -- --test-threads=2
   # Online ext4 growth needs CAP_SYS_RESOURCE, which a sandboxed root may lack,
   # and dir volumes need a kernel with XFS project quotas, which this host's
   # lacks: the uml tier runs both tests (its kernel and root have them).
-  cargo test -p thinbox-csi --test host -- --test-threads=2 --skip ext4_volumes_grow_online --skip dir_volume_hard_project_quota
+  cargo test -p thinboxd --test volumes -- --test-threads=2 --skip ext4_volumes_grow_online --skip dir_volume_hard_project_quota
 }
 tier_crash() {
   need_root crash
   # A separate target dir keeps the fault-injection build away from the real binary.
-  cargo test --target-dir target/fault -p thinbox-snapshotter --features fault-injection --test crash -- --test-threads=1
-  cargo test --target-dir target/fault -p thinbox-csi --features fault-injection --test crash -- --test-threads=1
+  cargo test --target-dir target/fault -p thinboxd --features fault-injection --test snapshots_crash --test volumes_crash -- --test-threads=1
 }
 tier_conformance() {
   need_root conformance

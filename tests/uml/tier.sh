@@ -24,12 +24,12 @@ for l in sys.stdin:
 
 if [ "${1:-}" != --inside ]; then
   bash tests/uml/install.sh
-  cargo build -p thinbox-snapshotter
+  cargo build -p thinboxd
   dm_test=$(test_binary dm -p thinbox-blockstore)
-  snap_test=$(test_binary host -p thinbox-snapshotter)
-  csi_test=$(test_binary host -p thinbox-csi)
+  snap_test=$(test_binary snapshots -p thinboxd)
+  csi_test=$(test_binary volumes -p thinboxd)
   # The crash test needs the fault-injection build (own target dir, as in the crash tier).
-  crash_test=$(test_binary crash --target-dir target/fault -p thinbox-snapshotter --features fault-injection)
+  crash_test=$(test_binary snapshots_crash --target-dir target/fault -p thinboxd --features fault-injection)
   # The conformance suite is built on the host (Go comes from apt), run in the guest.
   bash tests/conformance/run.sh build
   UML_PASS_ENV="DM_TEST SNAP_TEST CSI_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CSI_TEST="$csi_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
