@@ -23,10 +23,9 @@
 //!   next start finishes them (as after a crash); devices stay attached unless
 //!   `release_on_exit` is set.
 //!
-//! The same socket serves [`admin`] (`thinbox.admin.v1`, for `thinboxctl`):
-//! pool status, devices, and a read-only check or a run of reconciliation.
+//! thinboxd serves its admin service (`thinbox.admin.v1`, for `thinboxctl`)
+//! on the same socket; it spans both front ends, so it lives in the daemon.
 
-pub mod admin;
 pub mod config;
 pub mod error;
 pub mod filter;

@@ -327,30 +327,17 @@ impl Snapshots {
         Ok(Usage { size: u.bytes.get(), inodes: u.inodes })
     }
 
-    /// How many snapshots are committed (image layers) and how many are
-    /// active or views (container rootfs), in one consistent read.
-    pub fn counts(&self) -> Result<(u64, u64)> {
-        let txn = self.pool().store().db().begin_read()?;
-        let (mut committed, mut active) = (0, 0);
+    /// Every snapshot's key, kind and the device holding its content, in one
+    /// consistent read (no lock): what the admin API and the gauges report by
+    /// consumer (committed snapshots are image layers, active ones and views
+    /// container rootfs).
+    pub fn devices(&self) -> Result<Vec<(String, Kind, DeviceId)>> {
+        let txn = self.engine.pool().store().db().begin_read()?;
+        let mut out = Vec::new();
         for row in txn.open_table(SNAPSHOTS)?.iter()? {
             let (k, v) = row?;
-            match meta::decode(k.value(), v.value())?.kind {
-                Kind::Committed => committed += 1,
-                Kind::Active | Kind::View => active += 1,
-            }
-        }
-        Ok((committed, active))
-    }
-
-    /// Snapshot keys by the device that holds their content (for the admin
-    /// API; one consistent read, no lock).
-    pub fn keys_by_device(&self) -> Result<BTreeMap<thinbox_blockstore::DeviceId, Vec<String>>> {
-        let txn = self.engine.pool().store().db().begin_read()?;
-        let snaps = txn.open_table(SNAPSHOTS)?;
-        let mut out: BTreeMap<_, Vec<String>> = BTreeMap::new();
-        for row in snaps.iter()? {
-            let (k, v) = row?;
-            out.entry(meta::decode(k.value(), v.value())?.device).or_default().push(k.value().to_owned());
+            let rec = meta::decode(k.value(), v.value())?;
+            out.push((k.value().to_owned(), rec.kind, rec.device));
         }
         Ok(out)
     }

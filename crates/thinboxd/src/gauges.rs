@@ -8,6 +8,8 @@ use thinbox_csi::Driver;
 use thinbox_metrics::{Collector, DescriptorEncoder, Unit, encode_gauges};
 use thinbox_snapshotter::Snapshots;
 
+use crate::admin::Consumer;
+
 /// Gauges of the one pool and its consumers.
 #[derive(Debug)]
 pub struct Pool {
@@ -20,23 +22,45 @@ impl Pool {
         Pool { snapshots, driver }
     }
 
-    /// Devices by consumer: image layers (committed snapshots), container
-    /// rootfs (active snapshots and views), volumes and emptyDirs (inline
-    /// ephemeral volumes).
+    /// Records by consumer, classified as the admin service does: image
+    /// layers (committed snapshots), container rootfs (active snapshots and
+    /// views), volumes and emptyDirs (inline ephemeral volumes). A front end
+    /// whose records cannot be read leaves out its consumers only.
     fn devices(&self) -> Vec<([(&'static str, &'static str); 1], u64)> {
         let mut out = Vec::new();
-        match self.snapshots.counts() {
-            Ok((layers, rootfs)) => out.extend([([("consumer", "image_layers")], layers), ([("consumer", "container_rootfs")], rootfs)]),
+        match self.snapshots.devices() {
+            Ok(snaps) => {
+                out.extend(count([Consumer::ImageLayer, Consumer::ContainerRootfs], snaps.iter().map(|(_, kind, _)| Consumer::of_snapshot(*kind))))
+            }
             Err(e) => tracing::warn!(error = %thinbox_daemon::chain(&e), "metrics: snapshots"),
         }
         match self.driver.volumes() {
-            Ok(vols) => {
-                let empty_dirs = vols.iter().filter(|v| v.ephemeral).count() as u64;
-                out.extend([([("consumer", "volumes")], vols.len() as u64 - empty_dirs), ([("consumer", "emptydirs")], empty_dirs)]);
-            }
+            Ok(vols) => out.extend(count([Consumer::Volume, Consumer::EmptyDir], vols.iter().map(Consumer::of_volume))),
             Err(e) => tracing::warn!(error = %thinbox_daemon::chain(&e), "metrics: volumes"),
         }
         out
+    }
+}
+
+/// How many of `of` are each of `consumers`, as gauge samples.
+fn count<const N: usize>(consumers: [Consumer; N], of: impl Iterator<Item = Consumer>) -> [([(&'static str, &'static str); 1], u64); N] {
+    let mut n = [0; N];
+    for c in of {
+        if let Some(i) = consumers.iter().position(|x| *x == c) {
+            n[i] += 1;
+        }
+    }
+    std::array::from_fn(|i| ([("consumer", label(consumers[i]))], n[i]))
+}
+
+/// The metric's label value (plural, unlike the admin API's names).
+fn label(c: Consumer) -> &'static str {
+    match c {
+        Consumer::ImageLayer => "image_layers",
+        Consumer::ContainerRootfs => "container_rootfs",
+        Consumer::Volume => "volumes",
+        Consumer::EmptyDir => "emptydirs",
+        Consumer::VolumeSnapshot => "volume_snapshots",
     }
 }
 

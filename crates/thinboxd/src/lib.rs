@@ -21,6 +21,7 @@
 //! (what is still queued stays marked and the next start finishes it), and
 //! with `release_on_exit` loops are detached and the embedded pool unmounted.
 
+mod admin;
 pub mod config;
 mod gauges;
 
@@ -34,6 +35,7 @@ use thinbox_csi::Driver;
 use thinbox_csi::driver::VolumeRecords;
 use thinbox_daemon::{Bound, ServeError};
 use thinbox_metrics::Metrics;
+use thinbox_proto::admin::admin_server::AdminServer;
 use thinbox_snapshotter::Snapshots;
 use thinbox_snapshotter::snapshots::SnapshotRecords;
 
@@ -142,7 +144,9 @@ async fn serve(doors: Doors, snapshots: &Arc<Snapshots>, driver: &Arc<Driver>, m
     let mut servers = Vec::new();
     if let Some(bound) = doors.snapshot {
         tracing::info!(address = %bound.path().display(), "serving containerd.services.snapshots.v1 and thinbox.admin.v1");
-        let router = thinbox_snapshotter::server::router(snapshots.clone(), metrics.clone());
+        // The admin service spans both front ends: it joins the snapshot socket here.
+        let admin = admin::Admin::new(engine.clone(), snapshots.clone(), driver.clone());
+        let router = thinbox_snapshotter::server::router(snapshots.clone(), metrics.clone()).add_service(AdminServer::new(admin));
         servers.push(tokio::spawn(thinbox_daemon::serve_unix(router, bound, GRACE, stopped(stop_rx.clone()))));
     }
     if let Some(bound) = doors.csi {
