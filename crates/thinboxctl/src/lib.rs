@@ -5,9 +5,10 @@
 //! containerd's snapshot service) instead of opening the store:
 //!
 //! * `status`: pool capacity, free space, reserve, devices; dm-thin also
-//!   metadata use, low-water mark and mode.
-//! * `devices`: every device record with its state, attachment, usage and the
-//!   snapshot keys it holds.
+//!   metadata use, low-water mark and mode; then what each consumer (image
+//!   layers, container rootfs, volumes, emptyDirs) holds: devices and bytes.
+//! * `devices`: every device record with its state, attachment, usage, whose
+//!   it is (consumer) and the snapshot keys or CSI ids it holds.
 //! * `check`: what `gc` would do, read-only; exit code 1 if anything.
 //! * `gc`: reconciliation (what containerd's `Cleanup` and a restart do).
 //! * `gc --containerd [SOCK]`: instead, removes the snapshots containerd no
@@ -80,9 +81,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Pool capacity, free space and reserve; dm-thin: metadata, low-water mark, mode.
+    /// Pool capacity, free space and reserve; dm-thin: metadata, low-water mark, mode; devices and
+    /// bytes by consumer (image layers, container rootfs, volumes, emptyDirs).
     Status,
-    /// Every device: state, attachment, node, usage, snapshot keys.
+    /// Every device: state, attachment, node, usage, consumer, the snapshot keys or CSI ids it holds.
     Devices,
     /// Compare the store with the pool; report what `gc` would do, changing nothing.
     Check,
@@ -293,8 +295,8 @@ pub async fn ask(cli: &Cli) -> Result<Answer, Error> {
     let rpc = |status| Error::rpc(cli, status);
     Ok(match &cli.command {
         Command::Status => {
-            let st = connect(cli).await?.pool_status(PoolStatusRequest {}).await.map_err(rpc)?.into_inner().status;
-            Answer::Status(st.ok_or(Error::Incomplete { op, field: "status" })?.into())
+            let r = connect(cli).await?.pool_status(PoolStatusRequest {}).await.map_err(rpc)?.into_inner();
+            Answer::Status(PoolStatus::new(r.status.ok_or(Error::Incomplete { op, field: "status" })?, r.consumers))
         }
         Command::Devices => {
             let devs = connect(cli).await?.list_devices(ListDevicesRequest {}).await.map_err(rpc)?.into_inner().devices;

@@ -29,6 +29,48 @@ pub struct PoolStatus {
     pub low_water: Option<u64>,
     /// Pool mode: "rw", "ro", "out_of_data_space", "needs_check" (dm-thin only).
     pub mode: Option<String>,
+    /// What each consumer holds: `image_layer`, `container_rootfs`, `volume`
+    /// and `emptydir` always, then `volume_snapshot` and `null` (devices no
+    /// record names) when they hold anything. Empty from a daemon that does
+    /// not report it.
+    pub consumers: Vec<ConsumerUsage>,
+}
+
+/// One consumer's share of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsumerUsage {
+    /// "image_layer", "container_rootfs", "volume", "emptydir",
+    /// "volume_snapshot"; `null`: devices no record names.
+    pub consumer: Option<String>,
+    /// Pool devices it holds.
+    pub devices: u64,
+    /// Their usage summed (as `devices` reports it per device).
+    pub bytes: u64,
+    /// Devices and volumes whose usage could not be read (not in the bytes).
+    pub unreadable: u64,
+    /// CSI volumes outside the pool (kinds `file` and `dir`; inline ephemeral
+    /// volumes are `file` volumes), on the state directory's filesystem.
+    pub outside_pool_volumes: u64,
+    /// The bytes those hold there.
+    pub outside_pool_bytes: u64,
+}
+
+impl From<proto::ConsumerUsage> for ConsumerUsage {
+    fn from(c: proto::ConsumerUsage) -> Self {
+        ConsumerUsage {
+            consumer: non_empty(c.consumer),
+            devices: c.devices,
+            bytes: c.bytes,
+            unreadable: c.unreadable,
+            outside_pool_volumes: c.outside_pool_volumes,
+            outside_pool_bytes: c.outside_pool_bytes,
+        }
+    }
+}
+
+/// The wire's "" (none) as `None`.
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// Capacity and use of one resource.
@@ -40,8 +82,9 @@ pub struct Space {
     pub used: u64,
 }
 
-impl From<proto::PoolStatus> for PoolStatus {
-    fn from(p: proto::PoolStatus) -> Self {
+impl PoolStatus {
+    /// The figures and the per-consumer breakdown of one `PoolStatus` answer.
+    pub fn new(p: proto::PoolStatus, consumers: Vec<proto::ConsumerUsage>) -> Self {
         PoolStatus {
             used: p.total.saturating_sub(p.free),
             metadata: match (p.metadata_total, p.metadata_used) {
@@ -56,6 +99,7 @@ impl From<proto::PoolStatus> for PoolStatus {
             devices: p.devices,
             low_water: p.low_water,
             mode: p.mode,
+            consumers: consumers.into_iter().map(ConsumerUsage::from).collect(),
         }
     }
 }
@@ -83,8 +127,14 @@ pub struct Device {
     pub inodes: Option<u64>,
     /// Why usage could not be read.
     pub usage_error: Option<String>,
+    /// Whose it is: "image_layer", "container_rootfs", "volume", "emptydir",
+    /// "volume_snapshot"; `null`: no record names it (a leftover, a device
+    /// being deleted, or an operation in flight).
+    pub consumer: Option<String>,
     /// Snapshot keys this device holds.
     pub snapshots: Vec<String>,
+    /// CSI volume or snapshot ids this device holds.
+    pub volumes: Vec<String>,
 }
 
 impl From<proto::Device> for Device {
@@ -100,7 +150,9 @@ impl From<proto::Device> for Device {
             usage: d.usage,
             inodes: d.inodes,
             usage_error: d.usage_error,
+            consumer: non_empty(d.consumer),
             snapshots: d.snapshots,
+            volumes: d.volumes,
         }
     }
 }
@@ -228,5 +280,37 @@ impl HostReport {
     /// Probes this machine.
     pub fn probe() -> HostReport {
         HostReport { kvm: thinbox_block_passthrough::probe::kvm() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wires_empty_consumer_is_null() {
+        let status = proto::PoolStatus { backend: "reflink".into(), total: 10, free: 4, ..Default::default() };
+        let named =
+            proto::ConsumerUsage { consumer: "emptydir".into(), devices: 1, bytes: 2, unreadable: 3, outside_pool_volumes: 4, outside_pool_bytes: 5 };
+        let unnamed = proto::ConsumerUsage { devices: 1, ..Default::default() };
+        let s = PoolStatus::new(status, vec![named, unnamed]);
+        assert_eq!(s.used, 6);
+        assert_eq!(
+            s.consumers,
+            [
+                ConsumerUsage {
+                    consumer: Some("emptydir".into()),
+                    devices: 1,
+                    bytes: 2,
+                    unreadable: 3,
+                    outside_pool_volumes: 4,
+                    outside_pool_bytes: 5
+                },
+                ConsumerUsage { consumer: None, devices: 1, bytes: 0, unreadable: 0, outside_pool_volumes: 0, outside_pool_bytes: 0 },
+            ]
+        );
+        let d = Device::from(proto::Device { id: 1, consumer: "volume".into(), volumes: vec!["tb-block-1".into()], ..Default::default() });
+        assert_eq!((d.consumer.as_deref(), d.volumes.as_slice(), d.snapshots.len()), (Some("volume"), &["tb-block-1".to_owned()][..], 0));
+        assert_eq!(Device::from(proto::Device::default()).consumer, None);
     }
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::containerd::BackendKey;
-use crate::model::{ContainerdGc, Device, HostReport, KeepReason, PoolStatus, Report};
+use crate::model::{ConsumerUsage, ContainerdGc, Device, HostReport, KeepReason, PoolStatus, Report};
 use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
 
 /// How a command ended, short of an error.
@@ -177,14 +177,45 @@ fn status_text(s: &PoolStatus) -> String {
         vec!["mode".to_owned(), or_dash(s.mode.clone())],
         vec!["devices".to_owned(), s.devices.to_string()],
     ]);
-    table(&rows)
+    table(&rows) + &consumers_text(&s.consumers)
+}
+
+/// `status`'s breakdown, after a blank line: devices and bytes per consumer;
+/// volumes outside the pool (file and dir kinds) in a column of their own,
+/// shown only when there are any.
+fn consumers_text(consumers: &[ConsumerUsage]) -> String {
+    if consumers.is_empty() {
+        return String::new();
+    }
+    let outside = consumers.iter().any(|c| c.outside_pool_volumes > 0);
+    let mut header = vec!["CONSUMER".to_owned(), "DEVICES".to_owned(), "USED".to_owned()];
+    if outside {
+        header.push("OUTSIDE THE POOL".to_owned());
+    }
+    let mut rows = vec![header];
+    let mut notes = String::new();
+    for c in consumers {
+        let name = or_dash(c.consumer.clone());
+        let mut row = vec![name.clone(), c.devices.to_string(), size(c.bytes)];
+        if outside {
+            row.push(match c.outside_pool_volumes {
+                0 => "-".to_owned(),
+                n => format!("{n} volume(s), {}", size(c.outside_pool_bytes)),
+            });
+        }
+        rows.push(row);
+        if c.unreadable > 0 {
+            let _ = writeln!(notes, "{name}: the usage of {} device(s) or volume(s) could not be read and is not counted", c.unreadable);
+        }
+    }
+    "\n".to_owned() + &table(&rows) + &notes
 }
 
 fn devices_text(devices: &[Device]) -> String {
     if devices.is_empty() {
         return "no devices\n".to_owned();
     }
-    let mut rows = vec![["ID", "STATE", "ACCESS", "NODE", "FS", "SIZE", "USAGE", "ORIGIN", "SNAPSHOTS"].map(str::to_owned).to_vec()];
+    let mut rows = vec![["ID", "STATE", "ACCESS", "NODE", "FS", "SIZE", "USAGE", "ORIGIN", "CONSUMER", "OWNERS"].map(str::to_owned).to_vec()];
     let mut notes = String::new();
     for d in devices {
         let usage = match (d.usage, &d.usage_error) {
@@ -204,7 +235,12 @@ fn devices_text(devices: &[Device]) -> String {
             size(d.size),
             usage,
             or_dash(d.origin.map(|o| o.to_string())),
-            if d.snapshots.is_empty() { "-".to_owned() } else { d.snapshots.join(", ") },
+            or_dash(d.consumer.clone()),
+            // A device is one record's: snapshot keys or CSI ids, not both.
+            match d.snapshots.iter().chain(&d.volumes).map(String::as_str).collect::<Vec<_>>() {
+                owners if owners.is_empty() => "-".to_owned(),
+                owners => owners.join(", "),
+            },
         ]);
     }
     table(&rows) + &notes
@@ -309,7 +345,17 @@ mod tests {
             metadata: None,
             low_water: None,
             mode: None,
+            consumers: vec![
+                consumer(Some("image_layer"), 1, 428 << 10),
+                consumer(Some("container_rootfs"), 1, 4 << 20),
+                consumer(Some("volume"), 1, 8_493_465),
+                consumer(Some("emptydir"), 0, 0),
+            ],
         }
+    }
+
+    fn consumer(name: Option<&str>, devices: u64, bytes: u64) -> ConsumerUsage {
+        ConsumerUsage { consumer: name.map(str::to_owned), devices, bytes, unreadable: 0, outside_pool_volumes: 0, outside_pool_bytes: 0 }
     }
 
     fn device(id: u64, access: Option<&str>, node: Option<&str>, usage: Option<u64>, keys: &[&str]) -> Device {
@@ -324,7 +370,20 @@ mod tests {
             usage,
             inodes: usage.map(|_| 4),
             usage_error: None,
+            consumer: (!keys.is_empty()).then(|| if access == Some("rw") { "container_rootfs" } else { "image_layer" }.to_owned()),
             snapshots: keys.iter().map(|k| k.to_string()).collect(),
+            volumes: vec![],
+        }
+    }
+
+    /// A CSI volume's device.
+    fn volume(id: u64, node: &str, usage: u64, consumer: &str, volume_id: &str) -> Device {
+        Device {
+            origin: None,
+            consumer: Some(consumer.to_owned()),
+            snapshots: vec![],
+            volumes: vec![volume_id.to_owned()],
+            ..device(id, Some("rw"), Some(node), Some(usage), &[])
         }
     }
 
@@ -375,7 +434,13 @@ mod tests {
              metadata   -\n\
              low water  -\n\
              mode       -\n\
-             devices    3\n"
+             devices    3\n\
+             \n\
+             CONSUMER          DEVICES  USED\n\
+             image_layer       1        428KiB\n\
+             container_rootfs  1        4MiB\n\
+             volume            1        8.1MiB\n\
+             emptydir          0        0B\n"
         );
         assert!(err.is_empty());
 
@@ -392,10 +457,37 @@ mod tests {
         assert!(out.contains("warning    free space is below the reserve"), "{out}");
         assert!(out.contains("metadata   12MiB used (9%), 128MiB total\n"), "{out}");
         assert!(out.contains("low water  1GiB\n") && out.contains("mode       rw\n"), "{out}");
+
+        let none = PoolStatus { consumers: vec![], ..reflink_status() };
+        assert!(text(&Answer::Status(none)).ends_with("devices    3\n"), "an older daemon sends no breakdown");
     }
 
     #[test]
-    fn devices_table_lists_state_node_usage_and_keys() {
+    fn status_shows_volumes_outside_the_pool_unnamed_devices_and_unreadable_usage() {
+        let mut s = reflink_status();
+        s.consumers[0].unreadable = 1;
+        s.consumers[2].outside_pool_volumes = 2;
+        s.consumers[2].outside_pool_bytes = 3 << 20;
+        s.consumers[3].outside_pool_volumes = 1;
+        s.consumers[3].outside_pool_bytes = 64 << 20;
+        s.consumers.extend([consumer(Some("volume_snapshot"), 1, 0), consumer(None, 2, 1 << 20)]);
+        let out = text(&Answer::Status(s));
+        let breakdown = out.split_once("\n\n").expect("a blank line before the breakdown").1;
+        assert_eq!(
+            breakdown,
+            "CONSUMER          DEVICES  USED    OUTSIDE THE POOL\n\
+             image_layer       1        428KiB  -\n\
+             container_rootfs  1        4MiB    -\n\
+             volume            1        8.1MiB  2 volume(s), 3MiB\n\
+             emptydir          0        0B      1 volume(s), 64MiB\n\
+             volume_snapshot   1        0B      -\n\
+             -                 2        1MiB    -\n\
+             image_layer: the usage of 1 device(s) or volume(s) could not be read and is not counted\n"
+        );
+    }
+
+    #[test]
+    fn devices_table_lists_state_node_usage_consumer_and_owners() {
         let mut broken = device(4, None, None, None, &[]);
         broken.state = "deleting".into();
         broken.usage_error = Some("open /p/devices/4.img: No such file or directory".into());
@@ -404,16 +496,20 @@ mod tests {
             device(2, Some("rw"), Some("/dev/loop12"), Some(4_404_019), &["default/3/ctr"]),
             device(3, Some("ro"), Some("/dev/loop13"), Some(0), &["v1", "v2"]),
             broken,
+            volume(5, "/dev/loop14", 8_493_465, "volume", "tb-block-1"),
+            volume(6, "/dev/loop15", 12 << 10, "volume_snapshot", "tb-snap-1"),
         ];
         let (outcome, out, _) = run(&Answer::Devices(devices), false);
         assert_eq!(outcome, Outcome::Ok);
         assert_eq!(
             out,
-            "ID  STATE     ACCESS  NODE         FS    SIZE    USAGE   ORIGIN  SNAPSHOTS\n\
-             1   ready     -       -            ext4  512MiB  8MiB    -       base\n\
-             2   ready     rw      /dev/loop12  ext4  512MiB  4.2MiB  1       default/3/ctr\n\
-             3   ready     ro      /dev/loop13  ext4  512MiB  0B      1       v1, v2\n\
-             4   deleting  -       -            ext4  512MiB  ?       1       -\n\
+            "ID  STATE     ACCESS  NODE         FS    SIZE    USAGE   ORIGIN  CONSUMER          OWNERS\n\
+             1   ready     -       -            ext4  512MiB  8MiB    -       image_layer       base\n\
+             2   ready     rw      /dev/loop12  ext4  512MiB  4.2MiB  1       container_rootfs  default/3/ctr\n\
+             3   ready     ro      /dev/loop13  ext4  512MiB  0B      1       image_layer       v1, v2\n\
+             4   deleting  -       -            ext4  512MiB  ?       1       -                 -\n\
+             5   ready     rw      /dev/loop14  ext4  512MiB  8.1MiB  -       volume            tb-block-1\n\
+             6   ready     rw      /dev/loop15  ext4  512MiB  12KiB   -       volume_snapshot   tb-snap-1\n\
              device 4: usage unavailable: open /p/devices/4.img: No such file or directory\n"
         );
         assert_eq!(text(&Answer::Devices(vec![])), "no devices\n");
@@ -421,25 +517,43 @@ mod tests {
 
     #[test]
     fn json_has_stable_field_names_and_nulls() {
-        let (_, out, err) = run(&Answer::Devices(vec![device(2, Some("rw"), Some("/dev/loop12"), Some(4096), &["k"])]), true);
+        let devices = vec![device(2, Some("rw"), Some("/dev/loop12"), Some(4096), &["k"]), volume(3, "/dev/loop13", 8192, "emptydir", "tb-file-1")];
+        let (_, out, err) = run(&Answer::Devices(devices), true);
         assert!(err.is_empty());
         let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
         assert_eq!(
             v,
             serde_json::json!({"devices": [{
                 "id": 2, "size": 512 << 20, "origin": 1, "fs": "ext4", "state": "ready", "access": "rw",
-                "node": "/dev/loop12", "usage": 4096, "inodes": 4, "usage_error": null, "snapshots": ["k"]
+                "node": "/dev/loop12", "usage": 4096, "inodes": 4, "usage_error": null,
+                "consumer": "container_rootfs", "snapshots": ["k"], "volumes": []
+            }, {
+                "id": 3, "size": 512 << 20, "origin": null, "fs": "ext4", "state": "ready", "access": "rw",
+                "node": "/dev/loop13", "usage": 8192, "inodes": 4, "usage_error": null,
+                "consumer": "emptydir", "snapshots": [], "volumes": ["tb-file-1"]
             }]})
         );
+        let unnamed = Device { consumer: None, snapshots: vec![], ..device(4, None, None, None, &[]) };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&Answer::Devices(vec![unnamed])).expect("encodes")).expect("parses");
+        assert_eq!((&v["devices"][0]["consumer"], &v["devices"][0]["snapshots"]), (&serde_json::Value::Null, &serde_json::json!([])));
 
         let v: serde_json::Value = serde_json::from_str(&to_json(&Answer::Status(reflink_status())).expect("encodes")).expect("parses");
         assert_eq!(
             v,
             serde_json::json!({
                 "backend": "reflink", "location": "/var/lib/thinbox/pool/devices", "total": 64u64 << 30, "used": 16u64 << 30,
-                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "metadata": null, "low_water": null, "mode": null
+                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "metadata": null, "low_water": null, "mode": null,
+                "consumers": [
+                    {"consumer": "image_layer", "devices": 1, "bytes": 428 << 10, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},
+                    {"consumer": "container_rootfs", "devices": 1, "bytes": 4 << 20, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},
+                    {"consumer": "volume", "devices": 1, "bytes": 8_493_465, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},
+                    {"consumer": "emptydir", "devices": 0, "bytes": 0, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0}
+                ]
             })
         );
+        let unnamed = PoolStatus { consumers: vec![consumer(None, 2, 7)], ..reflink_status() };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&Answer::Status(unnamed)).expect("encodes")).expect("parses");
+        assert_eq!(v["consumers"][0]["consumer"], serde_json::Value::Null, "devices no record names");
     }
 
     #[test]
