@@ -1,6 +1,7 @@
-//! Host tier: `thinboxctl` against the real daemon (`thinboxd` serving its
-//! snapshot socket; reflink backend, embedded pool): status, devices, check and
-//! gc as an operator runs them, exit codes included. Needs root.
+//! Host tier: `thinboxctl` against the real daemon (reflink backend, embedded
+//! pool): status, devices, check and gc as an operator runs them, exit codes
+//! included, with the snapshot socket alone and with both doors on one pool
+//! (every consumer's share). Needs root.
 //!
 //! `thinboxctl` is another package, so cargo does not build its binary for this
 //! test; the test builds it once with the same cargo, target directory and
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::node::Node;
 use common::snapshots::*;
 use serde_json::Value;
 
@@ -175,6 +177,129 @@ async fn thinboxctl_shows_the_pool_and_cleans_up_what_check_finds() {
     assert_eq!(ctl(&d.socket, &["--json", "devices"]).json()["devices"].as_array().unwrap().len(), 3);
     assert_eq!(read_through_view(&mut c, &work, "base", "hello").await, "world");
     d.release().await;
+}
+
+/// Writes `bytes` to a new file at `path`, durably.
+fn write(path: &Path, bytes: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&vec![7u8; bytes]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `devices --json`'s usage summed by consumer (`null`: no record names the device).
+fn usage_by_consumer(socket: &Path) -> HashMap<Value, u64> {
+    let mut sums = HashMap::new();
+    for d in ctl(socket, &["--json", "devices"]).json()["devices"].as_array().unwrap() {
+        *sums.entry(d["consumer"].clone()).or_default() += d["usage"].as_u64().unwrap();
+    }
+    sums
+}
+
+/// The row of the status table that `consumer` starts, split on blanks.
+fn status_row(table: &str, consumer: &str) -> Vec<String> {
+    let rows = table.split_once("\n\n").unwrap_or_else(|| panic!("no breakdown: {table}")).1;
+    let row = rows.lines().find(|l| l.split_whitespace().next() == Some(consumer)).unwrap_or_else(|| panic!("no {consumer} row: {table}"));
+    row.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
+    require_root();
+    thinboxctl();
+    let dir = tempfile::Builder::new().prefix("thinbox-admin-").tempdir().unwrap();
+    let backend = std::env::var("THINBOX_TEST_BACKEND").unwrap_or_else(|_| "reflink".into());
+    let mut n = Node::start(dir.path(), &format!("backend = \"{backend}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"")).await;
+    let socket = n.snap_socket();
+    let work = dir.path().join("work");
+
+    // An image layer, a container rootfs on it, a volume and an emptyDir, each written to.
+    layer(&mut n.snap, &work, "base", "", &[("hello", "world")]).await;
+    let m = prepare(&mut n.snap, "ctr", "base", HashMap::new()).await.unwrap();
+    let mp = work.join("ctr");
+    mount(&m, &mp);
+    let rootfs = Mounted(mp.clone());
+    write(&mp.join("data"), 4 << 20);
+    let vol = n.create("pvc-data", 256 << 20).await.unwrap();
+    let vol_target = n.publish(&vol, "data").await;
+    write(&vol_target.join("data"), 8 << 20);
+    let handle = "csi-5e2f0c1e2b3a4f5e6d7c8b9a0f1e2d3c4b5a6f7e8d9c0b1a2f3e4d5c6b7a8f9e";
+    let scratch = n.publish_ephemeral(handle, "scratch", "128Mi").await;
+    write(&scratch.join("data"), 8 << 20);
+
+    // status: the four consumers; the emptyDir is a `file` volume, outside the pool.
+    let st = ctl(&socket, &["--json", "status"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    let st = st.json();
+    assert_eq!(st["devices"], 3, "the layer's, the rootfs' and the volume's: {st}");
+    let consumers = st["consumers"].as_array().unwrap();
+    let names: Vec<&str> = consumers.iter().map(|c| c["consumer"].as_str().unwrap()).collect();
+    assert_eq!(names, ["image_layer", "container_rootfs", "volume", "emptydir"], "{st}");
+    for (c, at_least) in consumers.iter().zip([1, 4 << 20, 8 << 20]) {
+        assert_eq!(
+            (&c["devices"], &c["unreadable"], &c["outside_pool_volumes"], &c["outside_pool_bytes"]),
+            (&1.into(), &0.into(), &0.into(), &0.into()),
+            "{c}"
+        );
+        assert!(c["bytes"].as_u64().unwrap() >= at_least, "{c}");
+    }
+    let empty_dir = &consumers[3];
+    assert_eq!((&empty_dir["devices"], &empty_dir["bytes"], &empty_dir["unreadable"]), (&0.into(), &0.into(), &0.into()), "{empty_dir}");
+    assert_eq!(empty_dir["outside_pool_volumes"], 1, "{empty_dir}");
+    assert!(empty_dir["outside_pool_bytes"].as_u64().unwrap() >= 8 << 20, "{empty_dir}");
+    // Each consumer's bytes are its devices' usage as `devices` reports it
+    // (compared at a moment the usage holds still between two listings).
+    for attempt in 0.. {
+        let before = usage_by_consumer(&socket);
+        let st = ctl(&socket, &["--json", "status"]).json();
+        if before != usage_by_consumer(&socket) && attempt < 10 {
+            continue;
+        }
+        for c in st["consumers"].as_array().unwrap().iter().take(3) {
+            assert_eq!(c["bytes"].as_u64(), before.get(&c["consumer"]).copied(), "{c} vs {before:?}");
+        }
+        break;
+    }
+    let human = ctl(&socket, &["status"]);
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(human.stdout.contains("\n\nCONSUMER          DEVICES  USED    OUTSIDE THE POOL\n"), "{}", human.stdout);
+    for c in ["image_layer", "container_rootfs", "volume"] {
+        let row = status_row(&human.stdout, c);
+        assert_eq!((row[1].as_str(), row[3].as_str()), ("1", "-"), "{row:?}");
+    }
+    assert_eq!(status_row(&human.stdout, "emptydir")[..5], ["emptydir", "0", "0B", "1", "volume(s),"], "{}", human.stdout);
+
+    // devices: each names its consumer and owner; the emptyDir has no pool device.
+    let devs = ctl(&socket, &["--json", "devices"]);
+    assert_eq!(devs.code, 0, "{}", devs.stderr);
+    let devs = devs.json()["devices"].as_array().unwrap().clone();
+    let owners: Vec<(&Value, &Value, &Value)> = devs.iter().map(|d| (&d["consumer"], &d["snapshots"], &d["volumes"])).collect();
+    let none = serde_json::json!([]);
+    assert_eq!(
+        owners,
+        [
+            (&"image_layer".into(), &serde_json::json!(["base"]), &none),
+            (&"container_rootfs".into(), &serde_json::json!(["ctr"]), &none),
+            (&"volume".into(), &none, &serde_json::json!([vol])),
+        ],
+        "in id order: {devs:?}"
+    );
+    let human = ctl(&socket, &["devices"]);
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(human.stdout.starts_with("ID  STATE  ACCESS  NODE"), "{}", human.stdout);
+    let tails: Vec<Vec<&str>> = human.stdout.lines().skip(1).map(|l| l.split_whitespace().rev().take(2).collect()).collect();
+    assert_eq!(tails, [["base", "image_layer"], ["ctr", "container_rootfs"], [vol.as_str(), "volume"]], "{}", human.stdout);
+
+    // Both front ends' records count: nothing for gc to clean.
+    let check = ctl(&socket, &["check"]);
+    assert_eq!((check.code, check.stdout.as_str()), (0, "check: the pool matches the store; nothing to clean\n"));
+
+    // The emptyDir goes with its publication.
+    n.unpublish(handle, &scratch).await;
+    let st = ctl(&socket, &["--json", "status"]).json();
+    assert_eq!(st["consumers"][3]["outside_pool_volumes"], 0, "{st}");
+    n.unpublish(&vol, &vol_target).await;
+    drop(rootfs);
+    n.stop();
 }
 
 #[test]

@@ -7,165 +7,23 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use thinbox_proto::csi::v1::controller_client::ControllerClient;
-use thinbox_proto::csi::v1::node_client::NodeClient;
-use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
-use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
-use thinbox_proto::csi::v1::{
-    CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
-    VolumeCapability,
-};
-use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
-use thinbox_proto::snapshots::{Kind, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest, UsageRequest};
+use common::node::Node;
+use thinbox_proto::csi::v1::DeleteVolumeRequest;
+use thinbox_proto::snapshots::{Kind, MountsRequest, UsageRequest};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// thinboxd with both doors on one pool, every path under `dir`.
-struct Node {
-    dir: PathBuf,
-    child: Option<Child>,
-    snap: SnapshotsClient<Channel>,
-    ctl: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-}
-
-impl Node {
-    async fn start(dir: &Path, pool: &str) -> Node {
-        let (kubelet, direct) = (dir.join("kubelet"), dir.join("direct-volumes"));
-        std::fs::create_dir_all(&kubelet).unwrap();
-        let cfg = dir.join("thinboxd.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "release_on_exit = true\n[pool]\n{pool}\n[snapshot]\naddress = \"{}\"\n[csi]\nendpoint = \"unix://{}\"\nnode_id = \"n1\"\nkubelet_dir = \"{}\"\ndirect_volumes = \"{}\"\n",
-                dir.join("snap.sock").display(),
-                dir.join("csi.sock").display(),
-                kubelet.display(),
-                direct.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("thinboxd.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_thinboxd"))
-            .arg("--root")
-            .arg(dir.join("state"))
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !(dir.join("snap.sock").exists() && dir.join("csi.sock").exists()) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "thinboxd exited during start-up: {}",
-                std::fs::read_to_string(dir.join("thinboxd.log")).unwrap()
-            );
-            assert!(Instant::now() < deadline, "sockets did not appear");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if let Ok(want) = std::env::var("THINBOX_TEST_BACKEND") {
-            assert_eq!(thinbox_blockstore::inventory(&dir.join("state"), &Default::default()).unwrap().backend, want, "THINBOX_TEST_BACKEND");
-        }
-        let chan = |s: &str| thinbox_proto::unix_channel(dir.join(s), Duration::from_secs(120));
-        let csi = chan("csi.sock").await.unwrap();
-        Node {
-            dir: dir.to_owned(),
-            child: Some(child),
-            snap: SnapshotsClient::new(chan("snap.sock").await.unwrap()),
-            ctl: ControllerClient::new(csi.clone()),
-            node: NodeClient::new(csi),
-        }
-    }
-
-    /// What CSI says a new block volume can get.
-    async fn capacity(&mut self) -> u64 {
-        let req = GetCapacityRequest { parameters: HashMap::from([("kind".into(), "block".into())]), ..Default::default() };
-        u64::try_from(self.ctl.get_capacity(req).await.unwrap().into_inner().available_capacity).unwrap()
-    }
-
-    async fn create(&mut self, name: &str, bytes: u64) -> Result<String, tonic::Status> {
-        let req = CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(CapacityRange { required_bytes: i64::try_from(bytes).unwrap(), limit_bytes: 0 }),
-            volume_capabilities: vec![ext4()],
-            parameters: HashMap::from([("kind".into(), "block".into())]),
-            ..Default::default()
-        };
-        Ok(self.ctl.create_volume(req).await?.into_inner().volume.unwrap().volume_id)
-    }
-
-    fn target(&self, name: &str) -> PathBuf {
-        self.dir.join("kubelet/pods/p/volumes/kubernetes.io~csi").join(name).join("mount")
-    }
-
-    async fn publish(&mut self, id: &str, name: &str) -> PathBuf {
-        let target = self.target(name);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        let req = NodePublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(ext4()),
-            volume_context: HashMap::from([("thinbox.io/sandbox".into(), "runc".into())]),
-            ..Default::default()
-        };
-        self.node.node_publish_volume(req).await.unwrap();
-        target
-    }
-
-    async fn unpublish(&mut self, id: &str, target: &Path) {
-        let req = NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.display().to_string() };
-        self.node.node_unpublish_volume(req).await.unwrap();
-    }
-
-    async fn prepare(&mut self, key: &str) -> Result<(), tonic::Status> {
-        let req = PrepareSnapshotRequest { snapshotter: "thinbox".into(), key: key.into(), parent: String::new(), labels: HashMap::new() };
-        self.snap.prepare(req).await.map(|_| ())
-    }
-
-    /// Every snapshot: key and kind.
-    async fn snapshots(&mut self) -> Vec<(String, Kind)> {
-        let mut stream = self.snap.list(ListSnapshotsRequest { snapshotter: "thinbox".into(), filters: vec![] }).await.unwrap().into_inner();
-        let mut out = Vec::new();
-        while let Some(page) = stream.message().await.unwrap() {
-            out.extend(page.info.into_iter().map(|i| (i.name.clone(), i.kind())));
-        }
-        out
-    }
-
-    fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
-        assert!(child.wait().unwrap().success(), "thinboxd exits cleanly");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.stop();
-        }
-    }
-}
-
-fn ext4() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume { fs_type: "ext4".into(), mount_flags: vec![], volume_mount_group: String::new() })),
-    }
 }
 
 /// Writes `bytes` of a pattern derived from `seed` to `path`, durably.

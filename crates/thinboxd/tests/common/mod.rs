@@ -1,11 +1,12 @@
 //! Harnesses of the tests that drive the real `thinboxd` binary over its front
 //! doors, as containerd and kubelet do: [`snapshots`] serves the snapshot
 //! socket alone (`--no-csi`), [`volumes`] the CSI socket alone
-//! (`--no-snapshotter`). Every path the daemon uses is under the test's
-//! temporary directory. Needs root (loop devices, mounts).
+//! (`--no-snapshotter`), [`node`] both on one pool. Every path the daemon uses
+//! is under the test's temporary directory. Needs root (loop devices, mounts).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod node;
 pub mod snapshots;
 pub mod volumes;
 
