@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs Thinbox's test tiers. Usage: tests/run.sh [tier...]   (default: all)
 #
-#   unit         cargo tests of the pure parts (no root)
-#   host         blockstore, snapshotter, thinboxctl and the CSI driver on real loop devices and XFS/btrfs pools (root)
-#                and QMP virtio-blk hot-plug into a paused QEMU
+#   unit         formatting, clippy, cargo tests of the pure parts (no root)
+#   host         blockstore, and thinboxd's snapshot and CSI doors, thinboxctl, bad starts and one pool for both
+#                on real loop devices and XFS/btrfs pools (root); QMP virtio-blk hot-plug into a paused QEMU
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
 #                driver's Create/Publish/Unpublish/Delete, restart, check (root)
-#   conformance  containerd's own snapshotter suite against thinbox-snapshotter (root)
+#   conformance  containerd's own snapshotter suite against thinboxd (root)
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
 #   uml          dm-thin backend, snapshotter and CSI tests, conformance and real containers on a kernel thin pool inside user-mode Linux (root)
 #   vm           QEMU guests (KVM, else TCG): a snapshotter rootfs and CSI volumes hot-plugged over QMP, 9p, virtio-fs (root)
@@ -14,7 +14,7 @@
 #   deploy       deploy/ manifests against Kubernetes' schemas, host config files (containerd, Kata, systemd)
 #
 # Installs what it needs (apt, cargo) and fails loudly: a tier that cannot run fails.
-# Ends by checking that no loop device or mount of ours is left.
+# Ends by checking that no loop device or mount the run made is left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$PWD
