@@ -349,12 +349,6 @@ impl Snapshots {
         Ok(self.engine.reconcile()?)
     }
 
-    /// What [`Snapshots::cleanup`] would reclaim, changing nothing; also
-    /// devices whose storage is missing.
-    pub fn check(&self) -> Result<ReconcileReport> {
-        Ok(self.engine.check()?)
-    }
-
     /// Called on exit by a daemon that serves snapshots alone; see [`Engine::shutdown`].
     pub fn shutdown(&self, release: bool) -> Result<()> {
         Ok(self.engine.shutdown(release)?)
