@@ -91,7 +91,7 @@ tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd
 tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 tier_vm() { need_root vm; bash tests/vm/tier.sh; }
 tier_fio() { need_root fio; cargo run --release -p fio-bench -- --quick --out target/fio-bench-quick; }
-tier_deploy() { bash tests/deploy/validate.sh; }
+tier_deploy() { local rc=0; bash tests/deploy/validate.sh || rc=1; bash tests/deploy/package.sh || rc=1; return "$rc"; }
 
 install_deps
 mkdir -p target

@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# The Debian package end to end (deploy tier): builds it with
+# scripts/package.sh and checks the payload, verifies the packaged unit,
+# installs it with dpkg, runs the installed daemon as the unit's ExecStart
+# does (installed binary, installed config) but with every state path under a
+# temporary directory, serves one snapshot round trip (a private containerd
+# configured with the packaged proxy-plugin snippet imports an image; removing
+# it brings the pool back to 0 devices) and one CSI volume round trip
+# (crates/thinboxd/tests/installed.rs), runs the packaged postrm's purge on a
+# temporary pool, then removes and purges the package.
+#
+#   sudo bash tests/deploy/package.sh
+#
+# There is no systemd PID 1 here, so postinst enables the unit (links under
+# /etc/systemd/system) but starts nothing; the daemon is started by hand, and
+# the package's prerm must find and stop it (by its executable) on `dpkg -r`.
+#
+# Never disturbs a real installation, and never touches /var/lib/thinbox or
+# /run/thinbox: if the thinbox package is installed (or its conffiles are
+# left), thinboxd is installed by hand, or /var/lib/thinbox or
+# /run/thinbox/snapshotter.sock exists, it installs nothing and fails with one
+# line saying why. Needs root. Environment: THINBOX_E2E_KEEP=1 keeps the temp
+# dir, TMPDIR. Last line: "package: N passed, M failed"; exit status 0 only if
+# M is 0.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/lib/checks.sh
+source "$REPO/tests/lib/checks.sh"
+# shellcheck source=tests/lib/containerd.sh
+source "$REPO/tests/lib/containerd.sh"
+
+IMAGE=localhost/thinbox-test:3layers
+BIN=/usr/bin/thinboxd
+CTL=/usr/bin/thinboxctl
+UNIT=/lib/systemd/system/thinboxd.service
+TMP=
+INSTALLED=
+DAEMON_PID=
+PURGE_PID=
+ERR_LINE=
+SIGNALLED=
+
+# stop_pid PID: SIGTERM, wait (30 s, then SIGKILL), reap; sets STOP_STATUS
+# to its exit status. (Not in a $(...): only this shell can reap its child.)
+STOP_STATUS=
+stop_pid() {
+    STOP_STATUS=0
+    terminate "$1" 30 thinboxd >&2 || true
+    wait "$1" 2>/dev/null || STOP_STATUS=$?
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT
+    set +e
+    if [[ -n $SIGNALLED ]]; then
+        not_ok "interrupted by SIG$SIGNALLED"
+    elif (( rc != 0 && FAILED == 0 )); then
+        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
+    fi
+    if [[ -n $TMP ]]; then
+        (( FAILED == 0 )) || log_tails "$TMP/thinboxd.log" "$TMP/purge-thinboxd.log" "$TMP/ctd/containerd.log"
+        containerd_stop
+        [[ -z $DAEMON_PID ]] || stop_pid "$DAEMON_PID"
+        [[ -z $PURGE_PID ]] || stop_pid "$PURGE_PID"
+    fi
+    # Only what this script installed.
+    if [[ -n $INSTALLED ]]; then
+        echo "purging the test installation"
+        dpkg --purge thinbox-dbgsym thinbox >/dev/null 2>&1 || not_ok "dpkg --purge in cleanup failed"
+    fi
+    [[ -z $TMP ]] || sweep_tmp "$TMP"
+    echo "package: $PASSED passed, $FAILED failed"
+    (( FAILED == 0 )) && exit 0 || exit 1
+}
+trap cleanup EXIT
+trap 'ERR_LINE=$LINENO' ERR
+trap 'SIGNALLED=INT; exit 130' INT
+trap 'SIGNALLED=TERM; exit 143' TERM
+
+[[ $EUID -eq 0 ]] || die "must run as root (dpkg -i, loop devices, mounts)"
+
+# ---- a real installation is never touched --------------------------------
+refuse() { die "refusing to install the package: $*"; }
+for p in thinbox thinbox-dbgsym; do
+    st=$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null || true)
+    [[ -z $st || $st == *not-installed ]] || refuse "package $p is on this machine ($st)"
+done
+for p in "$BIN" "$CTL" "$UNIT" /etc/thinbox /etc/systemd/system/thinboxd.service; do
+    [[ ! -e $p && ! -L $p ]] || refuse "$p exists (thinbox installed without the package?)"
+done
+for p in /etc/systemd/system/*.wants/thinboxd.service; do
+    [[ ! -e $p && ! -L $p ]] || refuse "$p exists (thinboxd enabled by hand?)"
+done
+[[ ! -e /var/lib/thinbox ]] || refuse "/var/lib/thinbox exists: a pool is in use on this machine"
+[[ ! -e /run/thinbox/snapshotter.sock ]] || refuse "/run/thinbox/snapshotter.sock exists: a thinboxd serves (or served) this machine"
+
+# ---- prerequisites -------------------------------------------------------
+need=()
+for c in containerd:containerd ctr:containerd runc:runc python3:python3 file:file readelf:binutils \
+         groff:groff-base systemd-analyze:systemd losetup:mount mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs; do
+    command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
+done
+[[ $(dpkg-query -W -f '${Status}' busybox-static 2>/dev/null) == "install ok installed" ]] || need+=(busybox-static)
+if (( ${#need[@]} )); then
+    echo "installing: ${need[*]}"
+    must "apt-get update" apt-get -o DPkg::Lock::Timeout=600 update -qq
+    must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}"
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tbpkg.XXXXXX")
+
+# ---- build ---------------------------------------------------------------
+out=$(bash "$REPO/scripts/package.sh" 2>&1) || { printf '%s\n' "$out" >&2; die "scripts/package.sh failed"; }
+DEB=$(tail -n 2 <<<"$out" | head -n 1)
+DBG=$(tail -n 1 <<<"$out")
+[[ -f $DEB && -f $DBG ]] || { printf '%s\n' "$out" >&2; die "scripts/package.sh did not name two packages"; }
+ok "built $(basename "$DEB") and $(basename "$DBG")"
+# The CSI client, built now so that a compile error shows before anything is installed.
+must "cargo test --no-run (installed)" cargo test --manifest-path "$REPO/Cargo.toml" -p thinboxd --test installed --no-run -q
+
+# ---- payload -------------------------------------------------------------
+field() { dpkg-deb -f "$1" "$2"; }
+version=$(field "$DEB" Version)
+check_eq "package name" thinbox "$(field "$DEB" Package)"
+check_eq "architecture" amd64 "$(field "$DEB" Architecture)"
+check_eq "file name matches the version" "thinbox_${version}_amd64.deb" "$(basename "$DEB")"
+upstream=$(awk '/^\[/ {s = ($0 == "[workspace.package]")} s && /^version *=/ {gsub(/.*= *"|".*/, ""); print; exit}' "$REPO/Cargo.toml")
+check "version $version is the workspace's $upstream plus a revision" grep -Eq "^${upstream//./\\.}-[0-9]+$" <<<"$version"
+depends=$(field "$DEB" Depends)
+for d in 'libc6 (>= ' e2fsprogs xfsprogs thin-provisioning-tools; do
+    check "Depends has ${d% (>= }" grep -qF "$d" <<<"$depends"
+done
+check "Recommends containerd" grep -qw containerd <<<"$(field "$DEB" Recommends)"
+check "Maintainer set" grep -Eq '^.+ <.+@.+>$' <<<"$(field "$DEB" Maintainer)"
+check "Description set" test -n "$(field "$DEB" Description)"
+
+payload=$(dpkg-deb -c "$DEB" | awk '$1 !~ /^d/ {print $1, $2, $6}' | sort)
+want=$(sort <<'EOF'
+-rw-r--r-- root/root ./etc/thinbox/config.toml
+-rw-r--r-- root/root ./lib/systemd/system/thinboxd.service
+-rwxr-xr-x root/root ./usr/bin/thinboxctl
+-rwxr-xr-x root/root ./usr/bin/thinboxd
+-rw-r--r-- root/root ./usr/share/doc/thinbox/README
+-rw-r--r-- root/root ./usr/share/doc/thinbox/changelog.Debian.gz
+-rw-r--r-- root/root ./usr/share/doc/thinbox/copyright
+-rw-r--r-- root/root ./usr/share/man/man8/thinboxctl.8.gz
+-rw-r--r-- root/root ./usr/share/man/man8/thinboxd.8.gz
+-rw-r--r-- root/root ./usr/share/thinbox/containerd-proxy-plugin.toml
+EOF
+)
+check_eq "payload: these files, these modes, owned by root" "$want" "$payload"
+
+dpkg-deb -e "$DEB" "$TMP/control"
+dpkg-deb -x "$DEB" "$TMP/deb"
+dpkg-deb -x "$DBG" "$TMP/dbg"
+check_eq "conffiles" /etc/thinbox/config.toml "$(cat "$TMP/control/conffiles")"
+for s in postinst prerm postrm; do
+    check "$s is an executable sh script" test -x "$TMP/control/$s"
+    check "$s parses (sh -n)" sh -n "$TMP/control/$s"
+done
+check_eq "dbgsym depends on this version" "thinbox (= $version)" "$(field "$DBG" Depends)"
+
+for b in thinboxd thinboxctl; do
+    f=$TMP/deb/usr/bin/$b
+    check "$b: file(1) says stripped" grep -q ', stripped' <<<"$(file -b "$f")"
+    check_eq "$b: no .debug_info or .symtab left" "" "$(readelf -SW "$f" | grep -Eo '\.debug_info|\.symtab' || true)"
+    id=$(readelf -n "$f" | awk '/Build ID:/ {print $3; exit}')
+    debug=$TMP/dbg/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug
+    if [[ -n $id && -f $debug ]]; then
+        ok "$b: debug file /usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug in thinbox-dbgsym"
+        check "$b: the debug file has .debug_info and .symtab" test "$(readelf -SW "$debug" 2>/dev/null | grep -Ec '\.debug_info|\.symtab')" = 2
+        check_eq "$b: the debug file has the binary's build id" "$id" "$(readelf -n "$debug" 2>/dev/null | awk '/Build ID:/ {print $3; exit}')"
+        check_eq "$b: its .gnu_debuglink names the debug file" "${id:2}.debug" \
+            "$(readelf -p .gnu_debuglink "$f" | awk '/\]/ {print $NF; exit}')"
+    else
+        not_ok "$b: no debug file for build id '$id' in thinbox-dbgsym"
+    fi
+    check_eq "$b --version" "$b $upstream" "$("$f" --version)"
+    man=$TMP/deb/usr/share/man/man8/$b.8.gz
+    check "$b.8: a man page (.TH, .SH OPTIONS)" bash -c "zcat '$man' | grep -q '^\.TH ${b^^} 8' && zcat '$man' | grep -q '^\.SH OPTIONS'"
+    check_eq "$b.8: groff renders it without warnings" "" "$(zcat "$man" | groff -man -Tutf8 -ww -z 2>&1)"
+done
+check "the unit is deploy/systemd/thinboxd.service" cmp -s "$REPO/deploy/systemd/thinboxd.service" "$TMP/deb/lib/systemd/system/thinboxd.service"
+check "the config is packaging/config.toml" cmp -s "$REPO/packaging/config.toml" "$TMP/deb/etc/thinbox/config.toml"
+check "the containerd snippet: [proxy_plugins.thinbox], a snapshot at /run/thinbox/snapshotter.sock" python3 -c '
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["proxy_plugins"]["thinbox"]
+sys.exit(p != {"type": "snapshot", "address": "/run/thinbox/snapshotter.sock"})' "$TMP/deb/usr/share/thinbox/containerd-proxy-plugin.toml"
+
+# systemd-analyze verify on the packaged unit, in a scratch root holding the
+# system's units, the packaged binary and stubs for other commands (as
+# tests/deploy/validate.py does for deploy/systemd).
+sd=$TMP/systemd-root
+mkdir -p "$sd/etc/systemd/system" "$sd/usr/lib/systemd"
+cp -a /usr/lib/systemd/system "$sd/usr/lib/systemd/"
+cp "$TMP/deb/lib/systemd/system/thinboxd.service" "$sd/etc/systemd/system/"
+while read -r cmd; do
+    [[ $cmd == -* ]] && continue
+    exe=${cmd#[@:+!]}; exe=${exe%% *}
+    [[ $exe == /* && ! -e $sd$exe ]] || continue
+    mkdir -p "$(dirname "$sd$exe")"
+    if [[ -f $TMP/deb$exe ]]; then cp "$TMP/deb$exe" "$sd$exe"; else printf '#!/bin/sh\n' >"$sd$exe"; chmod 755 "$sd$exe"; fi
+done < <(sed -nE 's/^Exec[A-Za-z]*=//p' "$sd/etc/systemd/system/thinboxd.service")
+verify=$(systemd-analyze verify --root="$sd" thinboxd.service 2>&1) && rc=0 || rc=$?
+check_eq "systemd-analyze verify: exit 0, nothing said" "0:" "$rc:$verify"
+
+# ---- install -------------------------------------------------------------
+INSTALLED=1
+if dpkg -i "$DEB" "$DBG" >"$TMP/dpkg-i.log" 2>&1; then
+    grep -E '^(Unpacking|Setting up)' "$TMP/dpkg-i.log" || true
+else
+    echo "dpkg -i left dependencies to resolve:"
+    grep -E 'depends on|not installed' "$TMP/dpkg-i.log" || cat "$TMP/dpkg-i.log"
+    must "apt-get install -f" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -f -y -qq
+fi
+check_eq "dpkg: thinbox installed" "install ok installed" "$(dpkg-query -W -f '${Status}' thinbox 2>&1)"
+check_eq "dpkg: thinbox-dbgsym installed" "install ok installed" "$(dpkg-query -W -f '${Status}' thinbox-dbgsym 2>&1)"
+for p in "$BIN" "$CTL" "$UNIT" /etc/thinbox/config.toml /usr/share/thinbox/containerd-proxy-plugin.toml; do
+    check "installed $p" test -e "$p"
+done
+if command -v deb-systemd-helper >/dev/null; then
+    check "postinst enabled the unit (multi-user.target.wants)" test -L /etc/systemd/system/multi-user.target.wants/thinboxd.service
+fi
+# Not PID 1 here: nothing may have started.
+# PIDs running the installed binary (or what is left of it after dpkg -r).
+our_daemons() {
+    local exe t
+    for exe in /proc/[0-9]*/exe; do
+        t=$(readlink "$exe" 2>/dev/null) || continue
+        [[ $t == "$BIN" || $t == "$BIN (deleted)" ]] || continue
+        exe=${exe#/proc/}
+        echo "${exe%/exe}"
+    done
+}
+check_eq "postinst started no thinboxd (systemd is not PID 1)" "" "$(our_daemons)"
+check "postinst made no /var/lib/thinbox" test ! -e /var/lib/thinbox
+
+# ---- the installed daemon, as its unit starts it -------------------------
+mapfile -t exec_start < <(sed -n 's/^ExecStart=//p' "$UNIT")
+[[ ${#exec_start[@]} == 1 ]] || die "$UNIT: expected one ExecStart=, found ${#exec_start[@]}"
+read -r -a argv <<<"${exec_start[0]}"
+check_eq "ExecStart runs $BIN" "$BIN" "${argv[0]}"
+config=
+rest=()
+for (( i = 1; i < ${#argv[@]}; i++ )); do
+    case ${argv[i]} in
+        --config) config=${argv[i + 1]:-}; i=$((i + 1)) ;;
+        --config=*) config=${argv[i]#--config=} ;;
+        *) rest+=("${argv[i]}") ;;
+    esac
+done
+check_eq "ExecStart reads the installed config" /etc/thinbox/config.toml "$config"
+[[ -f $config ]] || die "no installed config at '$config'"
+unit_env=()
+while read -r kv; do unit_env+=("$kv"); done < <(sed -n 's/^Environment=//p' "$UNIT" | tr ' ' '\n')
+
+# The installed config with its kubelet and Kata paths under TMP: kubelet_dir
+# is where CSI targets must lie (the default /var/lib/kubelet is the node's).
+(( $(grep -c '^\[csi\]$' "$config") <= 1 )) || die "$config has more than one [csi] table"
+kubelet=$TMP/kubelet kata=$TMP/kata
+mkdir -p "$kubelet/pods" "$kata"
+awk -v k="$kubelet" -v d="$kata" '
+    {print} $0 == "[csi]" {print "kubelet_dir = \"" k "\""; print "direct_volumes = \"" d "\""; done = 1}
+    END {if (!done) {print "[csi]"; print "kubelet_dir = \"" k "\""; print "direct_volumes = \"" d "\""}}' \
+    "$config" >"$TMP/config.toml"
+
+# start_daemon LOG PIDVAR ARGS...: the installed binary with the unit's
+# environment; returns once every door in $WANT_DOORS is served.
+start_daemon() {
+    local log=$1 var=$2 i door pid served
+    shift 2
+    env "${unit_env[@]}" "$BIN" "$@" >"$log" 2>&1 </dev/null &
+    pid=$!
+    printf -v "$var" %s "$pid"
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$pid" 2>/dev/null || die "thinboxd exited during startup (see $log)"
+        served=1
+        for door in "${WANT_DOORS[@]}"; do grep -q "serving $door" "$log" || served=0; done
+        (( served )) && return 0
+        sleep 0.1
+    done
+    die "thinboxd did not serve within 60s (see $log)"
+}
+WANT_DOORS=(containerd.services.snapshots.v1 csi.v1)
+start_daemon "$TMP/thinboxd.log" DAEMON_PID --config "$TMP/config.toml" "${rest[@]}" \
+    --root "$TMP/root" --snapshotter-address "$TMP/snap.sock" --csi-endpoint "unix://$TMP/csi.sock" \
+    --node-id test --release-on-exit
+ok "installed thinboxd serving snapshots and CSI (pid $DAEMON_PID, root $TMP/root)"
+
+devices() {
+    "$CTL" --address "$1" devices --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["devices"]))'
+}
+# until_devices SOCK N: waits (30 s) for the pool to hold N devices (the
+# deleter works in the background); prints the last count.
+until_devices() {
+    local n i
+    for (( i = 0; i < 30; i++ )); do
+        n=$(devices "$1") || n=error
+        [[ $n == "$2" ]] && break
+        gc_now 2>/dev/null || true
+        sleep 1
+    done
+    echo "$n"
+}
+
+# ---- snapshots: thinboxctl, and containerd through the packaged snippet ----
+must "thinboxctl status" "$CTL" --address "$TMP/snap.sock" status
+ok "thinboxctl status answers"
+snippet=$(sed "s#\"/run/thinbox/snapshotter.sock\"#\"$TMP/snap.sock\"#" /usr/share/thinbox/containerd-proxy-plugin.toml)
+# A second pool (no --release-on-exit) for the purge test below.
+WANT_DOORS=(containerd.services.snapshots.v1)
+start_daemon "$TMP/purge-thinboxd.log" PURGE_PID --config "$TMP/config.toml" --root "$TMP/proot" \
+    --snapshotter-address "$TMP/p.sock" --no-csi
+CONTAINERD_EXTRA_CONFIG="$snippet
+[proxy_plugins.thinbox-purge]
+  type = \"snapshot\"
+  address = \"$TMP/p.sock\"" containerd_start "$TMP/ctd" || die "containerd did not start"
+plugins=$(ctr_ plugins ls) || die "ctr plugins ls failed"
+check_eq "containerd loaded the packaged proxy plugin thinbox" ok \
+    "$(awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}' <<<"$plugins")"
+must "build OCI image" python3 "$REPO/tests/lib/make-oci-image.py" "$TMP/image.tar" --ref "$IMAGE"
+must "ctr image import --snapshotter thinbox" ctr_t 120 image import --snapshotter thinbox "$TMP/image.tar"
+check_eq "import: 3 committed snapshots (Prepare and Commit each)" 3 \
+    "$(ctr_ snapshots --snapshotter thinbox ls | awk '$NF == "Committed"' | wc -l)"
+n=$(devices "$TMP/snap.sock") || n=error
+check "thinboxctl devices lists the layers' devices ($n)" test "$n" -gt 0
+must "ctr image rm" ctr_ image rm "$IMAGE"
+check_eq "after ctr image rm and containerd's GC (Remove), thinboxctl devices says 0" 0 "$(until_devices "$TMP/snap.sock" 0)"
+
+# ---- CSI: one volume round trip from the Rust client ---------------------
+if THINBOX_CSI_SOCKET=$TMP/csi.sock THINBOX_CONFIG=$TMP/config.toml \
+    cargo test --manifest-path "$REPO/Cargo.toml" -q -p thinboxd --test installed -- --test-threads=1; then
+    ok "CSI: CreateVolume, NodePublish, write/read, NodeUnpublish, DeleteVolume (cargo test --test installed)"
+else
+    not_ok "CSI round trip (cargo test -p thinboxd --test installed)"
+fi
+check_eq "after DeleteVolume, thinboxctl devices says 0" 0 "$(until_devices "$TMP/snap.sock" 0)"
+check_eq "nothing mounted under the kubelet dir" "" "$(mounts_under "$kubelet")"
+
+# ---- postrm purge, on a pool of its own ----------------------------------
+# The packaged postrm with its two directories moved under TMP and without
+# systemd calls; it must refuse while a daemon holds the pool, then detach and
+# delete it. The rewrite is checked before it runs: it must never name the
+# real directories.
+must "ctr image import --snapshotter thinbox-purge" ctr_t 120 image import --snapshotter thinbox-purge "$TMP/image.tar"
+containerd_stop
+purge=$TMP/postrm-purge
+sed -e "s#^ETC=/etc/thinbox\$#ETC=$TMP/petc#" -e "s#^STATE=/var/lib/thinbox\$#STATE=$TMP/proot#" \
+    -e 's#command -v deb-systemd-helper#false#' -e 's#\[ -d /run/systemd/system \]#false#' \
+    "$TMP/control/postrm" >"$purge"
+[[ $(grep -c "^STATE=$TMP/proot\$" "$purge") == 1 && $(grep -c "^ETC=$TMP/petc\$" "$purge") == 1 ]] ||
+    die "could not move postrm's directories under $TMP"
+[[ -z $(grep -v '^ *#' "$purge" | grep -E '/var/lib/thinbox|/etc/thinbox|command -v deb-systemd|/run/systemd' || true) ]] ||
+    die "the rewritten postrm still names a real path or calls systemd: not running it"
+mkdir -p "$TMP/petc"
+sed 's#^\[csi\]$#[csi]\ndir_path = "/srv/elsewhere"#' "$TMP/deb/etc/thinbox/config.toml" >"$TMP/petc/config.toml"
+out=$(sh "$purge" purge 2>&1) && rc=0 || rc=$?
+printf '%s\n' "$out"
+check "postrm purge refuses while thinboxd holds the pool" \
+    grep -Eq "^thinbox: $TMP/proot is in use by pid ([0-9]+ )*${PURGE_PID}[ )]" <<<"$out"
+check "... and exits non-zero" test "$rc" != 0
+check "... and changes nothing" test -f "$TMP/petc/config.toml" -a -f "$TMP/proot/pool.img"
+stop_pid "$PURGE_PID"; PURGE_PID=
+check_eq "the second thinboxd exited on SIGTERM, keeping its devices" 0 "$STOP_STATUS"
+check "its pool stays mounted" test -n "$(mounts_under "$TMP/proot")"
+want_devs=$(find "$TMP/proot/pool/devices" -name '*.img' | wc -l)
+out=$(sh "$purge" purge 2>&1) && rc=0 || rc=$?
+printf '%s\n' "$out"
+check_eq "postrm purge exits 0" 0 "$rc"
+check "it says what it removes ($want_devs devices)" \
+    grep -Eq "^thinbox: removing $TMP/petc and the pool under $TMP/proot: $want_devs devices, [1-9][0-9]* bytes$" <<<"$out"
+check "it names what it leaves outside" grep -qF "not touched (outside $TMP/proot): dir_path = \"/srv/elsewhere\"" <<<"$out"
+check_eq "no mount left under the pool" "" "$(mounts_under "$TMP/proot")"
+check_eq "no loop left on the pool's files" "" "$(loops_under "$TMP/proot")"
+check "the pool and the config directory are gone" test ! -e "$TMP/proot" -a ! -e "$TMP/petc"
+
+# ---- remove: prerm stops the daemon, the config stays --------------------
+out=$(dpkg -r thinbox-dbgsym thinbox 2>&1) && rc=0 || rc=$?
+printf '%s\n' "$out"
+check_eq "dpkg -r exits 0" 0 "$rc"
+check "prerm stopped the thinboxd started by hand (by its executable)" grep -q "stopping thinboxd (pid $DAEMON_PID)" <<<"$out"
+check_eq "no thinboxd from $BIN left running" "" "$(our_daemons)"
+# Already gone (prerm waited for it): this only reaps it and reads its status.
+stop_pid "$DAEMON_PID"; DAEMON_PID=
+check_eq "that thinboxd exited cleanly on prerm's SIGTERM" 0 "$STOP_STATUS"
+check_eq "dpkg: thinbox removed, conffiles kept" "deinstall ok config-files" "$(dpkg-query -W -f '${Status}' thinbox 2>&1)"
+check "binaries gone" test ! -e "$BIN" -a ! -e "$CTL"
+check "/etc/thinbox/config.toml kept after remove" test -f /etc/thinbox/config.toml
+check_eq "the daemon released its root: no loop on its files" "" "$(loops_under "$TMP/root")"
+check_eq "... and no mount under it" "" "$(mounts_under "$TMP/root")"
+
+# ---- purge ---------------------------------------------------------------
+out=$(dpkg --purge thinbox 2>&1) && rc=0 || rc=$?
+printf '%s\n' "$out"
+check_eq "dpkg --purge exits 0" 0 "$rc"
+check "postrm says what it removes" grep -qF "thinbox: removing /etc/thinbox (no pool: /var/lib/thinbox does not exist)" <<<"$out"
+check "/etc/thinbox removed" test ! -e /etc/thinbox
+st=$(dpkg-query -W -f '${Status}' thinbox 2>/dev/null || true)
+check "dpkg: thinbox purged (dpkg-query: ${st:-unknown package})" test -z "$st" -o "$st" = "unknown ok not-installed"
+INSTALLED=
+check "no enable or mask link left" bash -c \
+    '! compgen -G "/etc/systemd/system/*.wants/thinboxd.service" >/dev/null && test ! -L /etc/systemd/system/thinboxd.service'
+check "/var/lib/thinbox never made" test ! -e /var/lib/thinbox
+check_eq "nothing of ours mounted under $TMP" "" "$(mounts_under "$TMP")"
+check_eq "no loop on a file under $TMP" "" "$(loops_under "$TMP")"
