@@ -60,6 +60,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("{0} is held by another running thinboxd: stop it, or give this one another --root")]
+    RootInUse(PathBuf),
     #[error("pool directory {0} is in use by another daemon")]
     PoolInUse(PathBuf),
     #[error("invalid configuration: {0}")]
@@ -102,6 +104,7 @@ impl Error {
             | Error::NoLoopDevices(_)
             | Error::NoFilesystem { .. }
             | Error::PoolInUse(_)
+            | Error::RootInUse(_)
             | Error::PoolSource { .. } => ErrorKind::FailedPrecondition,
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,

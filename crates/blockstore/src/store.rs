@@ -74,7 +74,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database at `path`. Fails if another process holds it.
     pub fn open(path: &std::path::Path) -> Result<Store> {
-        let db = redb::Database::create(path)?;
+        let db = redb::Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::RootInUse(path.to_owned()),
+            other => other.into(),
+        })?;
         let txn = db.begin_write()?;
         txn.open_table(DEVICES)?;
         txn.open_table(COUNTERS)?;

@@ -86,6 +86,12 @@ pub fn run(opts: Options) -> Result<(), Error> {
         None => hostname().ok_or(Error::NoNodeId)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)?;
+    // Before anything else: a SIGTERM during start-up must stop the daemon
+    // cleanly once it can, not kill it half-way.
+    let signal = {
+        let _rt = rt.enter();
+        thinbox_daemon::shutdown_signal()?
+    };
 
     // 1. The doors, before any state.
     let snapshot_door = cfg.snapshot.enabled.then(|| thinbox_daemon::bind_unix(&cfg.snapshot.address)).transpose()?;
@@ -118,7 +124,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
     metrics.register_collector(gauges::Pool::new(snapshots.clone(), driver.clone()));
     metrics.register_collector(thinbox_csi::metrics::Gauges::new(driver.clone()));
     let metrics = Arc::new(metrics);
-    let served = rt.block_on(serve(Doors { snapshot: snapshot_door, csi: csi_door, metrics: metrics_door }, &snapshots, &driver, metrics, &engine));
+    let doors = Doors { snapshot: snapshot_door, csi: csi_door, metrics: metrics_door };
+    let served = rt.block_on(serve(doors, signal, &snapshots, &driver, metrics, &engine));
 
     let release = cfg.release_on_exit;
     let released = driver.release(release).map_err(Error::from).and_then(|()| Ok(engine.shutdown(release)?));
@@ -135,9 +142,15 @@ struct Doors {
     metrics: Option<tokio::net::TcpListener>,
 }
 
-async fn serve(doors: Doors, snapshots: &Arc<Snapshots>, driver: &Arc<Driver>, metrics: Arc<Metrics>, engine: &Arc<Engine>) -> Result<(), Error> {
+async fn serve(
+    doors: Doors,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+    snapshots: &Arc<Snapshots>,
+    driver: &Arc<Driver>,
+    metrics: Arc<Metrics>,
+    engine: &Arc<Engine>,
+) -> Result<(), Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let signal = thinbox_daemon::shutdown_signal()?;
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

@@ -98,6 +98,9 @@ async fn a_bad_start_says_what_to_do_and_touches_nothing() {
         .await
         .unwrap();
     drop(c);
+    // A second daemon on the same root, while the first runs.
+    let (_, e) = refused(&root, &dir.path().join("second.sock"), &cfg);
+    one_line_saying(&e, &format!("{}/meta.redb is held by another running thinboxd: stop it, or give this one another --root", root.display()));
     stop(daemon);
     let before = files_under(&root.join("pool/devices"));
     assert_eq!(before.len(), 1, "one device image: {before:?}");
