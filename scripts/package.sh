@@ -4,7 +4,7 @@
 #   target/debian/thinbox_<version>_amd64.deb
 #       /usr/bin/thinboxd, /usr/bin/thinboxctl (stripped), the systemd unit
 #       (deploy/systemd/thinboxd.service), /etc/thinbox/config.toml (a
-#       conffile: packaging/config.toml, every key with its default), the
+#       conffile: deploy/host/thinboxd.toml, every key with its default), the
 #       containerd proxy-plugin snippet, README, copyright, man pages made from
 #       --help, and maintainer scripts (packaging/debian/).
 #   target/debian/thinbox-dbgsym_<version>_amd64.deb
@@ -71,7 +71,7 @@ done
 
 # ---- files ---------------------------------------------------------------
 install -D -m 0644 deploy/systemd/thinboxd.service "$pkg/lib/systemd/system/thinboxd.service"
-install -D -m 0644 packaging/config.toml "$pkg/etc/thinbox/config.toml"
+install -D -m 0644 deploy/host/thinboxd.toml "$pkg/etc/thinbox/config.toml"
 install -D -m 0644 packaging/containerd-proxy-plugin.toml "$pkg/usr/share/thinbox/containerd-proxy-plugin.toml"
 install -D -m 0644 packaging/README "$pkg/usr/share/doc/thinbox/README"
 # The source's years and commit, from git where this is a checkout.

@@ -185,7 +185,7 @@ for b in thinboxd thinboxctl; do
     check_eq "$b.8: groff renders it without warnings" "" "$(zcat "$man" | groff -man -Tutf8 -ww -z 2>&1)"
 done
 check "the unit is deploy/systemd/thinboxd.service" cmp -s "$REPO/deploy/systemd/thinboxd.service" "$TMP/deb/lib/systemd/system/thinboxd.service"
-check "the config is packaging/config.toml" cmp -s "$REPO/packaging/config.toml" "$TMP/deb/etc/thinbox/config.toml"
+check "the config is deploy/host/thinboxd.toml" cmp -s "$REPO/deploy/host/thinboxd.toml" "$TMP/deb/etc/thinbox/config.toml"
 check "the containerd snippet: [proxy_plugins.thinbox], a snapshot at /run/thinbox/snapshotter.sock" python3 -c '
 import sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["proxy_plugins"]["thinbox"]

@@ -714,7 +714,7 @@ FAULTS = [
     ("deploy/systemd/thinboxd.service", "Before=containerd.service kubelet.service", "Before=containerd.service",
      "kubelet.service"),
     ("deploy/systemd/thinboxd.service", "KillMode=mixed", "KillMode=mixed\nPrivateTmp=yes", "mount namespace"),
-    ("deploy/host/thinboxd.toml", "release_on_exit = false", "release_on_exit = true", "release_on_exit"),
+    ("deploy/host/thinboxd.toml", "#release_on_exit = false", "release_on_exit = true", "release_on_exit"),
     ("deploy/host/thinboxd.toml", "[csi]\n", "[csi]\nendpoint = \"unix:///run/thinbox/csi.sock\"\n", "[csi] must be served"),
     ("deploy/host/thinboxd.toml", "[pool]\n", "[pools]\n", "unknown key or section"),
 ]

@@ -1,7 +1,7 @@
 //! The Debian package, checked by the deploy tier (tests/deploy/package.sh);
 //! no other tier runs this target.
 //!
-//! * `packaged_config_*`: packaging/config.toml, installed as
+//! * `packaged_config_*`: deploy/host/thinboxd.toml, installed as
 //!   /etc/thinbox/config.toml, is a valid config as it is (all defaults), and
 //!   shows every key with its default value.
 //! * `installed_daemon_serves_a_volume`: one CSI volume round trip against the
@@ -27,7 +27,7 @@ use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVol
 use thinbox_proto::csi::v1::*;
 use thinboxd::Config;
 
-const PACKAGED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/config.toml");
+const PACKAGED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/host/thinboxd.toml");
 
 /// The packaged file with every `#key = value` line uncommented (explanations
 /// are `# text`, with a space).
