@@ -2,7 +2,7 @@
 # The uml tier, run on the host: builds the test binaries, boots user-mode Linux
 # (a real kernel with dm-thin) and runs inside it the dm-thin backend tests, the
 # snapshotter's and the CSI driver's tests on dm-thin, the crash-safety test,
-# containerd's snapshotter conformance suite against thinbox-snapshotter on a
+# containerd's snapshotter conformance suite against thinboxd on a
 # kernel thin pool, and real containerd + runc running containers on thin
 # devices. Ends with "uml-conformance: N passed, M failed"; fails if anything
 # failed or a dm device was left.

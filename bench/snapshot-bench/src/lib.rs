@@ -82,7 +82,7 @@ pub enum Error {
     name = "thinbox-snapshot-bench",
     version,
     about = "Benchmark containerd snapshots.v1 services (Thinbox, containerd overlayfs, ...) side by side",
-    after_help = "Example:\n  thinbox-snapshot-bench \\\n    --target overlayfs=/run/containerd/containerd.sock,snapshotter=overlayfs,namespace=bench,pid=$(pidof containerd) \\\n    --target thinbox=/run/thinbox/thinbox.sock,pid=$(pidof thinbox-snapshotter)\n\nThe first --target is the baseline: ratio columns read <target> / <first target>."
+    after_help = "Example:\n  thinbox-snapshot-bench \\\n    --target overlayfs=/run/containerd/containerd.sock,snapshotter=overlayfs,namespace=bench,pid=$(pidof containerd) \\\n    --target thinbox=/run/thinbox/thinbox.sock,pid=$(pidof thinboxd)\n\nThe first --target is the baseline: ratio columns read <target> / <first target>."
 )]
 pub struct Cli {
     /// NAME=SOCKET[,snapshotter=NAME][,namespace=NS][,pid=PID]; repeatable,

@@ -1,7 +1,7 @@
 //! Thinbox's CSI driver: node-local volumes for VM sandboxes.
 //!
 //! # Lifecycle
-//! 1. `thinbox-csi` opens [`Driver`] on its state root: the block store pool
+//! 1. thinboxd opens [`Driver`] on the block engine of its state root: the pool
 //!    (`block` volumes: thin devices or reflinked images), the directory of
 //!    `file` volume images, and the driver's own redb tables in the pool's
 //!    database. Reconciliation rolls back half-made volumes, finishes

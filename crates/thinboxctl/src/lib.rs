@@ -64,7 +64,7 @@ pub const EXIT_ERROR: u8 = 2;
                   2 the daemon (or for gc --containerd: containerd) could not be reached or refused the request, or bad usage."
 )]
 pub struct Cli {
-    /// The daemon's socket (its --address).
+    /// thinboxd's snapshot socket (its --snapshotter-address).
     #[arg(long, global = true, env = "THINBOX_SOCKET", default_value = DEFAULT_ADDRESS, value_name = "SOCK")]
     pub address: PathBuf,
     /// Print one JSON document instead of tables.
