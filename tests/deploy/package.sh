@@ -98,18 +98,8 @@ done
 [[ ! -e /run/thinbox/snapshotter.sock ]] || refuse "/run/thinbox/snapshotter.sock exists: a thinboxd serves (or served) this machine"
 
 # ---- prerequisites -------------------------------------------------------
-need=()
-for c in containerd:containerd ctr:containerd runc:runc python3:python3 file:file readelf:binutils \
-         groff:groff-base systemd-analyze:systemd losetup:mount mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs; do
-    command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
-done
-[[ $(dpkg-query -W -f '${Status}' busybox-static 2>/dev/null) == "install ok installed" ]] || need+=(busybox-static)
-if (( ${#need[@]} )); then
-    echo "installing: ${need[*]}"
-    must "apt-get update" apt-get -o DPkg::Lock::Timeout=600 update -qq
-    must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}"
-fi
+install_needed containerd:containerd ctr:containerd runc:runc python3:python3 file:file readelf:binutils \
+    groff:groff-base systemd-analyze:systemd losetup:mount mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs =busybox-static
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tbpkg.XXXXXX")
 

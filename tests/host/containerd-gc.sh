@@ -98,20 +98,9 @@ trap 'SIGNALLED=TERM; exit 143' TERM
 [[ $EUID -eq 0 ]] || die "must run as root"
 
 # ---- prerequisites -------------------------------------------------------
-need=()
-for c in containerd:containerd ctr:containerd mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs \
-         losetup:mount findmnt:util-linux python3:python3; do
-    command -v "${c%%:*}" >/dev/null || need+=("${c#*:}")
-done
 # make-oci-image.py packs a static busybox.
-[[ $(dpkg-query -W -f '${Status}' busybox-static 2>/dev/null) == "install ok installed" ]] ||
-    need+=(busybox-static)
-if (( ${#need[@]} )); then
-    echo "installing: ${need[*]}"
-    must "apt-get update" apt-get update -qq
-    must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq "${need[@]}"
-fi
+install_needed containerd:containerd ctr:containerd mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs \
+    losetup:mount findmnt:util-linux python3:python3 =busybox-static
 
 [[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
 THINBOXD=$(thinbox_binary "$REPO" thinboxd THINBOX_DAEMON) || die "no thinboxd binary"

@@ -37,6 +37,24 @@ must() {
     [[ -z $out ]] || printf '%s\n' "$out"
 }
 
+# install_needed ITEM...: installs, in one apt-get run, the packages of the
+# tools not on PATH (ITEM = TOOL:PACKAGE) and the packages dpkg lacks
+# (ITEM = =PACKAGE); nothing when all are there.
+install_needed() {
+    local need=() i
+    for i in "$@"; do
+        case $i in
+            =*) [[ $(dpkg-query -W -f '${Status}' "${i#=}" 2>/dev/null) == "install ok installed" ]] || need+=("${i#=}") ;;
+            *) command -v "${i%%:*}" >/dev/null || need+=("${i#*:}") ;;
+        esac
+    done
+    (( ${#need[@]} )) || return 0
+    echo "installing: ${need[*]}"
+    must "apt-get update" apt-get -o DPkg::Lock::Timeout=600 update -qq
+    must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}"
+}
+
 loops_under() {
     losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
         awk -v p="$1/" 'index($2, p) == 1'
