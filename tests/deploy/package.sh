@@ -7,19 +7,17 @@
 # configured with the packaged proxy-plugin snippet imports an image; removing
 # it brings the pool back to 0 devices) and one CSI volume round trip
 # (crates/thinboxd/tests/installed.rs), runs the packaged postrm's purge on a
-# temporary pool, then removes and purges the package.
+# pool of its own, then removes and purges the package.
 #
 #   sudo bash tests/deploy/package.sh
 #
-# There is no systemd PID 1 here, so postinst enables the unit (links under
-# /etc/systemd/system) but starts nothing; the daemon is started by hand, and
-# the package's prerm must find and stop it (by its executable) on `dpkg -r`.
-#
-# Never disturbs a real installation, and never touches /var/lib/thinbox or
-# /run/thinbox: if the thinbox package is installed (or its conffiles are
-# left), thinboxd is installed by hand, or /var/lib/thinbox or
-# /run/thinbox/snapshotter.sock exists, it installs nothing and fails with one
-# line saying why. Needs root. Environment: THINBOX_E2E_KEEP=1 keeps the temp
+# dpkg installs, removes and purges the package in a root of its own under
+# TMPDIR (`dpkg --root`, maintainer scripts run with DPKG_ROOT set), so a real
+# installation on this machine (the package, /var/lib/thinbox, /run/thinbox, a
+# quickstart daemon) neither blocks the test nor is touched by it; the test
+# checks that those paths are as they were. postinst enables the unit in that
+# root and starts nothing; the daemon is started by hand, and the package's
+# prerm must find and stop it (by its executable) on `dpkg -r`. Needs root. Environment: THINBOX_E2E_KEEP=1 keeps the temp
 # dir, TMPDIR. Last line: "package: N passed, M failed"; exit status 0 only if
 # M is 0.
 set -euo pipefail
@@ -32,9 +30,8 @@ source "$REPO/tests/lib/checks.sh"
 source "$REPO/tests/lib/containerd.sh"
 
 IMAGE=localhost/thinbox-test:3layers
-BIN=/usr/bin/thinboxd
-CTL=/usr/bin/thinboxctl
-UNIT=/lib/systemd/system/thinboxd.service
+# Set once TMP exists: the package's root, and the installed paths in it.
+SYSROOT= BIN= CTL= UNIT=
 TMP=
 INSTALLED=
 DAEMON_PID=
@@ -69,7 +66,7 @@ cleanup() {
     # Only what this script installed.
     if [[ -n $INSTALLED ]]; then
         echo "purging the test installation"
-        dpkg --purge thinbox-dbgsym thinbox >/dev/null 2>&1 || not_ok "dpkg --purge in cleanup failed"
+        sysdpkg --purge thinbox-dbgsym thinbox >/dev/null 2>&1 || not_ok "dpkg --purge in cleanup failed"
     fi
     [[ -z $TMP ]] || sweep_tmp "$TMP"
     echo "package: $PASSED passed, $FAILED failed"
@@ -83,25 +80,31 @@ trap 'SIGNALLED=TERM; exit 143' TERM
 [[ $EUID -eq 0 ]] || die "must run as root (dpkg -i, loop devices, mounts)"
 
 # ---- a real installation is never touched --------------------------------
-refuse() { die "refusing to install the package: $*"; }
-for p in thinbox thinbox-dbgsym; do
-    st=$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null || true)
-    [[ -z $st || $st == *not-installed ]] || refuse "package $p is on this machine ($st)"
-done
-for p in "$BIN" "$CTL" "$UNIT" /etc/thinbox /etc/systemd/system/thinboxd.service; do
-    [[ ! -e $p && ! -L $p ]] || refuse "$p exists (thinbox installed without the package?)"
-done
-for p in /etc/systemd/system/*.wants/thinboxd.service; do
-    [[ ! -e $p && ! -L $p ]] || refuse "$p exists (thinboxd enabled by hand?)"
-done
-[[ ! -e /var/lib/thinbox ]] || refuse "/var/lib/thinbox exists: a pool is in use on this machine"
-[[ ! -e /run/thinbox/snapshotter.sock ]] || refuse "/run/thinbox/snapshotter.sock exists: a thinboxd serves (or served) this machine"
+# What a real installation would hold; compared at the end.
+real_paths() {
+    local p
+    for p in /usr/bin/thinboxd /usr/bin/thinboxctl /etc/thinbox /var/lib/thinbox /run/thinbox/snapshotter.sock \
+        /lib/systemd/system/thinboxd.service /etc/systemd/system/multi-user.target.wants/thinboxd.service; do
+        echo "$p $(stat -c '%d:%i %Y' "$p" 2>/dev/null || echo absent)"
+    done
+    dpkg-query -W -f '${Status}\n' thinbox 2>/dev/null || echo "thinbox: not known to dpkg"
+}
+REAL_BEFORE=$(real_paths)
 
 # ---- prerequisites -------------------------------------------------------
 install_needed containerd:containerd ctr:containerd runc:runc python3:python3 file:file readelf:binutils \
     groff:groff-base systemd-analyze:systemd losetup:mount mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs =busybox-static
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tbpkg.XXXXXX")
+SYSROOT=$TMP/sysroot
+BIN=$SYSROOT/usr/bin/thinboxd
+CTL=$SYSROOT/usr/bin/thinboxctl
+UNIT=$SYSROOT/lib/systemd/system/thinboxd.service
+mkdir -p "$SYSROOT/var/lib/dpkg/info" "$SYSROOT/var/lib/dpkg/updates" "$SYSROOT/var/lib/dpkg/triggers"
+: >"$SYSROOT/var/lib/dpkg/status"
+# dpkg on the package's root; the scripts run outside a chroot, with DPKG_ROOT.
+sysdpkg() { dpkg --root="$SYSROOT" --force-script-chrootless "$@"; }
+sysquery() { dpkg-query --admindir="$SYSROOT/var/lib/dpkg" "$@"; }
 
 # ---- build ---------------------------------------------------------------
 out=$(bash "$REPO/scripts/package.sh" 2>&1) || { printf '%s\n' "$out" >&2; die "scripts/package.sh failed"; }
@@ -199,21 +202,24 @@ verify=$(systemd-analyze verify --root="$sd" thinboxd.service 2>&1) && rc=0 || r
 check_eq "systemd-analyze verify: exit 0, nothing said" "0:" "$rc:$verify"
 
 # ---- install -------------------------------------------------------------
+# What the binaries run: the Depends, installed on this system (the package's
+# own root has no packages; dpkg --root cannot see this system's).
+mapfile -t deps < <(tr ',' '\n' <<<"$depends" | sed -E 's/^ *//; s/ .*//' | grep -v '^$')
+install_needed "${deps[@]/#/=}"
 INSTALLED=1
-if dpkg -i "$DEB" "$DBG" >"$TMP/dpkg-i.log" 2>&1; then
+if sysdpkg --force-depends -i "$DEB" "$DBG" >"$TMP/dpkg-i.log" 2>&1; then
     grep -E '^(Unpacking|Setting up)' "$TMP/dpkg-i.log" || true
 else
-    echo "dpkg -i left dependencies to resolve:"
-    grep -E 'depends on|not installed' "$TMP/dpkg-i.log" || cat "$TMP/dpkg-i.log"
-    must "apt-get install -f" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -f -y -qq
+    cat "$TMP/dpkg-i.log"
+    die "dpkg -i failed"
 fi
-check_eq "dpkg: thinbox installed" "install ok installed" "$(dpkg-query -W -f '${Status}' thinbox 2>&1)"
-check_eq "dpkg: thinbox-dbgsym installed" "install ok installed" "$(dpkg-query -W -f '${Status}' thinbox-dbgsym 2>&1)"
-for p in "$BIN" "$CTL" "$UNIT" /etc/thinbox/config.toml /usr/share/thinbox/containerd-proxy-plugin.toml; do
+check_eq "dpkg: thinbox installed" "install ok installed" "$(sysquery -W -f '${Status}' thinbox 2>&1)"
+check_eq "dpkg: thinbox-dbgsym installed" "install ok installed" "$(sysquery -W -f '${Status}' thinbox-dbgsym 2>&1)"
+for p in "$BIN" "$CTL" "$UNIT" "$SYSROOT/etc/thinbox/config.toml" "$SYSROOT/usr/share/thinbox/containerd-proxy-plugin.toml"; do
     check "installed $p" test -e "$p"
 done
 if command -v deb-systemd-helper >/dev/null; then
-    check "postinst enabled the unit (multi-user.target.wants)" test -L /etc/systemd/system/multi-user.target.wants/thinboxd.service
+    check "postinst enabled the unit in its root (multi-user.target.wants)" test -L "$SYSROOT/etc/systemd/system/multi-user.target.wants/thinboxd.service"
 fi
 # Not PID 1 here: nothing may have started.
 # PIDs running the installed binary (or what is left of it after dpkg -r).
@@ -227,13 +233,13 @@ our_daemons() {
     done
 }
 check_eq "postinst started no thinboxd (systemd is not PID 1)" "" "$(our_daemons)"
-check "postinst made no /var/lib/thinbox" test ! -e /var/lib/thinbox
+check "postinst made no /var/lib/thinbox" test ! -e "$SYSROOT/var/lib/thinbox"
 
 # ---- the installed daemon, as its unit starts it -------------------------
 mapfile -t exec_start < <(sed -n 's/^ExecStart=//p' "$UNIT")
 [[ ${#exec_start[@]} == 1 ]] || die "$UNIT: expected one ExecStart=, found ${#exec_start[@]}"
 read -r -a argv <<<"${exec_start[0]}"
-check_eq "ExecStart runs $BIN" "$BIN" "${argv[0]}"
+check_eq "ExecStart runs /usr/bin/thinboxd" /usr/bin/thinboxd "${argv[0]}"
 config=
 rest=()
 for (( i = 1; i < ${#argv[@]}; i++ )); do
@@ -244,6 +250,7 @@ for (( i = 1; i < ${#argv[@]}; i++ )); do
     esac
 done
 check_eq "ExecStart reads the installed config" /etc/thinbox/config.toml "$config"
+config=$SYSROOT$config
 [[ -f $config ]] || die "no installed config at '$config'"
 unit_env=()
 while read -r kv; do unit_env+=("$kv"); done < <(sed -n 's/^Environment=//p' "$UNIT" | tr ' ' '\n')
@@ -300,10 +307,12 @@ until_devices() {
 # ---- snapshots: thinboxctl, and containerd through the packaged snippet ----
 must "thinboxctl status" "$CTL" --address "$TMP/snap.sock" status
 ok "thinboxctl status answers"
-snippet=$(sed "s#\"/run/thinbox/snapshotter.sock\"#\"$TMP/snap.sock\"#" /usr/share/thinbox/containerd-proxy-plugin.toml)
+snippet=$(sed "s#\"/run/thinbox/snapshotter.sock\"#\"$TMP/snap.sock\"#" "$SYSROOT/usr/share/thinbox/containerd-proxy-plugin.toml")
 # A second pool (no --release-on-exit) for the purge test below.
 WANT_DOORS=(containerd.services.snapshots.v1)
-start_daemon "$TMP/purge-thinboxd.log" PURGE_PID --config "$TMP/config.toml" --root "$TMP/proot" \
+# Its root is where postrm looks under DPKG_ROOT=$TMP/pfake.
+PROOT=$TMP/pfake/var/lib/thinbox PETC=$TMP/pfake/etc/thinbox
+start_daemon "$TMP/purge-thinboxd.log" PURGE_PID --config "$TMP/config.toml" --root "$PROOT" \
     --snapshotter-address "$TMP/p.sock" --no-csi
 CONTAINERD_EXTRA_CONFIG="$snippet
 [proxy_plugins.thinbox-purge]
@@ -332,44 +341,35 @@ check_eq "after DeleteVolume, thinboxctl devices says 0" 0 "$(until_devices "$TM
 check_eq "nothing mounted under the kubelet dir" "" "$(mounts_under "$kubelet")"
 
 # ---- postrm purge, on a pool of its own ----------------------------------
-# The packaged postrm with its two directories moved under TMP and without
-# systemd calls; it must refuse while a daemon holds the pool, then detach and
-# delete it. The rewrite is checked before it runs: it must never name the
-# real directories.
+# The packaged postrm under DPKG_ROOT=$TMP/pfake: it must refuse while a
+# daemon holds the pool, then detach and delete it.
 must "ctr image import --snapshotter thinbox-purge" ctr_t 120 image import --snapshotter thinbox-purge "$TMP/image.tar"
 containerd_stop
-purge=$TMP/postrm-purge
-sed -e "s#^ETC=/etc/thinbox\$#ETC=$TMP/petc#" -e "s#^STATE=/var/lib/thinbox\$#STATE=$TMP/proot#" \
-    -e 's#command -v deb-systemd-helper#false#' -e 's#\[ -d /run/systemd/system \]#false#' \
-    "$TMP/control/postrm" >"$purge"
-[[ $(grep -c "^STATE=$TMP/proot\$" "$purge") == 1 && $(grep -c "^ETC=$TMP/petc\$" "$purge") == 1 ]] ||
-    die "could not move postrm's directories under $TMP"
-[[ -z $(grep -v '^ *#' "$purge" | grep -E '/var/lib/thinbox|/etc/thinbox|command -v deb-systemd|/run/systemd' || true) ]] ||
-    die "the rewritten postrm still names a real path or calls systemd: not running it"
-mkdir -p "$TMP/petc"
-sed 's#^\[csi\]$#[csi]\ndir_path = "/srv/elsewhere"#' "$TMP/deb/etc/thinbox/config.toml" >"$TMP/petc/config.toml"
-out=$(sh "$purge" purge 2>&1) && rc=0 || rc=$?
+purge() { DPKG_ROOT=$TMP/pfake sh "$TMP/control/postrm" purge; }
+mkdir -p "$PETC"
+sed 's#^\[csi\]$#[csi]\ndir_path = "/srv/elsewhere"#' "$TMP/deb/etc/thinbox/config.toml" >"$PETC/config.toml"
+out=$(purge 2>&1) && rc=0 || rc=$?
 printf '%s\n' "$out"
 check "postrm purge refuses while thinboxd holds the pool" \
-    grep -Eq "^thinbox: $TMP/proot is in use by pid ([0-9]+ )*${PURGE_PID}[ )]" <<<"$out"
+    grep -Eq "^thinbox: $PROOT is in use by pid ([0-9]+ )*${PURGE_PID}[ )]" <<<"$out"
 check "... and exits non-zero" test "$rc" != 0
-check "... and changes nothing" test -f "$TMP/petc/config.toml" -a -f "$TMP/proot/pool.img"
+check "... and changes nothing" test -f "$PETC/config.toml" -a -f "$PROOT/pool.img"
 stop_pid "$PURGE_PID"; PURGE_PID=
 check_eq "the second thinboxd exited on SIGTERM, keeping its devices" 0 "$STOP_STATUS"
-check "its pool stays mounted" test -n "$(mounts_under "$TMP/proot")"
-want_devs=$(find "$TMP/proot/pool/devices" -name '*.img' | wc -l)
-out=$(sh "$purge" purge 2>&1) && rc=0 || rc=$?
+check "its pool stays mounted" test -n "$(mounts_under "$PROOT")"
+want_devs=$(find "$PROOT/pool/devices" -name '*.img' | wc -l)
+out=$(purge 2>&1) && rc=0 || rc=$?
 printf '%s\n' "$out"
 check_eq "postrm purge exits 0" 0 "$rc"
 check "it says what it removes ($want_devs devices)" \
-    grep -Eq "^thinbox: removing $TMP/petc and the pool under $TMP/proot: $want_devs devices, [1-9][0-9]* bytes$" <<<"$out"
-check "it names what it leaves outside" grep -qF "not touched (outside $TMP/proot): dir_path = \"/srv/elsewhere\"" <<<"$out"
-check_eq "no mount left under the pool" "" "$(mounts_under "$TMP/proot")"
-check_eq "no loop left on the pool's files" "" "$(loops_under "$TMP/proot")"
-check "the pool and the config directory are gone" test ! -e "$TMP/proot" -a ! -e "$TMP/petc"
+    grep -Eq "^thinbox: removing $PETC and the pool under $PROOT: $want_devs devices, [1-9][0-9]* bytes$" <<<"$out"
+check "it names what it leaves outside" grep -qF "not touched (outside $PROOT): dir_path = \"/srv/elsewhere\"" <<<"$out"
+check_eq "no mount left under the pool" "" "$(mounts_under "$PROOT")"
+check_eq "no loop left on the pool's files" "" "$(loops_under "$PROOT")"
+check "the pool and the config directory are gone" test ! -e "$PROOT" -a ! -e "$PETC"
 
 # ---- remove: prerm stops the daemon, the config stays --------------------
-out=$(dpkg -r thinbox-dbgsym thinbox 2>&1) && rc=0 || rc=$?
+out=$(sysdpkg -r thinbox-dbgsym thinbox 2>&1) && rc=0 || rc=$?
 printf '%s\n' "$out"
 check_eq "dpkg -r exits 0" 0 "$rc"
 check "prerm stopped the thinboxd started by hand (by its executable)" grep -q "stopping thinboxd (pid $DAEMON_PID)" <<<"$out"
@@ -377,23 +377,24 @@ check_eq "no thinboxd from $BIN left running" "" "$(our_daemons)"
 # Already gone (prerm waited for it): this only reaps it and reads its status.
 stop_pid "$DAEMON_PID"; DAEMON_PID=
 check_eq "that thinboxd exited cleanly on prerm's SIGTERM" 0 "$STOP_STATUS"
-check_eq "dpkg: thinbox removed, conffiles kept" "deinstall ok config-files" "$(dpkg-query -W -f '${Status}' thinbox 2>&1)"
+check_eq "dpkg: thinbox removed, conffiles kept" "deinstall ok config-files" "$(sysquery -W -f '${Status}' thinbox 2>&1)"
 check "binaries gone" test ! -e "$BIN" -a ! -e "$CTL"
-check "/etc/thinbox/config.toml kept after remove" test -f /etc/thinbox/config.toml
+check "/etc/thinbox/config.toml kept after remove" test -f "$SYSROOT/etc/thinbox/config.toml"
 check_eq "the daemon released its root: no loop on its files" "" "$(loops_under "$TMP/root")"
 check_eq "... and no mount under it" "" "$(mounts_under "$TMP/root")"
 
 # ---- purge ---------------------------------------------------------------
-out=$(dpkg --purge thinbox 2>&1) && rc=0 || rc=$?
+out=$(sysdpkg --purge thinbox 2>&1) && rc=0 || rc=$?
 printf '%s\n' "$out"
 check_eq "dpkg --purge exits 0" 0 "$rc"
-check "postrm says what it removes" grep -qF "thinbox: removing /etc/thinbox (no pool: /var/lib/thinbox does not exist)" <<<"$out"
-check "/etc/thinbox removed" test ! -e /etc/thinbox
-st=$(dpkg-query -W -f '${Status}' thinbox 2>/dev/null || true)
+check "postrm says what it removes" grep -qF "thinbox: removing $SYSROOT/etc/thinbox (no pool: $SYSROOT/var/lib/thinbox does not exist)" <<<"$out"
+check "/etc/thinbox removed" test ! -e "$SYSROOT/etc/thinbox"
+st=$(sysquery -W -f '${Status}' thinbox 2>/dev/null || true)
 check "dpkg: thinbox purged (dpkg-query: ${st:-unknown package})" test -z "$st" -o "$st" = "unknown ok not-installed"
 INSTALLED=
 check "no enable or mask link left" bash -c \
-    '! compgen -G "/etc/systemd/system/*.wants/thinboxd.service" >/dev/null && test ! -L /etc/systemd/system/thinboxd.service'
-check "/var/lib/thinbox never made" test ! -e /var/lib/thinbox
+    '! compgen -G "$0/etc/systemd/system/*.wants/thinboxd.service" >/dev/null && test ! -L "$0/etc/systemd/system/thinboxd.service"' "$SYSROOT"
+check "/var/lib/thinbox never made" test ! -e "$SYSROOT/var/lib/thinbox"
+check_eq "a real installation's paths are as they were" "$REAL_BEFORE" "$(real_paths)"
 check_eq "nothing of ours mounted under $TMP" "" "$(mounts_under "$TMP")"
 check_eq "no loop on a file under $TMP" "" "$(loops_under "$TMP")"
