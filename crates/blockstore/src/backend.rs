@@ -89,6 +89,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Short name for logs and status ("reflink").
     fn name(&self) -> &'static str;
 
+    /// Whether making a snapshot suspends its origin (which freezes a
+    /// filesystem mounted on it), so the snapshot is consistent by itself.
+    fn snapshot_suspends_origin(&self) -> bool {
+        false
+    }
+
     /// Makes the device's storage: an empty device with a filesystem, or a
     /// copy-on-write snapshot of `rec.origin` grown to `rec.size`; attaches it if
     /// `rec.access` says so and returns the node.

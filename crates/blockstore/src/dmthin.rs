@@ -405,6 +405,10 @@ impl Backend for DmThin {
         "dm-thin"
     }
 
+    fn snapshot_suspends_origin(&self) -> bool {
+        true
+    }
+
     fn create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
         let result = self.try_create(rec);
         if result.is_err()

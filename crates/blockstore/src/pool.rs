@@ -119,6 +119,12 @@ impl Pool {
         &self.cfg
     }
 
+    /// Whether a snapshot suspends its origin (dm-thin), so a filesystem
+    /// mounted on it needs no freezing for a consistent copy.
+    pub fn snapshot_suspends_origin(&self) -> bool {
+        self.backend.snapshot_suspends_origin()
+    }
+
     /// The metadata store (shared with the front end's own tables).
     pub fn store(&self) -> &Store {
         &self.store

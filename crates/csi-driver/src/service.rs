@@ -16,8 +16,10 @@ use thinbox_proto::csi::v1::volume_capability::{AccessType as CsiAccessType, Mou
 use thinbox_proto::csi::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::driver::{AccessType, CreateRequest, Driver};
+use crate::controller::CreateRequest;
+use crate::driver::Driver;
 use crate::error::{Error, Result, invalid};
+use crate::node::AccessType;
 use crate::paths;
 use crate::state::{Kind, Sandbox, Source};
 

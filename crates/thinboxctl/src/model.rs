@@ -48,8 +48,8 @@ pub struct ConsumerUsage {
     pub bytes: u64,
     /// Devices and volumes whose usage could not be read (not in the bytes).
     pub unreadable: u64,
-    /// CSI volumes outside the pool (kinds `file` and `dir`; inline ephemeral
-    /// volumes are `file` volumes), on the state directory's filesystem.
+    /// CSI volumes outside the pool (kind `dir`), on their quota
+    /// filesystem.
     pub outside_pool_volumes: u64,
     /// The bytes those hold there.
     pub outside_pool_bytes: u64,

@@ -181,7 +181,7 @@ fn status_text(s: &PoolStatus) -> String {
 }
 
 /// `status`'s breakdown, after a blank line: devices and bytes per consumer;
-/// volumes outside the pool (file and dir kinds) in a column of their own,
+/// volumes outside the pool (the dir kind) in a column of their own,
 /// shown only when there are any.
 fn consumers_text(consumers: &[ConsumerUsage]) -> String {
     if consumers.is_empty() {

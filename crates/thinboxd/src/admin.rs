@@ -73,7 +73,7 @@ struct Owner {
 }
 
 /// Whose every device is, and the CSI volumes that live outside the pool
-/// (`file` and `dir` kinds).
+/// (the `dir` kind).
 #[derive(Debug, Default)]
 struct Owners {
     devices: BTreeMap<DeviceId, Owner>,

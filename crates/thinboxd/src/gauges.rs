@@ -22,9 +22,10 @@ impl Pool {
         Pool { snapshots, driver }
     }
 
-    /// Records by consumer, classified as the admin service does: image
+    /// Pool devices by consumer, classified as the admin service does: image
     /// layers (committed snapshots), container rootfs (active snapshots and
-    /// views), volumes and emptyDirs (inline ephemeral volumes). A front end
+    /// views), volumes and emptyDirs (inline ephemeral volumes); `dir`
+    /// volumes hold no device. A front end
     /// whose records cannot be read leaves out its consumers only.
     fn devices(&self) -> Vec<([(&'static str, &'static str); 1], u64)> {
         let mut out = Vec::new();
@@ -35,7 +36,9 @@ impl Pool {
             Err(e) => tracing::warn!(error = %thinbox_daemon::chain(&e), "metrics: snapshots"),
         }
         match self.driver.volumes() {
-            Ok(vols) => out.extend(count([Consumer::Volume, Consumer::EmptyDir], vols.iter().map(Consumer::of_volume))),
+            Ok(vols) => {
+                out.extend(count([Consumer::Volume, Consumer::EmptyDir], vols.iter().filter(|v| v.device.is_some()).map(Consumer::of_volume)))
+            }
             Err(e) => tracing::warn!(error = %thinbox_daemon::chain(&e), "metrics: volumes"),
         }
         out

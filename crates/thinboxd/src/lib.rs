@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use thinbox_blockstore::Engine;
 use thinbox_csi::Driver;
-use thinbox_csi::driver::VolumeRecords;
+use thinbox_csi::recover::VolumeRecords;
 use thinbox_daemon::{Bound, ServeError};
 use thinbox_metrics::Metrics;
 use thinbox_proto::admin::admin_server::AdminServer;

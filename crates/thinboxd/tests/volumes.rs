@@ -1,7 +1,7 @@
 //! Host tier: the real daemon (`thinboxd`, CSI socket only) over its socket,
 //! driven the way kubelet and external-provisioner drive it, on real loop
-//! devices and filesystems (reflink pool for `block` volumes, image files for
-//! `file` volumes). Needs root.
+//! devices and filesystems (one reflink pool for `block` and `file` volumes,
+//! an XFS quota filesystem for `dir` volumes). Needs root.
 
 #![allow(clippy::unwrap_used)]
 
@@ -36,8 +36,8 @@ async fn identity_node_info_and_metrics() {
     assert_eq!(ni.accessible_topology.unwrap().segments, params(&[("topology.thinbox.io/node", NODE), ("topology.thinbox.io/kvm", &kvm)]));
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "block")]), ..Default::default() }).await.unwrap().into_inner();
     assert!(cap.available_capacity > 3 << 30, "the 4GiB pool is free: {}", cap.available_capacity);
-    let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
-    assert!(cap.available_capacity > 0);
+    let file = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(file.available_capacity, cap.available_capacity, "block and file volumes draw from the one pool");
     let vol = create(&mut d, "pvc-m", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
     let text = scrape(port).await;
     for want in [
@@ -120,18 +120,23 @@ async fn block_volume_mounted_for_runc_full_lifecycle() {
 #[tokio::test]
 async fn file_volume_quota_is_its_size() {
     let mut d = Driver::start().await;
+    let before = file_capacity(&mut d).await;
     let vol = create(&mut d, "pvc-q", 300 << 20, &[("kind", "file")], mount_cap("ext4")).await;
     let target = d.target("pod-q", "pvc-q");
     d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
-    let img = d.path(&format!("state/files/{}.img", vol.volume_id));
-    assert_eq!(std::fs::metadata(&img).unwrap().len(), 300 << 20, "the image is exactly the volume");
     assert!(!dd(&target.join("fill"), 400), "a writer past the size gets ENOSPC");
-    let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
-    assert!(allocated <= 300 << 20, "the host filesystem grew by at most the size: {allocated}");
+    let took = before - file_capacity(&mut d).await;
+    assert!(took > 200 << 20, "the volume's data is in the pool: it took {took} bytes");
+    assert!(took <= (300 << 20) + (16 << 20), "the pool gave the volume at most its size (and one allocation unit): {took}");
     unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
-    assert!(!img.exists(), "image removed with the volume");
+    assert_eq!(d.stored_devices(0).await, 0, "the device went with the volume");
     d.finish().await;
+}
+
+async fn file_capacity(d: &mut Driver) -> u64 {
+    let req = GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() };
+    u64::try_from(d.ctl.get_capacity(req).await.unwrap().into_inner().available_capacity).unwrap()
 }
 
 #[tokio::test]
@@ -200,16 +205,14 @@ async fn ephemeral_inline_volume_lives_as_long_as_its_publication() {
     d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &ctx)).await.unwrap();
     assert_eq!(fstype_of(&target), "xfs");
     d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &ctx)).await.unwrap();
-    let dir = d.path("state/files");
-    let files = || std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files(), 1);
+    assert_eq!(d.stored_devices(1).await, 1, "the inline volume is a device of the pool");
     assert!(d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty(), "inline volumes are not listed as PVs");
     unpublish(&mut d, handle, &target).await.unwrap();
-    assert_eq!(files(), 0, "the image went with the publication");
+    assert_eq!(d.stored_devices(0).await, 0, "the device went with the publication");
     // A bad attribute fails the publish and leaves nothing behind.
     let bad = [("csi.storage.k8s.io/ephemeral", "true"), ("size", "lots")];
     assert_eq!(code(d.node.node_publish_volume(publish_req(handle, &target, mount_cap(""), false, &bad)).await), Code::InvalidArgument);
-    assert_eq!(files(), 0);
+    assert_eq!(d.stored_devices(0).await, 0);
     d.finish().await;
 }
 
@@ -293,13 +296,12 @@ async fn a_crash_mid_create_is_rolled_back_at_restart() {
     let _ = pending.await;
     d.restart().await;
     // Either the create finished before the kill (then it is listed and
-    // retrying returns it) or it was rolled back (then nothing is on disk).
-    let files: Vec<_> = std::fs::read_dir(d.path("state/files")).unwrap().map(|e| e.unwrap().path()).collect();
+    // retrying returns it) or it was rolled back (then its device goes).
     let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len();
-    assert_eq!(files.len(), listed, "image files and volumes agree: {files:?}");
+    assert_eq!(d.stored_devices(listed).await, listed, "pool devices and volumes agree");
     // The CO retries: the same name now succeeds, once.
     let vol = create(&mut d, "pvc-crash", 1 << 30, &[("kind", "file")], mount_cap("xfs")).await;
-    assert_eq!(std::fs::read_dir(d.path("state/files")).unwrap().count(), 1);
+    assert_eq!(d.stored_devices(1).await, 1);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
     d.finish().await;
 }
@@ -449,7 +451,7 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
     let mut from_missing = create_req("from-missing", 0, &[], mount_cap("ext4"));
     from_missing.volume_content_source = Some(snapshot_source("tb-snap-999"));
     assert_eq!(code(c.create_volume(from_missing).await), Code::NotFound);
-    assert!(std::fs::read_dir(d.path("state/snapshots")).unwrap().next().is_none(), "no snapshot image left");
+    assert_eq!(d.stored_devices(0).await, 0, "no snapshot or volume device left");
     d.finish().await;
 }
 

@@ -7,7 +7,7 @@
 //!   committed; the rootfs is an active snapshot on it (a `FICLONE` of the
 //!   layer's image on its own loop device), as containerd would make it.
 //! * emptyDir: `thinbox_csi::Driver` publishes an inline ephemeral `file`
-//!   volume for Kata (a sparse ext4 image on a loop device with direct I/O);
+//!   volume for Kata (an ext4 device of the pool, as the daemon makes it);
 //!   the guest gets the device named in the Kata direct-volume record and
 //!   writes the test file itself, as a pod would fill its emptyDir.
 
@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use rustix::mount::MountFlags;
 use thinbox_block_passthrough::DirectVolumes;
 use thinbox_blockstore::{BackendKind, Bytes, FsType, PoolConfig};
-use thinbox_csi::driver::{AccessType, CreateRequest};
+use thinbox_csi::controller::CreateRequest;
+use thinbox_csi::node::AccessType;
 use thinbox_csi::state::{Kind as VolumeKind, Sandbox};
 use thinbox_guest_vm::BootDisk;
 use thinbox_snapshotter::Snapshots;
@@ -163,8 +164,9 @@ impl EmptyDir {
             direct_volumes: direct.clone(),
             ..thinbox_csi::CsiConfig::default()
         };
-        // Block volumes are not used here; keep the embedded pool small.
-        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes(1 << 30), reserve: Bytes(64 << 20), ..PoolConfig::default() };
+        // The one volume is a device of the pool: room for it and the reserve.
+        let embedded_size = Bytes(volume_size(params.file_size).get() + (1 << 30));
+        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size, reserve: Bytes(64 << 20), ..PoolConfig::default() };
         let driver = thinbox_csi::Driver::open(&root, "fio-bench", pool, config).map_err(csi_err("opening the CSI driver"))?;
         let target = kubelet.join("pods/fio-bench/volumes/kubernetes.io~csi/scratch/mount");
         // The kubelet makes the target's parent; the driver makes the target.
@@ -219,7 +221,7 @@ impl EmptyDir {
         guest.lay_out(&guest_file(), params.file_size)?;
         self.info.guest = Some(guest.info().clone());
         self.info.setup = format!(
-            "guest fio on ext4 on virtio-blk (cache.direct=on) of {}: a thinbox-csi inline ephemeral `file` volume published for Kata in-process by thinbox_csi::Driver ({} sparse ext4 image on a loop device with direct I/O, device from the Kata direct-volume record); the file written in the guest before the first job",
+            "guest fio on ext4 on virtio-blk (cache.direct=on) of {}: a Thinbox CSI inline ephemeral `file` volume published for Kata in-process by thinbox_csi::Driver ({} ext4 device of the pool: a reflinked image on a loop device with direct I/O, named in the Kata direct-volume record); the file written in the guest before the first job",
             device.display(),
             fmt_size(size.get())
         );

@@ -7,18 +7,132 @@
 //! at `dir_path` if configured, else an embedded sparse XFS image under the
 //! state root (`<root>/dirs.img` at `<root>/dirs`).
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
-use thinbox_blockstore::Bytes;
+use thinbox_blockstore::redb::WriteTransaction;
+use thinbox_blockstore::{Bytes, DeviceId};
 use thinbox_blockstore::{embedded, mountinfo};
 
+use super::{Held, New, Shape, Storage};
 use crate::error::{Error, Result};
+
+/// The `dir` kind: [`Dirs`], set up on first use (not every kernel has XFS
+/// project quotas; the other kinds work without).
+#[derive(Debug)]
+pub(crate) struct DirStorage {
+    root: PathBuf,
+    configured: Option<PathBuf>,
+    size: Bytes,
+    reserve: Bytes,
+    dirs: OnceLock<Dirs>,
+}
+
+impl DirStorage {
+    /// `dir` volumes at `configured`, else in an embedded image of `size` under `root`.
+    pub(crate) fn new(root: &Path, configured: Option<&Path>, size: Bytes, reserve: Bytes) -> DirStorage {
+        DirStorage { root: root.to_owned(), configured: configured.map(Path::to_owned), size, reserve, dirs: OnceLock::new() }
+    }
+
+    /// The filesystem, set up now if it is not yet.
+    fn dirs(&self) -> Result<&Dirs> {
+        if let Some(d) = self.dirs.get() {
+            return Ok(d);
+        }
+        let d = Dirs::open(&self.root, self.configured.as_deref(), self.size)
+            .map_err(|e| Error::FailedPrecondition(format!("dir volumes are not available on this node: {}", crate::error::chain(&e))))?;
+        Ok(self.dirs.get_or_init(|| d))
+    }
+
+    fn project(held: &Held<'_>) -> Result<u32> {
+        held.project.ok_or_else(|| Error::NotFound(format!("volume {} has no project id", held.id)))
+    }
+}
+
+impl Storage for DirStorage {
+    fn shape(&self) -> Shape {
+        Shape::Directory
+    }
+
+    fn snapshots(&self) -> bool {
+        false
+    }
+
+    fn capacity(&self) -> Result<u64> {
+        Ok(self.dirs()?.free()?.saturating_sub(self.reserve.get()))
+    }
+
+    fn plan(&self, _txn: &WriteTransaction, _new: &New<'_>) -> Result<Option<DeviceId>> {
+        Ok(None)
+    }
+
+    fn build(&self, new: &New<'_>, _device: Option<DeviceId>) -> Result<()> {
+        let project = new.project.ok_or_else(|| Error::NotFound(format!("volume {} has no project id", new.id)))?;
+        self.dirs()?.create(new.id, project, new.size)
+    }
+
+    fn ready(&self, _txn: &WriteTransaction, _device: Option<DeviceId>) -> Result<()> {
+        Ok(())
+    }
+
+    fn attach(&self, held: &Held<'_>) -> Result<PathBuf> {
+        Ok(self.dirs()?.path(held.id))
+    }
+
+    fn detach(&self, _held: &Held<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    fn grow(&self, held: &Held<'_>, size: Bytes) -> Result<()> {
+        if self.capacity()? < size.get() - held.size.get() {
+            return Err(Error::ResourceExhausted(format!("no room to grow {} to {size}", held.id)));
+        }
+        self.dirs()?.limit(Self::project(held)?, size)
+    }
+
+    fn allocated(&self, held: &Held<'_>) -> Result<u64> {
+        self.dirs()?.used(Self::project(held)?)
+    }
+
+    fn plan_remove(&self, _txn: &WriteTransaction, _held: &Held<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    fn remove(&self, held: &Held<'_>) -> Result<()> {
+        self.dirs()?.remove(held.id, Self::project(held)?)
+    }
+
+    fn sweep(&self, known: &HashSet<String>) -> Result<()> {
+        // Only where dir volumes were ever set up: opening the filesystem
+        // would make the embedded image.
+        if self.configured.is_none() && !self.root.join("dirs.img").exists() {
+            return Ok(());
+        }
+        let dirs = self.dirs()?;
+        for dir in dirs.list()? {
+            if !known.contains(&dir) {
+                tracing::info!(dir = %dir, "removing directory without a volume");
+                let path = dirs.path(&dir);
+                fs::remove_dir_all(&path).map_err(Error::io("remove", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self) -> Result<()> {
+        match self.dirs.get() {
+            Some(d) => d.release(),
+            None => Ok(()),
+        }
+    }
+}
 
 /// The filesystem that holds directory volumes.
 #[derive(Debug)]
-pub struct Dirs {
+pub(crate) struct Dirs {
     mountpoint: PathBuf,
     embedded: bool,
 }

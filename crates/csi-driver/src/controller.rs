@@ -1,0 +1,287 @@
+//! The controller's side of the driver: volumes and snapshots made, grown and
+//! removed, and the room for new ones.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use thinbox_blockstore::redb::ReadableDatabase;
+use thinbox_blockstore::{Bytes, DeviceId, FsType, fault, run_tool};
+
+use crate::driver::{Driver, pick_size};
+use crate::error::{Error, Result, invalid};
+use crate::state::{self, Kind, Mode, NAMES, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
+use crate::storage::New;
+
+/// What CreateVolume asks for, already decoded.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    /// Idempotency key.
+    pub name: String,
+    /// At least this many bytes (0: no lower bound).
+    pub required: u64,
+    /// At most this many bytes (0: no upper bound).
+    pub limit: u64,
+    /// What backs it.
+    pub kind: Kind,
+    /// Filesystem, or `None` for raw block only.
+    pub fs: Option<FsType>,
+    /// Sandbox asked for by the StorageClass.
+    pub sandbox: Option<Sandbox>,
+    /// An inline ephemeral volume.
+    pub ephemeral: bool,
+    /// Parameters to keep.
+    pub parameters: BTreeMap<String, String>,
+    /// Content to start from (a snapshot, or another volume to clone).
+    pub source: Option<Source>,
+}
+
+/// Where a new volume's content comes from, resolved.
+struct Origin {
+    kind: Kind,
+    fs: Option<FsType>,
+    size: Bytes,
+    device: Option<DeviceId>,
+    /// The live volume (a clone's source), to keep still meanwhile.
+    live: Option<Volume>,
+}
+
+/// A filesystem frozen for a snapshot; thawed when dropped.
+struct Frozen(PathBuf);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = run_tool("fsfreeze", &["-u".as_ref(), self.0.as_os_str()], &self.0) {
+            tracing::error!(target = %self.0.display(), error = %crate::error::chain(&e), "thaw after snapshot");
+        }
+    }
+}
+
+impl Driver {
+    /// Free bytes for new volumes of `kind`: for `block` and `file`, what the
+    /// pool has left after everything (rootfs snapshots and image layers
+    /// too) and its reserve.
+    pub fn capacity(&self, kind: Kind) -> Result<u64> {
+        self.storage(kind).capacity()
+    }
+
+    /// CreateVolume: idempotent by name; from a snapshot or a clone of another
+    /// volume when `source` says.
+    pub fn create(&self, req: &CreateRequest) -> Result<Volume> {
+        self.engine.with_room(|e: &Error| e.code() == tonic::Code::ResourceExhausted, || self.create_once(req))
+    }
+
+    fn create_once(&self, req: &CreateRequest) -> Result<Volume> {
+        let _s = self.serial();
+        let origin = match &req.source {
+            None => None,
+            Some(src) => Some(self.origin(src, req)?),
+        };
+        let default = origin.as_ref().map_or(self.cfg.default_size, |o| o.size);
+        let size = pick_size(req.required, req.limit, default)?;
+        let size = origin.as_ref().map_or(size, |o| size.max(o.size));
+        let fs = origin.as_ref().map_or(req.fs, |o| o.fs);
+        if let Some(v) = self.by_name(&req.name)? {
+            let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
+            if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source {
+                return Err(Error::AlreadyExists(format!("volume {:?} exists as {} {} {:?}, not as asked", req.name, v.kind.as_str(), v.size, v.fs)));
+            }
+            return Ok(v);
+        }
+        let storage = self.storage(req.kind);
+        if storage.capacity()? < size.get() {
+            return Err(Error::ResourceExhausted(format!("no room for a {size} {} volume on this node", req.kind.as_str())));
+        }
+        // Intent: the record (and what its storage reserves) before any work.
+        let txn = self.pool().store().write()?;
+        let n = state::next_number(&txn, "volume")?;
+        let id = format!("tb-{}-{n}", req.kind.as_str());
+        let project = (req.kind == Kind::Dir)
+            .then(|| u32::try_from(n))
+            .transpose()
+            .map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
+        let new = New { id: &id, size, fs, origin: origin.as_ref().and_then(|o| o.device), project };
+        let device = storage.plan(&txn, &new)?;
+        let mut vol = Volume {
+            id: id.clone(),
+            name: req.name.clone(),
+            kind: req.kind,
+            size,
+            fs,
+            device,
+            state: State::Creating,
+            sandbox: req.sandbox,
+            ephemeral: req.ephemeral,
+            parameters: req.parameters.clone(),
+            source: req.source.clone(),
+            project,
+        };
+        state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
+        txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
+        txn.commit()?;
+        fault::point("csi.create.after_intent");
+
+        let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| storage.build(&new, device));
+        if let Err(e) = made {
+            tracing::warn!(volume = %id, error = %crate::error::chain(&e), "create failed; rolling back");
+            self.forget_volume(&vol)?;
+            return Err(e);
+        }
+        fault::point("csi.create.after_build");
+        vol.state = State::Ready;
+        self.mark_ready(VOLUMES, storage, &vol.held(), &vol)?;
+        tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
+        Ok(vol)
+    }
+
+    /// Resolves a content source and checks it suits the request.
+    fn origin(&self, src: &Source, req: &CreateRequest) -> Result<Origin> {
+        let o = match src {
+            Source::Snapshot(id) => {
+                let snap = self
+                    .snapshot(id)?
+                    .filter(|s| s.state == State::Ready)
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))?;
+                Origin { kind: snap.kind, fs: snap.fs, size: snap.size, device: snap.device, live: None }
+            }
+            Source::Volume(id) => {
+                let v = self.require(id)?;
+                Origin { kind: v.kind, fs: v.fs, size: v.size, device: v.device, live: Some(v) }
+            }
+        };
+        if !self.storage(o.kind).snapshots() {
+            return Err(invalid(format!("{} volumes have no snapshots or clones", o.kind.as_str())));
+        }
+        if o.kind != req.kind {
+            return Err(invalid(format!("the source is a {} volume; a {} volume cannot be made from it", o.kind.as_str(), req.kind.as_str())));
+        }
+        if req.fs.is_some_and(|f| Some(f) != o.fs) {
+            return Err(invalid("the source holds a different filesystem"));
+        }
+        if req.limit != 0 && o.size.get() > req.limit {
+            return Err(Error::OutOfRange(format!("the source is {}, above limit_bytes {}", o.size, req.limit)));
+        }
+        Ok(o)
+    }
+
+    /// Freezes the filesystem of `vol` where it is mounted on this host, so a
+    /// copy of it is consistent. Not needed where the pool's snapshot
+    /// suspends the origin (dm-thin), which freezes it; a Kata guest's
+    /// filesystem cannot be frozen from here and is copied crash-consistent.
+    fn freeze(&self, vol: Option<&Volume>) -> Result<Option<Frozen>> {
+        let Some(vol) = vol else { return Ok(None) };
+        if self.pool().snapshot_suspends_origin() {
+            return Ok(None);
+        }
+        let Some(p) = self.publications_of(&vol.id)?.into_iter().find(|p| p.mode == Mode::HostMount && !p.readonly) else { return Ok(None) };
+        run_tool("fsfreeze", &["-f".as_ref(), p.target.as_os_str()], &p.target)?;
+        Ok(Some(Frozen(p.target)))
+    }
+
+    /// CreateSnapshot: idempotent by name. A thin snapshot or reflink of the
+    /// volume's device; the source is frozen meanwhile where it is mounted on
+    /// the host.
+    pub fn create_snapshot(&self, name: &str, source: &str) -> Result<Snapshot> {
+        let _s = self.serial();
+        let existing = {
+            let txn = self.pool().store().db().begin_read()?;
+            let id = txn.open_table(SNAPSHOT_NAMES)?.get(name)?.map(|v| v.value().to_owned());
+            match id {
+                Some(id) => state::get::<Snapshot>(&txn.open_table(SNAPSHOTS)?, &id)?,
+                None => None,
+            }
+        };
+        if let Some(snap) = existing {
+            if snap.source != source {
+                return Err(Error::AlreadyExists(format!("snapshot {name:?} exists for volume {}", snap.source)));
+            }
+            return Ok(snap);
+        }
+        let vol = self.require(source)?;
+        if !self.storage(vol.kind).snapshots() {
+            return Err(invalid(format!("volume {source} is a {} volume; those have no snapshots", vol.kind.as_str())));
+        }
+        let storage = self.snapshot_storage();
+        let txn = self.pool().store().write()?;
+        let id = format!("tb-snap-{}", state::next_number(&txn, "snapshot")?);
+        let new = New { id: &id, size: vol.size, fs: vol.fs, origin: vol.device, project: None };
+        let device = storage.plan(&txn, &new)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut snap = Snapshot {
+            id: id.clone(),
+            name: name.to_owned(),
+            source: source.to_owned(),
+            kind: vol.kind,
+            size: vol.size,
+            fs: vol.fs,
+            device,
+            state: State::Creating,
+            created: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0)),
+        };
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &id, &snap)?;
+        txn.open_table(SNAPSHOT_NAMES)?.insert(name, id.as_str())?;
+        txn.commit()?;
+        let made = self.freeze(Some(&vol)).and_then(|_frozen| storage.build(&new, device));
+        if let Err(e) = made {
+            tracing::warn!(snapshot = %id, error = %crate::error::chain(&e), "snapshot failed; rolling back");
+            self.forget_snapshot(&snap)?;
+            return Err(e);
+        }
+        snap.state = State::Ready;
+        self.mark_ready(SNAPSHOTS, storage, &snap.held(), &snap)?;
+        tracing::info!(snapshot = %id, name, source, "snapshot created");
+        Ok(snap)
+    }
+
+    /// DeleteSnapshot: idempotent. Volumes restored from it keep their content.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let _s = self.serial();
+        match self.snapshot(id)? {
+            Some(snap) => self.forget_snapshot(&snap),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn forget_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let marked = Snapshot { state: State::Deleting, ..snap.clone() };
+        self.forget((SNAPSHOTS, SNAPSHOT_NAMES), self.snapshot_storage(), &snap.held(), &snap.name, &marked)?;
+        tracing::info!(snapshot = %snap.id, device = ?snap.device, "snapshot deleted");
+        Ok(())
+    }
+
+    /// DeleteVolume: idempotent; a published volume is refused.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let _s = self.serial();
+        let Some(vol) = self.volume(id)? else { return Ok(()) };
+        if !self.publications_of(id)?.is_empty() {
+            return Err(Error::FailedPrecondition(format!("volume {id} is still published")));
+        }
+        self.forget_volume(&vol)
+    }
+
+    /// ControllerExpandVolume: grows the volume (live if attached) to the
+    /// range; a volume already that large stays as it is. Returns the size and
+    /// whether a filesystem must be grown on the node.
+    pub fn expand(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
+        let _s = self.serial();
+        self.grow(id, required, limit)
+    }
+
+    /// Grows the volume's storage, then its record: the record never says
+    /// more than the storage holds.
+    pub(crate) fn grow(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
+        let mut vol = self.require(id)?;
+        if limit != 0 && vol.size.get() > limit {
+            return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
+        }
+        let size = pick_size(required, limit, vol.size)?.max(vol.size);
+        if size > vol.size {
+            self.storage(vol.kind).grow(&vol.held(), size)?;
+            vol.size = size;
+            let txn = self.pool().store().write()?;
+            state::put(&mut txn.open_table(VOLUMES)?, id, &vol)?;
+            txn.commit()?;
+            tracing::info!(volume = %id, size = %size, "volume expanded");
+        }
+        Ok((size, vol.fs.is_some()))
+    }
+}

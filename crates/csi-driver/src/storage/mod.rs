@@ -1,0 +1,117 @@
+//! Where volumes keep their bytes: one [`Storage`] per kind of storage, each
+//! in its own module, as the block store's backends are. The driver picks one
+//! per record ([`crate::driver::Driver`]'s `storage`) and otherwise never looks
+//! at a volume's kind to decide how to make, attach, grow or remove it.
+//!
+//! * [`pooled`]: `block` and `file` volumes, and every CSI snapshot, are
+//!   devices of the one pool that rootfs snapshots use too, so GetCapacity and
+//!   a full pool mean the same for both APIs.
+//! * [`dir`]: `dir` volumes are directories with an XFS project quota on a
+//!   filesystem of their own.
+
+mod dir;
+mod pooled;
+
+use std::path::PathBuf;
+
+use thinbox_blockstore::redb::WriteTransaction;
+use thinbox_blockstore::{Bytes, DeviceId, FsType};
+
+use crate::error::Result;
+use crate::state::{Snapshot, Volume};
+
+pub(crate) use dir::DirStorage;
+pub(crate) use pooled::Pooled;
+
+/// A new volume or snapshot, as its storage sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct New<'a> {
+    pub id: &'a str,
+    pub size: Bytes,
+    /// Filesystem to make (`None`: raw block, or content from `origin`).
+    pub fs: Option<FsType>,
+    /// The device whose content it starts from (a snapshot's or a clone's source).
+    pub origin: Option<DeviceId>,
+    /// The project id of a `dir` volume.
+    pub project: Option<u32>,
+}
+
+/// What a record holds of its storage.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Held<'a> {
+    pub id: &'a str,
+    pub size: Bytes,
+    pub device: Option<DeviceId>,
+    pub project: Option<u32>,
+}
+
+impl Volume {
+    pub(crate) fn held(&self) -> Held<'_> {
+        Held { id: &self.id, size: self.size, device: self.device, project: self.project }
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn held(&self) -> Held<'_> {
+        Held { id: &self.id, size: self.size, device: self.device, project: None }
+    }
+}
+
+/// What a publication hands on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// A block device node (mounted, bind-mounted or passed to a guest).
+    Device,
+    /// A directory (bind-mounted; shared over virtio-fs into a guest).
+    Directory,
+}
+
+/// One kind of storage. Creation and deletion are two-phased: the `plan*`
+/// steps run inside the transaction that writes the driver's record (so the
+/// record and, say, its pool device's record change together), the others
+/// after it is committed; reconciliation finishes or rolls back what a crash
+/// cut short between them.
+pub(crate) trait Storage: std::fmt::Debug + Send + Sync {
+    /// What its publications hand on.
+    fn shape(&self) -> Shape;
+
+    /// Whether it has snapshots and clones.
+    fn snapshots(&self) -> bool;
+
+    /// Room for a new volume now, after the pool's reserve.
+    fn capacity(&self) -> Result<u64>;
+
+    /// Creation, phase one: reserves what `new` needs; returns its pool device.
+    fn plan(&self, txn: &WriteTransaction, new: &New<'_>) -> Result<Option<DeviceId>>;
+
+    /// Creation, phase two: makes it.
+    fn build(&self, new: &New<'_>, device: Option<DeviceId>) -> Result<()>;
+
+    /// Creation, last phase: marks what `plan` reserved ready.
+    fn ready(&self, txn: &WriteTransaction, device: Option<DeviceId>) -> Result<()>;
+
+    /// The node a publication uses (a device node or a directory), attached if need be.
+    fn attach(&self, held: &Held<'_>) -> Result<PathBuf>;
+
+    /// Lets go of what [`Storage::attach`] took, once nothing publishes it.
+    fn detach(&self, held: &Held<'_>) -> Result<()>;
+
+    /// Grows it to `size` (above `held.size`), live if it is in use; a
+    /// filesystem inside is the node's to grow.
+    fn grow(&self, held: &Held<'_>, size: Bytes) -> Result<()>;
+
+    /// Bytes it holds on the node.
+    fn allocated(&self, held: &Held<'_>) -> Result<u64>;
+
+    /// Deletion, phase one: marks what it holds for removal.
+    fn plan_remove(&self, txn: &WriteTransaction, held: &Held<'_>) -> Result<()>;
+
+    /// Deletion, phase two: removes it, or hands it to the background deleter.
+    fn remove(&self, held: &Held<'_>) -> Result<()>;
+
+    /// At start-up: removes what it holds for no record (`known` ids).
+    fn sweep(&self, known: &std::collections::HashSet<String>) -> Result<()>;
+
+    /// On exit with `release`: lets go of what it mounted for itself.
+    fn release(&self) -> Result<()>;
+}
