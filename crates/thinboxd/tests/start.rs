@@ -39,8 +39,12 @@ fn stop(mut child: Child) {
 
 /// A start that must fail: its status, and its stderr's error lines.
 fn refused(root: &Path, socket: &Path, extra: &[&str]) -> (Output, Vec<String>) {
-    let out = thinboxd(root, socket, extra).output().unwrap();
-    assert!(!out.status.success(), "thinboxd {extra:?} must fail to start");
+    refused_cmd(thinboxd(root, socket, extra))
+}
+
+fn refused_cmd(mut cmd: Command) -> (Output, Vec<String>) {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} must fail to start");
     let errors = String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("ERROR")).map(str::to_owned).collect();
     (out, errors)
 }
@@ -153,6 +157,30 @@ async fn a_bad_start_says_what_to_do_and_touches_nothing() {
             "device-mapper is not available (/dev/mapper/control): load it with `modprobe dm_thin_pool`, or set [pool] backend = \"reflink\"",
         );
     }
+
+    // A volume image of the layout before file volumes moved into the pool:
+    // refused with both doors on, and kept.
+    let legacy = root.join("files/tb-file-1.img");
+    std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+    std::fs::write(&legacy, "old volume").unwrap();
+    let both = dir.path().join("both.toml");
+    std::fs::write(
+        &both,
+        format!(
+            "[pool]\nbackend = \"reflink\"\nembedded_size = \"2GiB\"\nreserve = \"64MiB\"\n[csi]\nendpoint = \"unix://{0}/csi.sock\"\nkubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinboxd"));
+    cmd.arg("--root").arg(&root).arg("--snapshotter-address").arg(&socket).arg("--config").arg(&both).env("THINBOX_LOG", "info");
+    let (_, e) = refused_cmd(cmd);
+    one_line_saying(
+        &e,
+        &format!("{}/files holds {}: it was made by a thinboxd from before file volumes moved into the pool", root.display(), legacy.display()),
+    );
+    assert_eq!(std::fs::read_to_string(&legacy).unwrap(), "old volume");
+    std::fs::remove_dir_all(root.join("files")).unwrap();
 
     // Nothing was touched: same files, and a good start serves the layer.
     assert_eq!(files_under(&root.join("pool/devices")), before);
