@@ -166,7 +166,7 @@ fn status_text(s: &PoolStatus) -> String {
         vec!["reserve".to_owned(), size(s.reserve)],
     ];
     if s.free < s.reserve {
-        rows.push(vec!["warning".to_owned(), "free space is below the reserve: new snapshots are refused".to_owned()]);
+        rows.push(vec!["warning".to_owned(), "free space is below the reserve: new snapshots and volumes are refused".to_owned()]);
     }
     rows.extend([
         vec![
@@ -260,7 +260,7 @@ fn report_text(r: &Report, tense: Tense) -> String {
     };
     let mut rows = Vec::new();
     for id in &r.devices_removed {
-        rows.push(vec![verb("remove", "removed"), format!("device {id}"), "half-made, half-deleted, or no snapshot uses it".to_owned()]);
+        rows.push(vec![verb("remove", "removed"), format!("device {id}"), "half-made, half-deleted, or no snapshot or volume uses it".to_owned()]);
     }
     for o in &r.orphans {
         let kind = match o.kind.as_str() {
@@ -278,7 +278,7 @@ fn report_text(r: &Report, tense: Tense) -> String {
         rows.push(vec![verb("detach", "detached"), format!("device {id}"), "inactive, but still attached".to_owned()]);
     }
     for id in &r.missing {
-        rows.push(vec!["MISSING".to_owned(), format!("device {id}"), "a snapshot uses it, but its storage is gone".to_owned()]);
+        rows.push(vec!["MISSING".to_owned(), format!("device {id}"), "a snapshot or volume uses it, but its storage is gone".to_owned()]);
     }
     table(&rows) + &summary(r, tense) + "\n"
 }
@@ -290,7 +290,7 @@ fn summary(r: &Report, tense: Tense) -> String {
         String::new()
     } else {
         format!(
-            "; {} device(s) with missing storage: gc cannot repair them, remove the snapshots that use them ({})",
+            "; {} device(s) with missing storage: gc cannot repair them, remove the snapshots or volumes that use them ({})",
             r.missing.len(),
             ids(&r.missing)
         )
@@ -568,7 +568,7 @@ mod tests {
         assert_eq!(outcome.exit_code(), 1);
         assert_eq!(
             out,
-            "would remove  device 7                 half-made, half-deleted, or no snapshot uses it\n\
+            "would remove  device 7                 half-made, half-deleted, or no snapshot or volume uses it\n\
              would remove  file /p/devices/999.img  not in the store\n\
              check: 2 finding(s); `thinboxctl gc` cleans them up\n"
         );

@@ -226,15 +226,15 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
     let scratch = n.publish_ephemeral(handle, "scratch", "128Mi").await;
     write(&scratch.join("data"), 8 << 20);
 
-    // status: the four consumers; the emptyDir is a `file` volume, outside the pool.
+    // status: the four consumers, each with its device in the one pool.
     let st = ctl(&socket, &["--json", "status"]);
     assert_eq!(st.code, 0, "{}", st.stderr);
     let st = st.json();
-    assert_eq!(st["devices"], 3, "the layer's, the rootfs' and the volume's: {st}");
+    assert_eq!(st["devices"], 4, "the layer's, the rootfs', the volume's and the emptyDir's: {st}");
     let consumers = st["consumers"].as_array().unwrap();
     let names: Vec<&str> = consumers.iter().map(|c| c["consumer"].as_str().unwrap()).collect();
     assert_eq!(names, ["image_layer", "container_rootfs", "volume", "emptydir"], "{st}");
-    for (c, at_least) in consumers.iter().zip([1, 4 << 20, 8 << 20]) {
+    for (c, at_least) in consumers.iter().zip([1, 4 << 20, 8 << 20, 8 << 20]) {
         assert_eq!(
             (&c["devices"], &c["unreadable"], &c["outside_pool_volumes"], &c["outside_pool_bytes"]),
             (&1.into(), &0.into(), &0.into(), &0.into()),
@@ -242,10 +242,6 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
         );
         assert!(c["bytes"].as_u64().unwrap() >= at_least, "{c}");
     }
-    let empty_dir = &consumers[3];
-    assert_eq!((&empty_dir["devices"], &empty_dir["bytes"], &empty_dir["unreadable"]), (&0.into(), &0.into(), &0.into()), "{empty_dir}");
-    assert_eq!(empty_dir["outside_pool_volumes"], 1, "{empty_dir}");
-    assert!(empty_dir["outside_pool_bytes"].as_u64().unwrap() >= 8 << 20, "{empty_dir}");
     // Each consumer's bytes are its devices' usage as `devices` reports it
     // (compared at a moment the usage holds still between two listings).
     for attempt in 0.. {
@@ -254,24 +250,26 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
         if before != usage_by_consumer(&socket) && attempt < 10 {
             continue;
         }
-        for c in st["consumers"].as_array().unwrap().iter().take(3) {
+        for c in st["consumers"].as_array().unwrap() {
             assert_eq!(c["bytes"].as_u64(), before.get(&c["consumer"]).copied(), "{c} vs {before:?}");
         }
         break;
     }
     let human = ctl(&socket, &["status"]);
     assert_eq!(human.code, 0, "{}", human.stderr);
-    assert!(human.stdout.contains("\n\nCONSUMER          DEVICES  USED    OUTSIDE THE POOL\n"), "{}", human.stdout);
-    for c in ["image_layer", "container_rootfs", "volume"] {
+    // No volume lives outside the pool, so no column for them.
+    assert!(human.stdout.contains("\n\nCONSUMER          DEVICES  USED\n"), "{}", human.stdout);
+    for c in ["image_layer", "container_rootfs", "volume", "emptydir"] {
         let row = status_row(&human.stdout, c);
-        assert_eq!((row[1].as_str(), row[3].as_str()), ("1", "-"), "{row:?}");
+        assert_eq!((row.len(), row[1].as_str()), (3, "1"), "{row:?}");
     }
-    assert_eq!(status_row(&human.stdout, "emptydir")[..5], ["emptydir", "0", "0B", "1", "volume(s),"], "{}", human.stdout);
 
-    // devices: each names its consumer and owner; the emptyDir has no pool device.
+    // devices: each names its consumer and owner.
     let devs = ctl(&socket, &["--json", "devices"]);
     assert_eq!(devs.code, 0, "{}", devs.stderr);
     let devs = devs.json()["devices"].as_array().unwrap().clone();
+    let scratch_id = devs.iter().find(|d| d["consumer"] == "emptydir").and_then(|d| d["volumes"][0].as_str()).unwrap().to_owned();
+    assert!(scratch_id.starts_with("tb-file-"), "an inline volume is a file volume: {scratch_id}");
     let owners: Vec<(&Value, &Value, &Value)> = devs.iter().map(|d| (&d["consumer"], &d["snapshots"], &d["volumes"])).collect();
     let none = serde_json::json!([]);
     assert_eq!(
@@ -280,6 +278,7 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
             (&"image_layer".into(), &serde_json::json!(["base"]), &none),
             (&"container_rootfs".into(), &serde_json::json!(["ctr"]), &none),
             (&"volume".into(), &none, &serde_json::json!([vol])),
+            (&"emptydir".into(), &none, &serde_json::json!([scratch_id])),
         ],
         "in id order: {devs:?}"
     );
@@ -287,7 +286,12 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
     assert_eq!(human.code, 0, "{}", human.stderr);
     assert!(human.stdout.starts_with("ID  STATE  ACCESS  NODE"), "{}", human.stdout);
     let tails: Vec<Vec<&str>> = human.stdout.lines().skip(1).map(|l| l.split_whitespace().rev().take(2).collect()).collect();
-    assert_eq!(tails, [["base", "image_layer"], ["ctr", "container_rootfs"], [vol.as_str(), "volume"]], "{}", human.stdout);
+    assert_eq!(
+        tails,
+        [["base", "image_layer"], ["ctr", "container_rootfs"], [vol.as_str(), "volume"], [scratch_id.as_str(), "emptydir"]],
+        "{}",
+        human.stdout
+    );
 
     // Both front ends' records count: nothing for gc to clean.
     let check = ctl(&socket, &["check"]);
@@ -296,7 +300,7 @@ async fn status_and_devices_show_each_consumer_of_a_pool_both_doors_share() {
     // The emptyDir goes with its publication.
     n.unpublish(handle, &scratch).await;
     let st = ctl(&socket, &["--json", "status"]).json();
-    assert_eq!(st["consumers"][3]["outside_pool_volumes"], 0, "{st}");
+    assert_eq!(st["consumers"][3]["devices"], 0, "{st}");
     n.unpublish(&vol, &vol_target).await;
     drop(rootfs);
     n.stop();
