@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use thinbox_blockstore::redb::ReadableDatabase;
-use thinbox_blockstore::{Bytes, DeviceId, FsType, fault, run_tool};
+use thinbox_blockstore::redb::{ReadableDatabase, WriteTransaction};
+use thinbox_blockstore::{Bytes, CreateSpec, Creation, DeviceId, DeviceRecord, Engine, FsType, Points, run_tool};
 
 use crate::driver::{Driver, pick_size};
 use crate::error::{Error, Result, invalid};
 use crate::state::{self, Kind, Mode, NAMES, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
-use crate::storage::New;
+use crate::storage::{New, Shape, Storage};
 
 /// What CreateVolume asks for, already decoded.
 #[derive(Clone, Debug)]
@@ -56,6 +56,115 @@ impl Drop for Frozen {
     }
 }
 
+/// Crash-test points of CreateVolume's steps.
+const VOLUME_POINTS: Points =
+    Points { after_intent: "csi.create.after_intent", after_build: "csi.create.after_build", after_ready: "csi.create.after_ready" };
+/// Crash-test points of CreateSnapshot's steps.
+const SNAPSHOT_POINTS: Points =
+    Points { after_intent: "csi.snapshot.after_intent", after_build: "csi.snapshot.after_build", after_ready: "csi.snapshot.after_ready" };
+
+/// CreateVolume's part in the engine's intent discipline: the volume record
+/// (`Creating`, then `Ready`) beside its pool device's.
+struct MakeVolume<'a> {
+    driver: &'a Driver,
+    storage: &'a dyn Storage,
+    /// The record; its id and project are given at the intent.
+    vol: Volume,
+    /// The source's device, and the live volume to keep still (a clone's).
+    origin: Option<(Option<DeviceId>, Option<&'a Volume>)>,
+}
+
+impl MakeVolume<'_> {
+    fn wanted(&self) -> New<'_> {
+        let v = &self.vol;
+        New { id: &v.id, size: v.size, fs: v.fs, origin: self.origin.and_then(|(d, _)| d), project: v.project }
+    }
+}
+
+impl Creation for MakeVolume<'_> {
+    type Error = Error;
+
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+        let n = state::next_number(txn, "volume")?;
+        self.vol.id = format!("tb-{}-{n}", self.vol.kind.as_str());
+        self.vol.project = (self.storage.shape() == Shape::Directory)
+            .then(|| u32::try_from(n))
+            .transpose()
+            .map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
+        Ok(self.storage.spec(&self.wanted()))
+    }
+
+    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
+        self.vol.device = device.map(|d| d.id);
+        state::put(&mut txn.open_table(VOLUMES)?, &self.vol.id, &self.vol)?;
+        txn.open_table(NAMES)?.insert(self.vol.name.as_str(), self.vol.id.as_str())?;
+        Ok(())
+    }
+
+    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
+        let _frozen = self.driver.freeze(self.origin.and_then(|(_, live)| live))?;
+        self.storage.build(engine, &self.wanted(), device)?;
+        Ok(None)
+    }
+
+    fn undo(&mut self, txn: &WriteTransaction) -> Result<()> {
+        tracing::warn!(volume = %self.vol.id, "create failed; rolling back");
+        self.storage.remove(&self.vol.held())?;
+        state::remove_named(txn, VOLUMES, NAMES, &self.vol.id, &self.vol.name)
+    }
+
+    fn ready(&mut self, txn: &WriteTransaction) -> Result<()> {
+        self.vol.state = State::Ready;
+        state::put(&mut txn.open_table(VOLUMES)?, &self.vol.id, &self.vol)
+    }
+}
+
+/// CreateSnapshot's part in the engine's intent discipline.
+struct MakeSnapshot<'a> {
+    driver: &'a Driver,
+    /// The record; its id is given at the intent.
+    snap: Snapshot,
+    source: &'a Volume,
+}
+
+impl MakeSnapshot<'_> {
+    fn wanted(&self) -> New<'_> {
+        New { id: &self.snap.id, size: self.snap.size, fs: self.snap.fs, origin: self.source.device, project: None }
+    }
+}
+
+impl Creation for MakeSnapshot<'_> {
+    type Error = Error;
+
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+        self.snap.id = format!("tb-snap-{}", state::next_number(txn, "snapshot")?);
+        Ok(self.driver.snapshot_storage().spec(&self.wanted()))
+    }
+
+    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
+        self.snap.device = device.map(|d| d.id);
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &self.snap.id, &self.snap)?;
+        txn.open_table(SNAPSHOT_NAMES)?.insert(self.snap.name.as_str(), self.snap.id.as_str())?;
+        Ok(())
+    }
+
+    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
+        let _frozen = self.driver.freeze(Some(self.source))?;
+        self.driver.snapshot_storage().build(engine, &self.wanted(), device)?;
+        Ok(None)
+    }
+
+    fn undo(&mut self, txn: &WriteTransaction) -> Result<()> {
+        tracing::warn!(snapshot = %self.snap.id, "snapshot failed; rolling back");
+        state::remove_named(txn, SNAPSHOTS, SNAPSHOT_NAMES, &self.snap.id, &self.snap.name)
+    }
+
+    fn ready(&mut self, txn: &WriteTransaction) -> Result<()> {
+        self.snap.state = State::Ready;
+        state::put(&mut txn.open_table(SNAPSHOTS)?, &self.snap.id, &self.snap)
+    }
+}
+
 impl Driver {
     /// Free bytes for new volumes of `kind`: for `block` and `file`, what the
     /// pool has left after everything (rootfs snapshots and image layers
@@ -88,48 +197,26 @@ impl Driver {
             return Ok(v);
         }
         let storage = self.storage(req.kind);
-        if storage.capacity()? < size.get() {
-            return Err(Error::ResourceExhausted(format!("no room for a {size} {} volume on this node", req.kind.as_str())));
-        }
-        // Intent: the record (and what its storage reserves) before any work.
-        let txn = self.pool().store().write()?;
-        let n = state::next_number(&txn, "volume")?;
-        let id = format!("tb-{}-{n}", req.kind.as_str());
-        let project = (req.kind == Kind::Dir)
-            .then(|| u32::try_from(n))
-            .transpose()
-            .map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
-        let new = New { id: &id, size, fs, origin: origin.as_ref().and_then(|o| o.device), project };
-        let device = storage.plan(&txn, &new)?;
-        let mut vol = Volume {
-            id: id.clone(),
+        storage.admit(size)?;
+        let new = Volume {
+            id: String::new(),
             name: req.name.clone(),
             kind: req.kind,
             size,
             fs,
-            device,
+            device: None,
             state: State::Creating,
             sandbox: req.sandbox,
             ephemeral: req.ephemeral,
             parameters: req.parameters.clone(),
             source: req.source.clone(),
-            project,
+            project: None,
         };
-        state::put(&mut txn.open_table(VOLUMES)?, &id, &vol)?;
-        txn.open_table(NAMES)?.insert(req.name.as_str(), id.as_str())?;
-        txn.commit()?;
-        fault::point("csi.create.after_intent");
-
-        let made = self.freeze(origin.as_ref().and_then(|o| o.live.as_ref())).and_then(|_frozen| storage.build(&new, device));
-        if let Err(e) = made {
-            tracing::warn!(volume = %id, error = %crate::error::chain(&e), "create failed; rolling back");
-            self.forget_volume(&vol)?;
-            return Err(e);
-        }
-        fault::point("csi.create.after_build");
-        vol.state = State::Ready;
-        self.mark_ready(VOLUMES, storage, &vol.held(), &vol)?;
-        tracing::info!(volume = %id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
+        let origin = origin.as_ref().map(|o| (o.device, o.live.as_ref()));
+        let mut make = MakeVolume { driver: self, storage, vol: new, origin };
+        self.engine.create(&mut make, VOLUME_POINTS)?;
+        let vol = make.vol;
+        tracing::info!(volume = %vol.id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
         Ok(vol)
     }
 
@@ -200,36 +287,22 @@ impl Driver {
         if !self.storage(vol.kind).snapshots() {
             return Err(invalid(format!("volume {source} is a {} volume; those have no snapshots", vol.kind.as_str())));
         }
-        let storage = self.snapshot_storage();
-        let txn = self.pool().store().write()?;
-        let id = format!("tb-snap-{}", state::next_number(&txn, "snapshot")?);
-        let new = New { id: &id, size: vol.size, fs: vol.fs, origin: vol.device, project: None };
-        let device = storage.plan(&txn, &new)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let mut snap = Snapshot {
-            id: id.clone(),
+        let snap = Snapshot {
+            id: String::new(),
             name: name.to_owned(),
             source: source.to_owned(),
             kind: vol.kind,
             size: vol.size,
             fs: vol.fs,
-            device,
+            device: None,
             state: State::Creating,
             created: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0)),
         };
-        state::put(&mut txn.open_table(SNAPSHOTS)?, &id, &snap)?;
-        txn.open_table(SNAPSHOT_NAMES)?.insert(name, id.as_str())?;
-        txn.commit()?;
-        let made = self.freeze(Some(&vol)).and_then(|_frozen| storage.build(&new, device));
-        if let Err(e) = made {
-            tracing::warn!(snapshot = %id, error = %crate::error::chain(&e), "snapshot failed; rolling back");
-            self.forget_snapshot(&snap)?;
-            return Err(e);
-        }
-        snap.state = State::Ready;
-        self.mark_ready(SNAPSHOTS, storage, &snap.held(), &snap)?;
-        tracing::info!(snapshot = %id, name, source, "snapshot created");
-        Ok(snap)
+        let mut make = MakeSnapshot { driver: self, snap, source: &vol };
+        self.engine.create(&mut make, SNAPSHOT_POINTS)?;
+        tracing::info!(snapshot = %make.snap.id, name, source, "snapshot created");
+        Ok(make.snap)
     }
 
     /// DeleteSnapshot: idempotent. Volumes restored from it keep their content.

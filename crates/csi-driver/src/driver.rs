@@ -167,27 +167,12 @@ impl Driver {
         self.storage(vol.kind).allocated(&vol.held())
     }
 
-    /// Last phase of a creation: the ready record, and what its storage
-    /// reserved marked ready, in one transaction.
-    pub(crate) fn mark_ready<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &str>,
-        storage: &dyn Storage,
-        held: &Held<'_>,
-        ready: &T,
-    ) -> Result<()> {
-        let txn = self.pool().store().write()?;
-        storage.ready(&txn, held.device)?;
-        state::put(&mut txn.open_table(table)?, held.id, ready)?;
-        txn.commit()?;
-        Ok(())
-    }
-
     /// Removes a volume or snapshot: the record marked `Deleting` with its
-    /// storage planned for removal (one transaction), the storage removed (a
-    /// pool device by the background deleter, so the call does not wait for
-    /// the kernel), then the record and its name. A crash in between leaves a
-    /// `Deleting` record, which reconciliation removes the same way.
+    /// pool device (one transaction), what it holds outside the pool
+    /// removed, the device handed to the engine's deleter (so the call does
+    /// not wait for the kernel), then the record and its name. A crash in
+    /// between leaves a `Deleting` record, which reconciliation removes the
+    /// same way.
     pub(crate) fn forget<T: Serialize>(
         &self,
         (records, names): (TableDefinition<&str, &str>, TableDefinition<&str, &str>),
@@ -198,10 +183,15 @@ impl Driver {
     ) -> Result<()> {
         let txn = self.pool().store().write()?;
         state::put(&mut txn.open_table(records)?, held.id, marked)?;
-        storage.plan_remove(&txn, held)?;
+        if let Some(dev) = held.device {
+            self.engine.plan_forget(&txn, dev)?;
+        }
         txn.commit()?;
         fault::point("csi.delete.after_mark");
         storage.remove(held)?;
+        if let Some(dev) = held.device {
+            self.engine.forget(dev);
+        }
         let txn = self.pool().store().write()?;
         state::remove_named(&txn, records, names, held.id, name)?;
         txn.commit()?;

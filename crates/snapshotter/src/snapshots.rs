@@ -4,7 +4,8 @@
 //! has no parent, otherwise a copy-on-write snapshot of its parent's device.
 //! Active snapshots are attached read-write, views read-only; committing
 //! detaches. Every operation writes the snapshot record and the device intent in
-//! one transaction before touching the kernel, so the engine's reconciliation
+//! one transaction before touching the kernel (Prepare through the engine's
+//! intent discipline, [`Engine::create`]), so the engine's reconciliation
 //! can converge any crash: [`SnapshotRecords`] drops a snapshot whose device
 //! never became ready, and the pool deletes devices nobody references.
 //!
@@ -18,7 +19,8 @@ use std::sync::Arc;
 
 use thinbox_blockstore::redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable, WriteTransaction};
 use thinbox_blockstore::{
-    Access, Bytes, Consumer, CreateSpec, DeviceId, DeviceState, Devices, Engine, ErrorKind, Pool, PoolConfig, ReconcileReport, fault,
+    Access, Bytes, Consumer, CreateSpec, Creation, DeviceId, DeviceRecord, DeviceState, Devices, Engine, ErrorKind, Points, Pool, PoolConfig,
+    ReconcileReport, fault,
 };
 use thinbox_proto::Mount;
 use thinbox_proto::snapshots::{Info, Kind as ProtoKind};
@@ -42,6 +44,86 @@ pub struct Usage {
     pub size: u64,
     /// Inodes.
     pub inodes: u64,
+}
+
+/// Crash-test points of Prepare's steps.
+const PREPARE_POINTS: Points =
+    Points { after_intent: "prepare.after_intent", after_build: "prepare.after_build", after_ready: "prepare.after_ready" };
+
+/// Prepare's part in the engine's intent discipline: the snapshot record
+/// beside its device's (a snapshot's state is its device's).
+struct Preparation<'a> {
+    cfg: &'a SnapshotConfig,
+    kind: Kind,
+    key: &'a str,
+    parent: &'a str,
+    labels: BTreeMap<String, String>,
+    requested: Option<Bytes>,
+    /// The device's filesystem (its parent's, for a child).
+    fs: thinbox_blockstore::FsType,
+}
+
+impl Creation for Preparation<'_> {
+    type Error = Error;
+
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+        let snaps = txn.open_table(SNAPSHOTS)?;
+        if snaps.get(self.key)?.is_some() {
+            return Err(Error::AlreadyExists(self.key.to_owned()));
+        }
+        let origin = if self.parent.is_empty() {
+            None
+        } else {
+            let p = meta::get(&snaps, self.parent)?.ok_or_else(|| Error::ParentNotFound(self.parent.to_owned()))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::ParentNotCommitted(self.parent.to_owned()));
+            }
+            Some(Devices::open(txn)?.require(p.device)?)
+        };
+        let size = match (&origin, self.requested) {
+            // A view never writes, so it keeps its parent's size.
+            (Some(o), _) if self.kind == Kind::View => o.size,
+            (_, Some(size)) => size,
+            (Some(o), None) => o.size.max(self.cfg.default_size),
+            (None, None) => self.cfg.default_size,
+        };
+        let access = if self.kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
+        Ok(Some(CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.filesystem, access: Some(access) }))
+    }
+
+    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
+        let dev = device.ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
+        self.fs = dev.fs;
+        let now = meta::now();
+        let rec = Record {
+            kind: self.kind,
+            parent: self.parent.to_owned(),
+            labels: std::mem::take(&mut self.labels),
+            created: now,
+            updated: now,
+            device: dev.id,
+        };
+        txn.open_table(SNAPSHOTS)?.insert(self.key, meta::encode(self.key, &rec)?.as_slice())?;
+        if !self.parent.is_empty() {
+            txn.open_multimap_table(CHILDREN)?.insert(self.parent, self.key)?;
+        }
+        Ok(())
+    }
+
+    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
+        let dev = device.ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
+        Ok(engine.pool().build(dev)?)
+    }
+
+    fn undo(&mut self, txn: &WriteTransaction) -> Result<()> {
+        tracing::warn!(key = self.key, "prepare failed; undoing");
+        remove_record(txn, self.key, self.parent)
+    }
+
+    fn ready(&mut self, _txn: &WriteTransaction) -> Result<()> {
+        // The record needs no change: a snapshot is ready when its device is.
+        Ok(())
+    }
 }
 
 /// The snapshotter: a pool plus snapshot records.
@@ -90,74 +172,9 @@ impl Snapshots {
         validate_key(key)?;
         validate_labels(&labels)?;
         let requested = size_label(&labels)?;
-        let access = if kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
-        let txn = self.engine.pool().store().write()?;
-        let dev = {
-            let mut snaps = txn.open_table(SNAPSHOTS)?;
-            let mut devs = Devices::open(&txn)?;
-            if snaps.get(key)?.is_some() {
-                return Err(Error::AlreadyExists(key.to_owned()));
-            }
-            let origin = if parent.is_empty() {
-                None
-            } else {
-                let p = meta::get(&snaps, parent)?.ok_or_else(|| Error::ParentNotFound(parent.to_owned()))?;
-                if p.kind != Kind::Committed {
-                    return Err(Error::ParentNotCommitted(parent.to_owned()));
-                }
-                Some(devs.require(p.device)?)
-            };
-            let size = match (&origin, requested) {
-                // A view never writes, so it keeps its parent's size.
-                (Some(o), _) if kind == Kind::View => o.size,
-                (_, Some(size)) => size,
-                (Some(o), None) => o.size.max(self.cfg.default_size),
-                (None, None) => self.cfg.default_size,
-            };
-            let spec = CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.filesystem, access: Some(access) };
-            let dev = self.engine.pool().plan_create(&mut devs, spec)?;
-            let now = meta::now();
-            let rec = Record { kind, parent: parent.to_owned(), labels, created: now, updated: now, device: dev.id };
-            snaps.insert(key, meta::encode(key, &rec)?.as_slice())?;
-            if !parent.is_empty() {
-                txn.open_multimap_table(CHILDREN)?.insert(parent, key)?;
-            }
-            dev
-        };
-        txn.commit()?;
-        fault::point("prepare.after_intent");
-        let node = match self.engine.pool().build(&dev) {
-            Ok(node) => node.ok_or_else(|| Error::NotAttached(key.to_owned()))?,
-            Err(e) => {
-                self.discard(key, parent, dev.id);
-                return Err(e.into());
-            }
-        };
-        fault::point("prepare.after_build");
-        let txn = self.engine.pool().store().write()?;
-        {
-            let mut devs = Devices::open(&txn)?;
-            let mut d = devs.require(dev.id)?;
-            d.state = DeviceState::Ready;
-            devs.put(&d)?;
-        }
-        txn.commit()?;
-        fault::point("prepare.after_ready");
-        Ok(vec![mount(&node, dev.fs, kind)])
-    }
-
-    /// Undoes a prepare whose kernel work failed: the record goes, the device with it.
-    fn discard(&self, key: &str, parent: &str, dev: thinbox_blockstore::DeviceId) {
-        let result = (|| -> Result<()> {
-            let txn = self.engine.pool().store().write()?;
-            remove_record(&txn, key, parent)?;
-            self.engine.pool().plan_delete(&mut Devices::open(&txn)?, dev)?;
-            txn.commit()?;
-            Ok(self.engine.pool().destroy(dev)?)
-        })();
-        if let Err(e) = result {
-            tracing::warn!(key, device = %dev, error = %crate::error::chain(&e), "discarding failed prepare; left for reconciliation");
-        }
+        let mut making = Preparation { cfg: &self.cfg, kind, key, parent, labels, requested, fs: self.cfg.filesystem };
+        let node = self.engine.create(&mut making, PREPARE_POINTS)?.ok_or_else(|| Error::NotAttached(key.to_owned()))?;
+        Ok(vec![mount(&node, making.fs, kind)])
     }
 
     /// The mounts of an active snapshot or view.
@@ -248,7 +265,7 @@ impl Snapshots {
                 return Err(Error::HasChildren(key.to_owned()));
             }
             remove_record(&txn, key, &rec.parent)?;
-            self.engine.pool().plan_delete(&mut Devices::open(&txn)?, rec.device)?;
+            self.engine.plan_forget(&txn, rec.device)?;
             rec.device
         };
         txn.commit()?;
@@ -257,7 +274,7 @@ impl Snapshots {
         // here a crash, a stop or a failing destroy all leave it to
         // reconciliation. Queued under the gate, so an exclusive path sees the
         // queue and the store agree.
-        self.engine.deleter().push(device);
+        self.engine.forget(device);
         Ok(())
     }
 

@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use thinbox_blockstore::redb::WriteTransaction;
-use thinbox_blockstore::{Bytes, DeviceId};
+use thinbox_blockstore::{Bytes, CreateSpec, DeviceRecord, Engine};
 use thinbox_blockstore::{embedded, mountinfo};
 
 use super::{Held, New, Shape, Storage};
@@ -65,17 +64,20 @@ impl Storage for DirStorage {
         Ok(self.dirs()?.free()?.saturating_sub(self.reserve.get()))
     }
 
-    fn plan(&self, _txn: &WriteTransaction, _new: &New<'_>) -> Result<Option<DeviceId>> {
-        Ok(None)
+    fn admit(&self, size: Bytes) -> Result<()> {
+        if self.capacity()? < size.get() {
+            return Err(Error::ResourceExhausted(format!("no room for a {size} dir volume on this node")));
+        }
+        Ok(())
     }
 
-    fn build(&self, new: &New<'_>, _device: Option<DeviceId>) -> Result<()> {
+    fn spec(&self, _new: &New<'_>) -> Option<CreateSpec> {
+        None
+    }
+
+    fn build(&self, _engine: &Engine, new: &New<'_>, _device: Option<&DeviceRecord>) -> Result<()> {
         let project = new.project.ok_or_else(|| Error::NotFound(format!("volume {} has no project id", new.id)))?;
         self.dirs()?.create(new.id, project, new.size)
-    }
-
-    fn ready(&self, _txn: &WriteTransaction, _device: Option<DeviceId>) -> Result<()> {
-        Ok(())
     }
 
     fn attach(&self, held: &Held<'_>) -> Result<PathBuf> {
@@ -95,10 +97,6 @@ impl Storage for DirStorage {
 
     fn allocated(&self, held: &Held<'_>) -> Result<u64> {
         self.dirs()?.used(Self::project(held)?)
-    }
-
-    fn plan_remove(&self, _txn: &WriteTransaction, _held: &Held<'_>) -> Result<()> {
-        Ok(())
     }
 
     fn remove(&self, held: &Held<'_>) -> Result<()> {

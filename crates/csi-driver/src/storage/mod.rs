@@ -14,8 +14,7 @@ mod pooled;
 
 use std::path::PathBuf;
 
-use thinbox_blockstore::redb::WriteTransaction;
-use thinbox_blockstore::{Bytes, DeviceId, FsType};
+use thinbox_blockstore::{Bytes, CreateSpec, DeviceId, DeviceRecord, Engine, FsType};
 
 use crate::error::Result;
 use crate::state::{Snapshot, Volume};
@@ -66,11 +65,11 @@ pub(crate) enum Shape {
     Directory,
 }
 
-/// One kind of storage. Creation and deletion are two-phased: the `plan*`
-/// steps run inside the transaction that writes the driver's record (so the
-/// record and, say, its pool device's record change together), the others
-/// after it is committed; reconciliation finishes or rolls back what a crash
-/// cut short between them.
+/// One kind of storage. Creation and deletion follow the block engine's
+/// intent discipline ([`thinbox_blockstore::Creation`]): a pool device is
+/// planned in the transaction that writes the driver's record, built after
+/// it, and marked ready with the record; reconciliation finishes or rolls
+/// back what a crash cut short.
 pub(crate) trait Storage: std::fmt::Debug + Send + Sync {
     /// What its publications hand on.
     fn shape(&self) -> Shape;
@@ -81,14 +80,14 @@ pub(crate) trait Storage: std::fmt::Debug + Send + Sync {
     /// Room for a new volume now, after the pool's reserve.
     fn capacity(&self) -> Result<u64>;
 
-    /// Creation, phase one: reserves what `new` needs; returns its pool device.
-    fn plan(&self, txn: &WriteTransaction, new: &New<'_>) -> Result<Option<DeviceId>>;
+    /// Refuses (RESOURCE_EXHAUSTED) a new volume of `size` it cannot take.
+    fn admit(&self, size: Bytes) -> Result<()>;
 
-    /// Creation, phase two: makes it.
-    fn build(&self, new: &New<'_>, device: Option<DeviceId>) -> Result<()>;
+    /// The pool device `new` needs, if it lives in the pool.
+    fn spec(&self, new: &New<'_>) -> Option<CreateSpec>;
 
-    /// Creation, last phase: marks what `plan` reserved ready.
-    fn ready(&self, txn: &WriteTransaction, device: Option<DeviceId>) -> Result<()>;
+    /// Makes it, after the intent is committed (`device`: what was planned).
+    fn build(&self, engine: &Engine, new: &New<'_>, device: Option<&DeviceRecord>) -> Result<()>;
 
     /// The node a publication uses (a device node or a directory), attached if need be.
     fn attach(&self, held: &Held<'_>) -> Result<PathBuf>;
@@ -103,10 +102,8 @@ pub(crate) trait Storage: std::fmt::Debug + Send + Sync {
     /// Bytes it holds on the node.
     fn allocated(&self, held: &Held<'_>) -> Result<u64>;
 
-    /// Deletion, phase one: marks what it holds for removal.
-    fn plan_remove(&self, txn: &WriteTransaction, held: &Held<'_>) -> Result<()>;
-
-    /// Deletion, phase two: removes it, or hands it to the background deleter.
+    /// Removes what it holds outside the pool (a pool device is the engine's
+    /// to delete).
     fn remove(&self, held: &Held<'_>) -> Result<()>;
 
     /// At start-up: removes what it holds for no record (`known` ids).

@@ -5,8 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use thinbox_blockstore::redb::WriteTransaction;
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceState, Devices, Engine, FsType, Pool};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceRecord, Engine, FsType, Pool};
 
 use super::{Held, New, Shape, Storage};
 use crate::error::{Error, Result};
@@ -47,27 +46,27 @@ impl Storage for Pooled {
         Ok(st.free.get().saturating_sub(st.reserve.get()))
     }
 
-    fn plan(&self, txn: &WriteTransaction, new: &New<'_>) -> Result<Option<DeviceId>> {
-        // A device without a filesystem (raw block) still records one: the
-        // backend formats nothing when it is a copy, and `default_fs` when not.
-        let spec = CreateSpec { size: new.size, origin: new.origin, fs: new.fs.unwrap_or(self.default_fs), access: None };
-        Ok(Some(self.pool().plan_create(&mut Devices::open(txn)?, spec)?.id))
-    }
-
-    fn build(&self, new: &New<'_>, device: Option<DeviceId>) -> Result<()> {
-        let id = device.ok_or_else(|| Error::NotFound(format!("volume {} has no device", new.id)))?;
-        let rec = self.pool().store().device(id)?.ok_or_else(|| Error::NotFound(format!("device {id} of {}", new.id)))?;
-        self.pool().build(&rec)?;
+    fn admit(&self, size: Bytes) -> Result<()> {
+        // Devices are thin, like rootfs snapshots: a volume may be larger
+        // than the room left now (the pool itself refuses new devices once
+        // it is below its reserve), but never larger than the pool can be.
+        let st = self.pool().status()?;
+        let most = st.total.max(self.pool().config().max_size.unwrap_or_default());
+        if size > most {
+            return Err(Error::ResourceExhausted(format!("a {size} volume is larger than this node's pool ({most})")));
+        }
         Ok(())
     }
 
-    fn ready(&self, txn: &WriteTransaction, device: Option<DeviceId>) -> Result<()> {
-        if let Some(dev) = device {
-            let mut devs = Devices::open(txn)?;
-            let mut r = devs.require(dev)?;
-            r.state = DeviceState::Ready;
-            devs.put(&r)?;
-        }
+    fn spec(&self, new: &New<'_>) -> Option<CreateSpec> {
+        // A raw block volume's device still records a filesystem: a copy
+        // keeps its origin's, a new device is formatted with `default_fs`.
+        Some(CreateSpec { size: new.size, origin: new.origin, fs: new.fs.unwrap_or(self.default_fs), access: None })
+    }
+
+    fn build(&self, engine: &Engine, new: &New<'_>, device: Option<&DeviceRecord>) -> Result<()> {
+        let rec = device.ok_or_else(|| Error::NotFound(format!("volume {} has no device", new.id)))?;
+        engine.pool().build(rec)?;
         Ok(())
     }
 
@@ -90,21 +89,7 @@ impl Storage for Pooled {
         Ok(self.pool().usage(&rec)?.bytes.get())
     }
 
-    fn plan_remove(&self, txn: &WriteTransaction, held: &Held<'_>) -> Result<()> {
-        let Some(dev) = held.device else { return Ok(()) };
-        let mut devs = Devices::open(txn)?;
-        if devs.get(dev)?.is_some() {
-            self.pool().plan_delete(&mut devs, dev)?;
-        }
-        Ok(())
-    }
-
-    fn remove(&self, held: &Held<'_>) -> Result<()> {
-        // The kernel work is the deleter's: DeleteVolume does not wait for it,
-        // and a crash leaves the `Deleting` device to reconciliation.
-        if let Some(dev) = held.device {
-            self.engine.deleter().push(dev);
-        }
+    fn remove(&self, _held: &Held<'_>) -> Result<()> {
         Ok(())
     }
 

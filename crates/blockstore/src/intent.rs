@@ -1,0 +1,124 @@
+//! The intent discipline, written once for every front end. Making
+//! something (a snapshot's device, a volume's device or directory) takes
+//! three steps, each a transaction that carries the front end's record and
+//! the pool device's record together:
+//!
+//! 1. intent: the front end's record and the device's (`Creating`), before
+//!    the kernel or disk is touched;
+//! 2. build: the kernel and disk work; if it fails, the record goes and the
+//!    device is marked `Deleting` (one transaction) for the deleter;
+//! 3. ready: the front end's record and the device marked ready.
+//!
+//! A crash between steps leaves a device that is not `Ready` (or a front end
+//! record that says it is being made), which reconciliation rolls back.
+//! Deletion is the reverse: the record goes (or is marked) and the device is
+//! marked `Deleting` in one transaction ([`Engine::plan_forget`]), and the
+//! deleter destroys it after the commit ([`Engine::forget`]).
+
+use std::path::PathBuf;
+
+use redb::WriteTransaction;
+
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::fault;
+use crate::pool::CreateSpec;
+use crate::store::{DeviceRecord, DeviceState, Devices};
+use crate::units::DeviceId;
+
+/// Fault-injection points after each step of a creation, for crash tests.
+#[derive(Clone, Copy, Debug)]
+pub struct Points {
+    pub after_intent: &'static str,
+    pub after_build: &'static str,
+    pub after_ready: &'static str,
+}
+
+/// A front end's part in making one thing.
+pub trait Creation {
+    /// The front end's error.
+    type Error: From<Error> + std::fmt::Display;
+
+    /// Intent, first: checks against the store and says which device to
+    /// plan (`None`: the thing has no pool device, a directory say).
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>, Self::Error>;
+
+    /// Intent, then: the front end's record, naming the planned device.
+    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<(), Self::Error>;
+
+    /// Build: the kernel and disk work; returns the device node if attached.
+    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>, Self::Error>;
+
+    /// After a failed build, in the transaction that marks the device for
+    /// deletion: the record goes (and what the build made outside the pool).
+    fn undo(&mut self, txn: &WriteTransaction) -> Result<(), Self::Error>;
+
+    /// Ready, in the transaction that marks the device ready: the record too.
+    fn ready(&mut self, txn: &WriteTransaction) -> Result<(), Self::Error>;
+}
+
+impl Engine {
+    /// Makes `what` under the intent discipline (see the module's docs) and
+    /// returns the device node its build attached. Hold the gate shared.
+    pub fn create<C: Creation>(&self, what: &mut C, points: Points) -> Result<Option<PathBuf>, C::Error> {
+        let pool = self.pool();
+        let txn = pool.store().write()?;
+        let device = match what.plan(&txn)? {
+            Some(spec) => Some(pool.plan_create(&mut Devices::open(&txn)?, spec)?),
+            None => None,
+        };
+        what.record(&txn, device.as_ref())?;
+        txn.commit().map_err(Error::from)?;
+        fault::point(points.after_intent);
+        let node = match what.build(self, device.as_ref()) {
+            Ok(node) => node,
+            Err(e) => {
+                if let Err(u) = self.undo(what, device.as_ref().map(|d| d.id)) {
+                    tracing::warn!(device = ?device.as_ref().map(|d| d.id), error = %u, "undoing a failed creation; left for reconciliation");
+                }
+                return Err(e);
+            }
+        };
+        fault::point(points.after_build);
+        let txn = pool.store().write()?;
+        if let Some(d) = &device {
+            let mut devs = Devices::open(&txn)?;
+            let mut r = devs.require(d.id)?;
+            r.state = DeviceState::Ready;
+            devs.put(&r)?;
+        }
+        what.ready(&txn)?;
+        txn.commit().map_err(Error::from)?;
+        fault::point(points.after_ready);
+        Ok(node)
+    }
+
+    fn undo<C: Creation>(&self, what: &mut C, device: Option<DeviceId>) -> Result<(), C::Error> {
+        let txn = self.pool().store().write()?;
+        what.undo(&txn)?;
+        if let Some(id) = device {
+            self.plan_forget(&txn, id)?;
+        }
+        txn.commit().map_err(Error::from)?;
+        if let Some(id) = device {
+            self.forget(id);
+        }
+        Ok(())
+    }
+
+    /// Deletion, in the transaction that removes (or marks) the front end's
+    /// record: the device is marked `Deleting`, if it still has a record.
+    pub fn plan_forget(&self, txn: &WriteTransaction, id: DeviceId) -> crate::Result<()> {
+        let mut devs = Devices::open(txn)?;
+        if devs.get(id)?.is_some() {
+            self.pool().plan_delete(&mut devs, id)?;
+        }
+        Ok(())
+    }
+
+    /// Deletion, after that transaction's commit: the deleter destroys the
+    /// device in the background (a crash leaves it to reconciliation).
+    pub fn forget(&self, id: DeviceId) {
+        self.deleter().push(id);
+    }
+}
