@@ -1,5 +1,5 @@
-//! A daemon's memory as the kernel accounts it: `VmRSS`, `VmHWM` and
-//! `RssAnon` from `/proc/PID/status`, `Pss` from `/proc/PID/smaps_rollup`.
+//! A daemon's memory as the kernel accounts it: `VmRSS`, `VmHWM`, `RssAnon`
+//! and `Threads` from `/proc/PID/status`, `Pss` from `/proc/PID/smaps_rollup`.
 
 use std::str::FromStr;
 
@@ -54,6 +54,9 @@ pub struct Reading {
     pub rss_anon_kib: u64,
     /// Proportional set size (shared pages divided among their users), KiB.
     pub pss_kib: u64,
+    /// Threads of the process.
+    #[serde(default)]
+    pub threads: u64,
 }
 
 /// The value of the `key:` line of a `/proc` file whose lines read
@@ -85,6 +88,7 @@ pub fn read_process(spec: &ProcessSpec, round: u32) -> Result<Reading, Error> {
         vm_hwm_kib: field(&status, &status_path, "VmHWM")?,
         rss_anon_kib: field(&status, &status_path, "RssAnon")?,
         pss_kib: field(&rollup, &rollup_path, "Pss")?,
+        threads: field(&status, &status_path, "Threads")?,
     })
 }
 
@@ -94,10 +98,11 @@ mod tests {
 
     #[test]
     fn fields() {
-        let status = "Name:\tthinboxd\nVmHWM:\t   20480 kB\nVmRSS:\t   16384 kB\nRssAnon:\t    9000 kB\n";
+        let status = "Name:\tthinboxd\nVmHWM:\t   20480 kB\nVmRSS:\t   16384 kB\nRssAnon:\t    9000 kB\nThreads:\t7\n";
         assert_eq!(kib_field(status, "VmRSS"), Some(16384));
         assert_eq!(kib_field(status, "VmHWM"), Some(20480));
         assert_eq!(kib_field(status, "RssAnon"), Some(9000));
+        assert_eq!(kib_field(status, "Threads"), Some(7));
         assert_eq!(kib_field(status, "VmPeak"), None);
         let rollup = "55d0-7ff rw-p 00000000 00:00 0   [rollup]\nRss:    16384 kB\nPss:    12001 kB\nPss_Anon:    9000 kB\n";
         assert_eq!(kib_field(rollup, "Pss"), Some(12001));
@@ -119,6 +124,6 @@ mod tests {
     fn reads_own_process() {
         let me = ProcessSpec { group: "g".into(), name: "self".into(), pid: std::process::id() };
         let r = read_process(&me, 1).expect("own /proc entry");
-        assert!(r.vm_rss_kib > 0 && r.vm_hwm_kib >= r.vm_rss_kib && r.pss_kib > 0, "{r:?}");
+        assert!(r.vm_rss_kib > 0 && r.vm_hwm_kib >= r.vm_rss_kib && r.pss_kib > 0 && r.threads > 0, "{r:?}");
     }
 }

@@ -10,9 +10,10 @@ use crate::stats::{ratio, summarize, value};
 
 const KIB_PER_MIB: f64 = 1024.0;
 
-/// The four memory figures of a reading, MiB.
-fn figures(r: &Reading) -> [f64; 4] {
-    [r.vm_rss_kib, r.vm_hwm_kib, r.rss_anon_kib, r.pss_kib].map(|k| k as f64 / KIB_PER_MIB)
+/// The figures of a reading: VmRSS, VmHWM, RssAnon, Pss (MiB), threads.
+fn figures(r: &Reading) -> [f64; 5] {
+    let m = |k: u64| k as f64 / KIB_PER_MIB;
+    [m(r.vm_rss_kib), m(r.vm_hwm_kib), m(r.rss_anon_kib), m(r.pss_kib), r.threads as f64]
 }
 
 fn unique<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
@@ -26,7 +27,7 @@ fn unique<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
 }
 
 /// Median of each figure over `rows` (one per round).
-fn medians(rows: &[[f64; 4]]) -> [f64; 4] {
+fn medians(rows: &[[f64; 5]]) -> [f64; 5] {
     std::array::from_fn(|i| summarize(&rows.iter().map(|r| r[i]).collect::<Vec<_>>()).map_or(f64::NAN, |s| s.median))
 }
 
@@ -36,33 +37,43 @@ fn medians(rows: &[[f64; 4]]) -> [f64; 4] {
 pub fn memory_table(readings: &[Reading]) -> String {
     let mut out = String::new();
     let groups = unique(readings.iter().map(|r| r.group.as_str()));
-    out.push_str("| side | process | VmRSS MiB | VmHWM MiB | RssAnon MiB | Pss MiB | rounds |\n|---|---|---:|---:|---:|---:|---:|\n");
-    let mut totals: Vec<(&str, [f64; 4])> = Vec::new();
+    out.push_str("| side | process | VmRSS MiB | VmHWM MiB | RssAnon MiB | Pss MiB | threads | rounds |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut totals: Vec<(&str, [f64; 5])> = Vec::new();
     for group in &groups {
         let mine: Vec<&Reading> = readings.iter().filter(|r| r.group == *group).collect();
         let names = unique(mine.iter().map(|r| r.name.as_str()));
         for name in &names {
-            let rows: Vec<[f64; 4]> = mine.iter().filter(|r| r.name == *name).map(|r| figures(r)).collect();
+            let rows: Vec<[f64; 5]> = mine.iter().filter(|r| r.name == *name).map(|r| figures(r)).collect();
             let m = medians(&rows);
-            let _ = writeln!(out, "| {group} | {name} | {} | {} | {} | {} | {} |", value(m[0]), value(m[1]), value(m[2]), value(m[3]), rows.len());
+            let _ = writeln!(
+                out,
+                "| {group} | {name} | {} | {} | {} | {} | {} | {} |",
+                value(m[0]),
+                value(m[1]),
+                value(m[2]),
+                value(m[3]),
+                m[4],
+                rows.len()
+            );
         }
         let round_ids = unique_rounds(&mine);
-        let sums: Vec<[f64; 4]> = round_ids
+        let sums: Vec<[f64; 5]> = round_ids
             .iter()
             .map(|round| {
-                mine.iter().filter(|r| r.round == *round).map(|r| figures(r)).fold([0.0; 4], |acc, f| std::array::from_fn(|i| acc[i] + f[i]))
+                mine.iter().filter(|r| r.round == *round).map(|r| figures(r)).fold([0.0; 5], |acc, f| std::array::from_fn(|i| acc[i] + f[i]))
             })
             .collect();
         let m = medians(&sums);
         if names.len() > 1 {
             let _ = writeln!(
                 out,
-                "| {group} | **sum of {}** | **{}** | **{}** | **{}** | **{}** | {} |",
+                "| {group} | **sum of {}** | **{}** | **{}** | **{}** | **{}** | **{}** | {} |",
                 names.len(),
                 value(m[0]),
                 value(m[1]),
                 value(m[2]),
                 value(m[3]),
+                m[4],
                 sums.len()
             );
         }
@@ -72,11 +83,12 @@ pub fn memory_table(readings: &[Reading]) -> String {
         for (group, m) in totals.iter().skip(1) {
             let _ = writeln!(
                 out,
-                "| {group} / {base_name} | | {} | {} | {} | {} | |",
+                "| {group} / {base_name} | | {} | {} | {} | {} | {} | |",
                 ratio(m[0], base[0]),
                 ratio(m[1], base[1]),
                 ratio(m[2], base[2]),
-                ratio(m[3], base[3])
+                ratio(m[3], base[3]),
+                ratio(m[4], base[4])
             );
         }
     }
@@ -161,7 +173,7 @@ mod tests {
 
     fn reading(round: u32, group: &str, name: &str, rss_mib: u64) -> Reading {
         let k = rss_mib * 1024;
-        Reading { round, group: group.into(), name: name.into(), pid: 1, vm_rss_kib: k, vm_hwm_kib: k, rss_anon_kib: k / 2, pss_kib: k }
+        Reading { round, group: group.into(), name: name.into(), pid: 1, vm_rss_kib: k, vm_hwm_kib: k, rss_anon_kib: k / 2, pss_kib: k, threads: 5 }
     }
 
     #[test]
@@ -181,6 +193,7 @@ mod tests {
         // Sums 30, 32, 41: median 32; after: 19 -> 0.59×.
         assert!(t.contains("| before | **sum of 2** | **32.00** |"), "{t}");
         assert!(t.contains("| before | a | 11.00 |"), "{t}");
+        assert!(t.contains("| **10** | 3 |"), "{t}");
         assert!(t.contains("| after | d | 19.00 |"), "{t}");
         assert!(t.contains("| after / before | | 0.59× |"), "{t}");
     }
