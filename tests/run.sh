@@ -7,7 +7,8 @@
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
 #                driver's Create/Publish/Unpublish/Delete, restart, check (root)
 #   conformance  containerd's own snapshotter suite against thinboxd (root)
-#   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
+#   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs; scripts/quickstart.sh
+#                end to end and --down, every path in the run's temp dir (root)
 #   uml          dm-thin backend, snapshotter and CSI tests, conformance and real containers on a kernel thin pool inside user-mode Linux (root)
 #   vm           QEMU guests (KVM, else TCG): a snapshotter rootfs and CSI volumes hot-plugged over QMP, 9p, virtio-fs (root)
 #   fio          fio-bench --quick: the whole fio matrix on runC, 9p, virtio-fs and Thinbox virtio-blk; every cell must give a number (root)
@@ -87,7 +88,7 @@ tier_conformance() {
     2>&1 | tee target/conformance.log | grep -E '^\s*--- (PASS|FAIL|SKIP)|^(PASS|FAIL|ok)'
   bash tests/conformance/run.sh count conformance target/conformance.log
 }
-tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd-e2e.sh || rc=1; bash tests/host/containerd-gc.sh || rc=1; return "$rc"; }
+tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd-e2e.sh || rc=1; bash tests/host/containerd-gc.sh || rc=1; bash tests/host/quickstart.sh || rc=1; return "$rc"; }
 tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 tier_vm() { need_root vm; bash tests/vm/tier.sh; }
 tier_fio() { need_root fio; cargo run --release -p fio-bench -- --quick --out target/fio-bench-quick; }
