@@ -2,10 +2,12 @@
 # Runs Thinbox's test tiers. Usage: tests/run.sh [tier...]   (default: all)
 #
 #   unit         formatting, clippy, cargo tests of the pure parts (no root)
-#   host         blockstore, and thinboxd's snapshot and CSI doors, thinboxctl, bad starts and one pool for both
-#                on real loop devices and XFS/btrfs pools (root); QMP virtio-blk hot-plug into a paused QEMU
+#   host         blockstore, and thinboxd's snapshot and CSI doors, thinboxctl, bad starts, bad input on both
+#                doors and one pool for both on real loop devices and XFS/btrfs pools (root); QMP virtio-blk
+#                hot-plug into a paused QEMU
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
-#                driver's Create/Publish/Unpublish/Delete, restart, check (root)
+#                driver's Create/Publish/Unpublish/Delete, restart, check; and SIGKILL of a daemon serving
+#                both doors at once, in rounds, then a CO's cleanup must leave no leak (root)
 #   conformance  containerd's own snapshotter suite against thinboxd (root)
 #   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs; scripts/quickstart.sh
 #                end to end and --down, every path in the run's temp dir (root)
@@ -67,7 +69,7 @@ tier_unit() {
 tier_host() {
   need_root host
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
-  cargo test -p thinboxd --test snapshots --test admin --test start --test one_pool -- --test-threads=2
+  cargo test -p thinboxd --test snapshots --test admin --test start --test one_pool --test bad_input -- --test-threads=2
   cargo test -p thinbox-block-passthrough --test qmp -- --test-threads=2
   # Online ext4 growth needs CAP_SYS_RESOURCE, which a sandboxed root may lack,
   # and dir volumes need a kernel with XFS project quotas, which this host's
@@ -78,6 +80,8 @@ tier_crash() {
   need_root crash
   # A separate target dir keeps the fault-injection build away from the real binary.
   cargo test --target-dir target/fault -p thinboxd --features fault-injection --test snapshots_crash --test volumes_crash -- --test-threads=1
+  # SIGKILL needs no injection point: the real binary, in the normal target dir.
+  cargo test -p thinboxd --test together_crash -- --test-threads=1
 }
 tier_conformance() {
   need_root conformance
