@@ -36,11 +36,13 @@
 #                              fifos and runc root (default /run/thinbox/containerd)
 #   THINBOX_SYSTEM_CONTAINERD  the system containerd's socket, --system-containerd only
 #                                                  (default /run/containerd/containerd.sock)
+#   THINBOX_SYSTEM_CONTAINERD_CONFIG  read only: a private containerd is refused if it names
+#                              THINBOX_SOCKET      (default /etc/containerd/config.toml)
 #   CARGO_TARGET_DIR           where cargo builds  (default ./target; binaries in its release/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; }
 action=up
 mode=private
 for arg in "$@"; do
@@ -77,7 +79,18 @@ ctd_pidfile=$ctd_run/containerd.pid
 # so --down finds it.
 usedfile=$qsdir/containerd-used
 
-ns=thinbox-quickstart
+# The quickstart's containerd namespace: its own in each containerd, so
+# snapshot names (containerd names them NAMESPACE/N/KEY in the snapshotter)
+# never collide with what the other one left in the pool.
+ns_private=thinbox-quickstart
+ns_system=thinbox-quickstart-system
+ns=$ns_private
+[ "$mode" = system ] && ns=$ns_system
+# Set when --system-containerd ran: the system containerd's garbage collection
+# removes the snapshots the private one left in the pool, so the private one
+# starts afresh next time.
+systemfile=$qsdir/system-containerd-used
+system_config=${THINBOX_SYSTEM_CONTAINERD_CONFIG:-/etc/containerd/config.toml}
 cid=thinbox-quickstart
 image=localhost/thinbox-quickstart:3layers
 
@@ -211,6 +224,7 @@ down_private_containerd() {
 }
 
 down_system_containerd() {
+  local ns=$ns_system
   ctr_address=$system_address
   if ! timeout 10 ctr --address "$ctr_address" version >/dev/null 2>&1; then
     echo "the system containerd ($system_address) does not answer: its namespace $ns is left as it is" >&2
@@ -278,6 +292,12 @@ fi
 # ---- up --------------------------------------------------------------------
 
 t0=$(now_us)
+
+# One thinboxd serves one containerd: containerd's garbage collection removes
+# every snapshot of its snapshotter that it did not make itself.
+if [ "$mode" = private ] && [ -r "$system_config" ] && grep -qF "\"$socket\"" "$system_config"; then
+  die "$system_config points the system containerd at $socket; a private containerd on the same thinboxd would have each one's garbage collection remove the other's snapshots: use --system-containerd"
+fi
 
 # Packages: the build's (install-deps.sh), and what runs the container: runc,
 # a static busybox for the image, python3 for the image builder, and with a
@@ -367,6 +387,12 @@ if [ "$mode" = private ]; then
       die "the private containerd (pid $pid) runs with another config than $ctd_conf would get now: $0 --down first"
     echo "the private containerd is already running (pid $pid)"
   else
+    if [ -e "$systemfile" ]; then
+      # Its image's snapshots went with the system containerd's garbage collection.
+      echo "--system-containerd ran since: the private containerd starts afresh (its root $ctd_dir/root goes)"
+      rm -rf --one-file-system "$ctd_dir/root"
+      rm -f "$systemfile"
+    fi
     mkdir -p "$ctd_dir" "$ctd_run"
     private_config >"$ctd_conf"
     setsid containerd --config "$ctd_conf" >>"$ctd_log" 2>&1 </dev/null &
@@ -397,6 +423,9 @@ else
   exec_flags=()
   timeout 10 ctr --address "$ctr_address" version >/dev/null 2>&1 ||
     die "no containerd answers on $system_address (set THINBOX_SYSTEM_CONTAINERD, or drop --system-containerd for a private one)"
+  if pid=$(ctd_running); then
+    die "the quickstart's private containerd (pid $pid) uses this thinboxd; one thinboxd serves one containerd (containerd's garbage collection removes every snapshot it did not make): $0 --down first"
+  fi
   if [ "$(thinbox_plugin "$ctr_address")" != ok ]; then
     cat <<EOF
 
@@ -420,6 +449,7 @@ EOF
   containerd_pid=
   mkdir -p "$qsdir"
   echo system >"$usedfile"
+  : >"$systemfile"
   step_done
 fi
 [ "$(thinbox_plugin "$ctr_address")" = ok ] || die "containerd at $ctr_address did not load the thinbox snapshotter (see $ctd_log)"
@@ -430,7 +460,8 @@ python3 tests/lib/make-oci-image.py "$qsdir/image.tar" --ref "$image" >/dev/null
 step_done
 
 step "import and unpack it into Thinbox"
-timeout 300 ctr --address "$ctr_address" -n "$ns" image import --snapshotter thinbox "$qsdir/image.tar"
+timeout 300 ctr --address "$ctr_address" -n "$ns" image import --snapshotter thinbox "$qsdir/image.tar" ||
+  die "ctr image import failed; if a parent snapshot is 'not found', another containerd's garbage collection removed this one's snapshots from the pool: $0 --down, then rm -rf $ctd_dir/root starts the private containerd afresh"
 step_done
 
 step "run a container on a Thinbox rootfs"

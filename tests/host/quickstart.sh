@@ -7,7 +7,9 @@
 # container really runs, that a second run reuses the running daemons, and
 # that --down leaves nothing it started: no thinboxd, containerd, shim or
 # container process, no loop device or mount under the temp dir. Then once
-# more up (the state left by --down is adopted) and down. The node's own
+# more up (the state left by --down is adopted) and down. First, that it
+# refuses a private containerd when the system containerd's config names the
+# same thinboxd socket. The node's own
 # paths (/var/lib/thinbox, /run/thinbox, /var/log/thinboxd.log,
 # /var/lib/thinbox-quickstart, the CSI socket under /var/lib/kubelet, the
 # system containerd's socket and runc state) must be as they were.
@@ -112,6 +114,8 @@ export THINBOX_QUICKSTART_DIR=$TMP/qs
 export THINBOX_CONTAINERD_RUN_DIR=$TMP/run/ctd
 # Never used without --system-containerd; named here so it could not reach the node's.
 export THINBOX_SYSTEM_CONTAINERD=$TMP/no-system-containerd.sock
+# Read only, by a private-mode start: a system containerd config naming the socket refuses it.
+export THINBOX_SYSTEM_CONTAINERD_CONFIG=$TMP/system-containerd.toml
 CTD_RUN=$THINBOX_CONTAINERD_RUN_DIR
 export CONTAINERD_ADDRESS=$CTD_RUN/containerd.sock
 # containerd 1.6 puts every shim's socket in /run/containerd/s, named by the
@@ -208,6 +212,17 @@ check_down() {
     check "thinboxd's pid file is gone" test ! -e "$THINBOX_PID_FILE"
     check "the private containerd's runtime dir is gone" test ! -e "$CTD_RUN"
 }
+
+# ---- refused: the system containerd already uses this thinboxd -----------------
+# A second containerd on one thinboxd: each one's garbage collection would
+# remove the other's snapshots.
+printf '[proxy_plugins.thinbox]\n  type = "snapshot"\n  address = "%s"\n' "$THINBOX_SOCKET" >"$THINBOX_SYSTEM_CONTAINERD_CONFIG"
+qs >"$TMP/refused.out" 2>&1 && rc=0 || rc=$?
+check_eq "refused while the system containerd's config names the socket (exit 1)" 1 "$rc"
+check "it says why" grep -q "points the system containerd at $THINBOX_SOCKET" "$TMP/refused.out"
+check_eq "it started nothing" "" "$(own_procs)"
+check "it wrote no pid file" test ! -e "$THINBOX_PID_FILE"
+rm "$THINBOX_SYSTEM_CONTAINERD_CONFIG"
 
 # ---- first run: a fresh pool, a fresh containerd ------------------------------
 echo "running $QS (output: $TMP/up1.out)"
