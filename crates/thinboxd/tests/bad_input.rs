@@ -30,7 +30,7 @@ use thinbox_proto::admin::{CheckRequest, ListDevicesRequest, PoolStatusRequest, 
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
 use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use thinbox_proto::csi::v1::*;
-use thinbox_proto::snapshots::{ListSnapshotsRequest as SnapList, MountsRequest, StatSnapshotRequest, UsageRequest};
+use thinbox_proto::snapshots::{ListSnapshotsRequest as SnapList, MountsRequest, StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest};
 use tonic::{Code, Status};
 
 const POOL: &str = "embedded_size = \"4GiB\"\nreserve = \"64MiB\"";
@@ -212,6 +212,16 @@ async fn snapshot_cases(n: &mut Node, cases: &mut Cases) {
     cases.expect("Prepare with max-size above u64", prepare(c, "k", "", max_size("99999999999999999999999")).await, Code::InvalidArgument);
     cases.expect("Prepare with max-size -1", prepare(c, "k", "", max_size("-1")).await, Code::InvalidArgument);
     cases.expect("Prepare with max-size below the parent's", prepare(c, "k", "base", max_size("536870912")).await, Code::InvalidArgument);
+    let update = |info: Option<thinbox_proto::snapshots::Info>, paths: Vec<String>| UpdateSnapshotRequest {
+        snapshotter: String::new(),
+        info,
+        update_mask: Some(prost_types::FieldMask { paths }),
+    };
+    let base = |name: &str| Some(thinbox_proto::snapshots::Info { name: name.into(), ..Default::default() });
+    cases.expect("Update without info", c.update(update(None, vec!["labels".into()])).await, Code::InvalidArgument);
+    cases.expect("Update of the parent", c.update(update(base("base"), vec!["parent".into()])).await, Code::InvalidArgument);
+    cases.expect("Update of a 1 MiB field", c.update(update(base("base"), vec!["f".repeat(FAR_TOO_LONG)])).await, Code::InvalidArgument);
+    cases.expect("Update of an unknown key of 1 MiB", c.update(update(base(&mib), vec!["labels".into()])).await, Code::NotFound);
     cases.expect("List with a malformed filter", list(c, &["name=="]).await, Code::InvalidArgument);
     let bad_regex = format!("name~=/{}(/", "a".repeat(FAR_TOO_LONG));
     cases.expect("List with a malformed regular expression of 1 MiB", list(c, &[&bad_regex]).await, Code::InvalidArgument);
