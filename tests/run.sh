@@ -2,12 +2,15 @@
 # Runs Thinbox's test tiers. Usage: tests/run.sh [tier...]   (default: all)
 #
 #   unit         formatting, clippy, cargo tests of the pure parts (no root)
-#   host         blockstore, and thinboxd's snapshot and CSI doors, thinboxctl, bad starts and one pool for both
-#                on real loop devices and XFS/btrfs pools (root); QMP virtio-blk hot-plug into a paused QEMU
+#   host         blockstore, and thinboxd's snapshot and CSI doors, thinboxctl, bad starts, bad input on both
+#                doors and one pool for both on real loop devices and XFS/btrfs pools (root); QMP virtio-blk
+#                hot-plug into a paused QEMU
 #   crash        fault-injection build: abort at each step of Prepare/Commit/Remove and of the CSI
-#                driver's Create/Publish/Unpublish/Delete, restart, check (root)
+#                driver's Create/Publish/Unpublish/Delete, restart, check; and SIGKILL of a daemon serving
+#                both doors at once, in rounds, then a CO's cleanup must leave no leak (root)
 #   conformance  containerd's own snapshotter suite against thinboxd (root)
-#   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs (root)
+#   containerd   real containerd 1.6 + runc running a container on a Thinbox rootfs; scripts/quickstart.sh
+#                end to end and --down, every path in the run's temp dir (root)
 #   uml          dm-thin backend, snapshotter and CSI tests, conformance and real containers on a kernel thin pool inside user-mode Linux (root)
 #   vm           QEMU guests (KVM, else TCG): a snapshotter rootfs and CSI volumes hot-plugged over QMP, 9p, virtio-fs (root)
 #   fio          fio-bench --quick: the whole fio matrix on runC, 9p, virtio-fs and Thinbox virtio-blk; every cell must give a number (root)
@@ -66,7 +69,7 @@ tier_unit() {
 tier_host() {
   need_root host
   cargo test -p thinbox-blockstore --test host -- --test-threads=2
-  cargo test -p thinboxd --test snapshots --test admin --test start --test one_pool -- --test-threads=2
+  cargo test -p thinboxd --test snapshots --test admin --test start --test one_pool --test bad_input -- --test-threads=2
   cargo test -p thinbox-block-passthrough --test qmp -- --test-threads=2
   # Online ext4 growth needs CAP_SYS_RESOURCE, which a sandboxed root may lack,
   # and dir volumes need a kernel with XFS project quotas, which this host's
@@ -77,6 +80,8 @@ tier_crash() {
   need_root crash
   # A separate target dir keeps the fault-injection build away from the real binary.
   cargo test --target-dir target/fault -p thinboxd --features fault-injection --test snapshots_crash --test volumes_crash -- --test-threads=1
+  # SIGKILL needs no injection point: the real binary, in the normal target dir.
+  cargo test -p thinboxd --test together_crash -- --test-threads=1
 }
 tier_conformance() {
   need_root conformance
@@ -87,7 +92,7 @@ tier_conformance() {
     2>&1 | tee target/conformance.log | grep -E '^\s*--- (PASS|FAIL|SKIP)|^(PASS|FAIL|ok)'
   bash tests/conformance/run.sh count conformance target/conformance.log
 }
-tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd-e2e.sh || rc=1; bash tests/host/containerd-gc.sh || rc=1; return "$rc"; }
+tier_containerd() { need_root containerd; local rc=0; bash tests/host/containerd-e2e.sh || rc=1; bash tests/host/containerd-gc.sh || rc=1; bash tests/host/quickstart.sh || rc=1; return "$rc"; }
 tier_uml() { need_root uml; bash tests/uml/tier.sh; }
 tier_vm() { need_root vm; bash tests/vm/tier.sh; }
 tier_fio() { need_root fio; cargo run --release -p fio-bench -- --quick --out target/fio-bench-quick; }

@@ -2,7 +2,7 @@
 """Build a small multi-layer OCI image layout tar for Thinbox tests (stdlib only).
 
 Usage: make-oci-image.py OUTPUT.tar [--ref localhost/thinbox-test:3layers]
-                         [--busybox /bin/busybox]
+                         [--busybox /bin/busybox] [--profile test|bench]
 
 Load it with `ctr image import OUTPUT.tar`; the manifest carries the
 `org.opencontainers.image.ref.name` annotation, so ctr names the image after
@@ -18,6 +18,20 @@ Layers (what tests/host/containerd-e2e.sh checks):
   3 (plain) /data/overwrite.txt "layer3", /data/.wh.remove.txt (file whiteout),
             /data/opaque/.wh..wh..opq + /data/opaque/c "layer3-c" (opaque dir),
             /data/.wh.gone (whiteout of a directory), /etc/layer3
+
+--profile bench (tests/bench/unpack-start.sh) builds a larger image instead,
+four uncompressed layers of about 200 MiB together (file contents are
+pseudo-random, seeded, so the output is still deterministic):
+  1  the busybox rootfs of layer 1 above plus 20,000 small files (1-4 KiB)
+     in /bench/small/dNNN/fNNNNN (200 directories of 100), about 50 MiB
+  2  /bench/big/blobNN (30 files of 2 MiB), /bench/opaque/{a,b}, and 2,000 of
+     the small files overwritten (every 10th)
+  3  whiteouts of 1,980 other small files and of two whole directories
+     (/bench/small/d198, d199), /bench/opaque made opaque with one new file,
+     /bench/mid/fileNN (60 files of 1 MiB)
+  4  /bench/top/fileNN (16 files of 1 MiB), /etc/layer4, and 500 of the
+     files layer 2 overwrote, overwritten again
+The default (--profile test) output is unchanged by this option's existence.
 """
 
 import argparse
@@ -26,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -138,6 +153,67 @@ def change_layer():
     return l
 
 
+BENCH_DIRS = 200
+BENCH_PER_DIR = 100
+
+
+def small_path(i):
+    return f"bench/small/d{i // BENCH_PER_DIR:03d}/f{i:05d}"
+
+
+def bench_layers(busybox):
+    """The four layers of --profile bench (see the module doc)."""
+    rng = random.Random(20261204)
+    small = BENCH_DIRS * BENCH_PER_DIR
+
+    l1 = busybox_layer(busybox)
+    l1.dir("bench")
+    l1.dir("bench/small")
+    for d in range(BENCH_DIRS):
+        l1.dir(f"bench/small/d{d:03d}")
+    for i in range(small):
+        l1.file(small_path(i), rng.randbytes(rng.randint(1024, 4096)))
+
+    l2 = Layer()
+    l2.dir("bench")
+    l2.dir("bench/big")
+    for i in range(30):
+        l2.file(f"bench/big/blob{i:02d}", rng.randbytes(2 << 20))
+    l2.dir("bench/opaque")
+    l2.file("bench/opaque/a", "layer2-a\n")
+    l2.file("bench/opaque/b", "layer2-b\n")
+    for i in range(0, small, 10):
+        l2.file(small_path(i), rng.randbytes(2048))
+
+    l3 = Layer()
+    l3.dir("bench")
+    l3.dir("bench/small")
+    removed_dirs = {BENCH_DIRS - 2, BENCH_DIRS - 1}
+    for d in sorted(removed_dirs):
+        l3.whiteout(f"bench/small/d{d:03d}")
+    # Every 10th file (offset 5) outside the removed directories.
+    for i in range(5, (BENCH_DIRS - 2) * BENCH_PER_DIR, 10):
+        l3.whiteout(small_path(i))
+    l3.dir("bench/opaque")
+    l3.opaque("bench/opaque")
+    l3.file("bench/opaque/c", "layer3-c\n")
+    l3.dir("bench/mid")
+    for i in range(60):
+        l3.file(f"bench/mid/file{i:02d}", rng.randbytes(1 << 20))
+
+    l4 = Layer()
+    l4.dir("bench")
+    l4.dir("bench/top")
+    for i in range(16):
+        l4.file(f"bench/top/file{i:02d}", rng.randbytes(1 << 20))
+    for i in range(0, 5000, 10):
+        l4.file(small_path(i), "layer4\n")
+    l4.dir("etc")
+    l4.file("etc/layer4", "layer4\n")
+
+    return [(l1, False), (l2, False), (l3, False), (l4, False)]
+
+
 def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -147,6 +223,9 @@ def main():
     ap.add_argument("output")
     ap.add_argument("--ref", default="localhost/thinbox-test:3layers")
     ap.add_argument("--busybox", default="/bin/busybox")
+    ap.add_argument("--profile", choices=("test", "bench"), default="test",
+                    help="test: the 3-layer test image (default); bench: the "
+                         "4-layer ~200 MiB benchmark image")
     args = ap.parse_args()
 
     if not os.access(args.busybox, os.X_OK):
@@ -161,9 +240,13 @@ def main():
         return d
 
     layers, diff_ids = [], []
-    for layer, compress in ((busybox_layer(args.busybox), True),
-                            (data_layer(), True),
-                            (change_layer(), False)):
+    if args.profile == "bench":
+        plan = bench_layers(args.busybox)
+    else:
+        plan = ((busybox_layer(args.busybox), True),
+                (data_layer(), True),
+                (change_layer(), False))
+    for layer, compress in plan:
         raw = layer.render()
         diff_ids.append(sha256(raw))
         if compress:

@@ -9,21 +9,21 @@ use crate::filter::FilterError;
 /// Errors of the snapshot service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("snapshot {0:?} not found")]
+    #[error("snapshot {} not found", shown(.0))]
     NotFound(String),
-    #[error("parent snapshot {0:?} not found")]
+    #[error("parent snapshot {} not found", shown(.0))]
     ParentNotFound(String),
-    #[error("snapshot {0:?} already exists")]
+    #[error("snapshot {} already exists", shown(.0))]
     AlreadyExists(String),
-    #[error("parent {0:?} is not a committed snapshot")]
+    #[error("parent {} is not a committed snapshot", shown(.0))]
     ParentNotCommitted(String),
-    #[error("snapshot {0:?} is not active")]
+    #[error("snapshot {} is not active", shown(.0))]
     NotActive(String),
-    #[error("snapshot {0:?} is committed and has no mounts")]
+    #[error("snapshot {} is committed and has no mounts", shown(.0))]
     Committed(String),
-    #[error("cannot remove snapshot {0:?}: it has children")]
+    #[error("cannot remove snapshot {}: it has children", shown(.0))]
     HasChildren(String),
-    #[error("snapshot {key:?} cannot be rebased onto {parent:?} at commit")]
+    #[error("snapshot {} cannot be rebased onto {} at commit", shown(key), shown(parent))]
     Rebase { key: String, parent: String },
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
@@ -31,13 +31,13 @@ pub enum Error {
     LabelTooLarge { key: String, max: usize },
     #[error("label {label}={value:?}: {reason}")]
     BadLabel { label: &'static str, value: String, reason: String },
-    #[error("cannot update field {0:?}: only labels are mutable")]
+    #[error("cannot update field {}: only labels are mutable", shown(.0))]
     ImmutableField(String),
     #[error("update needs the snapshot info")]
     MissingInfo,
     #[error(transparent)]
     Filter(#[from] FilterError),
-    #[error("snapshot {0:?} has no attached device")]
+    #[error("snapshot {} has no attached device", shown(.0))]
     NotAttached(String),
     #[error(transparent)]
     Block(#[from] thinbox_blockstore::Error),
@@ -49,6 +49,34 @@ pub enum Error {
     },
     #[error("worker task failed")]
     Join(#[from] tokio::task::JoinError),
+}
+
+/// The most of a key (or another string from a request) an error message
+/// repeats. Keys that are only looked up are not checked against
+/// [`crate::snapshots::MAX_KEY_BYTES`], so a request may name one of
+/// megabytes; the message goes back in an HTTP/2 header (`grpc-message`),
+/// which clients bound (tonic at 16 KiB): one that repeated it whole would
+/// reach the client as a protocol error, not as its code.
+pub(crate) const SHOWN_BYTES: usize = 256;
+
+/// `s` quoted for a message: whole up to [`SHOWN_BYTES`], else its start and its length.
+pub(crate) fn shown(s: &str) -> String {
+    match clipped(s) {
+        Some(start) => format!("{start:?}… ({} bytes)", s.len()),
+        None => format!("{s:?}"),
+    }
+}
+
+/// The start of `s` when it is longer than [`SHOWN_BYTES`].
+pub(crate) fn clipped(s: &str) -> Option<&str> {
+    if s.len() <= SHOWN_BYTES {
+        return None;
+    }
+    let mut end = SHOWN_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(&s[..end])
 }
 
 impl Error {
@@ -120,3 +148,19 @@ store_errors!(
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_repeat_at_most_the_start_of_a_long_key() {
+        assert_eq!(Error::NotFound("k".into()).to_string(), "snapshot \"k\" not found");
+        let long = "é".repeat(1 << 19);
+        let msg = Error::ParentNotFound(long.clone()).to_string();
+        assert!(msg.len() < 2 * SHOWN_BYTES, "{msg}");
+        assert!(msg.ends_with(&format!("… ({} bytes) not found", long.len())), "{msg}");
+        let msg = Error::Rebase { key: long.clone(), parent: long }.to_string();
+        assert!(msg.len() < 4 * SHOWN_BYTES, "{msg}");
+    }
+}

@@ -164,6 +164,35 @@ impl Node {
         out
     }
 
+    /// SIGKILL, as the OOM killer or a crash would: nothing is cleaned up.
+    /// The node is then [`Node::start`]ed again on the same directory.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The admin service (on the snapshot socket).
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(thinbox_proto::unix_channel(self.snap_socket(), Duration::from_secs(120)).await.unwrap())
+    }
+
+    /// Every device record, in id order, once the background deleter has
+    /// finished what Remove, DeleteVolume and DeleteSnapshot left it (no
+    /// record `deleting`; panics after [`super::snapshots::DELETION_DEADLINE`]).
+    pub async fn settled_devices(&self) -> Vec<thinbox_proto::admin::Device> {
+        let mut admin = self.admin().await;
+        let deadline = std::time::Instant::now() + super::snapshots::DELETION_DEADLINE;
+        loop {
+            let devices = admin.list_devices(thinbox_proto::admin::ListDevicesRequest {}).await.unwrap().into_inner().devices;
+            if devices.iter().all(|d| d.state != "deleting") {
+                return devices;
+            }
+            assert!(std::time::Instant::now() < deadline, "devices still deleting: {devices:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGTERM; the daemon must exit cleanly (and, with `release_on_exit`,
     /// release what nothing uses).
     pub fn stop(&mut self) {

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Image unpack and container start as a user feels them: one private
+# containerd 1.6 configured with its built-in overlayfs snapshotter AND the
+# thinbox proxy plugin (a private thinboxd, default config), the same
+# locally built image (tests/lib/make-oci-image.py --profile bench: 4
+# uncompressed layers, ~208 MiB, 20,000 small files, overwrites, whiteouts),
+# the same ctr commands, only --snapshotter differs. Needs root.
+#
+#   sudo tests/bench/unpack-start.sh [ROUNDS]      # default 5 rounds per side
+#
+# Every round starts from FRESH state: a new thinboxd root (its embedded pool
+# made anew) and a new containerd root, both started before the round and
+# stopped after it (not measured). Rounds alternate sides, and which side goes
+# first alternates too (o t t o o t ...), so slow phases of a noisy machine hit
+# both alike. In a round, not measured: `ctr images import --no-unpack` (the
+# content store only), then `sync`. Measured (wall time of the ctr command):
+#   unpack      ctr images import --snapshotter S   (content already there:
+#               containerd reads the tar, finds every blob present, and
+#               unpacks the 4 layers into snapshots: Prepare, mount, apply
+#               the tar, unmount, Commit per layer)
+#   run 1       ctr run --rm --snapshotter S IMAGE c1 /bin/true   (Prepare of
+#               the rootfs, mount, runc start, exit, unmount, Remove)
+#   run 2       the same again, container c2 (the layers exist: a second start)
+# and prints medians per side and the thinbox / overlayfs ratio, side by side.
+#
+# Environment:
+#   BENCH_SKIP_BUILD=1    use the existing target/release/thinboxd (no cargo)
+#   THINBOXD_BIN=PATH     thinboxd to measure (no build; default
+#                         target/release/thinboxd, built first)
+#   BENCH_OUT=DIR         output (default target/unpack-start/): rounds.tsv
+#                         (every measurement), summary.txt, per-round daemon
+#                         logs of the last round of each side
+#   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (the
+#                         figures then mean nothing; for finding the time)
+#   THINBOX_LOG           thinboxd's log filter (default info)
+#   CONTAINERD_LOG_LEVEL  containerd's (default info)
+#   TMPDIR                where all state goes (default /tmp; keep it short)
+# Leaves nothing behind: daemons, shims, mounts and loops go after each round;
+# a leftover loop or mount under the run's directory fails the run.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+ROUNDS=${1:-5}
+OUT=${BENCH_OUT:-$REPO/target/unpack-start}
+BUILD=1
+[[ -z ${THINBOXD_BIN:-} && ${BENCH_SKIP_BUILD:-0} != 1 ]] || BUILD=0
+THINBOXD_BIN=${THINBOXD_BIN:-$REPO/target/release/thinboxd}
+IMAGE=localhost/thinbox-bench:4layers
+export CTR_NAMESPACE=bench
+export CONTAINERD_LOG_LEVEL=${CONTAINERD_LOG_LEVEL:-info}
+
+log() { echo "[unpack-start] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive number (got $ROUNDS)"
+[[ $(id -u) == 0 ]] || die "needs root (loop devices, mounts, containerd)"
+for tool in containerd ctr runc python3 strace; do
+    [[ $tool == strace && ${BENCH_STRACE:-0} != 1 ]] && continue
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+[[ -x /bin/busybox ]] || die "/bin/busybox missing (apt-get install -y busybox-static)"
+
+if (( BUILD )); then
+    log "building thinboxd (release)"
+    (cd "$REPO" && cargo build --release -p thinboxd)
+fi
+[[ -x $THINBOXD_BIN ]] || die "missing $THINBOXD_BIN"
+
+# shellcheck source=tests/lib/containerd.sh
+source "$REPO/tests/lib/containerd.sh"
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb-us.XXXXXX")
+TB_PID=
+STRACE_PID=
+CLEANED=
+
+stop_round() {
+    local st=0
+    containerd_stop || st=1
+    if [[ -n $STRACE_PID ]]; then
+        wait "$STRACE_PID" 2>/dev/null || true
+        STRACE_PID=
+    fi
+    if [[ -n $TB_PID ]] && kill -0 "$TB_PID" 2>/dev/null; then
+        terminate "$TB_PID" 30 thinboxd || st=1
+        wait "$TB_PID" 2>/dev/null || true
+    fi
+    TB_PID=
+    return $st
+}
+
+leaks() {
+    { losetup -a 2>/dev/null | grep -F "$WORK/" || true; }
+    { findmnt -rn -o TARGET 2>/dev/null | grep -F "$WORK/" || true; }
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+    local status=$? left
+    [[ -z $CLEANED ]] || return 0
+    CLEANED=1
+    trap - EXIT INT TERM
+    stop_round || status=1
+    left=$(leaks)
+    if [[ -n $left ]]; then
+        log "LEFT BEHIND (not removing $WORK):"
+        echo "$left" >&2
+        status=1
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log "building the image"
+python3 "$REPO/tests/lib/make-oci-image.py" "$WORK/image.tar" --profile bench --ref "$IMAGE" >/dev/null
+
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000 )) | awk '{printf "%.1f", $1 / 1000}'; }
+
+# One round of side $1 (overlayfs|thinbox) in directory $2; appends to rounds.tsv.
+round() {
+    local side=$1 dir=$2 n=$3 t unpack run1 run2 i
+    mkdir -p "$dir"
+    THINBOX_LOG=${THINBOX_LOG:-info} "$THINBOXD_BIN" --root "$dir/tb" \
+        --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
+        >"$dir/thinboxd.log" 2>&1 </dev/null &
+    TB_PID=$!
+    for (( i = 0; i < 300; i++ )); do
+        kill -0 "$TB_PID" 2>/dev/null || { tail -n 20 "$dir/thinboxd.log" >&2; die "thinboxd exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$dir/thinboxd.log" && break
+        sleep 0.1
+    done
+    grep -q 'serving containerd.services.snapshots.v1' "$dir/thinboxd.log" || die "thinboxd did not start"
+    if [[ ${BENCH_STRACE:-0} == 1 && $side == thinbox ]]; then
+        strace -f -T -tt -qq -o "$dir/thinboxd.strace" -p "$TB_PID" &
+        STRACE_PID=$!
+        sleep 0.5
+    fi
+    containerd_start "$dir/ctd" "$dir/tb.sock" || die "containerd did not start"
+    [[ $(ctr_ plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}') == ok ]] ||
+        die "containerd did not load the thinbox proxy plugin"
+    ctr_ images import --no-unpack "$WORK/image.tar" >/dev/null
+    sync
+
+    t=$(date +%s%N)
+    ctr_ images import --snapshotter "$side" "$WORK/image.tar" >/dev/null
+    unpack=$(ms_since "$t")
+    t=$(date +%s%N)
+    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$side" "$IMAGE" c1 /bin/true
+    run1=$(ms_since "$t")
+    t=$(date +%s%N)
+    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$side" "$IMAGE" c2 /bin/true
+    run2=$(ms_since "$t")
+
+    [[ $(ctr_ snapshots --snapshotter "$side" ls | awk 'NR > 1 && $NF == "Committed"' | wc -l) == 4 ]] ||
+        die "$side: expected 4 committed layers after unpack"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$side" "$unpack" "$run1" "$run2" "$(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/rounds.tsv"
+    log "round $n $side: unpack $unpack ms, run 1 $run1 ms, run 2 $run2 ms (load $(cut -d' ' -f1 /proc/loadavg))"
+    stop_round || die "$side: stopping the daemons failed"
+    [[ -z $(leaks) ]] || die "$side: round $n left loops or mounts behind"
+    cp "$dir/thinboxd.log" "$OUT/thinboxd-$side.log"
+    cp "$dir/ctd/containerd.log" "$OUT/containerd-$side.log"
+    [[ -f $dir/thinboxd.strace ]] && cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"
+    rm -rf "$dir"
+}
+
+printf 'round\tside\tunpack_ms\trun1_ms\trun2_ms\tload1\n' >"$OUT/rounds.tsv"
+start_load=$(cut -d' ' -f1-3 /proc/loadavg)
+for (( r = 1; r <= ROUNDS; r++ )); do
+    if (( r % 2 )); then order=(overlayfs thinbox); else order=(thinbox overlayfs); fi
+    for side in "${order[@]}"; do
+        round "$side" "$WORK/r$r${side:0:1}" "$r"
+    done
+done
+end_load=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- summary -------------------------------------------------------------
+summary() {
+    echo "unpack + container start, $ROUNDS fresh rounds per side, medians (ms)"
+    echo "image: $IMAGE (make-oci-image.py --profile bench), $(containerd --version | awk '{print $1, $3}'), $(runc --version | head -n 1)"
+    echo "machine: $(nproc) CPUs, $(uname -r), load average at start $start_load, at end $end_load"
+    echo "thinboxd: $THINBOXD_BIN"
+    awk -F'\t' '
+        function median(side, col,    n, i, j, tmp, v) {
+            n = 0
+            for (i = 1; i <= rows; i++) if (s[i] == side) v[++n] = c[i, col]
+            for (i = 2; i <= n; i++) { tmp = v[i]; for (j = i - 1; j >= 1 && v[j] > tmp; j--) v[j + 1] = v[j]; v[j + 1] = tmp }
+            return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        }
+        NR > 1 { rows++; s[rows] = $2; c[rows, 1] = $3; c[rows, 2] = $4; c[rows, 3] = $3 + $4; c[rows, 4] = $5 }
+        END {
+            split("unpack|run 1 (first start)|unpack + run 1|run 2 (second start)", name, "|")
+            printf "| %-22s | %14s | %12s | %22s |\n", "step", "overlayfs ms", "thinbox ms", "thinbox / overlayfs"
+            printf "|%s|%s|%s|%s|\n", "------------------------", "---------------:", "-------------:", "-----------------------:"
+            for (k = 1; k <= 4; k++) {
+                o = median("overlayfs", k); t = median("thinbox", k)
+                printf "| %-22s | %14.1f | %12.1f | %21.2fx |\n", name[k], o, t, (o > 0 ? t / o : 0)
+            }
+        }' "$OUT/rounds.tsv"
+}
+summary | tee "$OUT/summary.txt"
+log "every round in $OUT/rounds.tsv"
