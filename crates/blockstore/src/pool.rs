@@ -188,8 +188,9 @@ impl Pool {
 
     /// Grows a ready device to `size` (aligned to 4 KiB), live if attached.
     /// The new size is recorded first, so a crash leaves a device no larger
-    /// than its record and a retry (same size) finishes the kernel side;
-    /// shrinking is refused. The filesystem inside is the caller's to grow.
+    /// than its record and a retry (same size) finishes the kernel side; a
+    /// growth the backend refuses puts the old size back. Shrinking is
+    /// refused. The filesystem inside is the caller's to grow.
     pub fn resize(&self, id: DeviceId, size: Bytes) -> Result<Bytes> {
         let size = size.align_up(4096);
         let rec = self.store.device(id)?.ok_or(Error::DeviceNotFound(id))?;
@@ -210,7 +211,16 @@ impl Pool {
             }
             txn.commit()?;
         }
-        self.backend.resize(&rec, size)?;
+        if let Err(e) = self.backend.resize(&rec, size) {
+            if size > rec.size {
+                let txn = self.store.write()?;
+                let mut devs = Devices::open(&txn)?;
+                devs.put(&rec)?;
+                drop(devs);
+                txn.commit()?;
+            }
+            return Err(e);
+        }
         Ok(size)
     }
 

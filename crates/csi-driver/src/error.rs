@@ -93,12 +93,21 @@ from_redb!(
 
 pub use thinbox_daemon::chain;
 
+/// Longest status message sent: it travels in an HTTP/2 header, which
+/// clients bound (tonic: 16 KiB for all of them), and an error about a huge
+/// field must still reach the client with its code.
+const MAX_MESSAGE: usize = 1024;
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = e.code();
-        let msg = chain(&e);
+        let mut msg = chain(&e);
         if code == Code::Internal {
             tracing::error!(error = %msg, "internal error");
+        }
+        if msg.len() > MAX_MESSAGE {
+            let cut = (0..=MAX_MESSAGE).rev().find(|&i| msg.is_char_boundary(i)).unwrap_or(0);
+            msg = format!("{}… ({} bytes in all)", &msg[..cut], msg.len());
         }
         Status::new(code, msg)
     }
@@ -107,4 +116,17 @@ impl From<Error> for Status {
 /// Shorthand for an INVALID_ARGUMENT error.
 pub fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_message_is_cut_and_keeps_its_code() {
+        let status = Status::from(Error::NotFound(format!("volume {:?} does not exist", "é".repeat(1 << 19))));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() < MAX_MESSAGE + 64, "{}", status.message().len());
+        assert!(status.message().ends_with("bytes in all)"), "{}", &status.message()[MAX_MESSAGE - 8..]);
+    }
 }

@@ -1,12 +1,41 @@
 //! Checks on paths and ids from requests, before any path is built from them
 //! or anything is mounted there.
 
-use std::path::{Component, Path, PathBuf};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, invalid};
 
-/// Longest id accepted (CSI names are at most 128 bytes).
+/// Longest id or name accepted (CSI strings are at most 128 bytes).
 const MAX_ID: usize = 128;
+/// Largest map accepted, keys and values together (CSI: 4 KiB).
+const MAX_MAP: usize = 4096;
+/// Longest path component, and path, the kernel takes (NAME_MAX, PATH_MAX).
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4095;
+
+/// A name the CO gives (CreateVolume's, CreateSnapshot's, an inline volume's
+/// handle): non-empty, at most 128 bytes as CSI says. It is stored, never
+/// joined to a path.
+pub fn name<'a>(name: &'a str, field: &str) -> Result<&'a str> {
+    if name.is_empty() {
+        return Err(invalid(format!("{field} is required")));
+    }
+    if name.len() > MAX_ID {
+        return Err(invalid(format!("{field} is {} bytes; CSI allows at most {MAX_ID}", name.len())));
+    }
+    Ok(name)
+}
+
+/// A map of a request (parameters, volume context): at most 4 KiB of keys
+/// and values, as CSI says.
+pub fn map(m: &HashMap<String, String>, field: &str) -> Result<()> {
+    let bytes: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_MAP {
+        return Err(invalid(format!("{field} holds {bytes} bytes; CSI allows at most {MAX_MAP}")));
+    }
+    Ok(())
+}
 
 /// A volume id from a request: non-empty, at most 128 bytes of `[A-Za-z0-9._-]`.
 /// Ids are only ever looked up in our tables, never joined to a path; a
@@ -35,8 +64,12 @@ pub fn target(path: &str, field: &str, kubelet_dir: &Path) -> Result<PathBuf> {
         return Err(invalid(format!("{field} is required")));
     }
     let p = Path::new(path);
-    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    // On the string: `Path::components` drops a `.` inside a path.
+    if !p.is_absolute() || path.split('/').any(|c| c == "." || c == "..") {
         return Err(invalid(format!("{field} {path:?} must be an absolute path without . or ..")));
+    }
+    if path.len() > PATH_MAX || path.split('/').any(|c| c.len() > NAME_MAX) {
+        return Err(invalid(format!("{field} is longer than the kernel takes ({PATH_MAX} bytes, {NAME_MAX} per component)")));
     }
     let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
         return Err(invalid(format!("{field} {path:?} has no parent directory")));
@@ -93,5 +126,18 @@ mod tests {
         assert_eq!(code(&format!("{}/pods/p/volumes/link", kubelet.display())), Code::InvalidArgument, "symlink target");
         assert_eq!(code("/etc/mount"), Code::InvalidArgument);
         assert_eq!(code(&format!("{}/pods/missing/mount", kubelet.display())), Code::NotFound);
+        assert_eq!(code(&format!("{}/pods/p/./volumes/mount", kubelet.display())), Code::InvalidArgument, "a . inside");
+        assert_eq!(code(&format!("{}/pods/p/volumes/{}", kubelet.display(), "m".repeat(256))), Code::InvalidArgument, "NAME_MAX");
+        assert_eq!(code(&format!("{}/{}", kubelet.display(), "d/".repeat(2100))), Code::InvalidArgument, "PATH_MAX");
+    }
+
+    #[test]
+    fn names_and_maps_keep_to_csi_limits() {
+        assert_eq!(name(&"n".repeat(128), "name").unwrap().len(), 128);
+        assert_eq!(name("", "name").unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(name(&"n".repeat(129), "name").unwrap_err().code(), Code::InvalidArgument);
+        let m = |bytes: usize| HashMap::from([("k".to_owned(), "v".repeat(bytes - 1))]);
+        assert!(map(&m(4096), "parameters").is_ok());
+        assert_eq!(map(&m(4097), "parameters").unwrap_err().code(), Code::InvalidArgument);
     }
 }

@@ -55,9 +55,12 @@ impl Driver {
             let txn = self.pool().store().write()?;
             txn.open_table(PUBLICATIONS)?.remove(p.target.to_string_lossy().as_ref())?;
             txn.commit()?;
-            // A publish cut short may have made the target directory or file.
-            if !embedded::is_mountpoint(&p.target)? {
-                remove_target(&p.target)?;
+            // A publish cut short may have made the target directory or file;
+            // one that cannot be removed is the kubelet's, and must not keep
+            // the daemon (both doors) down.
+            let removed = embedded::is_mountpoint(&p.target).map_err(Error::from).and_then(|m| if m { Ok(()) } else { remove_target(&p.target) });
+            if let Err(e) = removed {
+                tracing::warn!(target = %p.target.display(), error = %crate::error::chain(&e), "leaving the target of a dropped publication");
             }
         }
         // What nothing publishes is detached; an inline volume whose

@@ -236,9 +236,8 @@ impl Identity for Csi {
 impl Controller for Csi {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(invalid("name is required").into());
-        }
+        paths::name(&r.name, "name")?;
+        paths::map(&r.parameters, "parameters")?;
         let access = capabilities(&r.volume_capabilities)?;
         let source = match r.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
             None => None,
@@ -389,9 +388,8 @@ impl Controller for Csi {
 
     async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(invalid("name is required").into());
-        }
+        paths::name(&r.name, "name")?;
+        paths::map(&r.parameters, "parameters")?;
         if r.source_volume_id.is_empty() {
             return Err(invalid("source_volume_id is required").into());
         }
@@ -501,7 +499,9 @@ impl Node for Csi {
         let target = paths::target(&r.target_path, "target_path", &kubelet)?;
         let readonly =
             r.readonly || matches!(AccessMode::try_from(cap.access_mode.as_ref().map_or(0, |m| m.mode)), Ok(AccessMode::SingleNodeReaderOnly));
+        paths::map(&r.volume_context, "volume_context")?;
         if r.volume_context.get(EPHEMERAL).is_some_and(|v| v == "true") {
+            paths::name(&id, "volume_id")?;
             let ctx = &r.volume_context;
             let (_, sandbox, kept) = parameters(ctx, &["size", "fsType"])?;
             let size = match ctx.get("size") {

@@ -10,11 +10,11 @@
 //! same after the whole batch as before it and after a restart, and the
 //! layer and volume made before it still hold their content. Needs root.
 //!
-//! Where the CSI driver answers otherwise today (crates/csi-driver is being
-//! restructured and fixed elsewhere), the case is pinned to today's answer
-//! with `known_bug`, marked `CSI-DRIVER BUG`, and undone if it made
-//! something: the fix makes it fail loudly, and it moves to `expect`. One of
-//! them wedges the node (a target named beyond NAME_MAX); it runs last.
+//! Among them, what once broke things: status messages that echoed a 1 MiB
+//! field (a client sees a message beyond its header limit as
+//! RESOURCE_EXHAUSTED), and a target named beyond NAME_MAX, whose
+//! publication was recorded before the kernel refused it and kept the daemon
+//! from starting again.
 
 #![allow(clippy::unwrap_used)]
 
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use common::node::{Node, ext4};
 use common::snapshots::{commit, labels, list, prepare, read_through_view, remove, stat, view};
-use thinbox_proto::admin::{CheckRequest, ListDevicesRequest, PoolStatusRequest, ReconcileReport};
+use thinbox_proto::admin::{CheckRequest, PoolStatusRequest, ReconcileReport};
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
 use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use thinbox_proto::csi::v1::*;
@@ -104,7 +104,6 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
 struct Cases {
     run: usize,
     wrong: Vec<String>,
-    known: Vec<String>,
 }
 
 impl Cases {
@@ -118,22 +117,6 @@ impl Cases {
             };
             self.wrong.push(format!("{what}: got {code:?}, want {want:?} ({detail})"));
         }
-    }
-
-    /// A case the CSI driver answers wrongly today: reported, and not fixed
-    /// here (crates/csi-driver is being restructured). Pinned to today's
-    /// answer, so that the fix fails this case loudly and it moves to
-    /// [`Cases::expect`] with `want`. Returns what a wrong success made, for
-    /// the caller to undo (the batch must change nothing).
-    fn known_bug<T: Debug>(&mut self, what: &str, got: Result<T, Status>, today: Code, want: Code) -> Option<T> {
-        self.run += 1;
-        let code = got.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        if code == today {
-            self.known.push(format!("{what}: {code:?}, should be {want:?}"));
-        } else {
-            self.wrong.push(format!("{what}: the known bug changed: got {code:?} (was {today:?}); promised {want:?}: move it to expect"));
-        }
-        got.ok()
     }
 }
 
@@ -273,13 +256,11 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
     cases.expect("CreateVolume asking for ext4 and xfs", c.create_volume(create("v", 300 * MIB, 0, &[], both)).await, Code::InvalidArgument);
     cases.expect("CreateVolume kind nfs", c.create_volume(create("v", 300 * MIB, 0, &[("kind", "nfs")], vec![ext4()])).await, Code::InvalidArgument);
     let long_kind = format!("block{far_too_long}");
-    // CSI-DRIVER BUG (reported): the refusal echoes the whole 1 MiB value in
-    // its message, which no client with a bounded header list (tonic: 16 KiB)
-    // can receive; it sees RESOURCE_EXHAUSTED "h2 protocol error".
-    cases.known_bug(
+    // A 1 MiB parameter: refused before anything echoes it (a status message
+    // beyond a client's header limit would reach it as RESOURCE_EXHAUSTED).
+    cases.expect(
         "CreateVolume kind of 1 MiB",
         lone_ctl(&dir).await.create_volume(create("v", 300 * MIB, 0, &[("kind", &long_kind)], vec![ext4()])).await,
-        Code::ResourceExhausted,
         Code::InvalidArgument,
     );
     cases.expect(
@@ -345,39 +326,24 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
         c.create_volume(create("bad-pib-file", 1 << 50, 0, &[("kind", "file")], vec![ext4()])).await,
         Code::ResourceExhausted,
     );
-    // CSI-DRIVER BUG (reported): a block volume of i64::MAX bytes reaches the
-    // block store, whose size conversion fails: INTERNAL (rolled back).
-    cases.known_bug(
+    // Volumes are thin, but none is larger than the pool can be.
+    cases.expect(
         "CreateVolume block of i64::MAX bytes",
         c.create_volume(create("bad-max-block", i64::MAX, 0, &[("kind", "block")], vec![ext4()])).await,
-        Code::Internal,
         Code::ResourceExhausted,
     );
-    // CSI-DRIVER BUG (reported): block volumes are not checked against the
-    // room GetCapacity reports (its maximum_volume_size), unlike file volumes:
-    // a 1 TiB volume is made in a 4 GiB pool. Undone below.
-    let made = cases.known_bug(
+    cases.expect(
         "CreateVolume block of 1 TiB in a 4 GiB pool",
         c.create_volume(create("bad-tib-block", 1 << 40, 0, &[("kind", "block")], vec![ext4()])).await,
-        Code::Ok,
         Code::ResourceExhausted,
     );
-    undo_volume(c, made).await;
 
     // Oversize: a name far beyond CSI's 128 bytes, a parameter map far beyond 4 KiB, a message above the gRPC limit.
-    // CSI-DRIVER BUG (reported): names and maps beyond CSI's size limits
-    // (128 bytes, 4 KiB) are taken: the volume is made, its 1 MiB name stored.
-    let made = cases.known_bug(
-        "CreateVolume name of 1 MiB",
-        c.create_volume(create(&far_too_long, 300 * MIB, 0, &[], vec![ext4()])).await,
-        Code::Ok,
-        Code::InvalidArgument,
-    );
-    undo_volume(c, made).await;
+    // Names and maps beyond CSI's size limits (128 bytes, 4 KiB).
+    cases.expect("CreateVolume name of 1 MiB", c.create_volume(create(&far_too_long, 300 * MIB, 0, &[], vec![ext4()])).await, Code::InvalidArgument);
     let mut big_map = create("bad-big-map", 300 * MIB, 0, &[], vec![ext4()]);
     big_map.parameters = co_parameters(1000);
-    let made = cases.known_bug("CreateVolume with 1 MB of CO parameters", c.create_volume(big_map).await, Code::Ok, Code::InvalidArgument);
-    undo_volume(c, made).await;
+    cases.expect("CreateVolume with 1 MB of CO parameters", c.create_volume(big_map).await, Code::InvalidArgument);
     let over = "n".repeat(OVER_GRPC_LIMIT);
     cases.expect(
         "CreateVolume above the gRPC message limit",
@@ -389,12 +355,7 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
     cases.expect("CreateSnapshot source \"\"", c.create_snapshot(snap("s", "")).await, Code::InvalidArgument);
     cases.expect("CreateSnapshot of an unknown volume", c.create_snapshot(snap("s", "tb-block-99999")).await, Code::NotFound);
     cases.expect("CreateSnapshot of a volume id with /", c.create_snapshot(snap("s", "tb-block-1/../x")).await, Code::NotFound);
-    // CSI-DRIVER BUG (reported): as for volumes, a 1 MiB snapshot name is taken.
-    let made = cases.known_bug("CreateSnapshot name of 1 MiB", c.create_snapshot(snap(&far_too_long, pre)).await, Code::Ok, Code::InvalidArgument);
-    if let Some(s) = made {
-        let snapshot_id = s.into_inner().snapshot.unwrap().snapshot_id;
-        c.delete_snapshot(DeleteSnapshotRequest { snapshot_id, secrets: HashMap::new() }).await.unwrap();
-    }
+    cases.expect("CreateSnapshot name of 1 MiB", c.create_snapshot(snap(&far_too_long, pre)).await, Code::InvalidArgument);
     let with_param = CreateSnapshotRequest { parameters: labels(&[("tier", "gold")]), ..snap("s", pre) };
     cases.expect("CreateSnapshot unknown parameter", c.create_snapshot(with_param).await, Code::InvalidArgument);
     cases.expect("DeleteVolume id \"\"", c.delete_volume(DeleteVolumeRequest::default()).await, Code::InvalidArgument);
@@ -415,29 +376,10 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
     cases.expect("ControllerExpandVolume limit < required", c.controller_expand_volume(expand(pre, 2 * GIB, GIB)).await, Code::OutOfRange);
     cases.expect("ControllerExpandVolume limit below the size", c.controller_expand_volume(expand(pre, 0, 100 * MIB)).await, Code::OutOfRange);
     cases.expect("ControllerExpandVolume required -1", c.controller_expand_volume(expand(pre, -1, 0)).await, Code::InvalidArgument);
-    // CSI-DRIVER BUG (reported): growing a block volume to i64::MAX bytes is
-    // not bounded by the driver; the block store records the new size, then
-    // fails to convert it when it grows the image: INTERNAL, and the device's
-    // record says 8 EiB (its volume's still 300 MiB) with the device left
-    // attached. Run on a volume of its own, deleted afterwards, so that the
-    // pre-made volume stays as it was.
-    let victim = c.create_volume(create("bad-expand-victim", 300 * MIB, 0, &[], vec![ext4()])).await.unwrap().into_inner().volume.unwrap();
-    cases.known_bug(
-        "ControllerExpandVolume to i64::MAX bytes",
-        c.controller_expand_volume(expand(&victim.volume_id, i64::MAX, 0)).await,
-        Code::Internal,
-        Code::ResourceExhausted,
-    );
-    let devices = n.admin().await.list_devices(ListDevicesRequest {}).await.unwrap().into_inner().devices;
-    let device = devices.iter().find(|d| d.volumes.contains(&victim.volume_id)).unwrap();
-    cases.known_bug(
-        "ControllerExpandVolume to i64::MAX bytes: the device record's size",
-        if device.size == 1 << 63 { Err(Status::internal(format!("{device:?}"))) } else { Ok(device.size) },
-        Code::Internal,
-        Code::Ok,
-    );
-    let c = &mut n.ctl;
-    c.delete_volume(DeleteVolumeRequest { volume_id: victim.volume_id, secrets: HashMap::new() }).await.unwrap();
+    // Growing beyond what the pool can be is refused before anything is
+    // recorded (the device's record keeps its size; checked with everything
+    // else at the end).
+    cases.expect("ControllerExpandVolume to i64::MAX bytes", c.controller_expand_volume(expand(pre, i64::MAX, 0)).await, Code::ResourceExhausted);
     let get_cap = |p: &[(&str, &str)]| GetCapacityRequest { parameters: labels(p), ..Default::default() };
     cases.expect("GetCapacity kind nfs", c.get_capacity(get_cap(&[("kind", "nfs")])).await, Code::InvalidArgument);
     cases.expect("GetCapacity unknown parameter", c.get_capacity(get_cap(&[("tier", "gold")])).await, Code::InvalidArgument);
@@ -450,11 +392,10 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
     cases.expect("NodePublish volume id \"\"", nd.node_publish_volume(publish("", ok, Some(ext4()), ctx())).await, Code::InvalidArgument);
     cases.expect("NodePublish unknown volume", nd.node_publish_volume(publish("tb-block-99999", ok, Some(ext4()), ctx())).await, Code::NotFound);
     cases.expect("NodePublish volume id with ..", nd.node_publish_volume(publish("../../etc", ok, Some(ext4()), ctx())).await, Code::NotFound);
-    // CSI-DRIVER BUG (reported): the NOT_FOUND echoes the 1 MiB id (see "kind of 1 MiB").
-    cases.known_bug(
+    // The NOT_FOUND's message is cut, so the client gets it (see "kind of 1 MiB").
+    cases.expect(
         "NodePublish volume id of 1 MiB",
         lone_node(&dir).await.node_publish_volume(publish(&far_too_long, ok, Some(ext4()), ctx())).await,
-        Code::ResourceExhausted,
         Code::NotFound,
     );
     cases.expect("NodePublish without capability", nd.node_publish_volume(publish(pre, ok, None, ctx())).await, Code::InvalidArgument);
@@ -487,19 +428,26 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
     for (what, t, want) in &bad_targets {
         cases.expect(&format!("NodePublish {what}"), nd.node_publish_volume(publish(pre, t, Some(ext4()), ctx())).await, *want);
     }
-    // CSI-DRIVER BUG (reported): docs/csi.md refuses targets with `.`, but
-    // Path::components drops a `.` inside a path, so this one is published
-    // (at the target it names without the `.`). Undone below.
     let dot = format!("{}/pods/p/./volumes/kubernetes.io~csi/fresh/mount", kubelet.display());
-    let made = cases.known_bug(
-        "NodePublish target with .",
-        nd.node_publish_volume(publish(pre, &dot, Some(ext4()), ctx())).await,
-        Code::Ok,
+    cases.expect("NodePublish target with .", nd.node_publish_volume(publish(pre, &dot, Some(ext4()), ctx())).await, Code::InvalidArgument);
+    // Names the kernel would refuse are refused before anything is recorded.
+    let long_name = format!("{}/pods/p/{}", kubelet.display(), "n".repeat(300));
+    cases.expect(
+        "NodePublish target named beyond NAME_MAX",
+        nd.node_publish_volume(publish(pre, &long_name, Some(ext4()), ctx())).await,
         Code::InvalidArgument,
     );
-    if made.is_some() {
-        nd.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: pre.into(), target_path: ok.into() }).await.unwrap();
-    }
+    cases.expect(
+        "NodeUnpublish target named beyond NAME_MAX",
+        nd.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: pre.into(), target_path: long_name.clone() }).await,
+        Code::InvalidArgument,
+    );
+    let long = format!("{}/pods/p/{}", kubelet.display(), "n".repeat(FAR_TOO_LONG));
+    cases.expect(
+        "NodePublish target of 1 MiB",
+        lone_node(&dir).await.node_publish_volume(publish(pre, &long, Some(ext4()), ctx())).await,
+        Code::InvalidArgument,
+    );
     // Inline ephemeral volumes: attributes are checked like parameters.
     let eph = |pairs: &[(&str, &str)]| {
         let mut m = labels(&[("csi.storage.k8s.io/ephemeral", "true"), ("thinbox.io/sandbox", "runc")]);
@@ -560,52 +508,6 @@ async fn csi_cases(n: &mut Node, cases: &mut Cases, pre: &str) {
 
 const GIB: i64 = 1 << 30;
 
-/// CSI-DRIVER BUG (reported): a target whose last component is longer than
-/// NAME_MAX (255 bytes) passes the path checks; the publication is recorded
-/// and the device attached, then making the target fails (ENAMETOOLONG):
-/// INTERNAL, and the undo fails the same way, leaving the publication. The
-/// kubelet's unpublish fails likewise, so DeleteVolume refuses the volume
-/// ("still published"), and the next start of thinboxd fails on it ("remove
-/// …: File name too long"): one bad NodePublish takes both doors of the node
-/// down until the record is removed by hand. Pinned to today's behaviour on
-/// a volume of its own, after every other check (the root cannot be started
-/// again); the failed start's harness unmounts and detaches what is left.
-async fn name_max_wedges_the_node(mut n: Node, cases: &mut Cases) {
-    let dir = n.dir.clone();
-    let kubelet = dir.join("kubelet");
-    let ctx = || labels(&[("thinbox.io/sandbox", "runc")]);
-    let victim =
-        n.ctl.create_volume(create("bad-target-victim", 300 * MIB, 0, &[], vec![ext4()])).await.unwrap().into_inner().volume.unwrap().volume_id;
-    let long_name = format!("{}/pods/p/{}", kubelet.display(), "n".repeat(300));
-    let r = n.node.node_publish_volume(publish(&victim, &long_name, Some(ext4()), ctx())).await;
-    cases.known_bug("NodePublish target named beyond NAME_MAX", r, Code::Internal, Code::InvalidArgument);
-    let unpub = NodeUnpublishVolumeRequest { volume_id: victim.clone(), target_path: long_name.clone() };
-    cases.known_bug("NodeUnpublish target named beyond NAME_MAX", n.node.node_unpublish_volume(unpub).await, Code::Internal, Code::Ok);
-    // With a 1 MiB path the refusal also echoes the whole path (see "kind of
-    // 1 MiB"): the client sees RESOURCE_EXHAUSTED.
-    let long = format!("{}/pods/p/{}", kubelet.display(), "n".repeat(FAR_TOO_LONG));
-    let r = lone_node(&dir).await.node_publish_volume(publish(&victim, &long, Some(ext4()), ctx())).await;
-    cases.known_bug("NodePublish target of 1 MiB", r, Code::ResourceExhausted, Code::InvalidArgument);
-    let r = n.ctl.delete_volume(DeleteVolumeRequest { volume_id: victim.clone(), secrets: HashMap::new() }).await;
-    cases.known_bug("DeleteVolume of the volume whose publish failed on a long name", r, Code::FailedPrecondition, Code::Ok);
-    n.stop();
-    let start = tokio::spawn({
-        let dir = dir.clone();
-        async move { drop(Node::start(&dir, POOL).await) }
-    });
-    let started = match start.await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let panic = e.into_panic();
-            let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
-            let line = msg.lines().find(|l| l.contains("thinboxd failed")).unwrap_or(&msg);
-            assert!(line.contains("File name too long"), "the start failed otherwise: {}", line.chars().take(500).collect::<String>());
-            Err(Status::unavailable("thinboxd failed: volumes: remove …: File name too long"))
-        }
-    };
-    cases.known_bug("thinboxd starting again after it", started, Code::Unavailable, Code::Ok);
-}
-
 /// A connection of its own, for a case whose answer breaks it (a status
 /// message beyond the client's header limit resets the connection, and the
 /// next request on it would be CANCELLED).
@@ -619,14 +521,6 @@ async fn lone_ctl(dir: &Path) -> controller_client::ControllerClient<tonic::tran
 
 async fn lone_node(dir: &Path) -> node_client::NodeClient<tonic::transport::Channel> {
     node_client::NodeClient::new(lone(dir).await)
-}
-
-/// Deletes a volume a wrong success made.
-async fn undo_volume(c: &mut controller_client::ControllerClient<tonic::transport::Channel>, made: Option<tonic::Response<CreateVolumeResponse>>) {
-    if let Some(r) = made {
-        let volume_id = r.into_inner().volume.unwrap().volume_id;
-        c.delete_volume(DeleteVolumeRequest { volume_id, secrets: HashMap::new() }).await.unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -659,7 +553,7 @@ async fn bad_input_on_both_doors_gets_its_code_and_changes_nothing() {
     let mut cases = Cases::default();
     snapshot_cases(&mut n, &mut cases).await;
     csi_cases(&mut n, &mut cases, &pre).await;
-    println!("{} bad requests; {} known CSI driver bugs:\n{}", cases.run, cases.known.len(), cases.known.join("\n"));
+    println!("{} bad requests", cases.run);
     let after = everything(&mut n).await;
     assert!(cases.wrong.is_empty(), "{} of {} cases got another code than promised:\n{}", cases.wrong.len(), cases.run, cases.wrong.join("\n"));
     // Field by field, so that a failure names what changed.
@@ -696,12 +590,7 @@ async fn bad_input_on_both_doors_gets_its_code_and_changes_nothing() {
     };
     assert_eq!(nodeless(again.devices), nodeless(before.devices), "devices after a restart");
     assert_eq!(again.check, Some(ReconcileReport::default()), "the engine's check after a restart");
-
-    // Last, as it breaks the node: a target named beyond NAME_MAX.
-    let mut wedge = Cases::default();
-    name_max_wedges_the_node(n, &mut wedge).await;
-    assert!(wedge.wrong.is_empty(), "{}", wedge.wrong.join("\n"));
-    println!("{} known CSI driver bugs that wedge the node:\n{}", wedge.known.len(), wedge.known.join("\n"));
+    n.stop();
     assert_eq!(thinbox_blockstore::scan_loops(&dir).unwrap(), vec![], "loop devices left");
     assert_eq!(common::volumes::mounts_under(&dir), Vec::<PathBuf>::new(), "mounts left");
 }

@@ -79,6 +79,7 @@ impl Storage for Pooled {
     }
 
     fn grow(&self, held: &Held<'_>, size: Bytes) -> Result<()> {
+        self.admit(size)?;
         self.pool().resize(Self::device(held)?, size)?;
         Ok(())
     }
