@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::MountInfo;
-use thinbox_blockstore::{Bytes, FsType, embedded, fault, image};
+use thinbox_blockstore::{Bytes, FsType, embedded, fault, image, mountinfo};
 
 use crate::controller::CreateRequest;
 use crate::driver::Driver;
@@ -24,8 +24,8 @@ pub enum AccessType {
     Block,
 }
 
-/// Usage figures of a published volume.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Usage figures of a published volume, and its condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Capacity in bytes.
     pub total: u64,
@@ -35,6 +35,8 @@ pub struct Stats {
     pub available: u64,
     /// Inode figures (filesystem only): total, used, free.
     pub inodes: Option<(u64, u64, u64)>,
+    /// What is wrong with it (VOLUME_CONDITION abnormal), if anything.
+    pub abnormal: Option<String>,
 }
 
 impl Driver {
@@ -269,6 +271,7 @@ impl Driver {
         let Some(p) = self.publication(path)? else {
             return Err(Error::NotFound(format!("volume {id} is not published at {}", path.display())));
         };
+        let abnormal = self.condition(&vol, &p);
         match p.mode {
             Mode::HostMount => {
                 let st = rustix::fs::statvfs(path).map_err(|e| Error::io("statvfs", path)(e.into()))?;
@@ -279,14 +282,47 @@ impl Driver {
                     used: total - st.f_bfree * st.f_frsize,
                     available,
                     inodes: Some((st.f_files, st.f_files - st.f_ffree, st.f_favail)),
+                    abnormal,
                 })
             }
             Mode::HostBlock | Mode::Kata => {
                 let used = self.allocated(&vol)?;
-                Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None })
+                Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None, abnormal })
             }
         }
     }
+
+    /// What is wrong with a publication, if anything: its storage gone or
+    /// detached, its mount or Kata record gone, or (ext4 mounted here) the
+    /// filesystem counting errors.
+    fn condition(&self, vol: &Volume, p: &Publication) -> Option<String> {
+        if let Some(wrong) = self.storage(vol.kind).condition(&vol.held()) {
+            return Some(wrong);
+        }
+        let mounted = match p.mode {
+            Mode::Kata => {
+                return match self.direct.get(&p.target) {
+                    Ok(Some(_)) => None,
+                    Ok(None) => Some("its Kata direct-volume record is gone".into()),
+                    Err(e) => Some(format!("its Kata direct-volume record cannot be read: {}", crate::error::chain(&e))),
+                };
+            }
+            Mode::HostMount | Mode::HostBlock => match mountinfo::mount_at(&p.target) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Some(format!("nothing is mounted at {}", p.target.display())),
+                Err(e) => return Some(format!("the mounts cannot be read: {e}")),
+            },
+        };
+        let errors = (mounted.fs_type == "ext4").then(|| ext4_errors(Path::new(&mounted.source))).flatten().filter(|&n| n > 0);
+        errors.map(|n| format!("its ext4 filesystem has counted {n} error(s) since it was made (see the kernel log)"))
+    }
+}
+
+/// The error count ext4 keeps for the filesystem on `node` while it is
+/// mounted (`/sys/fs/ext4/<device>/errors_count`).
+fn ext4_errors(node: &Path) -> Option<u64> {
+    let dev = node.file_name()?.to_str()?;
+    std::fs::read_to_string(format!("/sys/fs/ext4/{dev}/errors_count")).ok()?.trim().parse().ok()
 }
 
 /// Splits CSI mount flags into the kernel's generic flags and the options

@@ -21,7 +21,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Result, invalid};
 use crate::node::AccessType;
 use crate::paths;
-use crate::state::{Kind, Sandbox, Source};
+use crate::state::{Kind, Sandbox, Source, State};
 
 /// The driver's name (CSIDriver object, StorageClass provisioner).
 pub const DRIVER_NAME: &str = "csi.thinbox.io";
@@ -381,7 +381,9 @@ impl Controller for Csi {
                 rpc(Type::ListVolumes),
                 rpc(Type::CreateDeleteSnapshot),
                 rpc(Type::ListSnapshots),
+                rpc(Type::GetSnapshot),
                 rpc(Type::CloneVolume),
+                rpc(Type::SingleNodeMultiWriter),
             ],
         }))
     }
@@ -424,8 +426,14 @@ impl Controller for Csi {
         Ok(Response::new(ListSnapshotsResponse { entries, next_token }))
     }
 
-    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
-        unimplemented("GetSnapshot")
+    async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let id = paths::object_id(&r.snapshot_id, "snapshot")?.to_owned();
+        let snap = self.run("get_snapshot", move |d| d.snapshot(&id)).await?;
+        match snap.filter(|s| s.state == State::Ready) {
+            Some(s) => Ok(Response::new(GetSnapshotResponse { snapshot: Some(snapshot_message(&s)) })),
+            None => Err(Error::NotFound(format!("snapshot {:?} does not exist", r.snapshot_id)).into()),
+        }
     }
 
     async fn controller_expand_volume(
@@ -574,7 +582,8 @@ impl Node for Csi {
         if let Some((total, used, free)) = st.inodes {
             usage.push(VolumeUsage { available: n(free), total: n(total), used: n(used), unit: volume_usage::Unit::Inodes as i32 });
         }
-        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: None }))
+        let volume_condition = Some(VolumeCondition { abnormal: st.abnormal.is_some(), message: st.abnormal.unwrap_or_else(|| "healthy".into()) });
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition }))
     }
 
     async fn node_expand_volume(&self, req: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
@@ -599,7 +608,8 @@ impl Node for Csi {
         use node_service_capability::rpc::Type;
         let rpc =
             |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
-        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities: vec![rpc(Type::GetVolumeStats), rpc(Type::ExpandVolume)] }))
+        let capabilities = vec![rpc(Type::GetVolumeStats), rpc(Type::ExpandVolume), rpc(Type::VolumeCondition), rpc(Type::SingleNodeMultiWriter)];
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {

@@ -157,6 +157,44 @@ async fn raw_block_volume_is_bind_mounted_onto_the_target_file() {
     d.finish().await;
 }
 
+/// NodeGetVolumeStats' VOLUME_CONDITION: healthy while the publication
+/// holds, abnormal (saying why) once its mount or its Kata record is gone
+/// behind the driver's back; unpublish still cleans up.
+#[tokio::test]
+async fn volume_condition_says_what_went_wrong() {
+    let mut d = Driver::start().await;
+    let caps = d.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
+    let rpcs: Vec<i32> = caps.iter().filter_map(|c| c.r#type.as_ref().map(|node_service_capability::Type::Rpc(r)| r.r#type)).collect();
+    use node_service_capability::rpc::Type;
+    for t in [Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition, Type::SingleNodeMultiWriter] {
+        assert!(rpcs.contains(&(t as i32)), "node capability {t:?}: {rpcs:?}");
+    }
+    let condition = |d: &mut Driver, id: String, target: &Path| {
+        let req = NodeGetVolumeStatsRequest { volume_id: id, volume_path: target.display().to_string(), staging_target_path: String::new() };
+        let mut node = d.node.clone();
+        async move { node.node_get_volume_stats(req).await.unwrap().into_inner().volume_condition.unwrap() }
+    };
+    for (kind, sandbox) in [("block", "runc"), ("file", "kata")] {
+        let vol = create(&mut d, &format!("pvc-cond-{kind}"), 300 << 20, &[("kind", kind), ("thinbox.io/sandbox", sandbox)], mount_cap("ext4")).await;
+        let target = d.target("pod-cond", &format!("pvc-cond-{kind}"));
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[])).await.unwrap();
+        let ok = condition(&mut d, vol.volume_id.clone(), &target).await;
+        assert_eq!((ok.abnormal, ok.message.as_str()), (false, "healthy"), "{kind}");
+        let why = if sandbox == "runc" {
+            rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH).unwrap();
+            "nothing is mounted at"
+        } else {
+            std::fs::remove_dir_all(d.path(&format!("kata/{}", base64_url(target.to_str().unwrap())))).unwrap();
+            "its Kata direct-volume record is gone"
+        };
+        let wrong = condition(&mut d, vol.volume_id.clone(), &target).await;
+        assert!(wrong.abnormal && wrong.message.contains(why), "{kind}: {wrong:?}");
+        unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+        d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    }
+    d.finish().await;
+}
+
 #[tokio::test]
 async fn kata_volumes_become_direct_volume_records_never_host_mounts() {
     let mut d = Driver::start().await;
@@ -392,6 +430,8 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
         assert!(snap.ready_to_use && snap.size_bytes == 400 << 20 && snap.source_volume_id == vol.volume_id, "{snap:?}");
         let again = d.ctl.create_snapshot(snap_req(&format!("snap-{kind}"), &vol.volume_id)).await.unwrap().into_inner().snapshot.unwrap();
         assert_eq!(again.snapshot_id, snap.snapshot_id, "idempotent by name");
+        let got = d.ctl.get_snapshot(GetSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() }).await.unwrap().into_inner();
+        assert_eq!(got.snapshot.as_ref(), Some(&snap), "GetSnapshot");
         std::fs::write(target.join("state"), "after").unwrap();
 
         // Restore, larger than the source: the filesystem grows with it.
@@ -448,6 +488,9 @@ async fn snapshots_restore_and_clones_keep_point_in_time_content() {
         code(c.create_snapshot(CreateSnapshotRequest { source_volume_id: "tb-block-999".into(), ..Default::default() }).await),
         Code::InvalidArgument
     );
+    let get = |id: &str| GetSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
+    assert_eq!(code(c.get_snapshot(get("tb-snap-999")).await), Code::NotFound);
+    assert_eq!(code(c.get_snapshot(get("")).await), Code::InvalidArgument);
     let mut from_missing = create_req("from-missing", 0, &[], mount_cap("ext4"));
     from_missing.volume_content_source = Some(snapshot_source("tb-snap-999"));
     assert_eq!(code(c.create_volume(from_missing).await), Code::NotFound);

@@ -99,6 +99,14 @@ impl Storage for DirStorage {
         self.dirs()?.used(Self::project(held)?)
     }
 
+    fn condition(&self, held: &Held<'_>) -> Option<String> {
+        match self.dirs() {
+            Ok(d) if d.path(held.id).is_dir() => None,
+            Ok(d) => Some(format!("its directory {} is gone", d.path(held.id).display())),
+            Err(e) => Some(crate::error::chain(&e)),
+        }
+    }
+
     fn remove(&self, held: &Held<'_>) -> Result<()> {
         self.dirs()?.remove(held.id, Self::project(held)?)
     }

@@ -102,6 +102,9 @@ pub(crate) trait Storage: std::fmt::Debug + Send + Sync {
     /// Bytes it holds on the node.
     fn allocated(&self, held: &Held<'_>) -> Result<u64>;
 
+    /// What is wrong with a published volume's storage, if anything.
+    fn condition(&self, held: &Held<'_>) -> Option<String>;
+
     /// Removes what it holds outside the pool (a pool device is the engine's
     /// to delete).
     fn remove(&self, held: &Held<'_>) -> Result<()>;

@@ -90,6 +90,16 @@ impl Storage for Pooled {
         Ok(self.pool().usage(&rec)?.bytes.get())
     }
 
+    fn condition(&self, held: &Held<'_>) -> Option<String> {
+        let Some(id) = held.device else { return Some("it has no device".into()) };
+        match self.pool().store().device(id) {
+            Ok(Some(_)) if self.pool().node(id).is_some() => None,
+            Ok(Some(_)) => Some(format!("its device {id} is not attached")),
+            Ok(None) => Some(format!("its device {id} is gone from the pool")),
+            Err(e) => Some(format!("its device {id} cannot be read: {}", crate::error::chain(&e))),
+        }
+    }
+
     fn remove(&self, _held: &Held<'_>) -> Result<()> {
         Ok(())
     }
