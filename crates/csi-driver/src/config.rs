@@ -59,8 +59,20 @@ impl Default for CsiConfig {
     }
 }
 
-/// Smallest volume: room for ext4 or xfs metadata (xfs needs 300 MiB).
-pub const MIN_VOLUME_SIZE: Bytes = Bytes(300 << 20);
+/// Volume sizes are whole 4 KiB blocks, what every backend and filesystem
+/// here takes.
+pub const ALIGN: u64 = 4096;
+
+/// The smallest volume that holds `fs` (`None`: a raw device, or a
+/// directory): mkfs.xfs refuses less than 300 MiB; ext4 fits its 4 MiB
+/// journal from 8 MiB; a device or a quota needs one block.
+pub fn min_volume_size(fs: Option<FsType>) -> Bytes {
+    match fs {
+        Some(FsType::Xfs) => Bytes(300 << 20),
+        Some(FsType::Ext4) => Bytes(8 << 20),
+        None => Bytes(ALIGN),
+    }
+}
 
 impl CsiConfig {
     /// Checks what serde cannot; the message names the key.
@@ -77,8 +89,9 @@ impl CsiConfig {
                 return Err(format!("csi.{key} {} must be an absolute path", p.display()));
             }
         }
-        if self.default_size < MIN_VOLUME_SIZE {
-            return Err(format!("csi.default_size {} is below the minimum {MIN_VOLUME_SIZE}", self.default_size));
+        let floor = min_volume_size(Some(self.default_fs));
+        if self.default_size < floor {
+            return Err(format!("csi.default_size {} is below the smallest {} volume, {floor}", self.default_size, self.default_fs.as_str()));
         }
         Ok(())
     }

@@ -186,9 +186,9 @@ impl Driver {
             Some(src) => Some(self.origin(src, req)?),
         };
         let default = origin.as_ref().map_or(self.cfg.default_size, |o| o.size);
-        let size = pick_size(req.required, req.limit, default)?;
-        let size = origin.as_ref().map_or(size, |o| size.max(o.size));
         let fs = origin.as_ref().map_or(req.fs, |o| o.fs);
+        let size = pick_size(req.required, req.limit, default, fs)?;
+        let size = origin.as_ref().map_or(size, |o| size.max(o.size));
         if let Some(v) = self.by_name(&req.name)? {
             let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
             if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source {
@@ -346,7 +346,7 @@ impl Driver {
         if limit != 0 && vol.size.get() > limit {
             return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
         }
-        let size = pick_size(required, limit, vol.size)?.max(vol.size);
+        let size = pick_size(required, limit, vol.size, vol.fs)?.max(vol.size);
         if size > vol.size {
             self.storage(vol.kind).grow(&vol.held(), size)?;
             vol.size = size;

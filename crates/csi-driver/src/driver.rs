@@ -14,15 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
 use serde::Serialize;
 use thinbox_block_passthrough::DirectVolumes;
 use thinbox_blockstore::redb::{ReadableDatabase, TableDefinition};
-use thinbox_blockstore::{Bytes, Engine, Pool, PoolConfig, fault};
+use thinbox_blockstore::{Bytes, Engine, FsType, Pool, PoolConfig, fault};
 
-use crate::config::{CsiConfig, MIN_VOLUME_SIZE};
+use crate::config::{ALIGN, CsiConfig, min_volume_size};
 use crate::error::{Error, Result};
 use crate::state::{self, Kind, NAMES, PUBLICATIONS, Publication, SNAPSHOTS, Snapshot, State, VOLUMES, Volume};
 use crate::storage::{DirStorage, Held, Pooled, Storage};
-
-/// Volume sizes are whole MiB.
-const ALIGN: u64 = 1 << 20;
 
 /// The driver state of one node.
 #[derive(Debug)]
@@ -227,18 +224,26 @@ impl Driver {
     }
 }
 
-/// Size for a capacity range: the required bytes (or the default, capped by the
-/// limit) rounded up to whole MiB, at least the minimum for a filesystem.
-pub fn pick_size(required: u64, limit: u64, default: Bytes) -> Result<Bytes> {
+/// Size for a capacity range: the required bytes (or the default, capped by
+/// the limit) in whole 4 KiB blocks, at least the smallest volume holding
+/// `fs`. Nothing more: the volume is exactly what was asked for.
+pub fn pick_size(required: u64, limit: u64, default: Bytes, fs: Option<FsType>) -> Result<Bytes> {
     if limit != 0 && required > limit {
         return Err(Error::OutOfRange(format!("required_bytes {required} exceeds limit_bytes {limit}")));
     }
+    let floor = min_volume_size(fs);
     let want = if required == 0 { if limit == 0 { default.get() } else { default.get().min(limit) } } else { required };
-    let size = want.max(MIN_VOLUME_SIZE.get()).div_ceil(ALIGN) * ALIGN;
-    if limit != 0 && size > limit {
-        return Err(Error::OutOfRange(format!("limit_bytes {limit} is below the smallest volume {MIN_VOLUME_SIZE}")));
+    let size = want.max(floor.get()).div_ceil(ALIGN) * ALIGN;
+    if limit == 0 || size <= limit {
+        return Ok(Bytes(size));
     }
-    Ok(Bytes(size))
+    // Capped by the limit: whole blocks below it, if that still holds what is required.
+    let below = limit / ALIGN * ALIGN;
+    if below >= floor.get() && below >= required {
+        return Ok(Bytes(below));
+    }
+    let what = fs.map_or("raw block or dir", FsType::as_str);
+    Err(Error::OutOfRange(format!("limit_bytes {limit} is below the smallest {what} volume, {floor}")))
 }
 
 #[cfg(test)]
@@ -249,13 +254,20 @@ mod tests {
     use tonic::Code;
 
     #[test]
-    fn sizes_follow_the_capacity_range() {
+    fn sizes_are_exact_above_each_filesystems_floor() {
         let d = Bytes(1 << 30);
-        assert_eq!(pick_size(0, 0, d).unwrap(), d);
-        assert_eq!(pick_size(0, 512 << 20, d).unwrap(), Bytes(512 << 20));
-        assert_eq!(pick_size((2 << 30) + 1, 0, d).unwrap(), Bytes((2 << 30) + (1 << 20)));
-        assert_eq!(pick_size(1, 0, d).unwrap(), MIN_VOLUME_SIZE);
-        assert_eq!(pick_size(2, 1, d).unwrap_err().code(), Code::OutOfRange);
-        assert_eq!(pick_size(0, 1 << 20, d).unwrap_err().code(), Code::OutOfRange);
+        let ext4 = Some(FsType::Ext4);
+        assert_eq!(pick_size(0, 0, d, ext4).unwrap(), d);
+        assert_eq!(pick_size(0, 512 << 20, d, ext4).unwrap(), Bytes(512 << 20));
+        assert_eq!(pick_size(64 << 20, 0, d, ext4).unwrap(), Bytes(64 << 20), "exactly what was asked");
+        assert_eq!(pick_size((2 << 30) + 1, 0, d, ext4).unwrap(), Bytes((2 << 30) + 4096), "whole blocks");
+        assert_eq!(pick_size(1, 0, d, ext4).unwrap(), Bytes(8 << 20), "ext4's floor");
+        assert_eq!(pick_size(1, 0, d, Some(FsType::Xfs)).unwrap(), Bytes(300 << 20), "xfs's floor");
+        assert_eq!(pick_size(1, 0, d, None).unwrap(), Bytes(4096), "a raw device: one block");
+        assert_eq!(pick_size(0, (64 << 20) + 100, d, ext4).unwrap(), Bytes(64 << 20), "capped: whole blocks below the limit");
+        assert_eq!(pick_size(2, 1, d, None).unwrap_err().code(), Code::OutOfRange);
+        let below = pick_size(0, 64 << 20, d, Some(FsType::Xfs)).unwrap_err();
+        assert_eq!(below.code(), Code::OutOfRange);
+        assert!(below.to_string().contains("smallest xfs volume, 300MiB"), "{below}");
     }
 }

@@ -339,10 +339,13 @@ impl Controller for Csi {
         {
             return Ok(Response::new(GetCapacityResponse { available_capacity: 0, maximum_volume_size: None, minimum_volume_size: None }));
         }
-        for cap in &r.volume_capabilities {
-            capability(cap)?;
-        }
+        // Capabilities are optional here.
+        let access = r.volume_capabilities.iter().map(capability).collect::<Result<Vec<_>>>()?;
         let (kind, _, _) = parameters(&r.parameters, &[])?;
+        let floor = match kind {
+            Kind::Dir => crate::config::min_volume_size(None),
+            _ => crate::config::min_volume_size(fs_for(&access, kind, self.driver.config().default_fs)?),
+        };
         // A kind this node cannot serve (dir volumes without kernel quota support) has no room.
         let free = self
             .run("get_capacity", move |d| match d.capacity(kind) {
@@ -357,7 +360,7 @@ impl Controller for Csi {
         Ok(Response::new(GetCapacityResponse {
             available_capacity: free,
             maximum_volume_size: Some(free),
-            minimum_volume_size: Some(i64::try_from(crate::config::MIN_VOLUME_SIZE.get()).unwrap_or(0)),
+            minimum_volume_size: Some(i64::try_from(floor.get()).unwrap_or(0)),
         }))
     }
 

@@ -134,6 +134,32 @@ async fn file_volume_quota_is_its_size() {
     d.finish().await;
 }
 
+/// Inline emptyDirs get exactly their `size` (not a 300 MiB floor): a writer
+/// runs into ENOSPC, and the pool gives each no more than its size.
+#[tokio::test]
+async fn small_emptydirs_are_exactly_their_size() {
+    let mut d = Driver::start().await;
+    for mib in [16u64, 64] {
+        let before = file_capacity(&mut d).await;
+        let handle = format!("csi-exact-{mib}");
+        let target = d.target(&format!("pod-x{mib}"), "scratch");
+        let size = format!("{mib}Mi");
+        let ctx = [("csi.storage.k8s.io/ephemeral", "true"), ("size", size.as_str()), ("fsType", "ext4")];
+        d.node.node_publish_volume(publish_req(&handle, &target, mount_cap(""), false, &ctx)).await.unwrap();
+        let st = rustix::fs::statvfs(&target).unwrap();
+        let fs_bytes = st.f_blocks * st.f_frsize;
+        assert!(fs_bytes <= mib << 20 && fs_bytes > (mib << 20) / 2, "{mib} MiB: the filesystem is {fs_bytes} bytes");
+        assert!(!dd(&target.join("fill"), u32::try_from(2 * mib).unwrap()), "{mib} MiB: a writer past the size gets ENOSPC");
+        let written = std::fs::metadata(target.join("fill")).unwrap().len();
+        let took = before - file_capacity(&mut d).await;
+        assert!(written > (mib << 20) / 4, "{mib} MiB: the writer got {written} bytes in");
+        assert!(took <= mib << 20, "{mib} MiB: the pool gave it {took} bytes, more than its size");
+        unpublish(&mut d, &handle, &target).await.unwrap();
+    }
+    assert_eq!(d.stored_devices(0).await, 0);
+    d.finish().await;
+}
+
 async fn file_capacity(d: &mut Driver) -> u64 {
     let req = GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() };
     u64::try_from(d.ctl.get_capacity(req).await.unwrap().into_inner().available_capacity).unwrap()
