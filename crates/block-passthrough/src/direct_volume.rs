@@ -79,6 +79,29 @@ impl DirectVolumes {
         DirectVolumes { root: root.into() }
     }
 
+    /// The sandbox that holds the volume: the Kata runtime writes an empty
+    /// file named by the sandbox id beside the record when a pod's sandbox
+    /// takes the volume (`RecordSandboxID` in Kata's
+    /// `src/runtime/pkg/direct-volume/utils.go`). `None`: no record, or no
+    /// sandbox holds it.
+    pub fn sandbox(&self, volume_path: &Path) -> Result<Option<String>, Error> {
+        let dir = self.dir(volume_path)?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("list", &dir)(e)),
+        };
+        for entry in entries {
+            let name = entry.map_err(io_err("list", &dir))?.file_name();
+            if name != MOUNT_INFO
+                && let Some(id) = name.to_str()
+            {
+                return Ok(Some(id.to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The record directory of the volume mounted at `volume_path`: its path,
     /// base64url-encoded with padding (Go's `base64.URLEncoding`), under the root.
     pub fn dir(&self, volume_path: &Path) -> Result<PathBuf, Error> {

@@ -14,9 +14,12 @@
 //!   of the file or device plus a raw node, `device_add virtio-blk-pci`, and
 //!   the reverse once the guest released the device (`DEVICE_DELETED`).
 //!
-//! [`probe`] tells whether the host can run such VMs with KVM.
+//! [`kata_shim`] talks to the shim of the Kata sandbox that holds a direct
+//! volume (growing it in the guest, the guest's figures for it); [`probe`]
+//! tells whether the host can run such VMs with KVM.
 
 mod direct_volume;
+pub mod kata_shim;
 pub mod probe;
 #[cfg(feature = "qmp")]
 pub mod qmp;

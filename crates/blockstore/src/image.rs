@@ -1,6 +1,7 @@
-//! Stand-alone image files on loop devices, outside any pool: the CSI driver's
-//! `file` volumes, whose quota is the file's size. Same conventions as pool
-//! devices (sparse, 0600, one `LOOP_CONFIGURE` with direct I/O).
+//! Stand-alone image files on loop devices, outside any pool (the fio
+//! benchmark's scratch filesystems), and filesystem growth on devices. Same
+//! conventions as pool devices (sparse, 0600, one `LOOP_CONFIGURE` with
+//! direct I/O).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -25,48 +26,6 @@ pub fn create(path: &Path, size: Bytes, fs: Option<FsType>) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     made
-}
-
-/// Makes the new image `dst` a copy of `src` (a reflink where the filesystem
-/// allows, else a sparse copy), grown to `size` with its filesystem. A failure
-/// removes `dst`. The caller keeps `src` still (frozen or unused) meanwhile.
-pub fn copy(src: &Path, dst: &Path, size: Bytes, fs: Option<FsType>, scratch: &Path) -> Result<()> {
-    let made = copy_file(src, dst).and_then(|_| grow_offline(dst, size, fs, scratch));
-    if made.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    made
-}
-
-fn copy_file(src: &Path, dst: &Path) -> Result<()> {
-    let from = std::fs::File::open(src).map_err(Error::io("open", src))?;
-    let to = OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst).map_err(Error::io("create", dst))?;
-    if rustix::fs::ioctl_ficlone(&to, &from).is_ok() {
-        return Ok(());
-    }
-    drop(to);
-    // No reflink here: a sparse copy (holes stay holes).
-    fs::run("cp", &["--sparse=always".as_ref(), "--preserve=mode".as_ref(), src.as_os_str(), dst.as_os_str()], dst)
-}
-
-/// Grows an unattached image and its filesystem to `size` (no-op if it is
-/// that large already).
-fn grow_offline(path: &Path, size: Bytes, fs_type: Option<FsType>, scratch: &Path) -> Result<()> {
-    let len = std::fs::metadata(path).map_err(Error::io("stat", path))?.len();
-    if len >= size.get() {
-        return Ok(());
-    }
-    grow(path, size, None)?;
-    match fs_type {
-        Some(FsType::Ext4) => fs::grow_ext4(path),
-        Some(FsType::Xfs) => {
-            let node = attach(path, false)?;
-            let grown = fs::grow_xfs(&node, scratch);
-            loops::detach(&node)?;
-            grown
-        }
-        None => Ok(()),
-    }
 }
 
 /// The loop device bound to `path`, attaching one if none is (idempotent:
@@ -112,7 +71,12 @@ pub fn grow_mounted_fs(fs_type: FsType, node: &Path, mountpoint: &Path) -> Resul
     fs::grow_mounted(fs_type, node, mountpoint)
 }
 
-/// Inodes in use in the image's filesystem, from its superblock.
-pub fn inodes_used(path: &Path, fs: FsType) -> Result<Option<u64>> {
-    fs::inodes_used(fs, path)
+/// Grows the filesystem of device `node`, which nothing has mounted, to
+/// fill it: ext4 in place, xfs mounted on `scratch` for the moment (it grows
+/// only while mounted).
+pub fn grow_unmounted_fs(fs_type: FsType, node: &Path, scratch: &Path) -> Result<()> {
+    match fs_type {
+        FsType::Ext4 => fs::grow_ext4(node),
+        FsType::Xfs => fs::grow_xfs(node, scratch),
+    }
 }

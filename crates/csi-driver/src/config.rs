@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use thinbox_block_passthrough::KATA_DIRECT_VOLUMES;
+use thinbox_block_passthrough::kata_shim::SANDBOX_DIRS;
 use thinbox_blockstore::{Bytes, FsType};
 
 use crate::state::Sandbox;
@@ -35,6 +36,10 @@ pub struct CsiConfig {
     pub default_sandbox: Sandbox,
     /// Where Kata looks for direct-volume records.
     pub direct_volumes: PathBuf,
+    /// Where the Kata runtimes keep their sandboxes' shim sockets
+    /// (`<dir>/<sandbox id>/shim-monitor.sock`): the Go runtime's, then
+    /// runtime-rs'.
+    pub kata_sandbox_dirs: Vec<PathBuf>,
     /// XFS filesystem mounted with `prjquota` for `dir` volumes; absent: an
     /// embedded image under the state root.
     pub dir_path: Option<PathBuf>,
@@ -53,6 +58,7 @@ impl Default for CsiConfig {
             default_size: Bytes(1 << 30),
             default_sandbox: Sandbox::Runc,
             direct_volumes: PathBuf::from(KATA_DIRECT_VOLUMES),
+            kata_sandbox_dirs: SANDBOX_DIRS.iter().map(PathBuf::from).collect(),
             dir_path: None,
             dir_pool_size: Bytes(64 << 30),
         }
@@ -84,6 +90,7 @@ impl CsiConfig {
         for (key, p) in [("kubelet_dir", &self.kubelet_dir), ("direct_volumes", &self.direct_volumes)]
             .into_iter()
             .chain(self.dir_path.iter().map(|p| ("dir_path", p)))
+            .chain(self.kata_sandbox_dirs.iter().map(|p| ("kata_sandbox_dirs", p)))
         {
             if !p.is_absolute() {
                 return Err(format!("csi.{key} {} must be an absolute path", p.display()));

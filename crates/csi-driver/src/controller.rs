@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use thinbox_blockstore::redb::{ReadableDatabase, WriteTransaction};
 use thinbox_blockstore::{Bytes, CreateSpec, Creation, DeviceId, DeviceRecord, Engine, FsType, Points, run_tool};
 
-use crate::driver::{Driver, pick_size};
+use crate::driver::{Driver, SHIM_TIMEOUT, pick_size};
 use crate::error::{Error, Result, invalid};
 use crate::state::{self, Kind, Mode, NAMES, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
 use crate::storage::{New, Shape, Storage};
@@ -331,28 +331,45 @@ impl Driver {
         self.forget_volume(&vol)
     }
 
-    /// ControllerExpandVolume: grows the volume (live if attached) to the
-    /// range; a volume already that large stays as it is. Returns the size and
-    /// whether a filesystem must be grown on the node.
+    /// ControllerExpandVolume: grows the volume (live if attached, and in
+    /// the guest of a Kata sandbox that holds it) to the range; a volume
+    /// already that large stays as it is. Returns the size and whether a
+    /// filesystem must be grown on the node.
     pub fn expand(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
-        let _s = self.serial();
         self.grow(id, required, limit)
     }
 
-    /// Grows the volume's storage, then its record: the record never says
-    /// more than the storage holds.
+    /// Grows the volume's storage (under the lock), then has every Kata
+    /// sandbox that holds it grow it in the guest (without the lock: a slow
+    /// or dead shim must not hold up other volumes' calls), then records the
+    /// size: the record never says more than the storage and the guest were
+    /// granted, and a retry after a failure finishes the job.
     pub(crate) fn grow(&self, id: &str, required: u64, limit: u64) -> Result<(Bytes, bool)> {
-        let mut vol = self.require(id)?;
-        if limit != 0 && vol.size.get() > limit {
-            return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
-        }
-        let size = pick_size(required, limit, vol.size, vol.fs)?.max(vol.size);
+        let (vol, size) = {
+            let _s = self.serial();
+            let vol = self.require(id)?;
+            if limit != 0 && vol.size.get() > limit {
+                return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
+            }
+            let size = pick_size(required, limit, vol.size, vol.fs)?.max(vol.size);
+            if size > vol.size {
+                self.storage(vol.kind).grow(&vol.held(), size)?;
+            }
+            (vol, size)
+        };
         if size > vol.size {
-            self.storage(vol.kind).grow(&vol.held(), size)?;
-            vol.size = size;
-            let txn = self.pool().store().write()?;
-            state::put(&mut txn.open_table(VOLUMES)?, id, &vol)?;
-            txn.commit()?;
+            for (target, sandbox) in self.holders(id)? {
+                self.shim(id, &sandbox, |shim| shim.resize(target, size.get(), SHIM_TIMEOUT))?;
+                tracing::info!(volume = %id, sandbox, size = %size, "grown in the Kata guest");
+            }
+            let _s = self.serial();
+            let mut now = self.require(id)?;
+            if now.size < size {
+                now.size = size;
+                let txn = self.pool().store().write()?;
+                state::put(&mut txn.open_table(VOLUMES)?, id, &now)?;
+                txn.commit()?;
+            }
             tracing::info!(volume = %id, size = %size, "volume expanded");
         }
         Ok((size, vol.fs.is_some()))

@@ -8,18 +8,23 @@
 //! and reconciliation at start-up rolls half-made volumes back and finishes
 //! half-deleted ones.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
+use std::time::Duration;
 
 use serde::Serialize;
 use thinbox_block_passthrough::DirectVolumes;
+use thinbox_block_passthrough::kata_shim::{Shim, ShimError};
 use thinbox_blockstore::redb::{ReadableDatabase, TableDefinition};
 use thinbox_blockstore::{Bytes, Engine, FsType, Pool, PoolConfig, fault};
 
 use crate::config::{ALIGN, CsiConfig, min_volume_size};
 use crate::error::{Error, Result};
-use crate::state::{self, Kind, NAMES, PUBLICATIONS, Publication, SNAPSHOTS, Snapshot, State, VOLUMES, Volume};
+use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOTS, Snapshot, State, VOLUMES, Volume};
 use crate::storage::{DirStorage, Held, Pooled, Storage};
+
+/// How long a Kata sandbox's shim may take to answer.
+pub(crate) const SHIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The driver state of one node.
 #[derive(Debug)]
@@ -30,6 +35,8 @@ pub struct Driver {
     pooled: Pooled,
     dirs: DirStorage,
     pub(crate) direct: DirectVolumes,
+    /// Where a filesystem is mounted for a moment (xfs grows only mounted).
+    pub(crate) scratch: PathBuf,
     /// Mutating operations run one at a time: they are short, and the CO
     /// retries concurrent calls for the same volume anyway.
     lock: Mutex<()>,
@@ -63,6 +70,7 @@ impl Driver {
             pooled: Pooled::new(engine.clone(), cfg.default_fs),
             dirs: DirStorage::new(&root, cfg.dir_path.as_deref(), cfg.dir_pool_size, reserve),
             direct: DirectVolumes::new(&cfg.direct_volumes),
+            scratch: root.join("tmp"),
             engine,
             cfg,
             node_id: node_id.to_owned(),
@@ -152,6 +160,38 @@ impl Driver {
         let txn = self.pool().store().db().begin_read()?;
         let all: Vec<Publication> = state::all(&txn.open_table(PUBLICATIONS)?)?;
         Ok(all.into_iter().filter(|p| p.volume == id).collect())
+    }
+
+    /// The Kata sandboxes that hold volume `id`: each Kata publication whose
+    /// record the runtime marked with its sandbox's id, and that id.
+    pub(crate) fn holders(&self, id: &str) -> Result<Vec<(PathBuf, String)>> {
+        let mut out = Vec::new();
+        for p in self.publications_of(id)?.into_iter().filter(|p| p.mode == Mode::Kata) {
+            if let Some(sandbox) = self.direct.sandbox(&p.target)? {
+                out.push((p.target, sandbox));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `call` against the shim of `sandbox` (about `volume`), bounded by
+    /// [`SHIM_TIMEOUT`] inside the call. From a blocking worker of the
+    /// daemon's runtime, or with a runtime of its own in process.
+    pub(crate) fn shim<T, F>(&self, volume: &str, sandbox: &str, call: impl FnOnce(Shim) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T, ShimError>>,
+    {
+        let kata = |source| Error::Kata { volume: volume.to_owned(), source };
+        let shim = Shim::find(sandbox, &self.cfg.kata_sandbox_dirs).map_err(kata)?;
+        let answered = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.block_on(call(shim)),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(Error::io("start a runtime for", &self.cfg.direct_volumes))?
+                .block_on(call(shim)),
+        };
+        answered.map_err(kata)
     }
 
     pub(crate) fn publication(&self, target: &Path) -> Result<Option<Publication>> {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use thinbox_block_passthrough::kata_shim::ShimError;
 use thinbox_blockstore::ErrorKind;
 use tonic::{Code, Status};
 
@@ -41,6 +42,12 @@ pub enum Error {
     },
     #[error("worker task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error("volume {volume} is held by a Kata sandbox")]
+    Kata {
+        volume: String,
+        #[source]
+        source: thinbox_block_passthrough::kata_shim::ShimError,
+    },
 }
 
 /// Result with [`Error`].
@@ -70,6 +77,9 @@ impl Error {
                 _ => Code::Internal,
             },
             Error::Io { source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => Code::ResourceExhausted,
+            // The sandbox or its shim is not there, or not answering: worth a retry later.
+            Error::Kata { source: ShimError::NoSocket { .. } | ShimError::Timeout { .. } | ShimError::Transport { .. }, .. } => Code::Unavailable,
+            Error::Kata { .. } => Code::Internal,
             Error::Io { .. } | Error::DirectVolume(_) | Error::Store(_) | Error::Corrupt { .. } | Error::Join(_) => Code::Internal,
         }
     }

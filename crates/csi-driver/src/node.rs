@@ -7,10 +7,11 @@ use std::path::Path;
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
 use thinbox_block_passthrough::MountInfo;
+use thinbox_block_passthrough::kata_shim::GuestStats;
 use thinbox_blockstore::{Bytes, FsType, embedded, fault, image, mountinfo};
 
 use crate::controller::CreateRequest;
-use crate::driver::Driver;
+use crate::driver::{Driver, SHIM_TIMEOUT};
 use crate::error::{Error, Result, invalid};
 use crate::state::{self, Mode, PUBLICATIONS, Publication, Sandbox, Volume};
 use crate::storage::Shape;
@@ -35,8 +36,26 @@ pub struct Stats {
     pub available: u64,
     /// Inode figures (filesystem only): total, used, free.
     pub inodes: Option<(u64, u64, u64)>,
-    /// What is wrong with it (VOLUME_CONDITION abnormal), if anything.
-    pub abnormal: Option<String>,
+    /// Its condition (VOLUME_CONDITION).
+    pub condition: Condition,
+}
+
+/// A published volume's condition, as NodeGetVolumeStats reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Condition {
+    /// Something is wrong with it.
+    pub abnormal: bool,
+    /// What, or where the figures come from.
+    pub message: String,
+}
+
+impl Condition {
+    fn from_wrong(wrong: Option<String>) -> Condition {
+        match wrong {
+            Some(message) => Condition { abnormal: true, message },
+            None => Condition { abnormal: false, message: "healthy".into() },
+        }
+    }
 }
 
 impl Driver {
@@ -244,23 +263,32 @@ impl Driver {
         }
     }
 
-    /// NodeExpandVolume: grows the device to the range (if the controller side
-    /// has not already: in a cluster one resizer serves every node, so the
-    /// node does both), then the filesystem mounted at `path`. A Kata volume's
-    /// filesystem is in the guest, which grows it itself; a raw block volume
-    /// has none.
+    /// NodeExpandVolume: grows the volume to the range (if the controller
+    /// side has not already: in a cluster one resizer serves every node, so
+    /// the node does both), then its filesystem: mounted at `path` on the
+    /// host, grown online; held by a Kata sandbox, grown in the guest by the
+    /// sandbox's shim (see [`Driver::grow`]); published for Kata with no
+    /// sandbox holding it, grown here while nothing uses it. A raw block
+    /// volume has none.
     pub fn expand_on_node(&self, id: &str, path: &Path, required: u64, limit: u64) -> Result<Bytes> {
-        let _s = self.serial();
+        let p = self.publication(path)?.filter(|p| p.volume == id);
+        let p = p.ok_or_else(|| Error::NotFound(format!("volume {id} is not published at {}", path.display())))?;
         self.grow(id, required, limit)?;
+        let _s = self.serial();
         let vol = self.require(id)?;
-        let p = self.publication(path)?.ok_or_else(|| Error::NotFound(format!("volume {id} is not published at {}", path.display())))?;
-        if p.volume != id {
-            return Err(Error::NotFound(format!("volume {id} is not published at {}", path.display())));
-        }
-        if let (Mode::HostMount, Some(fs)) = (p.mode, vol.fs) {
-            let node = self.storage(vol.kind).attach(&vol.held())?;
-            image::grow_mounted_fs(fs, &node, path)?;
-            tracing::info!(volume = %id, target = %path.display(), "filesystem grown");
+        let Some(fs) = vol.fs else { return Ok(vol.size) };
+        match p.mode {
+            Mode::HostMount => {
+                let node = self.storage(vol.kind).attach(&vol.held())?;
+                image::grow_mounted_fs(fs, &node, path)?;
+                tracing::info!(volume = %id, target = %path.display(), "filesystem grown");
+            }
+            Mode::Kata if self.direct.sandbox(path)?.is_none() => {
+                let node = self.storage(vol.kind).attach(&vol.held())?;
+                image::grow_unmounted_fs(fs, &node, &self.scratch.join(id))?;
+                tracing::info!(volume = %id, target = %path.display(), "filesystem grown while no Kata sandbox holds it");
+            }
+            Mode::Kata | Mode::HostBlock => {}
         }
         Ok(vol.size)
     }
@@ -271,7 +299,22 @@ impl Driver {
         let Some(p) = self.publication(path)? else {
             return Err(Error::NotFound(format!("volume {id} is not published at {}", path.display())));
         };
-        let abnormal = self.condition(&vol, &p);
+        let condition = Condition::from_wrong(self.condition(&vol, &p));
+        if p.mode == Mode::Kata
+            && !condition.abnormal
+            && let Some(sandbox) = self.direct.sandbox(path)?
+        {
+            let target = path.to_owned();
+            match self.shim(id, &sandbox, |shim| shim.stats(target, SHIM_TIMEOUT)) {
+                Ok(guest) => return Ok(guest_stats(guest, &sandbox)),
+                Err(e) => {
+                    let message = format!("host-side figures: the guest's are not to be had ({})", crate::error::chain(&e));
+                    let used = self.allocated(&vol)?;
+                    let condition = Condition { abnormal: false, message };
+                    return Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None, condition });
+                }
+            }
+        }
         match p.mode {
             Mode::HostMount => {
                 let st = rustix::fs::statvfs(path).map_err(|e| Error::io("statvfs", path)(e.into()))?;
@@ -282,12 +325,12 @@ impl Driver {
                     used: total - st.f_bfree * st.f_frsize,
                     available,
                     inodes: Some((st.f_files, st.f_files - st.f_ffree, st.f_favail)),
-                    abnormal,
+                    condition,
                 })
             }
             Mode::HostBlock | Mode::Kata => {
                 let used = self.allocated(&vol)?;
-                Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None, abnormal })
+                Ok(Stats { total: vol.size.get(), used, available: vol.size.get().saturating_sub(used), inodes: None, condition })
             }
         }
     }
@@ -316,6 +359,18 @@ impl Driver {
         let errors = (mounted.fs_type == "ext4").then(|| ext4_errors(Path::new(&mounted.source))).flatten().filter(|&n| n > 0);
         errors.map(|n| format!("its ext4 filesystem has counted {n} error(s) since it was made (see the kernel log)"))
     }
+}
+
+/// The guest's figures, as the shim of `sandbox` gave them (Kata agent's
+/// units: 1 bytes, 2 inodes).
+fn guest_stats(guest: GuestStats, sandbox: &str) -> Stats {
+    let of = |unit| guest.usage.iter().find(|u| u.unit == unit);
+    let bytes = of(1).cloned().unwrap_or_default();
+    let condition = match guest.volume_condition {
+        Some(c) if c.abnormal => Condition { abnormal: true, message: format!("in Kata sandbox {sandbox}: {}", c.message) },
+        _ => Condition { abnormal: false, message: format!("healthy (figures from Kata sandbox {sandbox})") },
+    };
+    Stats { total: bytes.total, used: bytes.used, available: bytes.available, inodes: of(2).map(|i| (i.total, i.used, i.available)), condition }
 }
 
 /// The error count ext4 keeps for the filesystem on `node` while it is

@@ -585,7 +585,7 @@ impl Node for Csi {
         if let Some((total, used, free)) = st.inodes {
             usage.push(VolumeUsage { available: n(free), total: n(total), used: n(used), unit: volume_usage::Unit::Inodes as i32 });
         }
-        let volume_condition = Some(VolumeCondition { abnormal: st.abnormal.is_some(), message: st.abnormal.unwrap_or_else(|| "healthy".into()) });
+        let volume_condition = Some(VolumeCondition { abnormal: st.condition.abnormal, message: st.condition.message });
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition }))
     }
 

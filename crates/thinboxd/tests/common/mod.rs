@@ -6,6 +6,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod kata_shim;
 pub mod node;
 pub mod snapshots;
 pub mod volumes;

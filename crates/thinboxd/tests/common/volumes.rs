@@ -49,7 +49,7 @@ impl Driver {
         let dir = tempfile::Builder::new().prefix("thinbox-csi-").tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
         let cfg = format!(
-            "[pool]\nbackend = \"{1}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[csi]\nkubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\n",
+            "[pool]\nbackend = \"{1}\"\nembedded_size = \"4GiB\"\nreserve = \"64MiB\"\n[csi]\nkubelet_dir = \"{0}/kubelet\"\ndirect_volumes = \"{0}/kata\"\nkata_sandbox_dirs = [\"{0}/sbs-go\", \"{0}/sbs-rs\"]\n",
             dir.path().display(),
             // The uml tier runs these tests again on a kernel thin pool.
             std::env::var("THINBOX_TEST_BACKEND").unwrap_or_else(|_| "reflink".into())
