@@ -200,9 +200,9 @@ async fn volumes_fill_the_pool_and_prepare_is_refused() {
 
     let a = n.create("a", 512 * MIB).await.unwrap();
     // Thin, like rootfs snapshots: together larger than the room left, but
-    // each within the pool.
+    // each within the pool (960 MiB of XFS on reflink, 1 GiB of thin data).
     assert_eq!(n.create("too-big", 2048 * MIB).await.unwrap_err().code(), Code::ResourceExhausted, "larger than the pool can be");
-    let b = n.create("b", 800 * MIB).await.unwrap();
+    let b = n.create("b", 900 * MIB).await.unwrap();
     let (ta, tb) = (n.publish(&a, "a").await, n.publish(&b, "b").await);
     fill(&ta.join("data"), 128 * MIB, 1);
     // `b` takes what is left above the reserve, and a little of the reserve.
