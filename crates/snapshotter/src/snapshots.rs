@@ -6,7 +6,9 @@
 //! detaches. Every operation writes the snapshot record and the device intent in
 //! one transaction before touching the kernel, so the engine's reconciliation
 //! can converge any crash: [`SnapshotRecords`] drops a snapshot whose device
-//! never became ready, and the pool deletes devices nobody references.
+//! never became ready, and the pool deletes devices nobody references (and
+//! storage no record names: Prepare's intent is not flushed on its own, only
+//! with the Ready commit that ends the Prepare).
 //!
 //! Remove is the one operation that leaves kernel work for later: it marks the
 //! device `Deleting` and the engine's background deleter destroys it;
@@ -91,7 +93,11 @@ impl Snapshots {
         validate_labels(&labels)?;
         let requested = size_label(&labels)?;
         let access = if kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
-        let txn = self.engine.pool().store().write()?;
+        // The intent is not flushed: the Ready commit below makes it durable
+        // with itself. A crash before that loses it, and reconciliation then
+        // finds the image and loop it names, if made, unknown and removes
+        // them: the Prepare did not happen, as when the record was dropped.
+        let txn = self.engine.pool().store().write_lazy()?;
         let dev = {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut devs = Devices::open(&txn)?;
