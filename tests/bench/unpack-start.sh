@@ -30,8 +30,11 @@
 #   BENCH_OUT=DIR         output (default target/unpack-start/): rounds.tsv
 #                         (every measurement), summary.txt, per-round daemon
 #                         logs of the last round of each side
-#   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (the
-#                         figures then mean nothing; for finding the time)
+#   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (all
+#                         calls) and of containerd and its shims (mounts,
+#                         unmounts, syncs), as thinboxd.strace and
+#                         containerd-SIDE.strace (the figures then mean
+#                         little; this is for finding where the time goes)
 #   THINBOX_LOG           thinboxd's log filter (default info)
 #   CONTAINERD_LOG_LEVEL  containerd's (default info)
 #   TMPDIR                where all state goes (default /tmp; keep it short)
@@ -74,18 +77,23 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb-us.XXXXXX")
 TB_PID=
 STRACE_PID=
+CSTRACE_PID=
 CLEANED=
 
 stop_round() {
     local st=0
     containerd_stop || st=1
-    if [[ -n $STRACE_PID ]]; then
-        wait "$STRACE_PID" 2>/dev/null || true
-        STRACE_PID=
+    if [[ -n $CSTRACE_PID ]]; then
+        wait "$CSTRACE_PID" 2>/dev/null || true
+        CSTRACE_PID=
     fi
     if [[ -n $TB_PID ]] && kill -0 "$TB_PID" 2>/dev/null; then
         terminate "$TB_PID" 30 thinboxd || st=1
         wait "$TB_PID" 2>/dev/null || true
+    fi
+    if [[ -n $STRACE_PID ]]; then
+        wait "$STRACE_PID" 2>/dev/null || true
+        STRACE_PID=
     fi
     TB_PID=
     return $st
@@ -142,6 +150,12 @@ round() {
         sleep 0.5
     fi
     containerd_start "$dir/ctd" "$dir/tb.sock" || die "containerd did not start"
+    if [[ ${BENCH_STRACE:-0} == 1 ]]; then
+        strace -f -T -tt -qq -e trace=mount,umount2,fsync,fdatasync,sync,syncfs,ioctl \
+            -o "$dir/containerd.strace" -p "$CONTAINERD_PID" &
+        CSTRACE_PID=$!
+        sleep 0.5
+    fi
     [[ $(ctr_ plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}') == ok ]] ||
         die "containerd did not load the thinbox proxy plugin"
     ctr_ images import --no-unpack "$WORK/image.tar" >/dev/null
@@ -165,7 +179,8 @@ round() {
     [[ -z $(leaks) ]] || die "$side: round $n left loops or mounts behind"
     cp "$dir/thinboxd.log" "$OUT/thinboxd-$side.log"
     cp "$dir/ctd/containerd.log" "$OUT/containerd-$side.log"
-    [[ -f $dir/thinboxd.strace ]] && cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"
+    [[ ! -f $dir/thinboxd.strace ]] || cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"
+    [[ ! -f $dir/containerd.strace ]] || cp "$dir/containerd.strace" "$OUT/containerd-$side.strace"
     rm -rf "$dir"
 }
 
