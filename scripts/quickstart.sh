@@ -199,7 +199,7 @@ delete_container() {
 }
 
 down_private_containerd() {
-  local pid shims m
+  local pid shims m shim_sock dir id
   ctr_address=$ctd_sock
   if pid=$(ctd_running); then
     delete_container
@@ -212,8 +212,25 @@ down_private_containerd() {
   mapfile -t shims < <(pgrep -f -- "-address $ctd_sock( |$)" || true)
   if (( ${#shims[@]} )); then
     echo "killing leftover shims of the private containerd: ${shims[*]}"
-    kill -KILL "${shims[@]}" 2>/dev/null || true
+    for pid in "${shims[@]}"; do
+      # A killed shim leaves its socket: containerd 1.6 names it
+      # /run/containerd/s/sha256(ADDRESS/NAMESPACE/ID), whatever its config says.
+      shim_sock=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | awk '
+        prev == "-namespace" {n = $0} prev == "-id" {i = $0} prev == "-address" {a = $0} {prev = $0}
+        END {if (n != "" && i != "") printf "%s/%s/%s", a, n, i}' | sha256sum | cut -d' ' -f1)
+      kill -KILL "$pid" 2>/dev/null || true
+      rm -f "/run/containerd/s/$shim_sock"
+    done
   fi
+  # Containers whose shim is gone keep running: runc's own state (its root
+  # per namespace under $ctd_run/runc) finds them, delete -f kills them.
+  for dir in "$ctd_run"/runc/*/; do
+    [ -d "$dir" ] || continue
+    for id in $(runc --root "$dir" list -q 2>/dev/null); do
+      echo "killing container $id (runc root $dir)"
+      runc --root "$dir" delete -f "$id" || echo "runc delete -f $id failed" >&2
+    done
+  done
   # A rootfs still mounted in the task state (after a kill): deepest first.
   while read -r m; do
     [ -n "$m" ] || continue

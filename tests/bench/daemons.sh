@@ -5,9 +5,11 @@
 #
 #   sudo tests/bench/daemons.sh
 #
-# 1. Builds release binaries: thinboxd and thinbox-csi-bench here; the old
-#    commit in a git worktree of its own under the run's private directory
-#    (removed at the end), with its own cargo target directory.
+# 1. Builds release binaries: thinbox-csi-bench from this tree; thinboxd
+#    from a clean git worktree of HEAD and the two old daemons from one of the
+#    old commit, each under the run's private directory (removed at the end)
+#    with a cargo target directory of its own, so that uncommitted edits in
+#    this tree are never measured.
 # 2. Memory, BENCH_MEM_ROUNDS rounds: starts both sides on fresh roots under
 #    TMPDIR (the side that starts and fills first alternates), fills each with
 #    the same BENCH_SNAPSHOTS snapshots (10 images of 10 committed layers,
@@ -27,7 +29,10 @@
 #   BENCH_OLD_REV=65005f8     the two-daemon commit
 #   BENCH_OLD_BIN_DIR=DIR     use its prebuilt release binaries from DIR (no worktree)
 #   BENCH_OLD_TARGET=DIR      cargo target dir of the old build (default target/bench-old)
-#   BENCH_SKIP_BUILD=1        use this tree's existing target/release binaries
+#   BENCH_NEW_REV=HEAD        the one-daemon commit
+#   BENCH_NEW_BIN_DIR=DIR     use its prebuilt release thinboxd from DIR (no worktree)
+#   BENCH_NEW_TARGET=DIR      cargo target dir of its build (default target/bench-new)
+#   BENCH_SKIP_BUILD=1        use this tree's existing target/release/thinbox-csi-bench
 #   BENCH_ROUNDS=30           measured CSI rounds per daemon (BENCH_WARMUP=2 before)
 #   BENCH_MEM_ROUNDS=3        fill-and-measure rounds
 #   BENCH_SNAPSHOTS=1000 BENCH_VOLUMES=100 BENCH_IDLE_SECS=5
@@ -52,7 +57,8 @@ VOLUMES=${BENCH_VOLUMES:-100}
 IDLE=${BENCH_IDLE_SECS:-5}
 OUT=${BENCH_OUT:-$REPO/target/daemons-bench}
 OLD_TARGET=${BENCH_OLD_TARGET:-$REPO/target/bench-old}
-THINBOXD=$REPO/target/release/thinboxd
+NEW_REV=${BENCH_NEW_REV:-HEAD}
+NEW_TARGET=${BENCH_NEW_TARGET:-$REPO/target/bench-new}
 BENCH=$REPO/target/release/thinbox-csi-bench
 export THINBOX_LOG=info
 
@@ -62,6 +68,7 @@ log() { echo "[daemons.sh] $*" >&2; }
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tbd.XXXXXX")
 OLD_TREE=
+NEW_TREE=
 PIDS=()   # every daemon started, for the cleanup
 BENCH_PID=
 CLEANED=
@@ -103,10 +110,11 @@ cleanup() {
     fi
     stop_daemons || status=1
     cp "$WORK"/*.log "$OUT/" 2>/dev/null || true
-    if [[ -n $OLD_TREE ]]; then
-        git -C "$REPO" worktree remove --force "$OLD_TREE" || status=1
-        git -C "$REPO" worktree prune || true
-    fi
+    for tree in "$OLD_TREE" "$NEW_TREE"; do
+        [[ -n $tree ]] || continue
+        git -C "$REPO" worktree remove --force "$tree" || status=1
+    done
+    git -C "$REPO" worktree prune || true
     # Whatever a daemon that died did not release.
     sweep_tmp "$WORK" >&2 || true
     leaks=$( { loops_under "$WORK"; mounts_under "$WORK"; } )
@@ -122,18 +130,35 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---- build -------------------------------------------------------------------
+OLD_SHA=$(git -C "$REPO" rev-parse --short "$OLD_REV^{commit}")
+NEW_SHA=$(git -C "$REPO" rev-parse --short "$NEW_REV^{commit}")
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "building thinboxd and thinbox-csi-bench (release)"
-    (cd "$REPO" && cargo build --release -p thinboxd -p thinbox-csi-bench)
+    log "building thinbox-csi-bench (release)"
+    (cd "$REPO" && cargo build --release -p thinbox-csi-bench)
 fi
+# build_rev SHA DIR TARGET PACKAGE...: a release build of SHA in a new
+# worktree DIR with cargo target directory TARGET.
+build_rev() {
+    local sha=$1 dir=$2 target=$3 pkg args=()
+    shift 3
+    for pkg in "$@"; do args+=(-p "$pkg"); done
+    log "building $* at $sha in a worktree ($dir, target $target)"
+    git -C "$REPO" worktree add --detach "$dir" "$sha" >&2
+    (cd "$dir" && CARGO_TARGET_DIR=$target cargo build --release "${args[@]}")
+}
 if [[ -n ${BENCH_OLD_BIN_DIR:-} ]]; then
     OLD_BIN=$BENCH_OLD_BIN_DIR
 else
     OLD_TREE=$WORK/old-src
-    log "building $OLD_REV in a worktree ($OLD_TREE, target $OLD_TARGET)"
-    git -C "$REPO" worktree add --detach "$OLD_TREE" "$OLD_REV" >&2
-    (cd "$OLD_TREE" && CARGO_TARGET_DIR=$OLD_TARGET cargo build --release -p thinbox-snapshotter -p thinbox-csi)
+    build_rev "$OLD_SHA" "$OLD_TREE" "$OLD_TARGET" thinbox-snapshotter thinbox-csi
     OLD_BIN=$OLD_TARGET/release
+fi
+if [[ -n ${BENCH_NEW_BIN_DIR:-} ]]; then
+    THINBOXD=$BENCH_NEW_BIN_DIR/thinboxd
+else
+    NEW_TREE=$WORK/new-src
+    build_rev "$NEW_SHA" "$NEW_TREE" "$NEW_TARGET" thinboxd
+    THINBOXD=$NEW_TARGET/release/thinboxd
 fi
 for b in "$THINBOXD" "$BENCH" "$OLD_BIN/thinbox-snapshotter" "$OLD_BIN/thinbox-csi"; do
     [[ -x $b ]] || die "missing $b"
@@ -225,13 +250,12 @@ stop_daemons || die "a daemon did not stop on SIGTERM"
 cp "$MEM" "$WORK/calls.json" "$OUT/"
 
 # ---- report ------------------------------------------------------------------------
-head_rev=$(git -C "$REPO" rev-parse --short HEAD)
-# What the build saw beyond HEAD in the product's sources (tests excluded).
-dirty=$(git -C "$REPO" status --porcelain -- crates ':!crates/*/tests' | wc -l)
+if [[ -n ${BENCH_OLD_BIN_DIR:-} ]]; then old_from="prebuilt in $BENCH_OLD_BIN_DIR"; else old_from="built from a clean worktree"; fi
+if [[ -n ${BENCH_NEW_BIN_DIR:-} ]]; then new_from="prebuilt in $BENCH_NEW_BIN_DIR"; else new_from="built from a clean worktree"; fi
 "$BENCH" report --memory "$MEM" --calls "$WORK/calls.json" \
-    --note "before: thinbox-snapshotter + thinbox-csi at $OLD_REV, each on its own root and embedded reflink pool; after: thinboxd at $head_rev ($dirty uncommitted changes in crates/ outside tests), one root, one pool, both doors; release builds, THINBOX_LOG=info, --release-on-exit" \
+    --note "before: thinbox-snapshotter + thinbox-csi at $OLD_SHA ($old_from), each on its own root and embedded reflink pool; after: thinboxd at $NEW_SHA ($new_from), one root, one pool, both doors; release builds, THINBOX_LOG=info, --release-on-exit" \
     --note "fill: $SNAPSHOTS snapshots (10 images x 10 committed layers, $((SNAPSHOTS - 100)) active snapshots on their tops) and $VOLUMES block volumes (1 GiB, ext4, not published) per side; memory read after ${IDLE} s idle, all processes at once" \
-    --note "CSI calls run on the memory run's last, still filled, daemons; thinboxd's DeleteVolume and DeleteSnapshot return once the record is gone and its background deleter destroys the device afterwards, while thinbox-csi at $OLD_REV destroyed it before answering" \
+    --note "CSI calls run on the memory run's last, still filled, daemons; thinboxd's DeleteVolume and DeleteSnapshot return once the record is gone and its background deleter destroys the device afterwards, while thinbox-csi at $OLD_SHA destroyed it before answering" \
     --note "host: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), kernel $(uname -r); load average $LOAD_START at the start, $LOAD_END at the end" \
     | tee "$OUT/daemons-bench.md"
 log "results in $OUT (daemons-bench.md, memory.jsonl, calls.json, daemon logs)"

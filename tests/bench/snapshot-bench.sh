@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Snapshot benchmark: the same snapshots.v1 operation sequences against
-# containerd's built-in overlayfs snapshotter (baseline, through a private
-# containerd's main socket) and thinboxd (its own snapshot socket), targets
+# containerd's built-in overlayfs snapshotter (baseline) and thinboxd, both
+# through ONE private containerd's main socket (snapshotter=overlayfs vs
+# snapshotter=thinbox, the latter containerd's proxy plugin for thinboxd), so
+# containerd's metadata store and gRPC hop are on both sides alike; targets
 # interleaved within each workload. Needs root.
 #
 #   sudo tests/bench/snapshot-bench.sh [thinbox-snapshot-bench options...]
@@ -16,6 +18,12 @@
 # Environment:
 #   BENCH_TARGETS=both|overlayfs|thinbox   which daemons to run (default both)
 #   BENCH_SKIP_BUILD=1    use the existing target/release binaries
+#   THINBOXD_BIN=PATH     thinboxd to measure (not built; default
+#                         target/release/thinboxd, built unless BENCH_SKIP_BUILD)
+#   THINBOXD_BEFORE_BIN=PATH  also measure this second thinboxd (e.g. built
+#                         from an older commit) as target "thinbox-before":
+#                         its own root, a second proxy plugin of the same
+#                         containerd, interleaved with the others
 #   BENCH_OUT=DIR         output directory
 #   THINBOX_LOG           thinboxd log filter (default info; must keep its info lines)
 #   TMPDIR                where the daemons' state goes (default /tmp; keep it
@@ -29,7 +37,9 @@ REPO=$(cd "$HERE/../.." && pwd)
 OUT=${BENCH_OUT:-$REPO/target/snapshot-bench}
 TARGETS=${BENCH_TARGETS:-both}
 NAMESPACE=bench
-THINBOXD_BIN=$REPO/target/release/thinboxd
+BUILD_THINBOXD=1
+[[ -z ${THINBOXD_BIN:-} ]] || BUILD_THINBOXD=0
+THINBOXD_BIN=${THINBOXD_BIN:-$REPO/target/release/thinboxd}
 BENCH_BIN=$REPO/target/release/thinbox-snapshot-bench
 
 log() { echo "[snapshot-bench.sh] $*" >&2; }
@@ -46,7 +56,7 @@ esac
 # ---- build -------------------------------------------------------------------
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     pkgs=(-p thinbox-snapshot-bench)
-    (( want_thinbox )) && pkgs+=(-p thinboxd)
+    (( want_thinbox && BUILD_THINBOXD )) && pkgs+=(-p thinboxd)
     log "building release binaries: ${pkgs[*]}"
     (cd "$REPO" && cargo build --release "${pkgs[@]}")
 fi
@@ -59,6 +69,7 @@ source "$REPO/tests/lib/containerd.sh"
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-bench.XXXXXX")
 THINBOX_PID=
+BEFORE_PID=
 BENCH_PID=
 CLEANED=
 
@@ -74,14 +85,15 @@ cleanup() {
         kill -TERM "$BENCH_PID" 2>/dev/null || true
         wait "$BENCH_PID" 2>/dev/null || true
     fi
-    if [[ -n $THINBOX_PID ]] && kill -0 "$THINBOX_PID" 2>/dev/null; then
-        terminate "$THINBOX_PID" 30 thinboxd || status=1
-        wait "$THINBOX_PID" 2>/dev/null || true
-    fi
-    if (( want_overlayfs )); then
-        containerd_stop || status=1
-    fi
+    containerd_stop || status=1
+    for pid in $THINBOX_PID $BEFORE_PID; do
+        if kill -0 "$pid" 2>/dev/null; then
+            terminate "$pid" 30 thinboxd || status=1
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     [[ -f $WORK/thinbox.log ]] && cp "$WORK/thinbox.log" "$OUT/thinbox.log"
+    [[ -f $WORK/before.log ]] && cp "$WORK/before.log" "$OUT/thinbox-before.log"
     [[ -f $WORK/ctrd/containerd.log ]] && cp "$WORK/ctrd/containerd.log" "$OUT/containerd.log"
     leaks=$( { losetup -a 2>/dev/null | grep -F "$WORK/" || true; }
              { findmnt -rn -o TARGET 2>/dev/null | grep -F "$WORK/" || true; } )
@@ -101,33 +113,58 @@ trap 'exit 143' TERM
 args=()
 notes=()
 
-# ---- containerd (baseline) -----------------------------------------------------
-if (( want_overlayfs )); then
-    containerd_start "$WORK/ctrd" || die "containerd did not start"
-    fs=$(findmnt -n -o FSTYPE -T "$WORK/ctrd")
-    log "containerd pid $CONTAINERD_PID on $CONTAINERD_ADDRESS"
-    args+=(--target "overlayfs=$CONTAINERD_ADDRESS,snapshotter=overlayfs,namespace=$NAMESPACE,pid=$CONTAINERD_PID")
-    notes+=(--note "overlayfs: $(containerd --version | awk '{print $1, $3}') (private instance, debug log level), snapshot service on its main socket, root on $fs; its Remove deletes the metadata record and leaves deleting the directories to containerd's background GC, which may overlap later operations")
-fi
-
 # ---- thinboxd ----------------------------------------------------------------------
 # The snapshot door only (the CSI door's default endpoint is the node's kubelet
 # directory). thinboxd binds its socket before it opens the pool: wait for it
 # to say it serves, so that no measured call waits for the pool.
-if (( want_thinbox )); then
-    THINBOX_LOG=${THINBOX_LOG:-info} "$THINBOXD_BIN" --root "$WORK/thinbox" \
-        --snapshotter-address "$WORK/thinbox.sock" --no-csi --release-on-exit \
-        >"$WORK/thinbox.log" 2>&1 </dev/null &
-    THINBOX_PID=$!
+# start_thinboxd BIN ROOT SOCKET LOG: starts it, sets STARTED_PID.
+start_thinboxd() {
+    local bin=$1 root=$2 sock=$3 logf=$4 i
+    THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$root" \
+        --snapshotter-address "$sock" --no-csi --release-on-exit \
+        >"$logf" 2>&1 </dev/null &
+    STARTED_PID=$!
     for (( i = 0; i < 300; i++ )); do
-        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$WORK/thinbox.log" >&2; die "thinboxd exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$WORK/thinbox.log" && break
+        kill -0 "$STARTED_PID" 2>/dev/null || { tail -n 30 "$logf" >&2; die "thinboxd exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$logf" && break
         sleep 0.1
     done
-    grep -q 'serving containerd.services.snapshots.v1' "$WORK/thinbox.log" || die "thinboxd did not serve $WORK/thinbox.sock in 30 s"
-    log "thinboxd pid $THINBOX_PID on $WORK/thinbox.sock"
-    args+=(--target "thinbox=$WORK/thinbox.sock,pid=$THINBOX_PID")
-    notes+=(--note "thinbox: thinboxd release build, snapshot socket only (--no-csi), default config (embedded XFS reflink pool on a loop device, ext4 snapshots, loop devices with direct I/O), THINBOX_LOG=${THINBOX_LOG:-info}")
+    grep -q 'serving containerd.services.snapshots.v1' "$logf" || die "thinboxd did not serve $sock in 30 s"
+    log "thinboxd ($bin) pid $STARTED_PID on $sock"
+}
+if (( want_thinbox )); then
+    start_thinboxd "$THINBOXD_BIN" "$WORK/thinbox" "$WORK/thinbox.sock" "$WORK/thinbox.log"
+    THINBOX_PID=$STARTED_PID
+    notes+=(--note "thinboxd: release build, snapshot socket only (--no-csi), default config (embedded XFS reflink pool on a loop device, ext4 snapshots, loop devices with direct I/O), THINBOX_LOG=${THINBOX_LOG:-info}")
+    if [[ -n ${THINBOXD_BEFORE_BIN:-} ]]; then
+        start_thinboxd "$THINBOXD_BEFORE_BIN" "$WORK/before" "$WORK/before.sock" "$WORK/before.log"
+        BEFORE_PID=$STARTED_PID
+        CONTAINERD_EXTRA_CONFIG=$(printf '[proxy_plugins.thinbox-before]\n  type = "snapshot"\n  address = "%s"\n' "$WORK/before.sock")
+        export CONTAINERD_EXTRA_CONFIG
+    fi
+fi
+
+# ---- containerd: overlayfs built in, thinbox as its proxy plugin ---------------
+proxy=()
+(( want_thinbox == 0 )) || proxy=("$WORK/thinbox.sock")
+containerd_start "$WORK/ctrd" "${proxy[@]}" || die "containerd did not start"
+fs=$(findmnt -n -o FSTYPE -T "$WORK/ctrd")
+log "containerd pid $CONTAINERD_PID on $CONTAINERD_ADDRESS"
+if (( want_thinbox )); then
+    [[ $(ctr --address "$CONTAINERD_ADDRESS" plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}') == ok ]] ||
+        die "containerd did not load the thinbox proxy plugin"
+fi
+if (( want_overlayfs )); then
+    args+=(--target "overlayfs=$CONTAINERD_ADDRESS,snapshotter=overlayfs,namespace=$NAMESPACE,pid=$CONTAINERD_PID")
+    notes+=(--note "overlayfs: $(containerd --version | awk '{print $1, $3}') (private instance, debug log level), its built-in snapshotter through its main socket, root on $fs; its Remove deletes the metadata record and leaves deleting the directories to containerd's background GC, which may overlap later operations")
+fi
+if (( want_thinbox )); then
+    args+=(--target "thinbox=$CONTAINERD_ADDRESS,snapshotter=thinbox,namespace=$NAMESPACE,pid=$THINBOX_PID")
+    notes+=(--note "thinbox: the same containerd's main socket, snapshotter=thinbox (proxy plugin to thinboxd); as for overlayfs, containerd's Remove deletes its record and its GC calls the snapshotter's Remove later. RSS is thinboxd's")
+    if [[ -n $BEFORE_PID ]]; then
+        args+=(--target "thinbox-before=$CONTAINERD_ADDRESS,snapshotter=thinbox-before,namespace=$NAMESPACE,pid=$BEFORE_PID")
+        notes+=(--note "thinbox-before: $THINBOXD_BEFORE_BIN, same default config, its own root, the same containerd's second proxy plugin")
+    fi
 fi
 
 # ---- run -------------------------------------------------------------------------

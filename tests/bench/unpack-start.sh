@@ -11,8 +11,8 @@
 # Every round starts from FRESH state: a new thinboxd root (its embedded pool
 # made anew) and a new containerd root, both started before the round and
 # stopped after it (not measured). Rounds alternate sides, and which side goes
-# first alternates too (o t t o o t ...), so slow phases of a noisy machine hit
-# both alike. In a round, not measured: `ctr images import --no-unpack` (the
+# first alternates too (o t t o o t ...; with THINBOXD_BEFORE_BIN, three sides
+# in rotating order), so slow phases of a noisy machine hit all alike. In a round, not measured: `ctr images import --no-unpack` (the
 # content store only), then `sync`. Measured (wall time of the ctr command):
 #   unpack      ctr images import --snapshotter S   (content already there:
 #               containerd reads the tar, finds every blob present, and
@@ -27,11 +27,17 @@
 #   BENCH_SKIP_BUILD=1    use the existing target/release/thinboxd (no cargo)
 #   THINBOXD_BIN=PATH     thinboxd to measure (no build; default
 #                         target/release/thinboxd, built first)
+#   THINBOXD_BEFORE_BIN=PATH  a third side, "thinbox-before": the same rounds
+#                         with this thinboxd (e.g. built from an older commit),
+#                         interleaved with the others (the order rotates)
 #   BENCH_OUT=DIR         output (default target/unpack-start/): rounds.tsv
 #                         (every measurement), summary.txt, per-round daemon
 #                         logs of the last round of each side
-#   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (the
-#                         figures then mean nothing; for finding the time)
+#   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (all
+#                         calls) and of containerd and its shims (mounts,
+#                         unmounts, syncs), as thinboxd.strace and
+#                         containerd-SIDE.strace (the figures then mean
+#                         little; this is for finding where the time goes)
 #   THINBOX_LOG           thinboxd's log filter (default info)
 #   CONTAINERD_LOG_LEVEL  containerd's (default info)
 #   TMPDIR                where all state goes (default /tmp; keep it short)
@@ -74,18 +80,23 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb-us.XXXXXX")
 TB_PID=
 STRACE_PID=
+CSTRACE_PID=
 CLEANED=
 
 stop_round() {
     local st=0
     containerd_stop || st=1
-    if [[ -n $STRACE_PID ]]; then
-        wait "$STRACE_PID" 2>/dev/null || true
-        STRACE_PID=
+    if [[ -n $CSTRACE_PID ]]; then
+        wait "$CSTRACE_PID" 2>/dev/null || true
+        CSTRACE_PID=
     fi
     if [[ -n $TB_PID ]] && kill -0 "$TB_PID" 2>/dev/null; then
         terminate "$TB_PID" 30 thinboxd || st=1
         wait "$TB_PID" 2>/dev/null || true
+    fi
+    if [[ -n $STRACE_PID ]]; then
+        wait "$STRACE_PID" 2>/dev/null || true
+        STRACE_PID=
     fi
     TB_PID=
     return $st
@@ -122,11 +133,14 @@ python3 "$REPO/tests/lib/make-oci-image.py" "$WORK/image.tar" --profile bench --
 
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000 )) | awk '{printf "%.1f", $1 / 1000}'; }
 
-# One round of side $1 (overlayfs|thinbox) in directory $2; appends to rounds.tsv.
+# One round of side $1 (overlayfs|thinbox|thinbox-before) in directory $2;
+# appends to rounds.tsv. containerd's proxy plugin is "thinbox" on every side;
+# thinbox-before only runs another thinboxd behind it.
 round() {
-    local side=$1 dir=$2 n=$3 t unpack run1 run2 i
+    local side=$1 dir=$2 n=$3 t unpack run1 run2 i sn=$1 bin=$THINBOXD_BIN
+    [[ $side != thinbox-before ]] || { sn=thinbox; bin=$THINBOXD_BEFORE_BIN; }
     mkdir -p "$dir"
-    THINBOX_LOG=${THINBOX_LOG:-info} "$THINBOXD_BIN" --root "$dir/tb" \
+    THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$dir/tb" \
         --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
         >"$dir/thinboxd.log" 2>&1 </dev/null &
     TB_PID=$!
@@ -136,28 +150,34 @@ round() {
         sleep 0.1
     done
     grep -q 'serving containerd.services.snapshots.v1' "$dir/thinboxd.log" || die "thinboxd did not start"
-    if [[ ${BENCH_STRACE:-0} == 1 && $side == thinbox ]]; then
+    if [[ ${BENCH_STRACE:-0} == 1 && $sn == thinbox ]]; then
         strace -f -T -tt -qq -o "$dir/thinboxd.strace" -p "$TB_PID" &
         STRACE_PID=$!
         sleep 0.5
     fi
     containerd_start "$dir/ctd" "$dir/tb.sock" || die "containerd did not start"
+    if [[ ${BENCH_STRACE:-0} == 1 ]]; then
+        strace -f -T -tt -qq -e trace=mount,umount2,fsync,fdatasync,sync,syncfs,ioctl \
+            -o "$dir/containerd.strace" -p "$CONTAINERD_PID" &
+        CSTRACE_PID=$!
+        sleep 0.5
+    fi
     [[ $(ctr_ plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "thinbox" {print $NF}') == ok ]] ||
         die "containerd did not load the thinbox proxy plugin"
     ctr_ images import --no-unpack "$WORK/image.tar" >/dev/null
     sync
 
     t=$(date +%s%N)
-    ctr_ images import --snapshotter "$side" "$WORK/image.tar" >/dev/null
+    ctr_ images import --snapshotter "$sn" "$WORK/image.tar" >/dev/null
     unpack=$(ms_since "$t")
     t=$(date +%s%N)
-    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$side" "$IMAGE" c1 /bin/true
+    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$sn" "$IMAGE" c1 /bin/true
     run1=$(ms_since "$t")
     t=$(date +%s%N)
-    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$side" "$IMAGE" c2 /bin/true
+    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$sn" "$IMAGE" c2 /bin/true
     run2=$(ms_since "$t")
 
-    [[ $(ctr_ snapshots --snapshotter "$side" ls | awk 'NR > 1 && $NF == "Committed"' | wc -l) == 4 ]] ||
+    [[ $(ctr_ snapshots --snapshotter "$sn" ls | awk 'NR > 1 && $NF == "Committed"' | wc -l) == 4 ]] ||
         die "$side: expected 4 committed layers after unpack"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$side" "$unpack" "$run1" "$run2" "$(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/rounds.tsv"
     log "round $n $side: unpack $unpack ms, run 1 $run1 ms, run 2 $run2 ms (load $(cut -d' ' -f1 /proc/loadavg))"
@@ -165,16 +185,30 @@ round() {
     [[ -z $(leaks) ]] || die "$side: round $n left loops or mounts behind"
     cp "$dir/thinboxd.log" "$OUT/thinboxd-$side.log"
     cp "$dir/ctd/containerd.log" "$OUT/containerd-$side.log"
-    [[ -f $dir/thinboxd.strace ]] && cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"
+    [[ ! -f $dir/thinboxd.strace ]] || cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"
+    [[ ! -f $dir/containerd.strace ]] || cp "$dir/containerd.strace" "$OUT/containerd-$side.strace"
     rm -rf "$dir"
 }
 
+SIDES=(overlayfs thinbox)
+if [[ -n ${THINBOXD_BEFORE_BIN:-} ]]; then
+    [[ -x $THINBOXD_BEFORE_BIN ]] || die "missing $THINBOXD_BEFORE_BIN"
+    SIDES+=(thinbox-before)
+fi
 printf 'round\tside\tunpack_ms\trun1_ms\trun2_ms\tload1\n' >"$OUT/rounds.tsv"
 start_load=$(cut -d' ' -f1-3 /proc/loadavg)
 for (( r = 1; r <= ROUNDS; r++ )); do
-    if (( r % 2 )); then order=(overlayfs thinbox); else order=(thinbox overlayfs); fi
+    # Two sides: o t, t o, o t, ...; three: o t b, t b o, b o t, ...
+    order=()
+    for (( k = 0; k < ${#SIDES[@]}; k++ )); do
+        if (( ${#SIDES[@]} == 2 )); then
+            order+=("${SIDES[(k + r + 1) % 2]}")
+        else
+            order+=("${SIDES[(k + r - 1) % ${#SIDES[@]}]}")
+        fi
+    done
     for side in "${order[@]}"; do
-        round "$side" "$WORK/r$r${side:0:1}" "$r"
+        round "$side" "$WORK/r$r-$side" "$r"
     done
 done
 end_load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -185,7 +219,8 @@ summary() {
     echo "image: $IMAGE (make-oci-image.py --profile bench), $(containerd --version | awk '{print $1, $3}'), $(runc --version | head -n 1)"
     echo "machine: $(nproc) CPUs, $(uname -r), load average at start $start_load, at end $end_load"
     echo "thinboxd: $THINBOXD_BIN"
-    awk -F'\t' '
+    [[ -z ${THINBOXD_BEFORE_BIN:-} ]] || echo "thinbox-before: $THINBOXD_BEFORE_BIN"
+    awk -F'\t' -v before="${THINBOXD_BEFORE_BIN:+1}" '
         function median(side, col,    n, i, j, tmp, v) {
             n = 0
             for (i = 1; i <= rows; i++) if (s[i] == side) v[++n] = c[i, col]
@@ -195,11 +230,16 @@ summary() {
         NR > 1 { rows++; s[rows] = $2; c[rows, 1] = $3; c[rows, 2] = $4; c[rows, 3] = $3 + $4; c[rows, 4] = $5 }
         END {
             split("unpack|run 1 (first start)|unpack + run 1|run 2 (second start)", name, "|")
-            printf "| %-22s | %14s | %12s | %22s |\n", "step", "overlayfs ms", "thinbox ms", "thinbox / overlayfs"
-            printf "|%s|%s|%s|%s|\n", "------------------------", "---------------:", "-------------:", "-----------------------:"
+            printf "| %-22s | %12s | %10s | %19s |", "step", "overlayfs ms", "thinbox ms", "thinbox / overlayfs"
+            if (before) printf " %17s | %26s |", "thinbox-before ms", "thinbox-before / overlayfs"
+            printf "\n|%s|%s|%s|%s|", "------------------------", "-------------:", "-----------:", "--------------------:"
+            if (before) printf "%s|%s|", "------------------:", "---------------------------:"
+            printf "\n"
             for (k = 1; k <= 4; k++) {
                 o = median("overlayfs", k); t = median("thinbox", k)
-                printf "| %-22s | %14.1f | %12.1f | %21.2fx |\n", name[k], o, t, (o > 0 ? t / o : 0)
+                printf "| %-22s | %12.1f | %10.1f | %18.2f× |", name[k], o, t, (o > 0 ? t / o : 0)
+                if (before) { b = median("thinbox-before", k); printf " %17.1f | %25.2f× |", b, (o > 0 ? b / o : 0) }
+                printf "\n"
             }
         }' "$OUT/rounds.tsv"
 }

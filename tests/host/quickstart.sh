@@ -34,6 +34,7 @@ TMP=
 UP=
 TASK_PIDS=()
 CTD_RUN=
+SHIM_SOCK=/nonexistent
 # The container's command (scripts/quickstart.sh).
 CONTAINER_CMD='trap "exit 0" TERM INT; sleep 2147483647 & wait'
 ERR_LINE=
@@ -88,6 +89,8 @@ cleanup() {
             echo "cleanup: killing $(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline")" >&2
             kill -KILL "$p" 2>/dev/null
         done
+        # A killed shim leaves its socket behind.
+        rm -f "$SHIM_SOCK"
         # Last resort, so a failed run leaves nothing behind on the host.
         sweep_tmp "$TMP"
     fi

@@ -10,7 +10,9 @@
 //! 3. ready: the front end's record and the device marked ready.
 //!
 //! A crash between steps leaves a device that is not `Ready` (or a front end
-//! record that says it is being made), which reconciliation rolls back.
+//! record that says it is being made), which reconciliation rolls back; or,
+//! as the intent is flushed only with the ready commit, no record at all, and
+//! reconciliation removes what the build made as unknown storage.
 //! Deletion is the reverse: the record goes (or is marked) and the device is
 //! marked `Deleting` in one transaction ([`Engine::plan_forget`]), and the
 //! deleter destroys it after the commit ([`Engine::forget`]).
@@ -62,7 +64,12 @@ impl Engine {
     /// returns the device node its build attached. Hold the gate shared.
     pub fn create<C: Creation>(&self, what: &mut C, points: Points) -> Result<Option<PathBuf>, C::Error> {
         let pool = self.pool();
-        let txn = pool.store().write()?;
+        // The intent is not flushed on its own: the ready commit makes it
+        // durable with itself (one fsync of the store less). A crash before
+        // that may lose it; reconciliation then finds what the build made
+        // unknown and removes it: the creation did not happen, as when a
+        // crash rolls an intent back.
+        let txn = pool.store().write_lazy()?;
         let device = match what.plan(&txn)? {
             Some(spec) => Some(pool.plan_create(&mut Devices::open(&txn)?, spec)?),
             None => None,

@@ -3,6 +3,12 @@
 //! `FICLONE` of its origin's image; an attached device is that file on a loop
 //! device with direct I/O. Without a configured directory the pool is the
 //! embedded XFS image under the state root.
+//!
+//! A device without an origin is a clone too: of `<pool>/templates/<fs>-v1-<size>.img`,
+//! an empty filesystem made once per filesystem type and size (mkfs and
+//! debugfs are two processes and tens of milliseconds, a clone one ioctl).
+//! Templates are never attached or written after they are made; a crash while
+//! making one leaves only a `.tmp-*` file, removed when the pool opens.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -29,6 +35,7 @@ use crate::units::{Bytes, DeviceId};
 pub struct Reflink {
     root: PathBuf,
     devices_dir: PathBuf,
+    templates_dir: PathBuf,
     direct_io: bool,
     embedded: Option<PathBuf>,
     /// Loop node of each attached device.
@@ -66,6 +73,9 @@ impl Reflink {
         let lock = lock_pool(&devices_dir)?;
         probe_reflink(&devices_dir)?;
         clear_scratch(&root.join("tmp"))?;
+        let templates_dir = pool_dir.join("templates");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&templates_dir).map_err(Error::io("create", &templates_dir))?;
+        clear_templates(&templates_dir)?;
         let mut attached = HashMap::new();
         let mut strays = Vec::new();
         for l in loops::scan(&devices_dir)? {
@@ -83,6 +93,7 @@ impl Reflink {
         Ok(Reflink {
             root: root.to_owned(),
             devices_dir,
+            templates_dir,
             direct_io: cfg.direct_io,
             embedded,
             attached: Mutex::new(attached),
@@ -107,9 +118,9 @@ impl Reflink {
                 file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
             }
             None => {
-                file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
-                drop(file);
-                filesystem::mkfs(rec.fs, &img)?;
+                let template = self.template(rec)?;
+                let src = File::open(&template).map_err(Error::io("open", &template))?;
+                rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
             }
         }
         fault::point("create.after_image");
@@ -128,6 +139,32 @@ impl Reflink {
         let node = self.activate(rec, access)?;
         fault::point("create.after_attach");
         Ok(Some(node))
+    }
+
+    /// The template for a device without origin like `rec` (its filesystem and
+    /// size), made now if the pool has none yet: in a temporary file, flushed,
+    /// then renamed into place, so a template under its name is always whole.
+    fn template(&self, rec: &DeviceRecord) -> Result<PathBuf> {
+        let path = self.templates_dir.join(template_name(rec.fs, rec.size));
+        if path.exists() {
+            return Ok(path);
+        }
+        // Device ids are unique in the pool, and one daemon holds the pool.
+        let tmp = self.templates_dir.join(format!(".tmp-{}", rec.id.0));
+        let made = (|| {
+            let file = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&tmp).map_err(Error::io("create", &tmp))?;
+            file.set_len(rec.size.get()).map_err(Error::io("size", &tmp))?;
+            drop(file);
+            filesystem::mkfs(rec.fs, &tmp)?;
+            File::open(&tmp).and_then(|f| f.sync_all()).map_err(Error::io("sync", &tmp))?;
+            fs::rename(&tmp, &path).map_err(Error::io("rename", &tmp))
+        })();
+        if made.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        made?;
+        tracing::debug!(template = %path.display(), "made filesystem template");
+        Ok(path)
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
@@ -350,6 +387,34 @@ fn clear_scratch(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Version of the templates' making (mkfs options): a change must bump it, so
+/// that a pool made by an older release stops cloning its templates.
+const TEMPLATE_VERSION: u32 = 1;
+
+/// File name of the template for `fs` and `size`.
+fn template_name(fs: FsType, size: Bytes) -> String {
+    format!("{}-v{TEMPLATE_VERSION}-{}.img", fs.as_str(), size.get())
+}
+
+/// Removes what is not a current template: temporary files of one a crash
+/// interrupted, and templates of another version.
+fn clear_templates(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
+        let path = entry.map_err(Error::io("list", dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let current = [FsType::Ext4, FsType::Xfs].iter().any(|fs| {
+            name.strip_prefix(&format!("{}-v{TEMPLATE_VERSION}-", fs.as_str()))
+                .and_then(|rest| rest.strip_suffix(".img"))
+                .is_some_and(|size| size.parse::<u64>().is_ok())
+        });
+        if !current {
+            tracing::info!(path = %path.display(), "removing stale filesystem template");
+            fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
 /// Takes the pool directory's lock, or fails if another daemon holds it.
 fn lock_pool(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
@@ -385,6 +450,12 @@ mod tests {
         assert_eq!(overlap(&[(0, 10), (20, 30)], vec![(25, 26), (0, 2), (1, 3)]), 4);
         assert_eq!(overlap(&[(0, 10)], vec![]), 0);
         assert_eq!(overlap(&[(10, 20)], vec![(0, 10), (20, 30)]), 0);
+    }
+
+    #[test]
+    fn template_names() {
+        assert_eq!(template_name(FsType::Ext4, Bytes(10 << 30)), "ext4-v1-10737418240.img");
+        assert_eq!(template_name(FsType::Xfs, Bytes(1 << 30)), "xfs-v1-1073741824.img");
     }
 
     #[test]
