@@ -44,11 +44,13 @@ NODE_PATHS=(/var/lib/thinbox /run/thinbox /var/log/thinboxd.log /var/lib/thinbox
     /var/lib/kubelet/plugins/csi.thinbox.io /run/containerd/containerd.sock
     /run/containerd/runc/thinbox-quickstart /run/containerd/fifo)
 
-# What each node path is now: absent, or its type, size and modification time.
+# What each node path is now: absent, or its type and inode (made, removed
+# or replaced shows; a real installation's daemon writing its log or state
+# meanwhile must not, so size and time are left out).
 node_paths_state() {
     local p
     for p in "${NODE_PATHS[@]}"; do
-        if [[ -e $p || -L $p ]]; then stat -c '%n %F %s %Y' "$p"; else echo "$p absent"; fi
+        if [[ -e $p || -L $p ]]; then stat -c '%n %F %i' "$p"; else echo "$p absent"; fi
     done
 }
 
