@@ -259,7 +259,7 @@ deadline=$((SECONDS + GC_TIMEOUT))
 while :; do
     left=$(ctr_ snapshots --snapshotter "$SN" ls | tail -n +2)
     devs=$(pool_devices)
-    if [[ $BACKEND == reflink ]]; then imgs=$(find "$ROOT/pool" -xdev -type f -name '*.img'); else imgs=$(thin_ids); fi
+    if [[ $BACKEND == reflink ]]; then imgs=$(find "$ROOT/pool/devices" -xdev -type f -name '*.img'); else imgs=$(thin_ids); fi
     [[ -z $left && -z $devs && -z $imgs ]] && break
     (( SECONDS < deadline )) || break
     gc_now
