@@ -140,6 +140,7 @@ round() {
     local side=$1 dir=$2 n=$3 t unpack run1 run2 i sn=$1 bin=$THINBOXD_BIN
     [[ $side != thinbox-before ]] || { sn=thinbox; bin=$THINBOXD_BEFORE_BIN; }
     mkdir -p "$dir"
+    : >"$dir/thinboxd.log"
     THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$dir/tb" \
         --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
         >"$dir/thinboxd.log" 2>&1 </dev/null &
