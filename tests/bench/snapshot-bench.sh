@@ -120,6 +120,7 @@ notes=()
 # start_thinboxd BIN ROOT SOCKET LOG: starts it, sets STARTED_PID.
 start_thinboxd() {
     local bin=$1 root=$2 sock=$3 logf=$4 i
+    : >"$logf"
     THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$root" \
         --snapshotter-address "$sock" --no-csi --release-on-exit \
         >"$logf" 2>&1 </dev/null &

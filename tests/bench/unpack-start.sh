@@ -12,7 +12,8 @@
 # made anew) and a new containerd root, both started before the round and
 # stopped after it (not measured). Rounds alternate sides, and which side goes
 # first alternates too (o t t o o t ...; with THINBOXD_BEFORE_BIN, three sides
-# in rotating order), so slow phases of a noisy machine hit all alike. In a round, not measured: `ctr images import --no-unpack` (the
+# in each of the six orders in turn: use a multiple of 6 rounds), so slow
+# phases of a noisy machine hit all alike. In a round, not measured: `ctr images import --no-unpack` (the
 # content store only), then `sync`. Measured (wall time of the ctr command):
 #   unpack      ctr images import --snapshotter S   (content already there:
 #               containerd reads the tar, finds every blob present, and
@@ -140,6 +141,7 @@ round() {
     local side=$1 dir=$2 n=$3 t unpack run1 run2 i sn=$1 bin=$THINBOXD_BIN
     [[ $side != thinbox-before ]] || { sn=thinbox; bin=$THINBOXD_BEFORE_BIN; }
     mkdir -p "$dir"
+    : >"$dir/thinboxd.log"
     THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$dir/tb" \
         --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
         >"$dir/thinboxd.log" 2>&1 </dev/null &
@@ -198,15 +200,18 @@ fi
 printf 'round\tside\tunpack_ms\trun1_ms\trun2_ms\tload1\n' >"$OUT/rounds.tsv"
 start_load=$(cut -d' ' -f1-3 /proc/loadavg)
 for (( r = 1; r <= ROUNDS; r++ )); do
-    # Two sides: o t, t o, o t, ...; three: o t b, t b o, b o t, ...
-    order=()
-    for (( k = 0; k < ${#SIDES[@]}; k++ )); do
-        if (( ${#SIDES[@]} == 2 )); then
-            order+=("${SIDES[(k + r + 1) % 2]}")
-        else
-            order+=("${SIDES[(k + r - 1) % ${#SIDES[@]}]}")
-        fi
-    done
+    # Two sides: o t, t o, o t, ...; three: the six orders in turn (o t b,
+    # o b t, t o b, t b o, b o t, b t o, ...), so over 6 rounds every side
+    # follows every other side equally often (a rotation would put one side
+    # after overlayfs, whose unpack leaves the host the most to write, more
+    # often than the other).
+    if (( ${#SIDES[@]} == 2 )); then
+        order=("${SIDES[(r + 1) % 2]}" "${SIDES[r % 2]}")
+    else
+        perm=("012" "021" "102" "120" "201" "210")
+        p=${perm[(r - 1) % 6]}
+        order=("${SIDES[${p:0:1}]}" "${SIDES[${p:1:1}]}" "${SIDES[${p:2:1}]}")
+    fi
     for side in "${order[@]}"; do
         round "$side" "$WORK/r$r-$side" "$r"
     done
