@@ -790,9 +790,14 @@ async fn csi_file_volume_for_kata_is_exactly_its_size_in_the_guest() {
                 assert!(written <= SIZE && written > SIZE / 2, "the guest wrote {written} bytes into a {SIZE}-byte volume");
             }
         });
-        let allocated = std::fs::metadata(&image).unwrap().blocks() * 512;
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!(meta.len(), SIZE, "the image is exactly the volume's size");
+        // XFS counts a file's extent-map (bmbt) blocks in st_blocks, and an
+        // image cloned from a template then written fragments into many
+        // extents: allow that map, never a second copy of the data.
+        let allocated = meta.blocks() * 512;
         let grown = scratch.used().saturating_sub(used_before);
-        assert!(allocated <= SIZE, "the image holds {allocated} bytes, more than the volume's {SIZE}");
+        assert!(allocated <= SIZE + (1 << 20), "the image holds {allocated} bytes, more than the volume's {SIZE} and its extent map");
         // The driver's own records may add a little beside the image.
         assert!(grown <= SIZE + (2 << 20), "the host filesystem grew by {grown} bytes for a {SIZE}-byte volume");
         assert!(grown >= SIZE / 2, "the guest's writes reached the image: the host filesystem grew by only {grown} bytes");
