@@ -199,14 +199,15 @@ impl DmThin {
         fault::point("create.after_image");
         // mkfs and growing need the device attached read-write; a view that
         // needs either is then detached and attached read-only. A clone that
-        // needs neither is attached once, as asked.
+        // needs neither, or has no filesystem, is attached once, as asked.
         let grow = rec.origin_size.is_some_and(|o| o < rec.size);
-        if rec.origin.is_none() || grow {
+        if rec.fs.is_some() && (rec.origin.is_none() || grow) {
             let node = self.activate(rec, Access::ReadWrite)?;
             match (rec.origin, rec.fs) {
-                (None, fs) => filesystem::mkfs(fs, &node)?,
-                (Some(_), FsType::Ext4) => filesystem::grow_ext4(&node)?,
-                (Some(_), FsType::Xfs) => filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?,
+                (_, None) => {}
+                (None, Some(fs)) => filesystem::mkfs(fs, &node)?,
+                (Some(_), Some(FsType::Ext4)) => filesystem::grow_ext4(&node)?,
+                (Some(_), Some(FsType::Xfs)) => filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()))?,
             }
             if rec.access != Some(Access::ReadWrite) {
                 self.deactivate(rec.id)?;
@@ -284,7 +285,8 @@ impl DmThin {
 
     /// Inodes in use on the device, from its superblock; an inactive device is
     /// activated for the read and removed again.
-    fn inodes_used(&self, id: DeviceId, size: Bytes, fs: FsType) -> Result<u64> {
+    fn inodes_used(&self, id: DeviceId, size: Bytes, fs: Option<FsType>) -> Result<u64> {
+        let Some(fs) = fs else { return Ok(0) };
         if let Some(node) = self.node(id) {
             return Ok(filesystem::inodes_used(fs, &node)?.unwrap_or(0));
         }

@@ -35,8 +35,9 @@ pub struct CreateSpec {
     pub size: Bytes,
     /// Snapshot this device's origin (copy-on-write); `None` for an empty device.
     pub origin: Option<DeviceId>,
-    /// Filesystem for an empty device (a snapshot inherits its origin's).
-    pub fs: FsType,
+    /// Filesystem for an empty device (a snapshot inherits its origin's);
+    /// `None` leaves it unformatted, reading as zeros.
+    pub fs: Option<FsType>,
     /// Attach after creation.
     pub access: Option<Access>,
 }

@@ -117,18 +117,22 @@ impl Reflink {
                 rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
                 file.set_len(rec.size.get()).map_err(Error::io("size", &img))?;
             }
-            None => {
-                let template = self.template(rec)?;
-                let src = File::open(&template).map_err(Error::io("open", &template))?;
-                rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
-            }
+            None => match rec.fs {
+                Some(fs) => {
+                    let template = self.template(fs, rec)?;
+                    let src = File::open(&template).map_err(Error::io("open", &template))?;
+                    rustix::fs::ioctl_ficlone(&file, &src).map_err(|e| Error::io("reflink", &img)(e.into()))?;
+                }
+                // Sparse: reads as zeros, and holds no block until written.
+                None => file.set_len(rec.size.get()).map_err(Error::io("size", &img))?,
+            },
         }
         fault::point("create.after_image");
         let grow = rec.origin_size.is_some_and(|o| o < rec.size);
-        if grow && rec.fs == FsType::Ext4 {
+        if grow && rec.fs == Some(FsType::Ext4) {
             filesystem::grow_ext4(&img)?;
         }
-        if grow && rec.fs == FsType::Xfs {
+        if grow && rec.fs == Some(FsType::Xfs) {
             // xfs grows only while mounted read-write, whatever access the device gets.
             let node = self.activate(rec, Access::ReadWrite)?;
             let grown = filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()));
@@ -144,8 +148,8 @@ impl Reflink {
     /// The template for a device without origin like `rec` (its filesystem and
     /// size), made now if the pool has none yet: in a temporary file, flushed,
     /// then renamed into place, so a template under its name is always whole.
-    fn template(&self, rec: &DeviceRecord) -> Result<PathBuf> {
-        let path = self.templates_dir.join(template_name(rec.fs, rec.size));
+    fn template(&self, fs: FsType, rec: &DeviceRecord) -> Result<PathBuf> {
+        let path = self.templates_dir.join(template_name(fs, rec.size));
         if path.exists() {
             return Ok(path);
         }
@@ -155,7 +159,7 @@ impl Reflink {
             let file = OpenOptions::new().create_new(true).write(true).mode(0o600).open(&tmp).map_err(Error::io("create", &tmp))?;
             file.set_len(rec.size.get()).map_err(Error::io("size", &tmp))?;
             drop(file);
-            filesystem::mkfs(rec.fs, &tmp)?;
+            filesystem::mkfs(fs, &tmp)?;
             File::open(&tmp).and_then(|f| f.sync_all()).map_err(Error::io("sync", &tmp))?;
             fs::rename(&tmp, &path).map_err(Error::io("rename", &tmp))
         })();
@@ -250,9 +254,13 @@ impl Backend for Reflink {
             }
             _ => 0,
         };
-        let inodes = filesystem::inodes_used(rec.fs, &img)?.unwrap_or(0);
+        let inodes_used = |img: &Path| match rec.fs {
+            Some(fs) => Ok(filesystem::inodes_used(fs, img)?.unwrap_or(0)),
+            None => Ok::<_, Error>(0),
+        };
+        let inodes = inodes_used(&img)?;
         let origin_inodes = match &origin {
-            Some(o) => filesystem::inodes_used(rec.fs, o)?.unwrap_or(0),
+            Some(o) => inodes_used(o)?,
             None => 0,
         };
         Ok(Usage { bytes: Bytes(total - shared.min(total)), inodes: inodes.saturating_sub(origin_inodes) })

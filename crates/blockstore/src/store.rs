@@ -54,8 +54,9 @@ pub struct DeviceRecord {
     pub size: Bytes,
     /// The device this one is a copy-on-write snapshot of, if any.
     pub origin: Option<DeviceId>,
-    /// Filesystem inside.
-    pub fs: FsType,
+    /// Filesystem the host made inside; `None` for a device the host never
+    /// formats (its user, a guest, does).
+    pub fs: Option<FsType>,
     /// Lifecycle state.
     pub state: DeviceState,
     /// Whether (and how) the device should be attached.

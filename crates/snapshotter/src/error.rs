@@ -39,6 +39,8 @@ pub enum Error {
     Filter(#[from] FilterError),
     #[error("snapshot {} has no attached device", shown(.0))]
     NotAttached(String),
+    #[error("snapshot {}'s device holds no filesystem", shown(.0))]
+    Unformatted(String),
     #[error(transparent)]
     Block(#[from] thinbox_blockstore::Error),
     #[error("corrupt snapshot record {key:?}")]
@@ -98,7 +100,7 @@ impl Error {
             | Error::MissingInfo
             | Error::Filter(_) => ErrorKind::InvalidArgument,
             Error::Block(e) => e.kind(),
-            Error::Corrupt { .. } | Error::Join(_) => ErrorKind::Internal,
+            Error::Unformatted(_) | Error::Corrupt { .. } | Error::Join(_) => ErrorKind::Internal,
         }
     }
 

@@ -88,12 +88,12 @@ impl Creation for Preparation<'_> {
             (None, None) => self.cfg.default_size,
         };
         let access = if self.kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
-        Ok(Some(CreateSpec { size, origin: origin.map(|o| o.id), fs: self.cfg.filesystem, access: Some(access) }))
+        Ok(Some(CreateSpec { size, origin: origin.map(|o| o.id), fs: Some(self.cfg.filesystem), access: Some(access) }))
     }
 
     fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
         let dev = device.ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
-        self.fs = dev.fs;
+        self.fs = dev.fs.ok_or_else(|| Error::Unformatted(self.key.to_owned()))?;
         let now = meta::now();
         let rec = Record {
             kind: self.kind,
@@ -185,7 +185,7 @@ impl Snapshots {
         }
         let node = self.engine.pool().node(rec.device).ok_or_else(|| Error::NotAttached(key.to_owned()))?;
         let dev = self.engine.pool().store().device(rec.device)?.ok_or(thinbox_blockstore::Error::DeviceNotFound(rec.device))?;
-        Ok(vec![mount(&node, dev.fs, rec.kind)])
+        Ok(vec![mount(&node, dev.fs.ok_or_else(|| Error::Unformatted(key.to_owned()))?, rec.kind)])
     }
 
     /// Commits active snapshot `key` as `name`; its device is detached.

@@ -259,7 +259,8 @@ fn device(rec: &DeviceRecord, node: Option<std::path::PathBuf>, usage: Result<Us
         id: rec.id.0,
         size: rec.size.get(),
         origin: rec.origin.map(|o| o.0),
-        fs: rec.fs.as_str().to_owned(),
+        // "raw": the host made no filesystem (a guest formats it).
+        fs: rec.fs.map_or("raw", thinbox_blockstore::FsType::as_str).to_owned(),
         state: rec.state.as_str().to_owned(),
         access: rec.access.map(|a| match a {
             Access::ReadWrite => "rw".to_owned(),
@@ -325,7 +326,7 @@ mod tests {
             id: DeviceId(id),
             size: Bytes::GIB,
             origin: Some(DeviceId(1)),
-            fs: FsType::Xfs,
+            fs: Some(FsType::Xfs),
             state: DeviceState::Ready,
             access,
             origin_size: Some(Bytes::GIB),

@@ -45,7 +45,7 @@ pub fn with_mounted<T>(node: &Path, fs: FsType, dir: &Path, f: impl FnOnce(&Path
 }
 
 pub fn spec(size: u64, origin: Option<DeviceId>, access: Option<Access>) -> CreateSpec {
-    CreateSpec { size: Bytes(size), origin, fs: FsType::Ext4, access }
+    CreateSpec { size: Bytes(size), origin, fs: Some(FsType::Ext4), access }
 }
 
 /// Snapshot, write, read back, delete: on `pool`.
