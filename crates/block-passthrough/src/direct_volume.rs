@@ -18,6 +18,19 @@ pub const KATA_DIRECT_VOLUMES: &str = "/run/kata-containers/shared/direct-volume
 /// The record's file name inside its directory.
 pub const MOUNT_INFO: &str = "mountInfo.json";
 
+/// Keys of [`MountInfo::metadata`] that Kata's Go runtime acts on
+/// (`src/runtime/pkg/direct-volume/utils.go`, read in
+/// `src/runtime/virtcontainers/container.go`).
+pub mod metadata {
+    /// `ephemeral`: the agent encrypts the device (LUKS2) with a key it
+    /// makes and throws away; needs [`CREATE_FILESYSTEM`].
+    pub const ENCRYPTION_KEY: &str = "encryptionKey";
+    /// `true`: the agent makes the record's `fstype` on the device.
+    pub const CREATE_FILESYSTEM: &str = "createFilesystem";
+    /// A group id the agent gives the filesystem's files (a pod's fsGroup).
+    pub const FS_GROUP: &str = "fsGroup";
+}
+
 /// Errors of the direct-volume store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

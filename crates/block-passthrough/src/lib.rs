@@ -24,4 +24,4 @@ pub mod probe;
 #[cfg(feature = "qmp")]
 pub mod qmp;
 
-pub use direct_volume::{DirectVolumes, Error, KATA_DIRECT_VOLUMES, MOUNT_INFO, MountInfo};
+pub use direct_volume::{DirectVolumes, Error, KATA_DIRECT_VOLUMES, MOUNT_INFO, MountInfo, metadata};

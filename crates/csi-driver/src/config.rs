@@ -8,7 +8,7 @@ use thinbox_block_passthrough::KATA_DIRECT_VOLUMES;
 use thinbox_block_passthrough::kata_shim::SANDBOX_DIRS;
 use thinbox_blockstore::{Bytes, FsType};
 
-use crate::state::Sandbox;
+use crate::state::{Encryption, Sandbox};
 
 /// Where kubelet's plugin registration finds the driver by default.
 pub const DEFAULT_ENDPOINT: &str = "unix:///var/lib/kubelet/plugins/csi.thinbox.io/csi.sock";
@@ -69,15 +69,21 @@ impl Default for CsiConfig {
 /// here takes.
 pub const ALIGN: u64 = 4096;
 
+/// The data offset of cryptsetup's default LUKS2 layout (two metadata copies
+/// and the key slots), which Kata's guest-side encryption uses.
+pub const LUKS2_HEADER: u64 = 16 << 20;
+
 /// The smallest volume that holds `fs` (`None`: a raw device, or a
-/// directory): mkfs.xfs refuses less than 300 MiB; ext4 fits its 4 MiB
-/// journal from 8 MiB; a device or a quota needs one block.
-pub fn min_volume_size(fs: Option<FsType>) -> Bytes {
-    match fs {
-        Some(FsType::Xfs) => Bytes(300 << 20),
-        Some(FsType::Ext4) => Bytes(8 << 20),
-        None => Bytes(ALIGN),
-    }
+/// directory), inside LUKS2 if `encryption`: mkfs.xfs refuses less than
+/// 300 MiB; ext4 fits its 4 MiB journal from 8 MiB; a device or a quota
+/// needs one block.
+pub fn min_volume_size(fs: Option<FsType>, encryption: Option<Encryption>) -> Bytes {
+    let fs = match fs {
+        Some(FsType::Xfs) => 300 << 20,
+        Some(FsType::Ext4) => 8 << 20,
+        None => ALIGN,
+    };
+    Bytes(fs + encryption.map_or(0, |_| LUKS2_HEADER))
 }
 
 impl CsiConfig {
@@ -96,7 +102,7 @@ impl CsiConfig {
                 return Err(format!("csi.{key} {} must be an absolute path", p.display()));
             }
         }
-        let floor = min_volume_size(Some(self.default_fs));
+        let floor = min_volume_size(Some(self.default_fs), None);
         if self.default_size < floor {
             return Err(format!("csi.default_size {} is below the smallest {} volume, {floor}", self.default_size, self.default_fs.as_str()));
         }

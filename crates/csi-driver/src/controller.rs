@@ -9,7 +9,7 @@ use thinbox_blockstore::{Bytes, CreateSpec, Creation, DeviceId, DeviceRecord, En
 
 use crate::driver::{Driver, SHIM_TIMEOUT, pick_size};
 use crate::error::{Error, Result, invalid};
-use crate::state::{self, Kind, Mode, NAMES, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
+use crate::state::{self, Encryption, Kind, Mode, NAMES, SNAPSHOT_NAMES, SNAPSHOTS, Sandbox, Snapshot, Source, State, VOLUMES, Volume};
 use crate::storage::{New, Shape, Storage};
 
 /// What CreateVolume asks for, already decoded.
@@ -33,6 +33,8 @@ pub struct CreateRequest {
     pub parameters: BTreeMap<String, String>,
     /// Content to start from (a snapshot, or another volume to clone).
     pub source: Option<Source>,
+    /// Encrypted in a Kata guest (`thinbox.io/encryption`).
+    pub encryption: Option<Encryption>,
 }
 
 /// Where a new volume's content comes from, resolved.
@@ -77,7 +79,7 @@ struct MakeVolume<'a> {
 impl MakeVolume<'_> {
     fn wanted(&self) -> New<'_> {
         let v = &self.vol;
-        New { id: &v.id, size: v.size, fs: v.fs, origin: self.origin.and_then(|(d, _)| d), project: v.project }
+        New { id: &v.id, size: v.size, fs: v.host_fs(), origin: self.origin.and_then(|(d, _)| d), project: v.project }
     }
 }
 
@@ -181,17 +183,18 @@ impl Driver {
 
     fn create_once(&self, req: &CreateRequest) -> Result<Volume> {
         let _s = self.serial();
+        self.check_encryption(req)?;
         let origin = match &req.source {
             None => None,
             Some(src) => Some(self.origin(src, req)?),
         };
         let default = origin.as_ref().map_or(self.cfg.default_size, |o| o.size);
         let fs = origin.as_ref().map_or(req.fs, |o| o.fs);
-        let size = pick_size(req.required, req.limit, default, fs)?;
+        let size = pick_size(req.required, req.limit, default, fs, req.encryption)?;
         let size = origin.as_ref().map_or(size, |o| size.max(o.size));
         if let Some(v) = self.by_name(&req.name)? {
             let fits = v.size.get() >= req.required && (req.limit == 0 || v.size.get() <= req.limit);
-            if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source {
+            if v.kind != req.kind || !fits || v.fs != fs || v.source != req.source || v.encryption != req.encryption {
                 return Err(Error::AlreadyExists(format!("volume {:?} exists as {} {} {:?}, not as asked", req.name, v.kind.as_str(), v.size, v.fs)));
             }
             return Ok(v);
@@ -211,6 +214,7 @@ impl Driver {
             parameters: req.parameters.clone(),
             source: req.source.clone(),
             project: None,
+            encryption: req.encryption,
         };
         let origin = origin.as_ref().map(|o| (o.device, o.live.as_ref()));
         let mut make = MakeVolume { driver: self, storage, vol: new, origin };
@@ -218,6 +222,30 @@ impl Driver {
         let vol = make.vol;
         tracing::info!(volume = %vol.id, name = %req.name, kind = vol.kind.as_str(), size = %size, source = ?vol.source, "volume created");
         Ok(vol)
+    }
+
+    /// What Kata's guest-side encryption can take: a device (not a
+    /// directory), formatted by the agent (ext4 only, in its
+    /// `block_handler.rs`), empty (a key that is thrown away leaves nothing
+    /// to copy or restore), and never a runC publication.
+    fn check_encryption(&self, req: &CreateRequest) -> Result<()> {
+        let Some(enc) = req.encryption else { return Ok(()) };
+        let refuse = |why: &str| Err(invalid(format!("thinbox.io/encryption={}: {why}", enc.as_str())));
+        if self.storage(req.kind).shape() != Shape::Device {
+            return refuse(&format!("{} volumes are directories, not devices a guest can encrypt", req.kind.as_str()));
+        }
+        match req.fs {
+            Some(FsType::Ext4) => {}
+            None => return refuse("Kata's agent formats what it encrypts; raw block access is not possible"),
+            Some(other) => return refuse(&format!("Kata's agent creates ext4 only, not {}", other.as_str())),
+        }
+        if req.sandbox == Some(Sandbox::Runc) {
+            return refuse("only a Kata guest encrypts; a runC sandbox cannot");
+        }
+        if req.source.is_some() {
+            return refuse("a volume encrypted with a throwaway key starts empty; it has no snapshot or clone source");
+        }
+        Ok(())
     }
 
     /// Resolves a content source and checks it suits the request.
@@ -232,6 +260,9 @@ impl Driver {
             }
             Source::Volume(id) => {
                 let v = self.require(id)?;
+                if v.encryption.is_some() {
+                    return Err(invalid(format!("volume {id} is encrypted with a key only its guest held; a clone of it is unreadable")));
+                }
                 Origin { kind: v.kind, fs: v.fs, size: v.size, device: v.device, live: Some(v) }
             }
         };
@@ -286,6 +317,9 @@ impl Driver {
         let vol = self.require(source)?;
         if !self.storage(vol.kind).snapshots() {
             return Err(invalid(format!("volume {source} is a {} volume; those have no snapshots", vol.kind.as_str())));
+        }
+        if vol.encryption.is_some() {
+            return Err(invalid(format!("volume {source} is encrypted with a key only its guest held; a snapshot of it is unreadable")));
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let snap = Snapshot {
@@ -351,7 +385,7 @@ impl Driver {
             if limit != 0 && vol.size.get() > limit {
                 return Err(Error::OutOfRange(format!("volume {id} is {} already, above limit_bytes {limit}", vol.size)));
             }
-            let size = pick_size(required, limit, vol.size, vol.fs)?.max(vol.size);
+            let size = pick_size(required, limit, vol.size, vol.fs, vol.encryption)?.max(vol.size);
             if size > vol.size {
                 self.storage(vol.kind).grow(&vol.held(), size)?;
             }

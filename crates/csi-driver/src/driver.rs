@@ -20,7 +20,7 @@ use thinbox_blockstore::{Bytes, Engine, FsType, Pool, PoolConfig, fault};
 
 use crate::config::{ALIGN, CsiConfig, min_volume_size};
 use crate::error::{Error, Result};
-use crate::state::{self, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOTS, Snapshot, State, VOLUMES, Volume};
+use crate::state::{self, Encryption, Kind, Mode, NAMES, PUBLICATIONS, Publication, SNAPSHOTS, Snapshot, State, VOLUMES, Volume};
 use crate::storage::{DirStorage, Held, Pooled, Storage};
 
 /// How long a Kata sandbox's shim may take to answer.
@@ -67,7 +67,7 @@ impl Driver {
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
         let reserve = engine.pool().config().reserve;
         let d = Driver {
-            pooled: Pooled::new(engine.clone(), cfg.default_fs),
+            pooled: Pooled::new(engine.clone()),
             dirs: DirStorage::new(&root, cfg.dir_path.as_deref(), cfg.dir_pool_size, reserve),
             direct: DirectVolumes::new(&cfg.direct_volumes),
             scratch: root.join("tmp"),
@@ -267,11 +267,11 @@ impl Driver {
 /// Size for a capacity range: the required bytes (or the default, capped by
 /// the limit) in whole 4 KiB blocks, at least the smallest volume holding
 /// `fs`. Nothing more: the volume is exactly what was asked for.
-pub fn pick_size(required: u64, limit: u64, default: Bytes, fs: Option<FsType>) -> Result<Bytes> {
+pub fn pick_size(required: u64, limit: u64, default: Bytes, fs: Option<FsType>, encryption: Option<Encryption>) -> Result<Bytes> {
     if limit != 0 && required > limit {
         return Err(Error::OutOfRange(format!("required_bytes {required} exceeds limit_bytes {limit}")));
     }
-    let floor = min_volume_size(fs);
+    let floor = min_volume_size(fs, encryption);
     let want = if required == 0 { if limit == 0 { default.get() } else { default.get().min(limit) } } else { required };
     let size = want.max(floor.get()).div_ceil(ALIGN) * ALIGN;
     if limit == 0 || size <= limit {
@@ -282,7 +282,7 @@ pub fn pick_size(required: u64, limit: u64, default: Bytes, fs: Option<FsType>) 
     if below >= floor.get() && below >= required {
         return Ok(Bytes(below));
     }
-    let what = fs.map_or("raw block or dir", FsType::as_str);
+    let what = format!("{}{}", encryption.map_or("", |_| "encrypted "), fs.map_or("raw block or dir", FsType::as_str));
     Err(Error::OutOfRange(format!("limit_bytes {limit} is below the smallest {what} volume, {floor}")))
 }
 
@@ -297,17 +297,22 @@ mod tests {
     fn sizes_are_exact_above_each_filesystems_floor() {
         let d = Bytes(1 << 30);
         let ext4 = Some(FsType::Ext4);
-        assert_eq!(pick_size(0, 0, d, ext4).unwrap(), d);
-        assert_eq!(pick_size(0, 512 << 20, d, ext4).unwrap(), Bytes(512 << 20));
-        assert_eq!(pick_size(64 << 20, 0, d, ext4).unwrap(), Bytes(64 << 20), "exactly what was asked");
-        assert_eq!(pick_size((2 << 30) + 1, 0, d, ext4).unwrap(), Bytes((2 << 30) + 4096), "whole blocks");
-        assert_eq!(pick_size(1, 0, d, ext4).unwrap(), Bytes(8 << 20), "ext4's floor");
-        assert_eq!(pick_size(1, 0, d, Some(FsType::Xfs)).unwrap(), Bytes(300 << 20), "xfs's floor");
-        assert_eq!(pick_size(1, 0, d, None).unwrap(), Bytes(4096), "a raw device: one block");
-        assert_eq!(pick_size(0, (64 << 20) + 100, d, ext4).unwrap(), Bytes(64 << 20), "capped: whole blocks below the limit");
-        assert_eq!(pick_size(2, 1, d, None).unwrap_err().code(), Code::OutOfRange);
-        let below = pick_size(0, 64 << 20, d, Some(FsType::Xfs)).unwrap_err();
+        assert_eq!(pick_size(0, 0, d, ext4, None).unwrap(), d);
+        assert_eq!(pick_size(0, 512 << 20, d, ext4, None).unwrap(), Bytes(512 << 20));
+        assert_eq!(pick_size(64 << 20, 0, d, ext4, None).unwrap(), Bytes(64 << 20), "exactly what was asked");
+        assert_eq!(pick_size((2 << 30) + 1, 0, d, ext4, None).unwrap(), Bytes((2 << 30) + 4096), "whole blocks");
+        assert_eq!(pick_size(1, 0, d, ext4, None).unwrap(), Bytes(8 << 20), "ext4's floor");
+        assert_eq!(pick_size(1, 0, d, Some(FsType::Xfs), None).unwrap(), Bytes(300 << 20), "xfs's floor");
+        assert_eq!(pick_size(1, 0, d, None, None).unwrap(), Bytes(4096), "a raw device: one block");
+        assert_eq!(pick_size(0, (64 << 20) + 100, d, ext4, None).unwrap(), Bytes(64 << 20), "capped: whole blocks below the limit");
+        assert_eq!(pick_size(2, 1, d, None, None).unwrap_err().code(), Code::OutOfRange);
+        let below = pick_size(0, 64 << 20, d, Some(FsType::Xfs), None).unwrap_err();
         assert_eq!(below.code(), Code::OutOfRange);
         assert!(below.to_string().contains("smallest xfs volume, 300MiB"), "{below}");
+        // Inside LUKS2, the guest's ext4 starts after the 16 MiB header.
+        let luks = Some(crate::state::Encryption::Ephemeral);
+        assert_eq!(pick_size(1, 0, d, ext4, luks).unwrap(), Bytes(24 << 20), "encrypted ext4's floor");
+        let below = pick_size(0, 16 << 20, d, ext4, luks).unwrap_err();
+        assert!(below.to_string().contains("smallest encrypted ext4 volume, 24MiB"), "{below}");
     }
 }

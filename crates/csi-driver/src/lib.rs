@@ -11,7 +11,8 @@
 //!    Kubernetes, external-provisioner runs beside it on every node
 //!    (`--node-deployment`), so Controller calls are node-local too.
 //! 3. CreateVolume records the intent, then makes the device (formatted
-//!    unless raw block only) or directory. NodePublishVolume attaches it and
+//!    unless raw block only, or encrypted and formatted in a Kata guest) or
+//!    directory. NodePublishVolume attaches it and
 //!    either mounts it at the target (runC pods) or writes a Kata direct-volume
 //!    record (`thinbox.io/sandbox: kata`) so the runtime passes the device into
 //!    the guest as virtio-blk: the filesystem is never mounted on the host and
@@ -24,6 +25,7 @@ pub mod driver;
 pub mod error;
 pub mod metrics;
 pub mod node;
+mod ownership;
 pub mod paths;
 pub mod recover;
 pub mod server;

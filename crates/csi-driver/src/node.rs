@@ -6,13 +6,14 @@ use std::fs;
 use std::path::Path;
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, mount_bind, mount_remount, unmount};
-use thinbox_block_passthrough::MountInfo;
 use thinbox_block_passthrough::kata_shim::GuestStats;
+use thinbox_block_passthrough::{MountInfo, metadata as kata};
 use thinbox_blockstore::{Bytes, FsType, embedded, fault, image, mountinfo};
 
 use crate::controller::CreateRequest;
 use crate::driver::{Driver, SHIM_TIMEOUT};
 use crate::error::{Error, Result, invalid};
+use crate::ownership;
 use crate::state::{self, Mode, PUBLICATIONS, Publication, Sandbox, Volume};
 use crate::storage::Shape;
 
@@ -59,8 +60,9 @@ impl Condition {
 }
 
 impl Driver {
-    /// NodePublishVolume. `target` has been checked (see [`crate::paths`]).
-    pub fn publish(&self, id: &str, target: &Path, access: &AccessType, readonly: bool, sandbox: Option<Sandbox>) -> Result<()> {
+    /// NodePublishVolume. `target` has been checked (see [`crate::paths`]);
+    /// `group` (a pod's fsGroup) comes to own the filesystem's files.
+    pub fn publish(&self, id: &str, target: &Path, access: &AccessType, readonly: bool, sandbox: Option<Sandbox>, group: Option<u32>) -> Result<()> {
         let _s = self.serial();
         let vol = self.require(id)?;
         let sandbox = sandbox.or(vol.sandbox).unwrap_or(self.cfg.default_sandbox);
@@ -84,7 +86,17 @@ impl Driver {
                 (if sandbox == Sandbox::Kata { Mode::Kata } else { Mode::HostMount }, flags.clone())
             }
         };
-        let wanted = Publication { volume: id.to_owned(), target: target.to_owned(), mode, readonly, flags };
+        if let Some(enc) = vol.encryption
+            && (mode != Mode::Kata || *access == AccessType::Block)
+        {
+            return Err(invalid(format!(
+                "volume {id} is encrypted ({}) by a Kata guest, which formats it: it is published to a Kata sandbox with filesystem access only",
+                enc.as_str()
+            )));
+        }
+        // A raw device has no files to own.
+        let group = group.filter(|_| *access != AccessType::Block);
+        let wanted = Publication { volume: id.to_owned(), target: target.to_owned(), mode, readonly, flags, group };
         if let Some(existing) = self.publication(target)? {
             if existing == wanted {
                 return Ok(());
@@ -128,6 +140,9 @@ impl Driver {
                 mkdir(&p.target)?;
                 if !is_mountpoint(&p.target)? {
                     mount_bind(node, &p.target).map_err(|e| Error::io("bind-mount", node)(e.into()))?;
+                    if let Some(gid) = p.group {
+                        ownership::set_group(&p.target, gid)?;
+                    }
                     let (mut flags, _) = mount_options(&p.flags);
                     if p.readonly {
                         flags |= MountFlags::RDONLY;
@@ -143,7 +158,9 @@ impl Driver {
                 mkdir(&p.target)?;
                 let (mut flags, mut data) = mount_options(&p.flags);
                 flags |= MountFlags::NOSUID | MountFlags::NODEV;
-                if p.readonly {
+                // Files get their group on a writable mount, made read-only after.
+                let readonly_after = p.readonly && p.group.is_some();
+                if p.readonly && !readonly_after {
                     flags |= MountFlags::RDONLY;
                 }
                 if vol.fs == Some(FsType::Xfs) {
@@ -152,6 +169,13 @@ impl Driver {
                 if !is_mountpoint(&p.target)? {
                     let data = std::ffi::CString::new(data.join(",")).map_err(|_| invalid("mount flags must not contain NUL"))?;
                     mount(node, &p.target, fs_name, flags, data.as_c_str()).map_err(|e| Error::io("mount", node)(e.into()))?;
+                    if let Some(gid) = p.group {
+                        ownership::set_group(&p.target, gid)?;
+                    }
+                    if readonly_after {
+                        mount_remount(&p.target, flags | MountFlags::RDONLY, data.as_c_str())
+                            .map_err(|e| Error::io("remount", &p.target)(e.into()))?;
+                    }
                 }
                 Ok(())
             }
@@ -171,11 +195,19 @@ impl Driver {
                 if p.readonly && !options.iter().any(|o| o == "ro") {
                     options.push("ro".into());
                 }
+                let mut metadata = BTreeMap::from([("thinbox.io/volume".to_owned(), vol.id.clone())]);
+                if let Some(enc) = vol.encryption {
+                    metadata.insert(kata::ENCRYPTION_KEY.into(), enc.as_str().into());
+                    metadata.insert(kata::CREATE_FILESYSTEM.into(), "true".into());
+                }
+                if let Some(gid) = p.group {
+                    metadata.insert(kata::FS_GROUP.into(), gid.to_string());
+                }
                 let info = MountInfo {
                     volume_type: "block".into(),
                     device: node.display().to_string(),
                     fstype: vol.fs.map(FsType::as_str).unwrap_or_default().to_owned(),
-                    metadata: BTreeMap::from([("thinbox.io/volume".to_owned(), vol.id.clone())]),
+                    metadata,
                     options,
                 };
                 Ok(self.direct.add(&p.target, &info)?)
@@ -231,7 +263,15 @@ impl Driver {
 
     /// NodePublishVolume of an inline ephemeral volume: made here, named by the
     /// kubelet's volume id, gone at unpublish.
-    pub fn publish_ephemeral(&self, handle: &str, target: &Path, req: CreateRequest, access: &AccessType, readonly: bool) -> Result<()> {
+    pub fn publish_ephemeral(
+        &self,
+        handle: &str,
+        target: &Path,
+        req: CreateRequest,
+        access: &AccessType,
+        readonly: bool,
+        group: Option<u32>,
+    ) -> Result<()> {
         let existing = self.publication(target)?;
         let vol = match self.by_name(handle)? {
             Some(v) => v,
@@ -241,7 +281,7 @@ impl Driver {
             return Err(Error::AlreadyExists(format!("{} is already published for another volume", target.display())));
         }
         let sandbox = vol.sandbox;
-        match self.publish(&vol.id, target, access, readonly, sandbox) {
+        match self.publish(&vol.id, target, access, readonly, sandbox, group) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Half-way: the volume must not outlive the failed publish.
@@ -276,7 +316,8 @@ impl Driver {
         self.grow(id, required, limit)?;
         let _s = self.serial();
         let vol = self.require(id)?;
-        let Some(fs) = vol.fs else { return Ok(vol.size) };
+        // A guest-encrypted volume's filesystem is inside LUKS, the guest's.
+        let Some(fs) = vol.host_fs() else { return Ok(vol.size) };
         match p.mode {
             Mode::HostMount => {
                 let node = self.storage(vol.kind).attach(&vol.held())?;

@@ -21,7 +21,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Result, invalid};
 use crate::node::AccessType;
 use crate::paths;
-use crate::state::{Kind, Sandbox, Source, State};
+use crate::state::{Encryption, Kind, Sandbox, Source, State};
 
 /// The driver's name (CSIDriver object, StorageClass provisioner).
 pub const DRIVER_NAME: &str = "csi.thinbox.io";
@@ -35,6 +35,9 @@ pub const KVM_TOPOLOGY_KEY: &str = "topology.thinbox.io/kvm";
 pub const PARAM_KIND: &str = "kind";
 /// StorageClass parameter / inline attribute: `kata` or `runc`.
 pub const PARAM_SANDBOX: &str = "thinbox.io/sandbox";
+/// StorageClass parameter (or inline attribute): `ephemeral` has a Kata guest
+/// encrypt the volume with a key it throws away.
+pub const PARAM_ENCRYPTION: &str = "thinbox.io/encryption";
 /// Parameters the CO adds itself (external-provisioner's extra metadata, pod info).
 const CO_PREFIX: &str = "csi.storage.k8s.io/";
 /// Volume context key that marks an inline ephemeral volume.
@@ -155,23 +158,43 @@ fn capabilities(caps: &[VolumeCapability]) -> Result<Vec<AccessType>> {
     caps.iter().map(capability).collect()
 }
 
+/// The StorageClass parameters (or inline attributes) we know.
+struct Params {
+    kind: Kind,
+    sandbox: Option<Sandbox>,
+    encryption: Option<Encryption>,
+    /// What to keep with the volume (all but the CO's own).
+    kept: BTreeMap<String, String>,
+}
+
 /// Decodes the StorageClass parameters (or inline attributes) we know;
 /// anything else is refused, except what the CO adds itself.
-fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<(Kind, Option<Sandbox>, BTreeMap<String, String>)> {
-    let mut kind = Kind::Block;
-    let mut sandbox = None;
+fn parameters(params: &HashMap<String, String>, extra: &[&str]) -> Result<Params> {
+    let mut p = Params { kind: Kind::Block, sandbox: None, encryption: None, kept: BTreeMap::new() };
     for (k, v) in params {
         match k.as_str() {
-            PARAM_KIND => kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block, file or dir")))?,
+            PARAM_KIND => p.kind = Kind::parse(v).ok_or_else(|| invalid(format!("parameter kind={v:?}: expected block, file or dir")))?,
             PARAM_SANDBOX => {
-                sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?)
+                p.sandbox = Some(Sandbox::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_SANDBOX}={v:?}: expected kata or runc")))?)
+            }
+            PARAM_ENCRYPTION => {
+                p.encryption = Some(Encryption::parse(v).ok_or_else(|| invalid(format!("parameter {PARAM_ENCRYPTION}={v:?}: expected ephemeral")))?)
             }
             k if k.starts_with(CO_PREFIX) || extra.contains(&k) => {}
             k => return Err(invalid(format!("unknown parameter {k:?}"))),
         }
     }
-    let kept = params.iter().filter(|(k, _)| !k.starts_with(CO_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    Ok((kind, sandbox, kept))
+    p.kept = params.iter().filter(|(k, _)| !k.starts_with(CO_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok(p)
+}
+
+/// NodePublishVolume's `volume_mount_group`: a numeric group id, if any.
+fn mount_group(cap: &VolumeCapability) -> Result<Option<u32>> {
+    let Some(CsiAccessType::Mount(m)) = &cap.access_type else { return Ok(None) };
+    match m.volume_mount_group.as_str() {
+        "" => Ok(None),
+        g => g.parse().map(Some).map_err(|_| invalid(format!("volume_mount_group {g:?} is not a numeric group id"))),
+    }
 }
 
 fn volume_message(v: &crate::state::Volume, topology: Topology) -> thinbox_proto::csi::v1::Volume {
@@ -251,7 +274,10 @@ impl Controller for Csi {
                 return Err(Status::resource_exhausted(format!("this driver provisions on node {} only", self.driver.node_id())));
             }
         }
-        let (kind, sandbox, kept) = parameters(&r.parameters, &[])?;
+        let Params { kind, sandbox, encryption, kept } = parameters(&r.parameters, &[])?;
+        if encryption.is_some() && access.contains(&AccessType::Block) {
+            return Err(invalid(format!("{PARAM_ENCRYPTION}: Kata's agent formats what it encrypts; raw block access is not possible")).into());
+        }
         // A copy keeps its source's filesystem: only one named explicitly is checked against it.
         let fs = match (&source, kind) {
             // A directory has no filesystem of its own, nor a block device.
@@ -265,7 +291,7 @@ impl Controller for Csi {
         let (Ok(required), Ok(limit)) = (required, limit) else {
             return Err(invalid("capacity_range must not be negative").into());
         };
-        let create = CreateRequest { name: r.name, required, limit, kind, fs, sandbox, ephemeral: false, parameters: kept, source };
+        let create = CreateRequest { name: r.name, required, limit, kind, fs, sandbox, ephemeral: false, parameters: kept, source, encryption };
         let vol = self.run("create_volume", move |d| d.create(&create)).await?;
         Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&vol, self.topology())) }))
     }
@@ -341,10 +367,10 @@ impl Controller for Csi {
         }
         // Capabilities are optional here.
         let access = r.volume_capabilities.iter().map(capability).collect::<Result<Vec<_>>>()?;
-        let (kind, _, _) = parameters(&r.parameters, &[])?;
+        let Params { kind, encryption, .. } = parameters(&r.parameters, &[])?;
         let floor = match kind {
-            Kind::Dir => crate::config::min_volume_size(None),
-            _ => crate::config::min_volume_size(fs_for(&access, kind, self.driver.config().default_fs)?),
+            Kind::Dir => crate::config::min_volume_size(None, None),
+            _ => crate::config::min_volume_size(fs_for(&access, kind, self.driver.config().default_fs)?, encryption),
         };
         // A kind this node cannot serve (dir volumes without kernel quota support) has no room.
         let free = self
@@ -506,6 +532,7 @@ impl Node for Csi {
         }
         let cap = r.volume_capability.as_ref().ok_or_else(|| invalid("volume_capability is required"))?;
         let access = capability(cap)?;
+        let group = mount_group(cap)?;
         let kubelet = self.driver.config().kubelet_dir.clone();
         let target = paths::target(&r.target_path, "target_path", &kubelet)?;
         let readonly =
@@ -514,7 +541,7 @@ impl Node for Csi {
         if r.volume_context.get(EPHEMERAL).is_some_and(|v| v == "true") {
             paths::name(&id, "volume_id")?;
             let ctx = &r.volume_context;
-            let (_, sandbox, kept) = parameters(ctx, &["size", "fsType"])?;
+            let Params { sandbox, encryption, kept, .. } = parameters(ctx, &["size", "fsType"])?;
             let size = match ctx.get("size") {
                 Some(s) => quantity(s).ok_or_else(|| invalid(format!("attribute size={s:?} is not a Kubernetes quantity of bytes (e.g. 1Gi)")))?,
                 None => 0,
@@ -534,8 +561,9 @@ impl Node for Csi {
                 ephemeral: true,
                 parameters: kept,
                 source: None,
+                encryption,
             };
-            self.run("node_publish_volume", move |d| d.publish_ephemeral(&id, &target, create, &access, readonly)).await?;
+            self.run("node_publish_volume", move |d| d.publish_ephemeral(&id, &target, create, &access, readonly, group)).await?;
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }
         paths::volume_id(&id)?;
@@ -543,7 +571,7 @@ impl Node for Csi {
             Some(s) => Some(Sandbox::parse(s).ok_or_else(|| invalid(format!("{PARAM_SANDBOX}={s:?}: expected kata or runc")))?),
             None => None,
         };
-        self.run("node_publish_volume", move |d| d.publish(&id, &target, &access, readonly, sandbox)).await?;
+        self.run("node_publish_volume", move |d| d.publish(&id, &target, &access, readonly, sandbox, group)).await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -611,7 +639,13 @@ impl Node for Csi {
         use node_service_capability::rpc::Type;
         let rpc =
             |t: Type| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) };
-        let capabilities = vec![rpc(Type::GetVolumeStats), rpc(Type::ExpandVolume), rpc(Type::VolumeCondition), rpc(Type::SingleNodeMultiWriter)];
+        let capabilities = vec![
+            rpc(Type::GetVolumeStats),
+            rpc(Type::ExpandVolume),
+            rpc(Type::VolumeCondition),
+            rpc(Type::SingleNodeMultiWriter),
+            rpc(Type::VolumeMountGroup),
+        ];
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 

@@ -79,6 +79,32 @@ impl Sandbox {
     }
 }
 
+/// Encryption of a volume, done in a Kata guest (Kata's direct-volume
+/// metadata `encryptionKey`, read by `src/runtime/virtcontainers/container.go`
+/// and acted on by the agent's `src/agent/src/storage/block_handler.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    /// The agent formats the device as LUKS2 with a key it makes and never
+    /// keeps, and ext4 inside: the host never formats the device nor sees a
+    /// key, and the data does not outlive the sandbox.
+    Ephemeral,
+}
+
+impl Encryption {
+    /// Parses the parameter `thinbox.io/encryption`.
+    pub fn parse(s: &str) -> Option<Encryption> {
+        (s == "ephemeral").then_some(Encryption::Ephemeral)
+    }
+
+    /// The value of Kata's `encryptionKey` metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encryption::Ephemeral => "ephemeral",
+        }
+    }
+}
+
 /// Life-cycle state of a volume record (intent first, kernel second).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +146,17 @@ pub struct Volume {
     /// XFS project id (`dir` kind).
     #[serde(default)]
     pub project: Option<u32>,
+    /// Encrypted in the guest; `fs` is then the guest's to make.
+    #[serde(default)]
+    pub encryption: Option<Encryption>,
+}
+
+impl Volume {
+    /// The filesystem the host makes and may mount or grow: none where a
+    /// guest formats the device.
+    pub fn host_fs(&self) -> Option<FsType> {
+        self.fs.filter(|_| self.encryption.is_none())
+    }
 }
 
 /// The content a volume was made from.
@@ -180,6 +217,10 @@ pub struct Publication {
     pub readonly: bool,
     /// Mount flags asked for (host mount) or passed to the guest (Kata).
     pub flags: Vec<String>,
+    /// The group that owns the filesystem's files (NodePublishVolume's
+    /// `volume_mount_group`, a pod's fsGroup).
+    #[serde(default)]
+    pub group: Option<u32>,
 }
 
 pub fn decode<T: DeserializeOwned>(key: &str, v: &str) -> Result<T> {

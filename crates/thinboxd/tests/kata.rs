@@ -155,3 +155,97 @@ fn fs_bytes(fs: &str, device: &str) -> i64 {
     let blocks: i64 = text.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{tool}: {text}")).trim().parse().unwrap();
     blocks * 4096
 }
+
+fn group_cap(fs: &str, group: &str) -> VolumeCapability {
+    let mut cap = mount_cap(fs);
+    if let Some(volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.volume_mount_group = group.into();
+    }
+    cap
+}
+
+/// `thinbox.io/encryption: ephemeral` on an inline emptyDir: the record
+/// carries Kata's `encryptionKey: ephemeral` and `createFilesystem: true`
+/// (and the pod's fsGroup), and the device reaches the runtime exactly its
+/// size, never formatted on the host: all zeros, no signature, so Kata's
+/// agent formats it inside LUKS2 with a key the host never sees.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_emptydir_reaches_kata_unformatted_with_its_metadata() {
+    let mut d = Driver::start().await;
+    let target = d.target("pod-enc", "scratch");
+    let ctx = [("csi.storage.k8s.io/ephemeral", "true"), ("size", "32Mi"), ("thinbox.io/sandbox", "kata"), ("thinbox.io/encryption", "ephemeral")];
+    d.node.node_publish_volume(publish_req("csi-enc-1", &target, group_cap("ext4", "2000"), false, &ctx)).await.unwrap();
+    let info = DirectVolumes::new(d.path("kata")).get(&target).unwrap().expect("a direct-volume record");
+    assert_eq!((info.volume_type.as_str(), info.fstype.as_str()), ("block", "ext4"), "{info:?}");
+    let meta = |k: &str| info.metadata.get(k).map(String::as_str);
+    assert_eq!((meta("encryptionKey"), meta("createFilesystem"), meta("fsGroup")), (Some("ephemeral"), Some("true"), Some("2000")));
+    let out = Command::new("blockdev").args(["--getsize64", &info.device]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (32 << 20).to_string(), "exactly its size");
+    let bytes = std::fs::read(&info.device).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0), "the host wrote nothing on it");
+    let probe = Command::new("blkid").args(["-p", &info.device]).output().unwrap();
+    assert_eq!(probe.status.code(), Some(2), "blkid finds no signature: {}", String::from_utf8_lossy(&probe.stdout));
+    assert!(mounts_under(&d.path("kubelet")).is_empty(), "nothing mounted on the host");
+    // A publication again is idempotent; another group is another publication.
+    d.node.node_publish_volume(publish_req("csi-enc-1", &target, group_cap("ext4", "2000"), false, &ctx)).await.unwrap();
+    let other = d.node.node_publish_volume(publish_req("csi-enc-1", &target, group_cap("ext4", "3000"), false, &ctx)).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+    unpublish(&mut d, "csi-enc-1", &target).await.unwrap();
+    assert_eq!(DirectVolumes::new(d.path("kata")).get(&target).unwrap(), None);
+    assert_eq!(d.stored_devices(0).await, 0, "the emptyDir went with its publication");
+    d.finish().await;
+}
+
+/// Where Kata's guest cannot encrypt, or the host would have to, the request
+/// is refused with INVALID_ARGUMENT and nothing is made, mounted or recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn encryption_is_refused_where_a_kata_guest_cannot_do_it() {
+    let mut d = Driver::start().await;
+    let enc = ("thinbox.io/encryption", "ephemeral");
+    let kata = ("thinbox.io/sandbox", "kata");
+    let cases = [
+        ("raw block access", vec![enc, kata], block_cap()),
+        ("xfs, which the agent does not create", vec![enc, kata], mount_cap("xfs")),
+        ("a dir volume", vec![enc, kata, ("kind", "dir")], mount_cap("")),
+        ("a runC sandbox", vec![enc, ("thinbox.io/sandbox", "runc")], mount_cap("ext4")),
+        ("an unknown scheme", vec![("thinbox.io/encryption", "aes"), kata], mount_cap("ext4")),
+    ];
+    for (what, p, cap) in cases {
+        let r = d.ctl.create_volume(create_req(&format!("pvc-{}", what.len()), 64 * MIB, &p, cap)).await;
+        assert_eq!(code(r), Code::InvalidArgument, "{what}");
+    }
+    let small = CreateVolumeRequest {
+        capacity_range: Some(CapacityRange { required_bytes: 0, limit_bytes: 16 * MIB }),
+        ..create_req("pvc-small", 0, &[enc, kata], mount_cap("ext4"))
+    };
+    let small = d.ctl.create_volume(small).await.unwrap_err();
+    assert_eq!(small.code(), Code::OutOfRange);
+    assert!(small.message().contains("encrypted ext4") && small.message().contains("24MiB"), "{}", small.message());
+
+    // An encrypted volume: never on the host, never raw, never copied.
+    let vol = create(&mut d, "pvc-enc", 64 * MIB, &[enc, kata], mount_cap("ext4")).await;
+    assert_eq!(vol.capacity_bytes, 64 * MIB);
+    let target = d.target("pod-runc", "data");
+    let runc = publish_req(&vol.volume_id, &target, mount_cap("ext4"), false, &[("thinbox.io/sandbox", "runc")]);
+    assert_eq!(code(d.node.node_publish_volume(runc).await), Code::InvalidArgument, "a runC publication");
+    let raw = publish_req(&vol.volume_id, &target, block_cap(), false, &[]);
+    assert_eq!(code(d.node.node_publish_volume(raw).await), Code::InvalidArgument, "raw block access");
+    let snap = CreateSnapshotRequest { source_volume_id: vol.volume_id.clone(), name: "snap-enc".into(), ..Default::default() };
+    assert_eq!(code(d.ctl.create_snapshot(snap).await), Code::InvalidArgument, "a snapshot");
+    let clone = CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: vol.volume_id.clone() })),
+        }),
+        ..create_req("pvc-clone", 64 * MIB, &[kata], mount_cap("ext4"))
+    };
+    assert_eq!(code(d.ctl.create_volume(clone).await), Code::InvalidArgument, "a clone");
+    assert!(mounts_under(&d.path("kubelet")).is_empty(), "nothing mounted");
+    assert!(!d.path("kata").exists() || std::fs::read_dir(d.path("kata")).unwrap().next().is_none(), "no direct-volume record");
+    let listed = d.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries;
+    assert_eq!(listed.len(), 1, "only the encrypted volume");
+    let snaps = d.ctl.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries;
+    assert!(snaps.is_empty());
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    assert_eq!(d.stored_devices(0).await, 0);
+    d.finish().await;
+}

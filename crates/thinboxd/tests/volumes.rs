@@ -160,6 +160,47 @@ async fn small_emptydirs_are_exactly_their_size() {
     d.finish().await;
 }
 
+/// NodePublishVolume's `volume_mount_group` (a pod's fsGroup, which kubelet
+/// leaves to a driver with VOLUME_MOUNT_GROUP): on a host mount, the files
+/// take the group with read-write for it, directories set-group-id, as
+/// kubelet itself would; a read-only publication gets it too. A group that
+/// is not a number is refused, and nothing is mounted.
+#[tokio::test]
+async fn a_pods_fs_group_owns_a_host_mounted_volume() {
+    let mut d = Driver::start().await;
+    let with_group = |g: &str| {
+        let mut cap = mount_cap("ext4");
+        if let Some(volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+            m.volume_mount_group = g.into();
+        }
+        cap
+    };
+    let vol = create(&mut d, "pvc-group", 64 << 20, &[], mount_cap("ext4")).await;
+    let target = d.target("pod-g1", "data");
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, with_group("2000"), false, &[])).await.unwrap();
+    let root = std::fs::metadata(&target).unwrap();
+    assert_eq!((root.gid(), root.mode() & 0o2070), (2000, 0o2070), "the root: the group's, rwx, set-group-id");
+    std::fs::create_dir(target.join("sub")).unwrap();
+    std::fs::write(target.join("sub/old"), b"x").unwrap();
+    assert_eq!(std::fs::metadata(target.join("sub/old")).unwrap().gid(), 2000, "new files inherit the group");
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+
+    // Another pod, another group, read-only: what is there takes the new group.
+    let target = d.target("pod-g2", "data");
+    d.node.node_publish_volume(publish_req(&vol.volume_id, &target, with_group("3000"), true, &[])).await.unwrap();
+    let old = std::fs::metadata(target.join("sub/old")).unwrap();
+    assert_eq!((old.gid(), old.mode() & 0o060), (3000, 0o060), "an old file: the new group, read-write for it");
+    assert!(std::fs::write(target.join("new"), b"x").is_err(), "the publication is still read-only");
+    unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+
+    let target = d.target("pod-g3", "data");
+    let bad = d.node.node_publish_volume(publish_req(&vol.volume_id, &target, with_group("staff"), false, &[])).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(mounts_under(&d.path("kubelet")).is_empty(), "nothing mounted");
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    d.finish().await;
+}
+
 async fn file_capacity(d: &mut Driver) -> u64 {
     let req = GetCapacityRequest { parameters: params(&[("kind", "file")]), ..Default::default() };
     u64::try_from(d.ctl.get_capacity(req).await.unwrap().into_inner().available_capacity).unwrap()
@@ -192,7 +233,7 @@ async fn volume_condition_says_what_went_wrong() {
     let caps = d.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
     let rpcs: Vec<i32> = caps.iter().filter_map(|c| c.r#type.as_ref().map(|node_service_capability::Type::Rpc(r)| r.r#type)).collect();
     use node_service_capability::rpc::Type;
-    for t in [Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition, Type::SingleNodeMultiWriter] {
+    for t in [Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition, Type::SingleNodeMultiWriter, Type::VolumeMountGroup] {
         assert!(rpcs.contains(&(t as i32)), "node capability {t:?}: {rpcs:?}");
     }
     let condition = |d: &mut Driver, id: String, target: &Path| {

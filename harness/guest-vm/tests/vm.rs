@@ -824,3 +824,82 @@ async fn csi_file_volume_for_kata_is_exactly_its_size_in_the_guest() {
     csi.finish().await;
     scratch.unmount();
 }
+
+/// `thinbox.io/encryption: ephemeral` on an inline emptyDir for Kata: the
+/// direct-volume record carries Kata's `encryptionKey: ephemeral`,
+/// `createFilesystem: true` and the pod's `fsGroup`, and the guest receives
+/// the device exactly its size and unformatted (all zeros, no signature),
+/// which is what Kata's agent expects before it formats. The guest then
+/// formats and mounts it as the agent does for `createFilesystem`
+/// (`src/agent/src/storage/block_handler.rs`: mkfs.ext4 with its options);
+/// the LUKS2 layer beneath, made with a key the host never sees, is Kata's
+/// confidential-data-hub and is not reproduced here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_encrypted_emptydir_reaches_the_guest_unformatted() {
+    require_root();
+    const SIZE: u64 = 32 << 20;
+    let dir = tempdir("thinbox-vm-e-");
+    let mut scratch = ScratchFs::new(dir.path(), "1G");
+    let root = scratch.mountpoint.join("csi");
+    let mut csi = Csi::start(&root).await;
+    let work = dir.path().join("vm");
+    let mut vm = tokio::task::block_in_place(|| boot(&work, &VmSpec { hotplug_slots: 1, ..Default::default() }));
+    let mut qmp = Qmp::connect(vm.qmp_socket()).await.unwrap();
+
+    let target = root.join("kubelet/pods/pod-enc/volumes/kubernetes.io~csi/scratch/mount");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let mut cap = capability(false);
+    if let Some(AccessType::Mount(m)) = &mut cap.access_type {
+        m.volume_mount_group = "2000".into();
+    }
+    let context =
+        [("csi.storage.k8s.io/ephemeral", "true"), ("size", "32Mi"), ("thinbox.io/sandbox", "kata"), ("thinbox.io/encryption", "ephemeral")];
+    let publish = NodePublishVolumeRequest {
+        volume_id: "csi-enc-vm".into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    csi.node.node_publish_volume(publish).await.unwrap();
+
+    let records = DirectVolumes::new(root.join("kata"));
+    let record: MountInfo = records.get(&target).unwrap().expect("a direct-volume record");
+    let meta = |k: &str| record.metadata.get(k).map(String::as_str);
+    assert_eq!((meta("encryptionKey"), meta("createFilesystem"), meta("fsGroup")), (Some("ephemeral"), Some("true"), Some("2000")));
+    assert_eq!(record.fstype, "ext4", "the filesystem the agent is to make");
+    let device = PathBuf::from(&record.device);
+    assert!(mounts_under(&target).is_empty(), "nothing mounted on the host");
+
+    let serial = "tbx-enc".to_owned();
+    let d = disk("enc", &device, &serial, vm.hotplug_bus(0));
+    qmp.hotplug(&d).await.unwrap();
+    tokio::task::block_in_place(|| {
+        let gdev = vm.wait_for_disk(&serial, T).unwrap();
+        assert_eq!(vm.run_ok(&format!("blockdev --getsize64 {gdev}"), T).unwrap().trim(), SIZE.to_string(), "exactly its size");
+        let nonzero = vm.run_ok(&format!("dd if={gdev} bs=1M 2>/dev/null | tr -d '\\000' | wc -c"), T).unwrap();
+        assert_eq!(nonzero.trim(), "0", "every byte the guest reads is zero");
+        let probe = vm.run(&format!("blkid -p {gdev}"), T).unwrap();
+        assert_eq!(probe.status, 2, "blkid finds no filesystem or other signature: {}", probe.stdout);
+        // What the agent does for createFilesystem, then the pod writes.
+        vm.run_ok(&format!("mkfs.ext4 -q -F -O ^has_journal -m 0 -i 163840 -I 128 {gdev}"), T).unwrap();
+        let opts = if record.options.is_empty() { "defaults".to_owned() } else { record.options.join(",") };
+        let wrote = vm
+            .run_ok(&format!("mkdir -p /mnt/e && mount -t ext4 -o {opts} {gdev} /mnt/e && echo kept > /mnt/e/f && cat /mnt/e/f && umount /mnt/e"), T)
+            .unwrap();
+        assert_eq!(wrote.trim(), "kept");
+    });
+
+    qmp.unplug("enc", UNPLUG).await.unwrap();
+    assert_eq!(nodes_for(&mut qmp, &device).await, Vec::<String>::new());
+    csi.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: "csi-enc-vm".into(), target_path: target.display().to_string() })
+        .await
+        .unwrap();
+    assert_eq!(records.get(&target).unwrap(), None, "record removed at unpublish");
+    assert_eq!(qmp.our_nodes().await.unwrap(), Vec::<String>::new());
+    drop(qmp);
+    tokio::task::block_in_place(|| vm.shutdown()).unwrap();
+    csi.finish().await;
+    scratch.unmount();
+}

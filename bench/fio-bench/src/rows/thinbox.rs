@@ -204,9 +204,10 @@ impl EmptyDir {
             ephemeral: true,
             parameters: BTreeMap::new(),
             source: None,
+            encryption: None,
         };
         driver
-            .publish_ephemeral(HANDLE, &self.target, req, &AccessType::Mount { fs: Some(FsType::Ext4), flags: Vec::new() }, false)
+            .publish_ephemeral(HANDLE, &self.target, req, &AccessType::Mount { fs: Some(FsType::Ext4), flags: Vec::new() }, false, None)
             .map_err(csi_err("publishing the inline volume"))?;
         let record = DirectVolumes::new(&self.dirs[2])
             .get(&self.target)

@@ -27,7 +27,8 @@ pub(crate) use pooled::Pooled;
 pub(crate) struct New<'a> {
     pub id: &'a str,
     pub size: Bytes,
-    /// Filesystem to make (`None`: raw block, or content from `origin`).
+    /// Filesystem the host makes (`None`: raw block, a guest formats it, or
+    /// content from `origin`).
     pub fs: Option<FsType>,
     /// The device whose content it starts from (a snapshot's or a clone's source).
     pub origin: Option<DeviceId>,

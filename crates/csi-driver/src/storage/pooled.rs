@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceRecord, Engine, FsType, Pool};
+use thinbox_blockstore::{Access, Bytes, CreateSpec, DeviceId, DeviceRecord, Engine, Pool};
 
 use super::{Held, New, Shape, Storage};
 use crate::error::{Error, Result};
@@ -14,13 +14,11 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct Pooled {
     engine: Arc<Engine>,
-    /// The filesystem recorded for a raw block volume's device.
-    default_fs: FsType,
 }
 
 impl Pooled {
-    pub(crate) fn new(engine: Arc<Engine>, default_fs: FsType) -> Pooled {
-        Pooled { engine, default_fs }
+    pub(crate) fn new(engine: Arc<Engine>) -> Pooled {
+        Pooled { engine }
     }
 
     fn pool(&self) -> &Pool {
@@ -59,9 +57,9 @@ impl Storage for Pooled {
     }
 
     fn spec(&self, new: &New<'_>) -> Option<CreateSpec> {
-        // A raw block volume's device still records a filesystem: a copy
-        // keeps its origin's, a new device is formatted with `default_fs`.
-        Some(CreateSpec { size: new.size, origin: new.origin, fs: new.fs.unwrap_or(self.default_fs), access: None })
+        // A copy keeps its origin's filesystem; a raw block volume, or one a
+        // guest formats, starts unformatted (zeros).
+        Some(CreateSpec { size: new.size, origin: new.origin, fs: new.fs, access: None })
     }
 
     fn build(&self, engine: &Engine, new: &New<'_>, device: Option<&DeviceRecord>) -> Result<()> {
