@@ -180,8 +180,9 @@ CLUSTER_KINDS = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", 
 
 SC_PARAMS = {"kind": {"block", "file", "dir"},
              "csi.storage.k8s.io/fstype": {"ext4", "xfs"},
-             "thinbox.io/sandbox": {"kata", "runc"}}
-INLINE_ATTRS = {"size", "fsType", "thinbox.io/sandbox"}
+             "thinbox.io/sandbox": {"kata", "runc"},
+             "thinbox.io/encryption": {"ephemeral"}}
+INLINE_ATTRS = {"size", "fsType", "thinbox.io/sandbox", "thinbox.io/encryption"}
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?!-))*[a-z0-9]$|^[a-z]$")
 CSIDRIVER_SPEC = {
@@ -276,6 +277,13 @@ def lint_pod_spec(doc, spec, index):
             sandbox = attrs.get("thinbox.io/sandbox", "runc")
             if sandbox not in SC_PARAMS["thinbox.io/sandbox"]:
                 errs.append(f"{where}: inline volume {v['name']}: sandbox {sandbox!r}")
+            if "thinbox.io/encryption" in attrs:
+                if attrs["thinbox.io/encryption"] not in SC_PARAMS["thinbox.io/encryption"]:
+                    errs.append(f"{where}: inline volume {v['name']}: encryption "
+                                f"{attrs['thinbox.io/encryption']!r}")
+                if sandbox != "kata":
+                    errs.append(f"{where}: inline volume {v['name']}: encryption needs "
+                                "thinbox.io/sandbox: kata (the guest holds the key)")
             if sandbox == "kata" and spec.get("runtimeClassName") != "kata":
                 errs.append(f"{where}: kata inline volume in a pod without runtimeClassName: kata")
     if doc.get("kind") == "Pod":
@@ -703,6 +711,8 @@ FAULTS = [
      "            privileged: true\n", "privileged"),
     ("deploy/kubernetes/node-daemonset.yaml", "            path: /var/lib/kubelet/plugins/csi.thinbox.io\n",
      "            path: /var/lib/kubelet/plugins/csi.thinbox.io/csi.sock\n", "host directory"),
+    ("deploy/examples/ephemeral-inline-pod.yaml", "          thinbox.io/sandbox: kata\n          thinbox.io/encryption",
+     "          thinbox.io/sandbox: runc\n          thinbox.io/encryption", "encryption needs"),
     ("deploy/examples/pvc-pod-runc.yaml", "storageClassName: thinbox-block", "storageClassName: thinbox-blk", "not defined"),
     ("deploy/host/containerd-kata-thinbox.toml", '    runtime_type = "io.containerd.kata.v2"',
      '    runtime_type = "io.containerd.kata.v2"\n    snapshotter = "thinbox"', "containerd ignores"),
