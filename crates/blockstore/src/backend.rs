@@ -100,6 +100,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `rec.access` says so and returns the node.
     fn create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>>;
 
+    /// Makes snapshots of several origins (`recs`: each with an origin, and
+    /// no access) as one instant of them all, or none of them.
+    /// This one makes them one after another: one instant only where
+    /// nothing writes to the origins meanwhile, which the caller sees to
+    /// (it freezes what it can).
+    fn create_group(&self, recs: &[DeviceRecord]) -> Result<()> {
+        for (i, rec) in recs.iter().enumerate() {
+            if let Err(e) = self.create(rec) {
+                for made in &recs[..i] {
+                    if let Err(u) = self.remove(made.id, None) {
+                        tracing::warn!(device = %made.id, error = %u, "cleanup after failed group create");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the device (no-op if attached) and returns its node.
     fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf>;
 

@@ -421,6 +421,43 @@ impl Backend for DmThin {
         result
     }
 
+    fn create_group(&self, recs: &[DeviceRecord]) -> Result<()> {
+        // Every origin in use is suspended before the first snapshot and
+        // resumed after the last, so no write reaches any of them in between:
+        // the snapshots are one instant of them all (suspending flushes each
+        // one's I/O and freezes a filesystem mounted on it).
+        let mut suspended = Vec::new();
+        let made = (|| {
+            for origin in recs.iter().filter_map(|r| r.origin).filter(|&o| self.node(o).is_some()) {
+                let name = self.dev_name(origin)?;
+                self.dm
+                    .device_suspend(&DevId::Name(&name), DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                    .map_err(dm_err("suspend", &*name))?;
+                suspended.push(name);
+            }
+            for rec in recs {
+                let origin = rec.origin.ok_or(Error::NotAGroupSnapshot(rec.id))?;
+                self.send(&format!("create_snap {} {}", thin_id(rec.id)?, thin_id(origin)?))?;
+            }
+            Ok(())
+        })();
+        let mut resumed = Ok(());
+        for name in suspended.iter().rev() {
+            if let Err(e) = self.dm.device_suspend(&DevId::Name(name), DmOptions::default()).map_err(dm_err("resume", &**name)) {
+                tracing::error!(device = %&**name, error = %e, "resume after a group snapshot");
+                resumed = resumed.and(Err(e));
+            }
+        }
+        if made.is_err() {
+            for rec in recs {
+                if let Err(e) = self.remove(rec.id, None) {
+                    tracing::warn!(device = %rec.id, error = %e, "cleanup after failed group create");
+                }
+            }
+        }
+        made.and(resumed)
+    }
+
     fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf> {
         if let Some(node) = self.node(rec.id) {
             return Ok(node);

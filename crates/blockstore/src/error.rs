@@ -33,6 +33,8 @@ pub enum Error {
     DeviceNotReady { id: DeviceId, state: &'static str },
     #[error("device size {requested} is smaller than its origin's {origin}")]
     SizeBelowOrigin { requested: Bytes, origin: Bytes },
+    #[error("device {0} is in a group of snapshots but has no origin, or asks to be attached")]
+    NotAGroupSnapshot(DeviceId),
     #[error("shrinking device {id} from {current} to {requested} is not supported")]
     Shrink { id: DeviceId, current: Bytes, requested: Bytes },
     #[error("pool {pool} is full: {free} free, {reserve} kept in reserve")]
@@ -109,7 +111,9 @@ impl Error {
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
             Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
-            Error::Io { .. } | Error::Tool { .. } | Error::Dm { .. } | Error::Store(_) | Error::Corrupt { .. } => ErrorKind::Internal,
+            Error::Io { .. } | Error::Tool { .. } | Error::Dm { .. } | Error::Store(_) | Error::Corrupt { .. } | Error::NotAGroupSnapshot(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 }

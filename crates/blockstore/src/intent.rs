@@ -36,20 +36,22 @@ pub struct Points {
     pub after_ready: &'static str,
 }
 
-/// A front end's part in making one thing.
+/// A front end's part in making one thing (with one pool device, several,
+/// as a group snapshot has, or none).
 pub trait Creation {
     /// The front end's error.
     type Error: From<Error> + std::fmt::Display;
 
-    /// Intent, first: checks against the store and says which device to
-    /// plan (`None`: the thing has no pool device, a directory say).
-    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>, Self::Error>;
+    /// Intent, first: checks against the store and says which devices to
+    /// plan (none: the thing has no pool device, a directory say).
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Vec<CreateSpec>, Self::Error>;
 
-    /// Intent, then: the front end's record, naming the planned device.
-    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<(), Self::Error>;
+    /// Intent, then: the front end's record, naming the planned devices
+    /// (in the order planned).
+    fn record(&mut self, txn: &WriteTransaction, devices: &[DeviceRecord]) -> Result<(), Self::Error>;
 
     /// Build: the kernel and disk work; returns the device node if attached.
-    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>, Self::Error>;
+    fn build(&mut self, engine: &Engine, devices: &[DeviceRecord]) -> Result<Option<PathBuf>, Self::Error>;
 
     /// After a failed build, in the transaction that marks the device for
     /// deletion: the record goes (and what the build made outside the pool).
@@ -70,29 +72,33 @@ impl Engine {
         // unknown and removes it: the creation did not happen, as when a
         // crash rolls an intent back.
         let txn = pool.store().write_lazy()?;
-        let device = match what.plan(&txn)? {
-            Some(spec) => Some(pool.plan_create(&mut Devices::open(&txn)?, spec)?),
-            None => None,
+        let specs = what.plan(&txn)?;
+        let devices = {
+            let mut devs = Devices::open(&txn)?;
+            specs.into_iter().map(|spec| pool.plan_create(&mut devs, spec)).collect::<crate::Result<Vec<_>>>()?
         };
-        what.record(&txn, device.as_ref())?;
+        what.record(&txn, &devices)?;
         txn.commit().map_err(Error::from)?;
         fault::point(points.after_intent);
-        let node = match what.build(self, device.as_ref()) {
+        let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
+        let node = match what.build(self, &devices) {
             Ok(node) => node,
             Err(e) => {
-                if let Err(u) = self.undo(what, device.as_ref().map(|d| d.id)) {
-                    tracing::warn!(device = ?device.as_ref().map(|d| d.id), error = %u, "undoing a failed creation; left for reconciliation");
+                if let Err(u) = self.undo(what, &ids) {
+                    tracing::warn!(devices = ?ids, error = %u, "undoing a failed creation; left for reconciliation");
                 }
                 return Err(e);
             }
         };
         fault::point(points.after_build);
         let txn = pool.store().write()?;
-        if let Some(d) = &device {
+        {
             let mut devs = Devices::open(&txn)?;
-            let mut r = devs.require(d.id)?;
-            r.state = DeviceState::Ready;
-            devs.put(&r)?;
+            for &id in &ids {
+                let mut r = devs.require(id)?;
+                r.state = DeviceState::Ready;
+                devs.put(&r)?;
+            }
         }
         what.ready(&txn)?;
         txn.commit().map_err(Error::from)?;
@@ -100,14 +106,14 @@ impl Engine {
         Ok(node)
     }
 
-    fn undo<C: Creation>(&self, what: &mut C, device: Option<DeviceId>) -> Result<(), C::Error> {
+    fn undo<C: Creation>(&self, what: &mut C, devices: &[DeviceId]) -> Result<(), C::Error> {
         let txn = self.pool().store().write()?;
         what.undo(&txn)?;
-        if let Some(id) = device {
+        for &id in devices {
             self.plan_forget(&txn, id)?;
         }
         txn.commit().map_err(Error::from)?;
-        if let Some(id) = device {
+        for &id in devices {
             self.forget(id);
         }
         Ok(())

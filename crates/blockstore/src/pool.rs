@@ -169,6 +169,17 @@ impl Pool {
         self.backend.create(rec)
     }
 
+    /// Phase two for a group of snapshots planned together: all of them as
+    /// one instant of their origins, or none. On dm-thin every origin in
+    /// use is suspended across all the snapshots; elsewhere the caller keeps
+    /// the origins still (see [`Backend::create_group`]).
+    pub fn build_group(&self, recs: &[DeviceRecord]) -> Result<()> {
+        if let Some(r) = recs.iter().find(|r| r.origin.is_none() || r.access.is_some()) {
+            return Err(Error::NotAGroupSnapshot(r.id));
+        }
+        self.backend.create_group(recs)
+    }
+
     /// Attaches a ready device and records that it stays attached, so that
     /// reconciliation attaches it again after a reboot.
     pub fn activate(&self, id: DeviceId, access: Access) -> Result<PathBuf> {

@@ -48,7 +48,7 @@ struct Origin {
 }
 
 /// A filesystem frozen for a snapshot; thawed when dropped.
-struct Frozen(PathBuf);
+pub(crate) struct Frozen(PathBuf);
 
 impl Drop for Frozen {
     fn drop(&mut self) {
@@ -86,26 +86,26 @@ impl MakeVolume<'_> {
 impl Creation for MakeVolume<'_> {
     type Error = Error;
 
-    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Vec<CreateSpec>> {
         let n = state::next_number(txn, "volume")?;
         self.vol.id = format!("tb-{}-{n}", self.vol.kind.as_str());
         self.vol.project = (self.storage.shape() == Shape::Directory)
             .then(|| u32::try_from(n))
             .transpose()
             .map_err(|_| Error::ResourceExhausted("XFS project ids exhausted".into()))?;
-        Ok(self.storage.spec(&self.wanted()))
+        Ok(self.storage.spec(&self.wanted()).into_iter().collect())
     }
 
-    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
-        self.vol.device = device.map(|d| d.id);
+    fn record(&mut self, txn: &WriteTransaction, devices: &[DeviceRecord]) -> Result<()> {
+        self.vol.device = devices.first().map(|d| d.id);
         state::put(&mut txn.open_table(VOLUMES)?, &self.vol.id, &self.vol)?;
         txn.open_table(NAMES)?.insert(self.vol.name.as_str(), self.vol.id.as_str())?;
         Ok(())
     }
 
-    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
+    fn build(&mut self, engine: &Engine, devices: &[DeviceRecord]) -> Result<Option<PathBuf>> {
         let _frozen = self.driver.freeze(self.origin.and_then(|(_, live)| live))?;
-        self.storage.build(engine, &self.wanted(), device)?;
+        self.storage.build(engine, &self.wanted(), devices.first())?;
         Ok(None)
     }
 
@@ -138,21 +138,21 @@ impl MakeSnapshot<'_> {
 impl Creation for MakeSnapshot<'_> {
     type Error = Error;
 
-    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Vec<CreateSpec>> {
         self.snap.id = format!("tb-snap-{}", state::next_number(txn, "snapshot")?);
-        Ok(self.driver.snapshot_storage().spec(&self.wanted()))
+        Ok(self.driver.snapshot_storage().spec(&self.wanted()).into_iter().collect())
     }
 
-    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
-        self.snap.device = device.map(|d| d.id);
+    fn record(&mut self, txn: &WriteTransaction, devices: &[DeviceRecord]) -> Result<()> {
+        self.snap.device = devices.first().map(|d| d.id);
         state::put(&mut txn.open_table(SNAPSHOTS)?, &self.snap.id, &self.snap)?;
         txn.open_table(SNAPSHOT_NAMES)?.insert(self.snap.name.as_str(), self.snap.id.as_str())?;
         Ok(())
     }
 
-    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
+    fn build(&mut self, engine: &Engine, devices: &[DeviceRecord]) -> Result<Option<PathBuf>> {
         let _frozen = self.driver.freeze(Some(self.source))?;
-        self.driver.snapshot_storage().build(engine, &self.wanted(), device)?;
+        self.driver.snapshot_storage().build(engine, &self.wanted(), devices.first())?;
         Ok(None)
     }
 
@@ -285,7 +285,7 @@ impl Driver {
     /// copy of it is consistent. Not needed where the pool's snapshot
     /// suspends the origin (dm-thin), which freezes it; a Kata guest's
     /// filesystem cannot be frozen from here and is copied crash-consistent.
-    fn freeze(&self, vol: Option<&Volume>) -> Result<Option<Frozen>> {
+    pub(crate) fn freeze(&self, vol: Option<&Volume>) -> Result<Option<Frozen>> {
         let Some(vol) = vol else { return Ok(None) };
         if self.pool().snapshot_suspends_origin() {
             return Ok(None);
@@ -314,14 +314,7 @@ impl Driver {
             }
             return Ok(snap);
         }
-        let vol = self.require(source)?;
-        if !self.storage(vol.kind).snapshots() {
-            return Err(invalid(format!("volume {source} is a {} volume; those have no snapshots", vol.kind.as_str())));
-        }
-        if vol.encryption.is_some() {
-            return Err(invalid(format!("volume {source} is encrypted with a key only its guest held; a snapshot of it is unreadable")));
-        }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let vol = self.snapshot_source(source)?;
         let snap = Snapshot {
             id: String::new(),
             name: name.to_owned(),
@@ -331,7 +324,8 @@ impl Driver {
             fs: vol.fs,
             device: None,
             state: State::Creating,
-            created: (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0)),
+            created: state::now(),
+            group: None,
         };
         let mut make = MakeSnapshot { driver: self, snap, source: &vol };
         self.engine.create(&mut make, SNAPSHOT_POINTS)?;
@@ -339,10 +333,26 @@ impl Driver {
         Ok(make.snap)
     }
 
-    /// DeleteSnapshot: idempotent. Volumes restored from it keep their content.
+    /// A volume that can be snapshotted, by id.
+    pub(crate) fn snapshot_source(&self, id: &str) -> Result<Volume> {
+        let vol = self.require(id)?;
+        if !self.storage(vol.kind).snapshots() {
+            return Err(invalid(format!("volume {id} is a {} volume; those have no snapshots", vol.kind.as_str())));
+        }
+        if vol.encryption.is_some() {
+            return Err(invalid(format!("volume {id} is encrypted with a key only its guest held; a snapshot of it is unreadable")));
+        }
+        Ok(vol)
+    }
+
+    /// DeleteSnapshot: idempotent. Volumes restored from it keep their
+    /// content. A group snapshot's member goes only with its group.
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         let _s = self.serial();
         match self.snapshot(id)? {
+            Some(Snapshot { group: Some(group), .. }) => {
+                Err(invalid(format!("snapshot {id} was cut with group snapshot {group}; delete the group snapshot")))
+            }
             Some(snap) => self.forget_snapshot(&snap),
             None => Ok(()),
         }

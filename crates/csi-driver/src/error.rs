@@ -40,6 +40,8 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{planned} devices planned for a group snapshot of {members} volumes")]
+    GroupPlan { planned: usize, members: usize },
     #[error("worker task failed")]
     Join(#[from] tokio::task::JoinError),
     #[error("volume {volume} is held by a Kata sandbox")]
@@ -80,7 +82,9 @@ impl Error {
             // The sandbox or its shim is not there, or not answering: worth a retry later.
             Error::Kata { source: ShimError::NoSocket { .. } | ShimError::Timeout { .. } | ShimError::Transport { .. }, .. } => Code::Unavailable,
             Error::Kata { .. } => Code::Internal,
-            Error::Io { .. } | Error::DirectVolume(_) | Error::Store(_) | Error::Corrupt { .. } | Error::Join(_) => Code::Internal,
+            Error::Io { .. } | Error::DirectVolume(_) | Error::Store(_) | Error::Corrupt { .. } | Error::Join(_) | Error::GroupPlan { .. } => {
+                Code::Internal
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod controller;
 pub mod driver;
 pub mod error;
+pub mod groups;
 pub mod metrics;
 pub mod node;
 mod ownership;

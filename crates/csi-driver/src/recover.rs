@@ -32,6 +32,13 @@ impl Driver {
             tracing::info!(snapshot = %snap.id, state = ?snap.state, "finishing interrupted snapshot change");
             self.forget_snapshot(snap)?;
         }
+        // A group's members change state with it, in one transaction: those
+        // of a half-made or half-deleted group went just above.
+        for group in self.groups()?.into_iter().filter(|g| g.state != State::Ready) {
+            tracing::info!(group = %group.id, state = ?group.state, "finishing interrupted group snapshot change");
+            let members = self.group(&group.id)?.map(|(_, m)| m).unwrap_or_default();
+            self.forget_group(&group, &members)?;
+        }
         let mut known = HashSet::new();
         for vol in all {
             if vol.state != State::Ready {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use thinbox_metrics::Metrics;
 use thinbox_proto::csi::v1::controller_server::ControllerServer;
+use thinbox_proto::csi::v1::group_controller_server::GroupControllerServer;
 use thinbox_proto::csi::v1::identity_server::IdentityServer;
 use thinbox_proto::csi::v1::node_server::NodeServer;
 use tonic::transport::server::Router;
@@ -23,13 +24,14 @@ pub fn endpoint_path(endpoint: &str) -> crate::error::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// The three CSI services; calls are counted and timed in `metrics` (the
+/// The CSI services (Identity, Controller, GroupController, Node); calls are counted and timed in `metrics` (the
 /// driver's gauges are [`crate::metrics::Gauges`], registered by the daemon).
 pub fn router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> Router {
     let csi = Csi::new(driver, metrics);
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(csi.clone()))
         .add_service(ControllerServer::new(csi.clone()))
+        .add_service(GroupControllerServer::new(csi.clone()))
         .add_service(NodeServer::new(csi))
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use thinbox_blockstore::FsType;
 use thinbox_metrics::{Api, Metrics};
 use thinbox_proto::csi::v1::controller_server::Controller;
+use thinbox_proto::csi::v1::group_controller_server::GroupController;
 use thinbox_proto::csi::v1::identity_server::Identity;
 use thinbox_proto::csi::v1::node_server::Node;
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode as AccessMode;
@@ -43,7 +44,7 @@ const CO_PREFIX: &str = "csi.storage.k8s.io/";
 /// Volume context key that marks an inline ephemeral volume.
 const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
-/// The three services, sharing one [`Driver`].
+/// The CSI services, sharing one [`Driver`].
 #[derive(Debug, Clone)]
 pub struct Csi {
     driver: Arc<Driver>,
@@ -222,7 +223,16 @@ fn snapshot_message(s: &crate::state::Snapshot) -> Snapshot {
         source_volume_id: s.source.clone(),
         creation_time: Some(prost_types::Timestamp { seconds: s.created.0, nanos: s.created.1 }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group.clone().unwrap_or_default(),
+    }
+}
+
+fn group_message((g, members): &(crate::state::Group, Vec<crate::state::Snapshot>)) -> VolumeGroupSnapshot {
+    VolumeGroupSnapshot {
+        group_snapshot_id: g.id.clone(),
+        snapshots: members.iter().map(snapshot_message).collect(),
+        creation_time: Some(prost_types::Timestamp { seconds: g.created.0, nanos: g.created.1 }),
+        ready_to_use: true,
     }
 }
 
@@ -245,7 +255,12 @@ impl Identity for Csi {
             })),
         };
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: vec![service(Type::ControllerService), service(Type::VolumeAccessibilityConstraints), online],
+            capabilities: vec![
+                service(Type::ControllerService),
+                service(Type::GroupControllerService),
+                service(Type::VolumeAccessibilityConstraints),
+                online,
+            ],
         }))
     }
 
@@ -497,6 +512,65 @@ impl Controller for Csi {
 /// The filesystem to make: the one a mount capability names, else `default`
 /// if any capability mounts or the volume is a block store device (which
 /// always gets one; harmless for raw use); none for raw-block-only files.
+/// Group snapshots: every member cut at one instant of them all (see
+/// [`crate::groups`] for how, per backend). A member a Kata guest holds is
+/// crash-consistent: the guest's page cache is not flushed from the host.
+#[tonic::async_trait]
+impl GroupController for Csi {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<GroupControllerGetCapabilitiesResponse>, Status> {
+        use group_controller_service_capability::rpc::Type;
+        let rpc = |t: Type| GroupControllerServiceCapability {
+            r#type: Some(group_controller_service_capability::Type::Rpc(group_controller_service_capability::Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(GroupControllerGetCapabilitiesResponse { capabilities: vec![rpc(Type::CreateDeleteGetVolumeGroupSnapshot)] }))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        paths::name(&r.name, "name")?;
+        paths::map(&r.parameters, "parameters")?;
+        if let Some((k, _)) = r.parameters.iter().find(|(k, _)| !k.starts_with(CO_PREFIX)) {
+            return Err(invalid(format!("unknown group snapshot parameter {k:?}")).into());
+        }
+        let sources = r.source_volume_ids.iter().map(|id| paths::volume_id(id).map(str::to_owned)).collect::<Result<Vec<_>>>()?;
+        let made = self.run("create_volume_group_snapshot", move |d| d.create_group_snapshot(&r.name, &sources)).await?;
+        Ok(Response::new(CreateVolumeGroupSnapshotResponse { group_snapshot: Some(group_message(&made)) }))
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.group_snapshot_id.is_empty() {
+            return Err(invalid("group_snapshot_id is required").into());
+        }
+        // An id that cannot be ours is already deleted, as far as the CO is concerned.
+        if let Ok(id) = paths::object_id(&r.group_snapshot_id, "group snapshot") {
+            let id = id.to_owned();
+            // Only compared with the members' ids, never used as paths.
+            self.run("delete_volume_group_snapshot", move |d| d.delete_group_snapshot(&id, &r.snapshot_ids)).await?;
+        }
+        Ok(Response::new(DeleteVolumeGroupSnapshotResponse {}))
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let id = paths::object_id(&r.group_snapshot_id, "group snapshot")?.to_owned();
+        let group = self.run("get_volume_group_snapshot", move |d| d.get_group_snapshot(&id, &r.snapshot_ids)).await?;
+        Ok(Response::new(GetVolumeGroupSnapshotResponse { group_snapshot: Some(group_message(&group)) }))
+    }
+}
+
 fn fs_for(access: &[AccessType], kind: Kind, default: FsType) -> Result<Option<FsType>> {
     let mut named = None;
     let mut mounts = false;

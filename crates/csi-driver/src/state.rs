@@ -20,7 +20,11 @@ pub const PUBLICATIONS: TableDefinition<&str, &str> = TableDefinition::new("csi.
 pub const SNAPSHOTS: TableDefinition<&str, &str> = TableDefinition::new("csi.snapshots");
 /// Snapshot name → snapshot id.
 pub const SNAPSHOT_NAMES: TableDefinition<&str, &str> = TableDefinition::new("csi.snapshot_names");
-/// Counters ("volume", "snapshot").
+/// Group snapshot id → [`Group`].
+pub const GROUPS: TableDefinition<&str, &str> = TableDefinition::new("csi.groups");
+/// Group snapshot name → group snapshot id.
+pub const GROUP_NAMES: TableDefinition<&str, &str> = TableDefinition::new("csi.group_names");
+/// Counters ("volume", "snapshot", "group").
 pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("csi.counters");
 
 /// What backs a volume.
@@ -190,6 +194,26 @@ pub struct Snapshot {
     pub state: State,
     /// When it was taken (seconds, nanoseconds since the epoch).
     pub created: (i64, i32),
+    /// The group snapshot it was cut with, which alone deletes it.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// Snapshots of several volumes cut at one instant (VolumeGroupSnapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Our id (`tb-group-<n>`).
+    pub id: String,
+    /// The CO's name for it.
+    pub name: String,
+    /// The volumes it copies, in the order asked.
+    pub sources: Vec<String>,
+    /// Its snapshots, one per source, in the same order.
+    pub members: Vec<String>,
+    /// Life-cycle state.
+    pub state: State,
+    /// When it was cut (seconds, nanoseconds since the epoch).
+    pub created: (i64, i32),
 }
 
 /// How a volume is published at a target path.
@@ -221,6 +245,12 @@ pub struct Publication {
     /// `volume_mount_group`, a pod's fsGroup).
     #[serde(default)]
     pub group: Option<u32>,
+}
+
+/// Now, as a record's creation time (seconds, nanoseconds since the epoch).
+pub fn now() -> (i64, i32) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0))
 }
 
 pub fn decode<T: DeserializeOwned>(key: &str, v: &str) -> Result<T> {
@@ -288,5 +318,7 @@ pub fn init(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(SNAPSHOTS)?;
     txn.open_table(SNAPSHOT_NAMES)?;
     txn.open_table(COUNTERS)?;
+    txn.open_table(GROUPS)?;
+    txn.open_table(GROUP_NAMES)?;
     Ok(())
 }

@@ -66,7 +66,7 @@ struct Preparation<'a> {
 impl Creation for Preparation<'_> {
     type Error = Error;
 
-    fn plan(&mut self, txn: &WriteTransaction) -> Result<Option<CreateSpec>> {
+    fn plan(&mut self, txn: &WriteTransaction) -> Result<Vec<CreateSpec>> {
         let snaps = txn.open_table(SNAPSHOTS)?;
         if snaps.get(self.key)?.is_some() {
             return Err(Error::AlreadyExists(self.key.to_owned()));
@@ -88,11 +88,11 @@ impl Creation for Preparation<'_> {
             (None, None) => self.cfg.default_size,
         };
         let access = if self.kind == Kind::View { Access::ReadOnly } else { Access::ReadWrite };
-        Ok(Some(CreateSpec { size, origin: origin.map(|o| o.id), fs: Some(self.cfg.filesystem), access: Some(access) }))
+        Ok(vec![CreateSpec { size, origin: origin.map(|o| o.id), fs: Some(self.cfg.filesystem), access: Some(access) }])
     }
 
-    fn record(&mut self, txn: &WriteTransaction, device: Option<&DeviceRecord>) -> Result<()> {
-        let dev = device.ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
+    fn record(&mut self, txn: &WriteTransaction, devices: &[DeviceRecord]) -> Result<()> {
+        let dev = devices.first().ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
         self.fs = dev.fs.ok_or_else(|| Error::Unformatted(self.key.to_owned()))?;
         let now = meta::now();
         let rec = Record {
@@ -110,8 +110,8 @@ impl Creation for Preparation<'_> {
         Ok(())
     }
 
-    fn build(&mut self, engine: &Engine, device: Option<&DeviceRecord>) -> Result<Option<PathBuf>> {
-        let dev = device.ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
+    fn build(&mut self, engine: &Engine, devices: &[DeviceRecord]) -> Result<Option<PathBuf>> {
+        let dev = devices.first().ok_or_else(|| Error::NotAttached(self.key.to_owned()))?;
         Ok(engine.pool().build(dev)?)
     }
 

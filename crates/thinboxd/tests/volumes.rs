@@ -28,7 +28,7 @@ async fn identity_node_info_and_metrics() {
     assert!(!info.vendor_version.is_empty());
     assert_eq!(d.ident.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
     let caps = d.ident.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
-    assert_eq!(caps.len(), 3, "controller service, topology, online expansion");
+    assert_eq!(caps.len(), 4, "controller and group controller services, topology, online expansion");
     let ni = d.node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(ni.node_id, NODE);
     // The node also says whether KVM works, as the probe sees it here.
@@ -608,5 +608,187 @@ async fn dir_volume_hard_project_quota_and_growth() {
     unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: HashMap::new() }).await.unwrap();
     assert!(!d.path(&format!("state/dirs/{}", vol.volume_id)).exists(), "directory removed");
+    d.finish().await;
+}
+
+/// A writer that puts one sequence number into every file of `files` in
+/// turn, round after round, each with one `pwrite` at offset 0 (a freeze
+/// or a suspend falls between two writes, never inside one).
+struct SequenceWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl SequenceWriter {
+    fn start(files: Vec<PathBuf>) -> SequenceWriter {
+        use std::os::unix::fs::FileExt;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let files: Vec<std::fs::File> = files.iter().map(|p| std::fs::File::create(p).unwrap()).collect();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                for f in &files {
+                    f.write_all_at(format!("{n:020}").as_bytes(), 0).unwrap();
+                }
+            }
+            n
+        });
+        SequenceWriter { stop, thread }
+    }
+
+    /// Stops it; the last round written.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn sequence(path: &Path) -> u64 {
+    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_group_snapshot_cuts_its_volumes_at_one_instant() {
+    let mut d = Driver::start().await;
+    let caps = d.group.group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
+    let rpc = |t: group_controller_service_capability::rpc::Type| GroupControllerServiceCapability {
+        r#type: Some(group_controller_service_capability::Type::Rpc(group_controller_service_capability::Rpc { r#type: t as i32 })),
+    };
+    assert_eq!(caps, vec![rpc(group_controller_service_capability::rpc::Type::CreateDeleteGetVolumeGroupSnapshot)]);
+
+    // A database volume and a log volume, written in one loop while mounted.
+    let mut sources = Vec::new();
+    for (name, kind, fs) in [("db", "block", "ext4"), ("log", "file", "xfs")] {
+        let size = if fs == "xfs" { 300 << 20 } else { 64 << 20 };
+        let vol = create(&mut d, name, size, &[("kind", kind)], mount_cap(fs)).await;
+        let target = d.target("pod-grp", name);
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(fs), false, &[])).await.unwrap();
+        sources.push((vol.volume_id, target, fs));
+    }
+    let ids: Vec<String> = sources.iter().map(|s| s.0.clone()).collect();
+    let writer = SequenceWriter::start(sources.iter().map(|s| s.1.join("seq")).collect());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let req =
+        |name: &str, ids: &[String]| CreateVolumeGroupSnapshotRequest { name: name.into(), source_volume_ids: ids.to_vec(), ..Default::default() };
+    let group = d.group.create_volume_group_snapshot(req("grp", &ids)).await.unwrap().into_inner().group_snapshot.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = writer.stop();
+    assert!(group.ready_to_use && group.creation_time.is_some() && group.group_snapshot_id.starts_with("tb-group-"), "{group:?}");
+    assert_eq!(group.snapshots.iter().map(|s| s.source_volume_id.clone()).collect::<Vec<_>>(), ids);
+    assert!(group.snapshots.iter().all(|s| s.group_snapshot_id == group.group_snapshot_id && s.ready_to_use), "{group:?}");
+    let members: Vec<String> = group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
+
+    // Idempotent by name, whatever the order of the sources; a name is one group.
+    let reversed: Vec<String> = ids.iter().rev().cloned().collect();
+    let again = d.group.create_volume_group_snapshot(req("grp", &reversed)).await.unwrap().into_inner().group_snapshot.unwrap();
+    assert_eq!(again, group, "the same group snapshot");
+    assert_eq!(code(d.group.create_volume_group_snapshot(req("grp", &ids[..1])).await), Code::AlreadyExists);
+
+    // Members are snapshots of their own (listed, fetched, restored), but go only with their group.
+    let listed = d.ctl.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries;
+    let listed: Vec<Snapshot> = listed.into_iter().filter_map(|e| e.snapshot).collect();
+    assert_eq!(listed, group.snapshots, "ListSnapshots shows the members with their group");
+    let member = |id: &str| DeleteSnapshotRequest { snapshot_id: id.into(), secrets: HashMap::new() };
+    assert_eq!(code(d.ctl.delete_snapshot(member(&members[0])).await), Code::InvalidArgument, "a member goes only with its group");
+    let get = |id: &str, snaps: &[String]| GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: snaps.to_vec(),
+        ..Default::default()
+    };
+    let got = d.group.get_volume_group_snapshot(get(&group.group_snapshot_id, &members)).await.unwrap().into_inner();
+    assert_eq!(got.group_snapshot.as_ref(), Some(&group));
+    assert_eq!(code(d.group.get_volume_group_snapshot(get(&group.group_snapshot_id, &members[..1])).await), Code::InvalidArgument);
+    assert_eq!(code(d.group.get_volume_group_snapshot(get("tb-group-999", &[])).await), Code::NotFound);
+    assert_eq!(code(d.group.get_volume_group_snapshot(get("", &[])).await), Code::InvalidArgument);
+
+    // A source deleted after the cut: its member still restores.
+    let (gone, gone_target, _) = &sources[1];
+    let at_delete = sequence(&gone_target.join("seq"));
+    unpublish(&mut d, gone, gone_target).await.unwrap();
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: gone.clone(), secrets: HashMap::new() }).await.unwrap();
+
+    // Restored, the members hold one instant of the loop: the same round,
+    // or the first volume one round ahead (cut between a round's two writes).
+    let mut seen = Vec::new();
+    for (snap, (_, _, fs)) in group.snapshots.iter().zip(&sources) {
+        let mut restore = create_req(&format!("restored-{}", snap.snapshot_id), 0, &[], mount_cap(fs));
+        restore.parameters = params(&[("kind", if *fs == "xfs" { "file" } else { "block" })]);
+        restore.volume_content_source = Some(snapshot_source(&snap.snapshot_id));
+        let vol = d.ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+        let target = d.target("pod-restored", &vol.volume_id);
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, mount_cap(fs), false, &[])).await.unwrap();
+        seen.push(sequence(&target.join("seq")));
+        unpublish(&mut d, &vol.volume_id, &target).await.unwrap();
+        d.ctl.delete_volume(DeleteVolumeRequest { volume_id: vol.volume_id, secrets: HashMap::new() }).await.unwrap();
+    }
+    let (db, log) = (seen[0], seen[1]);
+    assert!(db > 0 && db < last && at_delete > db, "cut while the loop ran: db {db}, log {log}, last round {last}");
+    assert!(db == log || db == log + 1, "one instant of both volumes: db at round {db}, log at round {log}");
+
+    // Delete: the snapshot ids must be the members; then idempotent.
+    let delete = |id: &str, snaps: &[String]| DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: snaps.to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(code(d.group.delete_volume_group_snapshot(delete(&group.group_snapshot_id, &members[1..])).await), Code::InvalidArgument);
+    assert!(d.group.get_volume_group_snapshot(get(&group.group_snapshot_id, &[])).await.is_ok(), "a refused delete keeps it");
+    d.group.delete_volume_group_snapshot(delete(&group.group_snapshot_id, &members)).await.unwrap();
+    d.group.delete_volume_group_snapshot(delete(&group.group_snapshot_id, &members)).await.unwrap();
+    d.group.delete_volume_group_snapshot(delete("no/such", &[])).await.unwrap();
+    assert_eq!(code(d.group.get_volume_group_snapshot(get(&group.group_snapshot_id, &[])).await), Code::NotFound);
+    assert!(d.ctl.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries.is_empty());
+
+    // Raw block publications write where no freeze reaches: one may join a
+    // group of frozen members anywhere; two only where the pool suspends
+    // every origin (dm-thin), else the group would span two instants.
+    let db_id = sources[0].0.clone();
+    let mut raw = Vec::new();
+    for name in ["raw-a", "raw-b"] {
+        let vol = create(&mut d, name, 16 << 20, &[("kind", "block")], block_cap()).await;
+        let parent = d.path(&format!("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/{name}"));
+        std::fs::create_dir_all(&parent).unwrap();
+        let target = parent.join("pod-uid");
+        d.node.node_publish_volume(publish_req(&vol.volume_id, &target, block_cap(), false, &[])).await.unwrap();
+        raw.push((vol.volume_id, target));
+    }
+    let one = d.group.create_volume_group_snapshot(req("one-raw", &[db_id.clone(), raw[0].0.clone()])).await.unwrap().into_inner();
+    let two = d.group.create_volume_group_snapshot(req("two-raw", &[raw[0].0.clone(), raw[1].0.clone()])).await;
+    let suspends = std::env::var("THINBOX_TEST_BACKEND").is_ok_and(|b| b == "dm-thin");
+    let mut made = vec![one.group_snapshot.unwrap().group_snapshot_id];
+    match two {
+        Ok(g) if suspends => made.push(g.into_inner().group_snapshot.unwrap().group_snapshot_id),
+        Err(e) if !suspends => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        other => panic!("two raw writers, suspending pool {suspends}: {other:?}"),
+    }
+    for id in made {
+        d.group.delete_volume_group_snapshot(delete(&id, &[])).await.unwrap();
+    }
+    for (id, target) in raw {
+        unpublish(&mut d, &id, &target).await.unwrap();
+        d.ctl.delete_volume(DeleteVolumeRequest { volume_id: id, secrets: HashMap::new() }).await.unwrap();
+    }
+
+    // Bad requests change nothing.
+    let mut unknown_param = req("p", std::slice::from_ref(&db_id));
+    unknown_param.parameters = params(&[("color", "red")]);
+    for (what, r, want) in [
+        ("no sources", req("x", &[]), Code::InvalidArgument),
+        ("no name", req("", std::slice::from_ref(&db_id)), Code::InvalidArgument),
+        ("a volume twice", req("x", &[db_id.clone(), db_id.clone()]), Code::InvalidArgument),
+        ("an unknown volume", req("x", &[db_id.clone(), "tb-block-999".into()]), Code::NotFound),
+        ("another node's or a malformed id", req("x", &[db_id.clone(), "../node-b/vol".into()]), Code::NotFound),
+        ("a deleted volume", req("x", &[db_id.clone(), gone.clone()]), Code::NotFound),
+        ("an unknown parameter", unknown_param, Code::InvalidArgument),
+    ] {
+        assert_eq!(code(d.group.create_volume_group_snapshot(r).await), want, "{what}");
+    }
+    assert!(d.ctl.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries.is_empty(), "no snapshot made");
+    assert_eq!(d.stored_devices(1).await, 1, "only the db volume's device left");
+    unpublish(&mut d, &db_id, &sources[0].1).await.unwrap();
+    d.ctl.delete_volume(DeleteVolumeRequest { volume_id: db_id, secrets: HashMap::new() }).await.unwrap();
+    assert_eq!(d.stored_devices(0).await, 0, "no device left");
     d.finish().await;
 }

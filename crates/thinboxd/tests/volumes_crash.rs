@@ -98,3 +98,66 @@ async fn crash_at(kind: &str, point: &str) {
 fn attached(d: &Driver) -> usize {
     thinbox_blockstore::inventory(&d.path("state"), &Default::default()).unwrap().attached.len()
 }
+
+/// A group snapshot aborted at each step of its create and delete: after a
+/// restart it exists whole (members and devices) or not at all, the CO's
+/// retry succeeds, and nothing leaks.
+#[tokio::test]
+async fn an_interrupted_group_snapshot_converges_after_restart() {
+    for point in ["csi.group.after_intent", "csi.group.after_build", "csi.group.after_ready", "csi.group.delete.after_mark"] {
+        let mut d = Driver::start().await;
+        let mut ids = Vec::new();
+        for name in ["db", "log"] {
+            ids.push(create(&mut d, name, 64 << 20, &[("kind", "block")], mount_cap("ext4")).await.volume_id);
+        }
+        let target = d.target("pod-g", "db");
+        d.node.node_publish_volume(publish_req(&ids[0], &target, mount_cap("ext4"), false, &[])).await.unwrap();
+        std::fs::write(target.join("data"), "kept").unwrap();
+        let members = |d: &mut Driver| {
+            let mut ctl = d.ctl.clone();
+            async move { ctl.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries.len() }
+        };
+        let req = CreateVolumeGroupSnapshotRequest { name: "grp".into(), source_volume_ids: ids.clone(), ..Default::default() };
+        if !point.contains("delete") {
+            d.restart_faulty(point).await;
+            assert!(d.group.create_volume_group_snapshot(req.clone()).await.is_err(), "{point}: the driver aborted");
+            d.reap_crash();
+            d.restart().await;
+            let want = if point.ends_with("after_ready") { 2 } else { 0 };
+            assert_eq!(members(&mut d).await, want, "{point}: all members or none");
+            assert_eq!(d.stored_devices(2 + want).await, 2 + want, "{point}: a device per volume and member");
+        }
+        // The CO retries (or this is the first create): it succeeds, once.
+        let group = d.group.create_volume_group_snapshot(req.clone()).await.unwrap().into_inner().group_snapshot.unwrap();
+        assert_eq!(members(&mut d).await, 2, "{point}");
+        let mut restore = create_req("restored", 0, &[("kind", "block")], mount_cap("ext4"));
+        restore.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: group.snapshots[0].snapshot_id.clone(),
+            })),
+        });
+        let restored = d.ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap().volume_id;
+        let rt = d.target("pod-r", "restored");
+        d.node.node_publish_volume(publish_req(&restored, &rt, mount_cap("ext4"), false, &[])).await.unwrap();
+        assert_eq!(std::fs::read_to_string(rt.join("data")).unwrap(), "kept", "{point}: the member holds the data");
+        unpublish(&mut d, &restored, &rt).await.unwrap();
+
+        let delete = DeleteVolumeGroupSnapshotRequest { group_snapshot_id: group.group_snapshot_id.clone(), ..Default::default() };
+        if point.contains("delete") {
+            d.restart_faulty(point).await;
+            assert!(d.group.delete_volume_group_snapshot(delete.clone()).await.is_err(), "{point}: the driver aborted");
+            d.reap_crash();
+            d.restart().await;
+            assert_eq!(members(&mut d).await, 0, "{point}: reconciliation finished the deletion");
+            let get = GetVolumeGroupSnapshotRequest { group_snapshot_id: group.group_snapshot_id.clone(), ..Default::default() };
+            assert_eq!(d.group.get_volume_group_snapshot(get).await.unwrap_err().code(), tonic::Code::NotFound, "{point}");
+        }
+        d.group.delete_volume_group_snapshot(delete).await.unwrap();
+        unpublish(&mut d, &ids[0], &target).await.unwrap();
+        for id in ids.into_iter().chain([restored]) {
+            d.ctl.delete_volume(DeleteVolumeRequest { volume_id: id, secrets: HashMap::new() }).await.unwrap();
+        }
+        assert_eq!(d.stored_devices(0).await, 0, "{point}: no device left");
+        d.finish().await;
+    }
+}

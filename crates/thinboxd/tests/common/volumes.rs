@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thinbox_proto::csi::v1::controller_client::ControllerClient;
+use thinbox_proto::csi::v1::group_controller_client::GroupControllerClient;
 use thinbox_proto::csi::v1::identity_client::IdentityClient;
 use thinbox_proto::csi::v1::node_client::NodeClient;
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
@@ -37,6 +38,7 @@ pub struct Driver {
     pub ctl: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
     pub ident: IdentityClient<Channel>,
+    pub group: GroupControllerClient<Channel>,
 }
 
 impl Driver {
@@ -56,8 +58,8 @@ impl Driver {
         );
         std::fs::write(dir.path().join("csi.toml"), cfg).unwrap();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, ctl, node, ident) = spawn(dir.path(), &args).await;
-        Driver { dir, args, child: Some(child), ctl, node, ident }
+        let (child, ctl, node, ident, group) = spawn(dir.path(), &args).await;
+        Driver { dir, args, child: Some(child), ctl, node, ident, group }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -80,8 +82,8 @@ impl Driver {
     /// Restarts with `THINBOX_FAULT=point`: the next operation reaching it aborts the driver.
     pub async fn restart_faulty(&mut self, point: &str) {
         self.stop();
-        let (child, ctl, node, ident) = spawn_with(self.dir.path(), &self.args, Some(point)).await;
-        (self.child, self.ctl, self.node, self.ident) = (Some(child), ctl, node, ident);
+        let (child, ctl, node, ident, group) = spawn_with(self.dir.path(), &self.args, Some(point)).await;
+        (self.child, self.ctl, self.node, self.ident, self.group) = (Some(child), ctl, node, ident, group);
     }
 
     /// Waits for a driver that aborted at an injected fault.
@@ -95,8 +97,8 @@ impl Driver {
             rustix::process::kill_process(rustix::process::Pid::from_child(&c), rustix::process::Signal::TERM).unwrap();
             assert!(c.wait().unwrap().success());
         }
-        let (child, ctl, node, ident) = spawn(self.dir.path(), &self.args).await;
-        (self.child, self.ctl, self.node, self.ident) = (Some(child), ctl, node, ident);
+        let (child, ctl, node, ident, group) = spawn(self.dir.path(), &self.args).await;
+        (self.child, self.ctl, self.node, self.ident, self.group) = (Some(child), ctl, node, ident, group);
     }
 
     /// Stops the driver and checks nothing of ours is left mounted but the
@@ -159,16 +161,15 @@ pub fn cleanup(dir: &Path) {
     }
 }
 
-pub async fn spawn(dir: &Path, args: &[String]) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
+/// A started daemon and its CSI clients.
+pub type Spawned = (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>, GroupControllerClient<Channel>);
+
+pub async fn spawn(dir: &Path, args: &[String]) -> Spawned {
     spawn_with(dir, args, None).await
 }
 
 /// [`spawn`], with `THINBOX_FAULT=fault` (fault-injection builds abort there).
-pub async fn spawn_with(
-    dir: &Path,
-    args: &[String],
-    fault: Option<&str>,
-) -> (Child, ControllerClient<Channel>, NodeClient<Channel>, IdentityClient<Channel>) {
+pub async fn spawn_with(dir: &Path, args: &[String], fault: Option<&str>) -> Spawned {
     let sock = dir.join("csi.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = super::thinboxd();
@@ -195,7 +196,7 @@ pub async fn spawn_with(
         panic!("{e}");
     }
     let ch = thinbox_proto::unix_channel(&sock, Duration::from_secs(120)).await.expect("connect to the CSI socket");
-    (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch))
+    (child, ControllerClient::new(ch.clone()), NodeClient::new(ch.clone()), IdentityClient::new(ch.clone()), GroupControllerClient::new(ch))
 }
 
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
