@@ -7,7 +7,8 @@ What is checked, per file:
     * Built-in kinds: the Kubernetes OpenAPI schema of each requested version,
       strict (unknown fields are errors), via the kubernetes-validate package.
       A kind without a schema is an error, not a warning.
-    * snapshot.storage.k8s.io/v1 VolumeSnapshotClass and VolumeSnapshot (CRDs,
+    * snapshot.storage.k8s.io/v1 VolumeSnapshotClass and VolumeSnapshot, and
+      groupsnapshot.storage.k8s.io/v1beta2 VolumeGroupSnapshotClass (CRDs,
       not in those schemas): our own JSON schemas below, transcribed from the
       openAPIV3Schema of external-snapshotter v8.6.0's CRDs (required fields,
       types, enums, no unknown fields, exactly one snapshot source).
@@ -126,20 +127,29 @@ _META = {
     },
     "additionalProperties": False,
 }
-SNAPSHOT_SCHEMAS = {
-    "VolumeSnapshotClass": {
+
+
+def _class_schema(api_version, kind):
+    """A VolumeSnapshotClass or VolumeGroupSnapshotClass: the two CRDs share their fields."""
+    return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
         "properties": {
-            "apiVersion": {"const": "snapshot.storage.k8s.io/v1"},
-            "kind": {"const": "VolumeSnapshotClass"},
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
             "metadata": _META,
             "driver": {"type": "string", "minLength": 1},
             "deletionPolicy": {"enum": ["Delete", "Retain"]},
             "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
         },
         "additionalProperties": False,
-    },
+    }
+
+
+SNAPSHOT_SCHEMAS = {
+    "VolumeSnapshotClass": _class_schema("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
+    # groupsnapshot.storage.k8s.io/v1beta2, from the same release's CRD.
+    "VolumeGroupSnapshotClass": _class_schema("groupsnapshot.storage.k8s.io/v1beta2", "VolumeGroupSnapshotClass"),
     "VolumeSnapshot": {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -176,7 +186,8 @@ SNAPSHOT_SCHEMAS = {
 
 # Cluster-scoped kinds; everything else in deploy/kubernetes must name its namespace.
 CLUSTER_KINDS = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
-                 "RuntimeClass", "VolumeSnapshotClass", "PersistentVolume", "PriorityClass"}
+                 "RuntimeClass", "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "PersistentVolume",
+                 "PriorityClass"}
 
 SC_PARAMS = {"kind": {"block", "file", "dir"},
              "csi.storage.k8s.io/fstype": {"ext4", "xfs"},
@@ -339,6 +350,9 @@ def lint_node_plugin(doc, index):
                 errs.append(f"{where}/{name}: mountPropagation {m['mountPropagation']} (the sidecars mount nothing)")
         if ("--node-deployment" in args) != (name in ("csi-provisioner", "csi-snapshotter")):
             errs.append(f"{where}/{name}: --node-deployment belongs to the provisioner and the snapshotter only")
+        if name == "csi-snapshotter" and "--feature-gates=CSIVolumeGroupSnapshot=true" not in args:
+            errs.append(f"{where}/{name}: --feature-gates=CSIVolumeGroupSnapshot=true missing "
+                        "(the driver serves GroupController)")
         if "--node-deployment" in args:
             if any(a.startswith("--leader-election") and a != "--leader-election=false" for a in args):
                 errs.append(f"{where}/{name}: leader election with --node-deployment")
@@ -409,7 +423,7 @@ def lint_doc(doc, rel, index):
             errs.append(f"{key(doc)}: node-local volumes need volumeBindingMode WaitForFirstConsumer")
         if doc.get("allowVolumeExpansion") is not True or doc.get("reclaimPolicy", "Delete") != "Delete":
             errs.append(f"{key(doc)}: contract: allowVolumeExpansion true, reclaimPolicy Delete")
-    if kind == "VolumeSnapshotClass" and doc.get("driver") != DRIVER:
+    if kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass") and doc.get("driver") != DRIVER:
         errs.append(f"{key(doc)}: driver is not {DRIVER}")
     if kind == "PersistentVolumeClaim":
         spec = doc.get("spec") or {}
@@ -471,7 +485,7 @@ def check_yaml_file(path, rel, versions, index):
             continue
         index["defs"].add((doc["kind"], name_of(doc)))
         group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
-        if group == "snapshot.storage.k8s.io":
+        if group in ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io"):
             schema = SNAPSHOT_SCHEMAS.get(doc["kind"])
             if schema is None:
                 errs.append(f"{key(doc)}: no schema for {doc['apiVersion']} {doc['kind']}")
@@ -713,6 +727,10 @@ FAULTS = [
      "            path: /var/lib/kubelet/plugins/csi.thinbox.io/csi.sock\n", "host directory"),
     ("deploy/examples/ephemeral-inline-pod.yaml", "          thinbox.io/sandbox: kata\n          thinbox.io/encryption",
      "          thinbox.io/sandbox: runc\n          thinbox.io/encryption", "encryption needs"),
+    ("deploy/kubernetes/volumegroupsnapshotclass.yaml", "deletionPolicy: Delete", "deletionPolicy: Keep",
+     "snapshot CRD schema"),
+    ("deploy/kubernetes/node-daemonset.yaml", "            - --feature-gates=CSIVolumeGroupSnapshot=true\n", "",
+     "CSIVolumeGroupSnapshot"),
     ("deploy/examples/pvc-pod-runc.yaml", "storageClassName: thinbox-block", "storageClassName: thinbox-blk", "not defined"),
     ("deploy/host/containerd-kata-thinbox.toml", '    runtime_type = "io.containerd.kata.v2"',
      '    runtime_type = "io.containerd.kata.v2"\n    snapshotter = "thinbox"', "containerd ignores"),
