@@ -179,7 +179,7 @@ wait_log() {
 }
 
 SNAP_LINE='serving containerd.services.snapshots.v1'
-CSI_LINE='serving csi.v1 Identity, Controller and Node'
+CSI_LINE='serving csi.v1 Identity, Controller' # old: "... and Node"; thinboxd: "..., GroupController and Node"
 
 # start_old DIR: thinbox-snapshotter and thinbox-csi, each on its own root
 # and pool; sets OLD_SNAP_PID, OLD_CSI_PID.

@@ -62,6 +62,17 @@ pub fn mount_capability() -> VolumeCapability {
     }
 }
 
+/// CreateVolume of a `block` volume (ext4) of `bytes`, as every step of the bench makes them.
+pub fn block_volume_request(name: &str, bytes: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![mount_capability()],
+        parameters: HashMap::from([("kind".to_owned(), "block".to_owned())]),
+        ..Default::default()
+    }
+}
+
 /// What a round made and has not undone yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Made {
@@ -109,15 +120,8 @@ impl Target {
     /// One volume's life, each call timed.
     pub async fn round(&mut self, name: &str, bytes: i64) -> Result<RoundTimes, Error> {
         let mut t = [0.0; 6];
-        let create = CreateVolumeRequest {
-            name: name.to_owned(),
-            capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
-            volume_capabilities: vec![mount_capability()],
-            parameters: HashMap::from([("kind".to_owned(), "block".to_owned())]),
-            ..Default::default()
-        };
         let start = Instant::now();
-        let res = self.ctl.create_volume(create).await;
+        let res = self.ctl.create_volume(block_volume_request(name, bytes)).await;
         t[0] = ms(start.elapsed());
         let volume = res
             .map_err(self.rpc("CreateVolume", name))?

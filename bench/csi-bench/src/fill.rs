@@ -2,17 +2,15 @@
 //! over snapshots.v1, and block volumes over CSI. Nothing is removed: the
 //! daemon and its root are thrown away after the measurement.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use thinbox_proto::csi_v1::controller_client::ControllerClient;
-use thinbox_proto::csi_v1::{CapacityRange, CreateVolumeRequest};
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::{CommitSnapshotRequest, PrepareSnapshotRequest};
 
 use crate::Error;
-use crate::calls::mount_capability;
+use crate::calls::block_volume_request;
 
 /// What the snapshot fill makes: `images` chains of `layers` committed
 /// layers each, and active snapshots (container rootfs) on the images' tops,
@@ -85,14 +83,7 @@ pub async fn volumes(socket: &Path, count: usize, bytes: u64, prefix: &str, time
     let required = i64::try_from(bytes).map_err(|_| Error::Config(format!("volume size {bytes} is too large")))?;
     for v in 0..count {
         let name = format!("{prefix}-v{v}");
-        let req = CreateVolumeRequest {
-            name: name.clone(),
-            capacity_range: Some(CapacityRange { required_bytes: required, limit_bytes: 0 }),
-            volume_capabilities: vec![mount_capability()],
-            parameters: HashMap::from([("kind".to_owned(), "block".to_owned())]),
-            ..Default::default()
-        };
-        client.create_volume(req).await.map_err(rpc(format!("CreateVolume {name}")))?;
+        client.create_volume(block_volume_request(&name, required)).await.map_err(rpc(format!("CreateVolume {name}")))?;
     }
     tracing::info!(volumes = count, "block volumes created");
     Ok(())

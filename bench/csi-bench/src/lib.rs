@@ -10,10 +10,13 @@
 //!   Pss, appended as JSON lines;
 //! * `calls`: the timed rounds, written as JSON; whatever a failed or
 //!   interrupted round made is undone;
-//! * `report`: one Markdown table from those files.
+//! * `report`: one Markdown table from those files;
+//! * `groups`: group snapshot latency on one socket, next to as many single
+//!   snapshots (`tests/bench/groups.sh` runs it on reflink and on dm-thin).
 
 pub mod calls;
 pub mod fill;
+pub mod groups;
 pub mod memory;
 pub mod report;
 pub mod stats;
@@ -101,6 +104,32 @@ pub enum Command {
     Calls(CallsArgs),
     /// Print the table of a run from the memory and calls files.
     Report(ReportArgs),
+    /// Time group snapshots of N mounted volumes next to N single snapshots.
+    Groups(GroupsArgs),
+}
+
+/// `groups`.
+#[derive(Debug, Args)]
+pub struct GroupsArgs {
+    /// NAME=SOCKET,kubelet=DIR of the driver to measure.
+    #[arg(long, value_name = "SPEC")]
+    pub target: TargetSpec,
+    /// Group sizes, comma-separated; each is measured every round.
+    #[arg(long, value_delimiter = ',', default_value = "2,8")]
+    pub sizes: Vec<usize>,
+    /// Measured rounds.
+    #[arg(long, default_value_t = 9)]
+    pub rounds: usize,
+    /// Unmeasured rounds first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Size of each volume, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub volume_mib: u64,
+    /// Idle time before each timed step, ms (the daemon's background
+    /// deletions of the step before finish meanwhile).
+    #[arg(long, default_value_t = 500)]
+    pub pause_ms: u64,
 }
 
 /// `fill`.
@@ -225,7 +254,7 @@ pub async fn memory(args: &MemoryArgs) -> Result<Vec<Reading>, Error> {
     Ok(readings)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -340,6 +369,18 @@ pub async fn main_with(cli: Cli) -> Result<(), Error> {
             print!("{}", report(a)?);
             Ok(())
         }
+        Command::Groups(a) => {
+            let bytes = i64::try_from(mib(a.volume_mib)?).map_err(|_| Error::Config("volume too large".into()))?;
+            let plan = groups::Plan {
+                sizes: a.sizes.clone(),
+                rounds: a.rounds,
+                warmup: a.warmup,
+                volume_bytes: bytes,
+                pause: Duration::from_millis(a.pause_ms),
+            };
+            print!("{}", groups::run(a.target.clone(), &plan, timeout, &format!("csig{}", std::process::id())).await?);
+            Ok(())
+        }
     }
 }
 
@@ -369,6 +410,8 @@ mod tests {
         assert!(matches!(cli.command, Command::Memory(ref m) if m.processes[0].pid == 12 && m.idle_secs == 5));
         assert!(Cli::try_parse_from(["x", "memory", "--process", "12", "--out", "/m"]).is_err());
         assert!(Cli::try_parse_from(["x", "calls", "--out", "/c.json"]).is_err());
+        let cli = Cli::try_parse_from(["x", "groups", "--target", "t=/w/csi.sock,kubelet=/w/kubelet"]).expect("parses");
+        assert!(matches!(cli.command, Command::Groups(ref g) if g.sizes == [2, 8] && g.rounds == 9));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!    `dir` volumes, and the driver's own redb tables in the pool's database.
 //!    Reconciliation rolls back half-made volumes, finishes half-deleted
 //!    ones and forgets publications whose target is gone.
-//! 2. It serves CSI Identity, Controller and Node on one unix socket. In
+//! 2. It serves CSI Identity, Controller, GroupController and Node on one unix socket. In
 //!    Kubernetes, external-provisioner runs beside it on every node
 //!    (`--node-deployment`), so Controller calls are node-local too.
 //! 3. CreateVolume records the intent, then makes the device (formatted

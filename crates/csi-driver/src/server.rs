@@ -1,4 +1,4 @@
-//! The CSI front door: Identity, Controller and Node on one unix socket. The
+//! The CSI front door: Identity, Controller, GroupController and Node on one unix socket. The
 //! daemon binds and serves it (`thinbox_daemon::serve_unix`).
 
 use std::path::PathBuf;

@@ -54,7 +54,7 @@ pub enum Error {
 pub enum Api {
     /// containerd's `snapshots.v1` service.
     Snapshots,
-    /// CSI Identity, Controller and Node.
+    /// CSI Identity, Controller, GroupController and Node.
     Csi,
 }
 

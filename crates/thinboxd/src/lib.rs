@@ -163,7 +163,7 @@ async fn serve(
         servers.push(tokio::spawn(thinbox_daemon::serve_unix(router, bound, GRACE, stopped(stop_rx.clone()))));
     }
     if let Some(bound) = doors.csi {
-        tracing::info!(socket = %bound.path().display(), "serving csi.v1 Identity, Controller and Node");
+        tracing::info!(socket = %bound.path().display(), "serving csi.v1 Identity, Controller, GroupController and Node");
         let router = thinbox_csi::server::router(driver.clone(), metrics.clone());
         servers.push(tokio::spawn(thinbox_daemon::serve_unix(router, bound, GRACE, stopped(stop_rx.clone()))));
     }
