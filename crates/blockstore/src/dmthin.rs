@@ -87,9 +87,11 @@ impl std::fmt::Debug for DmThin {
 }
 
 impl DmThin {
-    /// Whether this kernel has device-mapper (the `auto` backend choice).
+    /// Whether this kernel has device-mapper (the `auto` backend choice):
+    /// its control node opens and answers the version ioctl. The node alone
+    /// says nothing: `dmsetup` makes it on a kernel without device-mapper too.
     pub fn available() -> bool {
-        Path::new("/dev/mapper/control").exists()
+        DM::new().and_then(|dm| dm.version()).is_ok()
     }
 
     /// Where the pool configured by `cfg` lives, as remembered per root.

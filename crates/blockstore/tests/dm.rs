@@ -17,6 +17,35 @@ fn cfg(size: u64) -> PoolConfig {
     PoolConfig { backend: BackendKind::DmThin, embedded_size: Bytes(size), reserve: Bytes(64 << 20), grow_step: Bytes(0), ..PoolConfig::default() }
 }
 
+/// `auto` takes device-mapper for what answers as device-mapper, not for a
+/// node at its path: `/dev/mapper/control` as `dmsetup` leaves it on a
+/// kernel without it (here `/dev/null` bound over it, which opens but knows
+/// no device-mapper ioctl) does not count. The check runs in a child of this
+/// test in a mount namespace of its own; this binary runs one test at a time
+/// (`--test-threads=1` in the tier), so the namespace holds no other test's
+/// mounts.
+#[test]
+fn only_a_control_node_that_answers_is_device_mapper() {
+    const CHILD: &str = "THINBOX_TEST_STALE_DM_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        rustix::mount::mount_bind("/dev/null", "/dev/mapper/control").unwrap();
+        assert!(std::fs::File::open("/dev/mapper/control").is_ok(), "the node opens");
+        assert!(!DmThin::available(), "a node that opens but does not answer is not device-mapper");
+        return;
+    }
+    assert!(DmThin::available(), "no device-mapper: this is the uml tier (tests/run.sh uml)");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "only_a_control_node_that_answers_is_device_mapper", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 passed"), "the child: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(DmThin::available(), "this namespace's node is untouched");
+}
+
 fn dd(dir: &std::path::Path, file: &str, mib: u32) -> bool {
     std::process::Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", &format!("count={mib}"), "conv=fsync"])

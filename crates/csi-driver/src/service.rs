@@ -509,9 +509,6 @@ impl Controller for Csi {
     }
 }
 
-/// The filesystem to make: the one a mount capability names, else `default`
-/// if any capability mounts or the volume is a block store device (which
-/// always gets one; harmless for raw use); none for raw-block-only files.
 /// Group snapshots: every member cut at one instant of them all (see
 /// [`crate::groups`] for how, per backend). A member a Kata guest holds is
 /// crash-consistent: the guest's page cache is not flushed from the host.
@@ -571,6 +568,9 @@ impl GroupController for Csi {
     }
 }
 
+/// The filesystem to make: the one a mount capability names, else `default`
+/// if any capability mounts or the volume is a block store device (which
+/// always gets one; harmless for raw use); none for raw-block-only files.
 fn fs_for(access: &[AccessType], kind: Kind, default: FsType) -> Result<Option<FsType>> {
     let mut named = None;
     let mut mounts = false;

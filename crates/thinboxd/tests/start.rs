@@ -148,7 +148,7 @@ async fn a_bad_start_says_what_to_do_and_touches_nothing() {
     // dm-thin on a new root: without device-mapper the start says which
     // module to load; with it (a real node, the uml tier's kernel) it starts.
     let fresh_dm = dir.path().join("fresh-dm");
-    if Path::new("/dev/mapper/control").exists() {
+    if thinbox_blockstore::DmThin::available() {
         stop(start(&fresh_dm, &socket, &[&dm_cfg[..], &["--release-on-exit"]].concat()));
     } else {
         let (_, e) = refused(&fresh_dm, &socket, &dm_cfg);
