@@ -36,6 +36,14 @@ pub struct TargetSpec {
     pub kubelet: PathBuf,
 }
 
+impl TargetSpec {
+    /// The error of call `op` about `what` on this target, for `map_err`.
+    pub(crate) fn rpc(&self, op: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error + use<> {
+        let what = format!("{}: {op} {what}", self.name);
+        move |status| Error::Rpc { what, status: Box::new(status) }
+    }
+}
+
 impl FromStr for TargetSpec {
     type Err = String;
 
@@ -94,7 +102,7 @@ pub struct Target {
 /// Latencies of one round on one target, ms, in [`OPS`] order.
 pub type RoundTimes = [f64; 6];
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -107,9 +115,8 @@ impl Target {
         Ok(Target { spec, ctl: ControllerClient::new(channel.clone()), node: NodeClient::new(channel), made: Vec::new() })
     }
 
-    fn rpc(&self, op: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error {
-        let what = format!("{}: {op} {what}", self.spec.name);
-        move |status| Error::Rpc { what, status: Box::new(status) }
+    fn rpc(&self, op: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error + use<> {
+        self.spec.rpc(op, what)
     }
 
     /// The pod directory of volume `name`, which kubelet would make.

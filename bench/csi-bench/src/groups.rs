@@ -18,7 +18,7 @@ use thinbox_proto::csi_v1::{
 use tonic::transport::Channel;
 
 use crate::Error;
-use crate::calls::{TargetSpec, block_volume_request, mount_capability};
+use crate::calls::{TargetSpec, block_volume_request, mount_capability, ms};
 use crate::stats::{ratio, summarize, value};
 
 /// What one run measures.
@@ -57,14 +57,9 @@ struct Bench {
     snapshots: Vec<String>,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 impl Bench {
-    fn rpc(&self, op: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error {
-        let what = format!("{}: {op} {what}", self.spec.name);
-        move |status| Error::Rpc { what, status: Box::new(status) }
+    fn rpc(&self, op: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error + use<> {
+        self.spec.rpc(op, what)
     }
 
     /// A block volume, mounted where kubelet would ask, with a file in it.

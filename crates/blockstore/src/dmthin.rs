@@ -180,22 +180,37 @@ impl DmThin {
         pool_message(&self.dm, &self.pool_name, msg)
     }
 
+    /// Runs `f` (thin snapshots of `origins`) with every origin in use
+    /// suspended, then resumes them, also after a failure. An origin in use
+    /// (a CSI volume snapshotted while published) must be: suspending flushes
+    /// its I/O and freezes a filesystem mounted on it, as the kernel requires,
+    /// and no write reaches any of them until the last snapshot is made.
+    fn with_suspended(&self, origins: &[DeviceId], f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut suspended = Vec::new();
+        let made = (|| {
+            for &origin in origins.iter().filter(|&&o| self.node(o).is_some()) {
+                let name = self.dev_name(origin)?;
+                self.dm
+                    .device_suspend(&DevId::Name(&name), DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                    .map_err(dm_err("suspend", &*name))?;
+                suspended.push(name);
+            }
+            f()
+        })();
+        let mut resumed = Ok(());
+        for name in suspended.iter().rev() {
+            if let Err(e) = self.dm.device_suspend(&DevId::Name(name), DmOptions::default()).map_err(dm_err("resume", &**name)) {
+                tracing::error!(device = %&**name, error = %e, "resume after a snapshot");
+                resumed = resumed.and(Err(e));
+            }
+        }
+        made.and(resumed)
+    }
+
     fn try_create(&self, rec: &DeviceRecord) -> Result<Option<PathBuf>> {
         let id = thin_id(rec.id)?;
         match rec.origin {
-            // An origin in use (a CSI volume snapshotted while published) is
-            // suspended for the moment of the snapshot: that flushes its I/O and
-            // freezes a filesystem mounted on it, as the kernel requires.
-            Some(origin) if self.node(origin).is_some() => {
-                let name = self.dev_name(origin)?;
-                let dev = DevId::Name(&name);
-                self.dm.device_suspend(&dev, DmOptions::default().set_flags(DmFlags::DM_SUSPEND)).map_err(dm_err("suspend", &*name))?;
-                let snap = self.send(&format!("create_snap {id} {}", thin_id(origin)?));
-                let resumed = self.dm.device_suspend(&dev, DmOptions::default()).map(|_| ()).map_err(dm_err("resume", &*name));
-                snap?;
-                resumed?;
-            }
-            Some(origin) => self.send(&format!("create_snap {id} {}", thin_id(origin)?))?,
+            Some(origin) => self.with_suspended(&[origin], || self.send(&format!("create_snap {id} {}", thin_id(origin)?)))?,
             None => self.send(&format!("create_thin {id}"))?,
         }
         fault::point("create.after_image");
@@ -425,31 +440,15 @@ impl Backend for DmThin {
 
     fn create_group(&self, recs: &[DeviceRecord]) -> Result<()> {
         // Every origin in use is suspended before the first snapshot and
-        // resumed after the last, so no write reaches any of them in between:
-        // the snapshots are one instant of them all (suspending flushes each
-        // one's I/O and freezes a filesystem mounted on it).
-        let mut suspended = Vec::new();
-        let made = (|| {
-            for origin in recs.iter().filter_map(|r| r.origin).filter(|&o| self.node(o).is_some()) {
-                let name = self.dev_name(origin)?;
-                self.dm
-                    .device_suspend(&DevId::Name(&name), DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
-                    .map_err(dm_err("suspend", &*name))?;
-                suspended.push(name);
-            }
+        // resumed after the last: the snapshots are one instant of them all.
+        let origins: Vec<DeviceId> = recs.iter().filter_map(|r| r.origin).collect();
+        let made = self.with_suspended(&origins, || {
             for rec in recs {
                 let origin = rec.origin.ok_or(Error::NotAGroupSnapshot(rec.id))?;
                 self.send(&format!("create_snap {} {}", thin_id(rec.id)?, thin_id(origin)?))?;
             }
             Ok(())
-        })();
-        let mut resumed = Ok(());
-        for name in suspended.iter().rev() {
-            if let Err(e) = self.dm.device_suspend(&DevId::Name(name), DmOptions::default()).map_err(dm_err("resume", &**name)) {
-                tracing::error!(device = %&**name, error = %e, "resume after a group snapshot");
-                resumed = resumed.and(Err(e));
-            }
-        }
+        });
         if made.is_err() {
             for rec in recs {
                 if let Err(e) = self.remove(rec.id, None) {
@@ -457,7 +456,7 @@ impl Backend for DmThin {
                 }
             }
         }
-        made.and(resumed)
+        made
     }
 
     fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf> {

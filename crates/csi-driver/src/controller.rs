@@ -131,8 +131,13 @@ struct MakeSnapshot<'a> {
 
 impl MakeSnapshot<'_> {
     fn wanted(&self) -> New<'_> {
-        New { id: &self.snap.id, size: self.snap.size, fs: self.snap.fs, origin: self.source.device, project: None }
+        snapshot_wanted(&self.snap, self.source)
     }
+}
+
+/// What the pool makes for snapshot `snap` of `source`: a copy of its device.
+pub(crate) fn snapshot_wanted<'s>(snap: &'s Snapshot, source: &Volume) -> New<'s> {
+    New { id: &snap.id, size: snap.size, fs: snap.fs, origin: source.device, project: None }
 }
 
 impl Creation for MakeSnapshot<'_> {
@@ -315,18 +320,7 @@ impl Driver {
             return Ok(snap);
         }
         let vol = self.snapshot_source(source)?;
-        let snap = Snapshot {
-            id: String::new(),
-            name: name.to_owned(),
-            source: source.to_owned(),
-            kind: vol.kind,
-            size: vol.size,
-            fs: vol.fs,
-            device: None,
-            state: State::Creating,
-            created: state::now(),
-            group: None,
-        };
+        let snap = Snapshot::of(&vol, name.to_owned(), state::now(), None);
         let mut make = MakeSnapshot { driver: self, snap, source: &vol };
         self.engine.create(&mut make, SNAPSHOT_POINTS)?;
         tracing::info!(snapshot = %make.snap.id, name, source, "snapshot created");

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use thinbox_blockstore::redb::{ReadableDatabase, WriteTransaction};
 use thinbox_blockstore::{CreateSpec, Creation, DeviceRecord, Engine, Points, fault};
 
+use crate::controller::snapshot_wanted;
 use crate::driver::Driver;
 use crate::error::{Error, Result, invalid};
 use crate::state::{self, GROUP_NAMES, GROUPS, Group, Mode, SNAPSHOT_NAMES, SNAPSHOTS, Snapshot, State, Volume};
-use crate::storage::New;
 
 /// Crash-test points of CreateVolumeGroupSnapshot's steps.
 const GROUP_POINTS: Points =
@@ -33,12 +33,6 @@ struct MakeGroup<'a> {
     snaps: Vec<Snapshot>,
 }
 
-impl MakeGroup<'_> {
-    fn wanted<'s>(snap: &'s Snapshot, source: &Volume) -> New<'s> {
-        New { id: &snap.id, size: snap.size, fs: snap.fs, origin: source.device, project: None }
-    }
-}
-
 impl Creation for MakeGroup<'_> {
     type Error = Error;
 
@@ -46,20 +40,11 @@ impl Creation for MakeGroup<'_> {
         self.group.id = format!("tb-group-{}", state::next_number(txn, "group")?);
         let mut specs = Vec::new();
         for vol in self.sources {
-            let snap = Snapshot {
-                id: format!("tb-snap-{}", state::next_number(txn, "snapshot")?),
-                // Members have no name of the CO's: their group's names them.
-                name: format!("{}/{}", self.group.id, vol.id),
-                source: vol.id.clone(),
-                kind: vol.kind,
-                size: vol.size,
-                fs: vol.fs,
-                device: None,
-                state: State::Creating,
-                created: self.group.created,
-                group: Some(self.group.id.clone()),
-            };
-            specs.extend(self.driver.snapshot_storage().spec(&Self::wanted(&snap, vol)));
+            // Members have no name of the CO's: their group's names them.
+            let name = format!("{}/{}", self.group.id, vol.id);
+            let mut snap = Snapshot::of(vol, name, self.group.created, Some(self.group.id.clone()));
+            snap.id = format!("tb-snap-{}", state::next_number(txn, "snapshot")?);
+            specs.extend(self.driver.snapshot_storage().spec(&snapshot_wanted(&snap, vol)));
             self.snaps.push(snap);
         }
         Ok(specs)
@@ -117,17 +102,14 @@ impl Driver {
         if sources.is_empty() {
             return Err(invalid("source_volume_ids is required"));
         }
-        let mut sorted: Vec<&String> = sources.iter().collect();
-        sorted.sort();
-        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        let asked = sorted(sources);
+        if let Some(w) = asked.windows(2).find(|w| w[0] == w[1]) {
             return Err(invalid(format!("source_volume_ids names volume {} twice", w[0])));
         }
         let _s = self.serial();
         if let Some(id) = self.group_by_name(name)? {
             let (group, members) = self.require_group(&id)?;
-            let mut had: Vec<&String> = group.sources.iter().collect();
-            had.sort();
-            if had != sorted {
+            if sorted(&group.sources) != asked {
                 return Err(Error::AlreadyExists(format!("group snapshot {name:?} exists for volumes {:?}", group.sources)));
             }
             return Ok((group, members));
@@ -253,12 +235,16 @@ fn same_members(group: &Group, asked: &[String]) -> Result<()> {
     if asked.is_empty() {
         return Ok(());
     }
-    let mut asked: Vec<&String> = asked.iter().collect();
-    let mut members: Vec<&String> = group.members.iter().collect();
-    asked.sort();
-    members.sort();
+    let (asked, members) = (sorted(asked), sorted(&group.members));
     if asked != members {
         return Err(invalid(format!("snapshot_ids {asked:?} are not group snapshot {}'s members {members:?}", group.id)));
     }
     Ok(())
+}
+
+/// Ids in order, to compare lists as sets (and find one named twice).
+fn sorted(ids: &[String]) -> Vec<&String> {
+    let mut v: Vec<&String> = ids.iter().collect();
+    v.sort();
+    v
 }

@@ -199,6 +199,24 @@ pub struct Snapshot {
     pub group: Option<String>,
 }
 
+impl Snapshot {
+    /// A snapshot of `source`, being made (its id and device come at the intent).
+    pub fn of(source: &Volume, name: String, created: (i64, i32), group: Option<String>) -> Snapshot {
+        Snapshot {
+            id: String::new(),
+            name,
+            source: source.id.clone(),
+            kind: source.kind,
+            size: source.size,
+            fs: source.fs,
+            device: None,
+            state: State::Creating,
+            created,
+            group,
+        }
+    }
+}
+
 /// Snapshots of several volumes cut at one instant (VolumeGroupSnapshot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
