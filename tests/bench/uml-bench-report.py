@@ -4,10 +4,13 @@
     python3 tests/bench/uml-bench-report.py OUT_DIR
 
 Reads OUT_DIR/snapshot-bench.json, OUT_DIR/fio/*.json, OUT_DIR/env.json,
-OUT_DIR/fio/env.json, OUT_DIR/gc.txt and OUT_DIR/deleter.txt; writes OUT_DIR/fio.json, fio.md,
-summary.md (the final tables with the targets) and uml-bench.md (summary,
-configuration and the full snapshot table, for docs/benchmarks.md). Fails if
-an input is missing or malformed.
+OUT_DIR/fio/env.json, OUT_DIR/gc.txt and OUT_DIR/deleter.txt (and, when the run
+had the third target thinbox-before, OUT_DIR/deleter-before.txt); writes
+OUT_DIR/fio.json, fio.md, summary.md (the final tables with the targets; with
+thinbox-before also a before/after table: thinbox-before / devmapper and
+thinbox / thinbox-before) and uml-bench.md (summary, configuration and the full
+snapshot table, for docs/benchmarks.md). Fails if an input is missing or
+malformed.
 """
 
 import json
@@ -20,6 +23,8 @@ SNAPSHOT_TARGET = 0.10  # thinbox latency <= 1/10 of devmapper's
 FIO_TARGET = 0.95  # thin IOPS >= 95% of raw
 SNAPSHOT_OPS = [("chain", "prepare"), ("chain", "commit"), ("chain", "remove"),
                 ("parallel", "prepare"), ("parallel", "remove")]
+# The optional third target: the old daemon (thinbox-snapshotter).
+BEFORE = "thinbox-before"
 
 
 def fmt(v):
@@ -50,7 +55,11 @@ def go_duration_ms(s):
     return total
 
 
-def snapshot_rows(report):
+def div(a, b):
+    return a / b if a is not None and b else None
+
+
+def snapshot_rows(report, before):
     rows = {}
     for r in report["rows"]:
         rows[(r["workload"], r["op"], r["target"])] = r
@@ -61,7 +70,21 @@ def snapshot_rows(report):
         if d is None or t is None or d["summary"] is None or t["summary"] is None:
             raise SystemExit(f"snapshot-bench.json: no {workload}/{op} numbers for both targets")
         rm, rp = t["ratio_median"], t["ratio_p99"]
-        out.append({
+        extra = {}
+        if before:
+            b = rows.get((workload, op, BEFORE))
+            if b is None or b["summary"] is None:
+                raise SystemExit(f"snapshot-bench.json: no {workload}/{op} numbers for {BEFORE}")
+            extra = {
+                "before_median_ms": b["summary"]["median"], "before_p99_ms": b["summary"]["p99"],
+                "before_n": b["summary"]["n"],
+                # ratios against devmapper, as thinbox-snapshot-bench computed them
+                "before_ratio_median": b["ratio_median"], "before_ratio_p99": b["ratio_p99"],
+                # after / before
+                "after_before_median": div(t["summary"]["median"], b["summary"]["median"]),
+                "after_before_p99": div(t["summary"]["p99"], b["summary"]["p99"]),
+            }
+        out.append({**extra,
             "workload": workload, "op": op,
             "devmapper_median_ms": d["summary"]["median"], "devmapper_p99_ms": d["summary"]["p99"],
             "thinbox_median_ms": t["summary"]["median"], "thinbox_p99_ms": t["summary"]["p99"],
@@ -73,15 +96,16 @@ def snapshot_rows(report):
     return out
 
 
-def remove_floor(report, workload):
+def remove_floor(report, workload, before):
     """Medians of `remove missing` (a Remove of a key that never existed) in
     `workload`, per target: the round trip with no work behind it."""
     out = {}
     for r in report["rows"]:
         if r["workload"] == workload and r["op"] == "remove missing" and r["summary"]:
             out[r["target"]] = r["summary"]["median"]
-    if set(out) != {"devmapper", "thinbox"}:
-        raise SystemExit(f"snapshot-bench.json: no {workload}/remove missing numbers for both targets")
+    want = {"devmapper", "thinbox"} | ({BEFORE} if before else set())
+    if set(out) != want:
+        raise SystemExit(f"snapshot-bench.json: no {workload}/remove missing numbers for {', '.join(sorted(want))}")
     return out
 
 
@@ -195,9 +219,22 @@ def main():
     gc_txt = (out / "gc.txt").read_text()
     deletions = deleter_summary((out / "deleter.txt").read_text())
     load = (out / "host-load.txt").read_text().split()
-    source = (out / "source.txt").read_text().strip()
+    # Line 1: thinbox's commit; with thinbox-before, "thinbox-before: COMMIT".
+    source_lines = (out / "source.txt").read_text().strip().splitlines()
+    source = source_lines[0].strip()
+    targets = [t["name"] for t in report["targets"]]
+    if targets not in (["devmapper", "thinbox"], ["devmapper", "thinbox", BEFORE]):
+        raise SystemExit(f"snapshot-bench.json: unexpected targets {targets}")
+    before = BEFORE in targets
+    before_source = None
+    if before:
+        before_source = next((line.split(":", 1)[1].strip() for line in source_lines[1:]
+                              if line.startswith(BEFORE + ":")), None)
+        if before_source is None:
+            raise SystemExit(f"source.txt: no '{BEFORE}: COMMIT' line for the {BEFORE} target")
+        before_deletions = deleter_summary((out / "deleter-before.txt").read_text())
 
-    snaps = snapshot_rows(report)
+    snaps = snapshot_rows(report, before)
     cells = fio_cells(out / "fio")
     gcs = gc_summary(gc_txt)
     (out / "fio.json").write_text(json.dumps({"env": fio_env, "cells": cells}, indent=2) + "\n")
@@ -214,7 +251,9 @@ def main():
              f"(kernel {env['host_kernel']}; 1-minute load average {load[0]} at the start, {load[1]} at the end"
              f"{': other work was running' if max(map(float, load)) > 1.2 else ''}), {env['date']}. Identical thin pools ({pool_desc}; "
              f"{env['pool_size']} data, loop devices over sparse files on the host's ext4), {env['snapshot_size']} "
-             f"ext4 snapshots on both. Target: thinbox ≤ {SNAPSHOT_TARGET:.2f}× devmapper's latency.")
+             f"ext4 snapshots on {'all three' if before else 'both'}. Target: thinbox ≤ {SNAPSHOT_TARGET:.2f}× devmapper's latency."
+             + (f" Third target, in the same guest and pool setup: {BEFORE} = the old daemon thinbox-snapshotter "
+                f"(commit {before_source}), for before/after ratios (table after the first)." if before else ""))
     s.append("")
     s.append("| workload | op | devmapper median ms | thinbox median ms | thinbox / devmapper (median) "
              "| devmapper p99 ms | thinbox p99 ms | thinbox / devmapper (p99) | n | ≤ 0.10× (median / p99) |")
@@ -225,13 +264,28 @@ def main():
                  f"| {ratio(r['ratio_median'])} | {fmt(r['devmapper_p99_ms'])} | {fmt(r['thinbox_p99_ms'])} "
                  f"| {ratio(r['ratio_p99'])} | {r['n']} | {met} |")
     s.append("")
+    if before:
+        s.append(f"Before/after: {BEFORE} (thinbox-snapshotter, commit {before_source}) vs thinbox (commit {source}), "
+                 f"same run; ratios below 1× on thinbox / {BEFORE} mean thinbox is faster.")
+        s.append("")
+        s.append(f"| workload | op | {BEFORE} median ms | thinbox median ms | {BEFORE} / devmapper (median) "
+                 f"| thinbox / {BEFORE} (median) | {BEFORE} p99 ms | thinbox p99 ms | {BEFORE} / devmapper (p99) "
+                 f"| thinbox / {BEFORE} (p99) | n |")
+        s.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in snaps:
+            s.append(f"| {r['workload']} | {r['op']} | {fmt(r['before_median_ms'])} | {fmt(r['thinbox_median_ms'])} "
+                     f"| {ratio(r['before_ratio_median'])} | {ratio(r['after_before_median'])} "
+                     f"| {fmt(r['before_p99_ms'])} | {fmt(r['thinbox_p99_ms'])} "
+                     f"| {ratio(r['before_ratio_p99'])} | {ratio(r['after_before_p99'])} | {r['before_n']} |")
+        s.append("")
     s.append("The floor under a Remove: Removes of keys that never existed (NOT_FOUND, no work behind them; "
              "in a chain one before each layer's Remove, in parallel as many at once before the containers' "
              "Removes), medians:")
     for workload, label in (("chain", "chain"), ("parallel", f"{report['config']['parallel']} at once")):
-        floor = remove_floor(report, workload)
+        floor = remove_floor(report, workload, before)
         real = next(r for r in snaps if (r["workload"], r["op"]) == (workload, "remove"))
-        s.append(f"* {label}: {fmt(floor['thinbox'])} ms on thinbox, {fmt(floor['devmapper'])} ms on devmapper. "
+        on_before = f", {fmt(floor[BEFORE])} ms on {BEFORE}" if before else ""
+        s.append(f"* {label}: {fmt(floor['thinbox'])} ms on thinbox{on_before}, {fmt(floor['devmapper'])} ms on devmapper. "
                  f"Thinbox's no-op alone is {ratio(floor['thinbox'] / real['devmapper_median_ms'])} of "
                  f"devmapper's Remove; thinbox's Remove costs "
                  f"{fmt(real['thinbox_median_ms'] - floor['thinbox'])} ms above it.")
@@ -262,6 +316,14 @@ def main():
              f"blocking other calls: {fmt(sum(ds) / 1000)} s in total, median {fmt(ds[len(ds) // 2])} ms per "
              f"device{per}, longest {fmt(ds[-1])} ms.")
     s.append("")
+    if before:
+        if not before_deletions:
+            raise SystemExit(f"deleter-before.txt: no background deletion of {BEFORE} logged")
+        bs = sorted(before_deletions)
+        s.append(f"{BEFORE}'s deleter thread likewise removed its {len(bs)} thin devices in the background: "
+                 f"{fmt(sum(bs) / 1000)} s in total, median {fmt(bs[len(bs) // 2])} ms per device "
+                 f"(thinbox / {BEFORE}: {ratio(ds[len(ds) // 2] / bs[len(bs) // 2])}), longest {fmt(bs[-1])} ms.")
+        s.append("")
     s.append(f"fio, 4k random, direct I/O, {cells[0]['ioengine']}, per cell and device {env['fio_rounds']} rounds of "
              f"{env['fio_runtime']} (after {env['fio_ramp']} ramp each) alternating with the other device, merged "
              f"(IOPS over the whole time, p99 of completion latency over all I/Os; \"paired\" = median and range of "

@@ -10,7 +10,8 @@
 #          builds release binaries (cargo build --release -p thinboxd
 #          -p thinbox-snapshot-bench) unless BENCH_BIN_DIR is set, copies them
 #          into a work directory under /var/tmp (which the guest sees through
-#          hostfs; the binaries cannot change under the run), boots UML once
+#          hostfs; the binaries cannot change under the run; with
+#          BENCH_BEFORE_BIN_DIR also the old thinbox-snapshotter), boots UML once
 #          (tests/uml/run-in-uml.sh) running this script with --inside, then
 #          checks that nothing of the run is attached or mounted and removes the
 #          work directory.
@@ -18,25 +19,31 @@
 #             pool = sparse meta/data files on loop devices -> dm-linear ->
 #             thin-pool (128-sector blocks, low water mark 10% of the data
 #             blocks, error_if_no_space, block zeroing on).
+#          1b. Only with BENCH_BEFORE_BIN_DIR: the old daemon, thinbox-snapshotter
+#             (before thinboxd existed; target "thinbox-before"), the same way
+#             (--release-on-exit, the same [pool] and [snapshot] settings) on
+#             its own root and socket, hence its own embedded pool (dm names
+#             derive from the root: distinct, checked).
 #          2. An identical pool made with dmsetup (files of the same sizes next
 #             to thinbox's, loops, dm-linear, the same thin-pool parameters; the
-#             two tables are compared and must match), and a private containerd
-#             1.6 whose devmapper snapshotter uses it (`ctr plugins ls` must
-#             show it ok).
+#             two tables, three with thinbox-before's, are compared and must
+#             match), and a private containerd 1.6 whose devmapper snapshotter
+#             uses it (`ctr plugins ls` must show it ok).
 #          3. thinbox-snapshot-bench: workloads chain and parallel, devmapper
 #             first (the baseline: ratios read thinbox / devmapper), targets
-#             taking turns; after each turn, unmeasured, it waits until both
-#             pools are empty again (--settle), so that neither daemon's
-#             background cleanup runs during the other's measurements.
+#             taking turns (thinbox-before last, when there); after each turn,
+#             unmeasured, it waits until every pool is empty again (--settle),
+#             so that no daemon's background cleanup runs during another's
+#             measurements.
 #          4. fio: 4k randread / randwrite at iodepth 1 and 16 (libaio, direct;
 #             rounds alternating between the two devices, merged)
 #             on a thin device of a fresh pool made like thinbox's, and on a
 #             loop device over a file of the same size as that pool's data file
 #             (the kind of device the pool's data sits on), both in the same
 #             host directory; the tested region is written once on both first.
-#          5. Teardown (also on failure): thinboxd, containerd, dm devices,
-#             loops, mounts; then `dmsetup ls`, `losetup -a` and findmnt must
-#             show nothing, or the run fails.
+#          5. Teardown (also on failure): thinboxd (and thinbox-snapshotter),
+#             containerd, dm devices, loops, mounts; then `dmsetup ls`,
+#             `losetup -a` and findmnt must show nothing, or the run fails.
 #
 # Output in $BENCH_OUT (default target/uml-bench/):
 #   snapshot-bench.{md,json,txt}   thinbox-snapshot-bench's report
@@ -44,16 +51,24 @@
 #   summary.md                     the final tables (ratios, targets met or not)
 #   uml-bench.md                   summary + configuration, for docs/benchmarks.md
 #   pools.txt, gc.txt              pool tables, page cache before fio, containerd GC passes
-#   settle.txt                     how long each pause between turns waited for both pools to empty
+#   settle.txt                     how long each pause between turns waited for the pools to empty
 #   deleter.txt                    thinbox's background deletions (one line each, with its time)
+#   deleter-before.txt             the same for thinbox-before (only with BENCH_BEFORE_BIN_DIR)
 #   host-load.txt                  the host's 1-minute load average before and after
-#   source.txt                     the commit the binaries were built from
-#   thinbox.log containerd.log run.log   logs
+#   source.txt                     the commit the binaries were built from; with
+#                                  BENCH_BEFORE_BIN_DIR a second line
+#                                  "thinbox-before: COMMIT" (the old binary's)
+#   thinbox.log containerd.log run.log   logs (thinbox-before.log: the old daemon's)
 #
 # Environment (all optional):
 #   BENCH_BIN_DIR=DIR        use thinboxd and thinbox-snapshot-bench
 #                            from DIR instead of building (e.g. a worktree's
 #                            target/release)
+#   BENCH_BEFORE_BIN_DIR=DIR add a third target, "thinbox-before": the old daemon
+#                            DIR/thinbox-snapshotter (a release build of a commit
+#                            before thinboxd, e.g. 65005f8; its commit is read
+#                            from the git tree around DIR), on its own embedded
+#                            dm-thin pool identical to thinbox's; unset: two targets
 #   BENCH_OUT=DIR            output directory (a host path; default target/uml-bench)
 #   BENCH_CHAIN_REPEATS=5    chains of 16 layers per target
 #   BENCH_PARALLEL=100       containers prepared at once in the parallel workload
@@ -109,7 +124,7 @@ export BENCH_OUT BENCH_CHAIN_REPEATS BENCH_PARALLEL BENCH_PARALLEL_REPEATS BENCH
     BENCH_GC_WAIT
 PASS_ENV="BENCH_WORK BENCH_OUT BENCH_CHAIN_REPEATS BENCH_PARALLEL BENCH_PARALLEL_REPEATS \
 BENCH_POOL_SIZE BENCH_SNAPSHOT_SIZE BENCH_FIO_ROUNDS BENCH_FIO_RUNTIME BENCH_FIO_RAMP BENCH_FIO_SIZE \
-BENCH_FIO_POOL_SIZE BENCH_GC_WAIT BENCH_HOST_KERNEL BENCH_HOST_CPUS BENCH_DATE"
+BENCH_FIO_POOL_SIZE BENCH_GC_WAIT BENCH_HOST_KERNEL BENCH_HOST_CPUS BENCH_DATE BENCH_BEFORE"
 
 # ============================================================================
 # Host side
@@ -155,6 +170,17 @@ host_main() {
     commit=$(git -C "$bin_dir" rev-parse --short HEAD 2>/dev/null || echo unknown)
     dirty=$(git -C "$bin_dir" status --porcelain -- :/crates :/bench/snapshot-bench :/Cargo.lock 2>/dev/null || true)
     [[ -z $dirty ]] || commit+=" with uncommitted changes"
+    # The old daemon, if asked for; BENCH_BEFORE (passed to the guest) = its
+    # commit, empty = no thinbox-before target.
+    BENCH_BEFORE=
+    if [[ -n ${BENCH_BEFORE_BIN_DIR:-} ]]; then
+        [[ -x $BENCH_BEFORE_BIN_DIR/thinbox-snapshotter ]] || die "missing $BENCH_BEFORE_BIN_DIR/thinbox-snapshotter"
+        log "thinbox-before: $BENCH_BEFORE_BIN_DIR/thinbox-snapshotter"
+        BENCH_BEFORE=$(git -C "$BENCH_BEFORE_BIN_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)
+        dirty=$(git -C "$BENCH_BEFORE_BIN_DIR" status --porcelain --untracked-files=no 2>/dev/null || true)
+        [[ -z $dirty ]] || BENCH_BEFORE+=" with uncommitted changes"
+    fi
+    export BENCH_BEFORE
 
     # Short: unix socket paths live in here (containerd's and thinbox's).
     BENCH_WORK=$(mktemp -d /var/tmp/tbub.XXXXXX)
@@ -165,10 +191,11 @@ host_main() {
     trap 'exit 143' TERM
     mkdir -p "$BENCH_WORK/bin"
     cp "$bin_dir/thinboxd" "$bin_dir/thinbox-snapshot-bench" "$BENCH_WORK/bin/"
+    [[ -z $BENCH_BEFORE ]] || cp "$BENCH_BEFORE_BIN_DIR/thinbox-snapshotter" "$BENCH_WORK/bin/"
 
     mkdir -p "$BENCH_OUT"
     rm -rf "$BENCH_OUT/fio"
-    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,settle.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,deleter.txt,thinbox.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
+    rm -f "$BENCH_OUT"/{snapshot-bench.md,snapshot-bench.json,snapshot-bench.txt,settle.txt,fio.md,fio.json,summary.md,uml-bench.md,pools.txt,gc.txt,deleter.txt,deleter-before.txt,thinbox.log,thinbox-before.log,containerd.log,run.log,env.json,host-load.txt,source.txt}
 
     BENCH_HOST_KERNEL=$(uname -r)
     BENCH_HOST_CPUS=$(nproc)
@@ -184,6 +211,7 @@ host_main() {
     (( st == 0 )) || die "the run inside UML failed (status $st); see $BENCH_OUT/run.log"
     echo "$load0 $(cut -d' ' -f1 /proc/loadavg)" >"$BENCH_OUT/host-load.txt"
     echo "$commit" >"$BENCH_OUT/source.txt"
+    [[ -z $BENCH_BEFORE ]] || echo "thinbox-before: $BENCH_BEFORE" >>"$BENCH_OUT/source.txt"
 
     python3 "$HERE/uml-bench-report.py" "$BENCH_OUT"
     log "results: $BENCH_OUT/summary.md, uml-bench.md, snapshot-bench.*, fio.*"
@@ -214,6 +242,7 @@ host_cleanup() {
 # ============================================================================
 W='' OUT='' BIN=''
 THINBOX_PID='' BENCH_PID='' CLEANED='' CTRD_STARTED='' THINBOX_POOL='' POOL_PARAMS=''
+BEFORE_PID='' BEFORE_POOL=''   # thinbox-before (BENCH_BEFORE set)
 DMPOOL=tbub-devmapper          # the devmapper snapshotter's pool
 FIOPOOL=tbub-fio               # the fio pool
 declare -a OUR_LOOPS=()
@@ -228,6 +257,18 @@ dm_devno() { dmsetup info -c --noheadings -o major,minor --separator : "$1"; }
 dm_bytes() { echo $(( $(cat "/sys/dev/block/$(dm_devno "$1")/size") * 512 )); }
 # thin-pool table without the device numbers: start length target blocksize lwm features...
 pool_params() { dmsetup table "$1" | awk '{ $4 = ""; $5 = ""; print }' | tr -s ' '; }
+
+# pool_of_root ROOT: the thin pool whose metadata linear sits on the loop over
+# ROOT/thin/meta.img (thinboxd's and thinbox-snapshotter's embedded pool).
+pool_of_root() {
+    local want=$1/thin/meta.img p devno
+    for p in $(dmsetup ls --target thin-pool | awk '$1 != "No" { print $1 }'); do
+        devno=$(dmsetup table "${p%-pool}-meta" 2>/dev/null | awk '$3 == "linear" { print $4 }') || continue
+        [[ -n $devno && -r /sys/dev/block/$devno/loop/backing_file ]] || continue
+        if [[ $(cat "/sys/dev/block/$devno/loop/backing_file") == "$want" ]]; then echo "$p"; return 0; fi
+    done
+    return 1
+}
 
 # make_pool NAME META_FILE DATA_FILE [PARAMS]: loops -> dm-linear NAME-meta and
 # NAME-data -> thin-pool NAME. PARAMS = the thin-pool table after the two
@@ -280,7 +321,52 @@ EOF
     done
     grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox.log" || die "thinboxd did not serve its socket in 60 s"
     grep -q 'backend="dm-thin"' "$W/thinbox.log" || { cat "$W/thinbox.log" >&2; die "thinbox is not on the dm-thin backend"; }
-    log "thinboxd pid $THINBOX_PID (dm-thin)"
+    THINBOX_POOL=$(pool_of_root "$W/thinbox") || die "no thin pool over $W/thinbox/thin/meta.img"
+    log "thinboxd pid $THINBOX_PID (dm-thin, pool $THINBOX_POOL)"
+}
+
+# thinbox-before: the old daemon, thinbox-snapshotter, configured as thinboxd
+# above, on a root of its own: its dm names (PREFIX-pool, -meta, -data,
+# PREFIX-<thin id>, PREFIX = thinbox-<hash of the root>) differ from thinbox's.
+start_before() {
+    cat >"$W/before.toml" <<EOF
+[pool]
+backend = "dm-thin"
+embedded_size = "$BENCH_POOL_SIZE"
+[snapshot]
+default_size = "$BENCH_SNAPSHOT_SIZE"
+filesystem = "ext4"
+EOF
+    # Its deleter was the snapshotter's (thinbox_snapshotter::deleter). It
+    # opens the pool before it binds its socket.
+    THINBOX_LOG=info,thinbox_snapshotter::deleter=debug "$BIN/thinbox-snapshotter" --root "$W/before" --address "$W/before.sock" \
+        --config "$W/before.toml" --release-on-exit >"$W/thinbox-before.log" 2>&1 </dev/null &
+    BEFORE_PID=$!
+    local i tp bp
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$BEFORE_PID" 2>/dev/null || { tail -n 30 "$W/thinbox-before.log" >&2; die "thinbox-snapshotter exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox-before.log" && break
+        sleep 0.1
+    done
+    grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox-before.log" || die "thinbox-snapshotter did not serve its socket in 60 s"
+    grep -q 'backend="dm-thin"' "$W/thinbox-before.log" || { cat "$W/thinbox-before.log" >&2; die "thinbox-before is not on the dm-thin backend"; }
+    BEFORE_POOL=$(pool_of_root "$W/before") || die "no thin pool over $W/before/thin/meta.img"
+    # Neither prefix may match the other's devices (settle and remove_pool
+    # select thin devices by "PREFIX-").
+    tp=${THINBOX_POOL%-pool}- bp=${BEFORE_POOL%-pool}-
+    [[ $tp != "$bp"* && $bp != "$tp"* ]] || die "thinbox's and thinbox-before's dm names collide: ${tp}* vs ${bp}*"
+    log "thinbox-snapshotter (thinbox-before, commit $BENCH_BEFORE) pid $BEFORE_PID (dm-thin, pool $BEFORE_POOL)"
+}
+
+stop_before() {
+    [[ -n $BEFORE_PID ]] || return 0
+    local st=0
+    if kill -0 "$BEFORE_PID" 2>/dev/null; then
+        terminate "$BEFORE_PID" 60 thinbox-snapshotter || st=1
+    fi
+    wait "$BEFORE_PID" 2>/dev/null || true
+    BEFORE_PID=
+    return "$st"
 }
 
 stop_thinbox() {
@@ -294,11 +380,13 @@ stop_thinbox() {
     return "$st"
 }
 
-# The devmapper snapshotter's pool: same file sizes as thinbox's, same table.
+# The devmapper snapshotter's pool: same file sizes as thinbox's, same table
+# (and thinbox-before's pool, when there, must be identical too).
 make_devmapper_pool() {
-    local tpool tmeta tdata a b
-    tpool=$(dmsetup ls --target thin-pool | awk '{ print $1 }')
-    [[ -n $tpool && $(wc -l <<<"$tpool") == 1 ]] || die "expected exactly thinbox's thin pool, found: ${tpool:-none}"
+    local tpool=$THINBOX_POOL tmeta tdata a b c pools want
+    pools=$(dmsetup ls --target thin-pool | awk '$1 != "No" { print $1 }' | sort)
+    want=$(printf '%s\n' "$THINBOX_POOL" ${BEFORE_POOL:+"$BEFORE_POOL"} | sort)
+    [[ $pools == "$want" ]] || die "expected exactly these thin pools: ${want//$'\n'/ } (thinbox's, thinbox-before's when there); found: ${pools//$'\n'/ }"
     tmeta=$W/thinbox/thin/meta.img
     tdata=$W/thinbox/thin/data.img
     [[ -f $tmeta && -f $tdata ]] || die "thinbox's pool files are not at $tmeta, $tdata"
@@ -313,6 +401,12 @@ make_devmapper_pool() {
         dmsetup table | grep -F "${tpool%-pool}-" | sort
         ls -ls "$tmeta" "$tdata"
         echo
+        if [[ -n $BEFORE_POOL ]]; then
+            echo "# thinbox-before's embedded pool ($BEFORE_POOL; thinbox-snapshotter $BENCH_BEFORE)"
+            dmsetup table | grep -F "${BEFORE_POOL%-pool}-" | sort
+            ls -ls "$W/before/thin/meta.img" "$W/before/thin/data.img"
+            echo
+        fi
         echo "# containerd devmapper's pool ($DMPOOL), made by this script"
         dmsetup table | grep -F "$DMPOOL" | sort
         ls -ls "$W/devmapper/meta.img" "$W/devmapper/data.img"
@@ -320,12 +414,19 @@ make_devmapper_pool() {
     a=$(pool_params "$tpool")
     b=$(pool_params "$DMPOOL")
     [[ $a == "$b" ]] || die "the pools differ: thinbox '$a' vs devmapper '$b'"
+    if [[ -n $BEFORE_POOL ]]; then
+        c=$(pool_params "$BEFORE_POOL")
+        [[ $a == "$c" ]] || die "the pools differ: thinbox '$a' vs thinbox-before '$c'"
+    fi
     a="$(dm_bytes "${tpool%-pool}-meta") $(dm_bytes "${tpool%-pool}-data")"
     b="$(dm_bytes "$DMPOOL-meta") $(dm_bytes "$DMPOOL-data")"
     [[ $a == "$b" ]] || die "pool devices differ in size: thinbox $a vs devmapper $b"
-    log "pools identical: $(pool_params "$DMPOOL") (thin-pool table without devices; meta+data bytes $b)"
+    if [[ -n $BEFORE_POOL ]]; then
+        c="$(dm_bytes "${BEFORE_POOL%-pool}-meta") $(dm_bytes "${BEFORE_POOL%-pool}-data")"
+        [[ $a == "$c" ]] || die "pool devices differ in size: thinbox $a vs thinbox-before $c"
+    fi
+    log "pools identical${BEFORE_POOL:+ (thinbox, thinbox-before, devmapper)}: $(pool_params "$DMPOOL") (thin-pool table without devices; meta+data bytes $b)"
     POOL_PARAMS=$(dmsetup table "$DMPOOL" | awk '{ for (i = 6; i <= NF; i++) printf "%s%s", $i, (i < NF ? " " : "") }')
-    THINBOX_POOL=$tpool
 }
 
 start_containerd() {
@@ -351,22 +452,29 @@ EOF
 }
 
 run_snapshot_bench() {
-    local ctrd_version notes=() st=0
+    local ctrd_version notes=() targets=() st=0 daemons=both
     ctrd_version=$(containerd --version | awk '{ print $3 }')
-    notes+=(--note "machine: user-mode Linux guest (kernel $(uname -r), 1 CPU, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)) on a ${BENCH_HOST_CPUS}-core host (kernel $BENCH_HOST_KERNEL); both daemons and the benchmark client in that one guest")
+    [[ -z $BEFORE_POOL ]] || daemons="all three"
+    notes+=(--note "machine: user-mode Linux guest (kernel $(uname -r), 1 CPU, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)) on a ${BENCH_HOST_CPUS}-core host (kernel $BENCH_HOST_KERNEL); $daemons daemons and the benchmark client in that one guest")
     notes+=(--note "pools: identical, made the same way: sparse meta and data files ($(bytes_of "$W/devmapper/meta.img") and $(bytes_of "$W/devmapper/data.img") bytes) in one host ext4 directory seen through hostfs, loop devices (buffered, no direct I/O), dm-linear, thin-pool; thinbox's thin-pool table copied: block size (sectors), low water mark (blocks), features = $POOL_PARAMS (block zeroing on unless skip_block_zeroing is listed)")
     notes+=(--note "thinbox: thinboxd release build, snapshot socket only (--no-csi), pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4 (mkfs with lazy inode table/journal init), state root on the same host directory, THINBOX_LOG=info,thinbox_blockstore::deleter=debug")
     notes+=(--note "devmapper: containerd $ctrd_version built-in devmapper snapshotter through containerd's main socket (namespace bench, debug log level, root on the same host directory): base_image_size = $BENCH_SNAPSHOT_SIZE, fs_type = ext4 (its mkfs: nodiscard, lazy_itable_init=0, lazy_journal_init=0), async_remove = false, discard_blocks = false; it runs dmsetup and mkfs as processes")
     notes+=(--note "devmapper Remove as measured is containerd's metadata deletion: containerd's garbage collector removes the thin device afterwards, in the background (async_remove = false only makes that removal synchronous within the collector); see the GC line below the table")
     notes+=(--note "thinbox Remove as measured deletes the snapshot's record (unflushed) and queues its device: thinbox's deleter thread removes the thin device afterwards, in the background; see the deleter line below the table")
+    targets+=(--target "devmapper=$CONTAINERD_ADDRESS,snapshotter=devmapper,namespace=bench,pid=$CONTAINERD_PID")
+    targets+=(--target "thinbox=$W/thinbox.sock,pid=$THINBOX_PID")
+    if [[ -n $BEFORE_POOL ]]; then
+        notes+=(--note "thinbox-before: the old daemon, thinbox-snapshotter (commit $BENCH_BEFORE, before thinboxd existed), release build, --release-on-exit, pool.backend = dm-thin, pool.embedded_size = $BENCH_POOL_SIZE, snapshot.default_size = $BENCH_SNAPSHOT_SIZE, ext4, state root and embedded pool of its own (pool $BEFORE_POOL, thin-pool table identical to thinbox's) on the same host directory, THINBOX_LOG=info,thinbox_snapshotter::deleter=debug; it takes its turn after thinbox's, and every pool is empty before each turn")
+        notes+=(--note "thinbox-before Remove likewise deletes the record (unflushed) and queues the device for its deleter thread (then the snapshotter's, not the block engine's); see deleter-before.txt")
+        targets+=(--target "thinbox-before=$W/before.sock,pid=$BEFORE_PID")
+    fi
     "$BIN/thinbox-snapshot-bench" \
-        --target "devmapper=$CONTAINERD_ADDRESS,snapshotter=devmapper,namespace=bench,pid=$CONTAINERD_PID" \
-        --target "thinbox=$W/thinbox.sock,pid=$THINBOX_PID" \
+        "${targets[@]}" \
         --workloads chain,parallel \
         --chain-repeats "$BENCH_CHAIN_REPEATS" \
         --parallel "$BENCH_PARALLEL" --parallel-repeats "$BENCH_PARALLEL_REPEATS" \
         --timeout-secs 600 \
-        --settle "bash $REPO/tests/bench/uml-devmapper-bench.sh --settle $DMPOOL $THINBOX_POOL" \
+        --settle "bash $REPO/tests/bench/uml-devmapper-bench.sh --settle $DMPOOL $THINBOX_POOL${BEFORE_POOL:+ $BEFORE_POOL}" \
         "${notes[@]}" \
         --markdown "$OUT/snapshot-bench.md" --json "$OUT/snapshot-bench.json" \
         >"$OUT/snapshot-bench.txt" &
@@ -408,21 +516,22 @@ thin_ids_of() {
 
 # thinbox deletes removed snapshots' devices in its background deleter; the
 # benchmark removes every snapshot it made, so its pool must end up empty.
+# wait_thinbox_deletions TARGET POOL LOG OUT_FILE (thinbox-before's alike).
 wait_thinbox_deletions() {
-    local i left
+    local name=$1 pool=$2 logf=$3 outf=$4 i left
     for (( i = 0; i < BENCH_GC_WAIT * 2; i++ )); do
-        left=$(thin_ids_of "$THINBOX_POOL") || exit 1
+        left=$(thin_ids_of "$pool") || exit 1
         left=$(grep -c . <<<"$left" || true)
         (( left == 0 )) && break
         sleep 0.5
     done
     {
-        echo "thinbox thin ids left after waiting $((i / 2)) s (at most $BENCH_GC_WAIT s) for its deleter once the benchmark ended: $left"
-        echo "thinbox deleter: devices deleted in the background (from thinbox.log, debug level for the deleter):"
-        grep -F 'device deleted' "$W/thinbox.log" || true
-    } >"$OUT/deleter.txt"
-    (( left == 0 )) || die "thinbox's deleter left $left thin ids after ${BENCH_GC_WAIT}s"
-    log "thinbox: its deleter removed every thin device ($((i / 2)) s after the benchmark ended)"
+        echo "$name thin ids left after waiting $((i / 2)) s (at most $BENCH_GC_WAIT s) for its deleter once the benchmark ended: $left"
+        echo "$name deleter: devices deleted in the background (from ${logf##*/}, debug level for the deleter):"
+        grep -F 'device deleted' "$logf" || true
+    } >"$OUT/$outf"
+    (( left == 0 )) || die "$name's deleter left $left thin ids after ${BENCH_GC_WAIT}s"
+    log "$name: its deleter removed every thin device ($((i / 2)) s after the benchmark ended)"
 }
 
 # fio_cell RW QD RAW THIN: one fio process runs BENCH_FIO_ROUNDS rounds on each
@@ -552,16 +661,23 @@ guest_cleanup() {
         wait "$BENCH_PID" 2>/dev/null || true
     fi
     stop_thinbox || { log "ERROR: thinboxd had to be killed"; st=1; }
+    stop_before || { log "ERROR: thinbox-snapshotter had to be killed"; st=1; }
     # thinbox releases its pool on exit (--release-on-exit): nothing of it may stay.
     if [[ -n ${THINBOX_POOL:-} ]] && dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then
         log "ERROR: thinbox left its pool $THINBOX_POOL after exiting"
         st=1
         remove_pool "${THINBOX_POOL%-pool}"
     fi
+    if [[ -n ${BEFORE_POOL:-} ]] && dmsetup info "$BEFORE_POOL" >/dev/null 2>&1; then
+        log "ERROR: thinbox-before left its pool $BEFORE_POOL after exiting"
+        st=1
+        remove_pool "${BEFORE_POOL%-pool}"
+    fi
     if [[ -n $CTRD_STARTED ]]; then
         containerd_stop || st=1
     fi
     [[ -f $W/thinbox.log ]] && cp "$W/thinbox.log" "$OUT/thinbox.log"
+    [[ -f $W/thinbox-before.log ]] && cp "$W/thinbox-before.log" "$OUT/thinbox-before.log"
     [[ -f $W/ctrd/containerd.log ]] && cp "$W/ctrd/containerd.log" "$OUT/containerd.log"
     # Ours to tear down: containerd does not remove its pool (an admin's).
     remove_pool "$DMPOOL"
@@ -595,15 +711,21 @@ guest_main() {
     mkdir -p "$OUT"
 
     start_thinbox
+    [[ -z ${BENCH_BEFORE:-} ]] || start_before
     make_devmapper_pool
     start_containerd
     run_snapshot_bench
-    wait_thinbox_deletions
+    wait_thinbox_deletions thinbox "$THINBOX_POOL" "$W/thinbox.log" deleter.txt
+    [[ -z $BEFORE_POOL ]] || wait_thinbox_deletions thinbox-before "$BEFORE_POOL" "$W/thinbox-before.log" deleter-before.txt
     wait_devmapper_gc
 
     # Done with the daemons: the fio part runs on a quiet guest.
     stop_thinbox || die "thinboxd had to be killed"
     if dmsetup info "$THINBOX_POOL" >/dev/null 2>&1; then die "thinbox left its pool $THINBOX_POOL after exiting"; fi
+    if [[ -n $BEFORE_POOL ]]; then
+        stop_before || die "thinbox-snapshotter had to be killed"
+        if dmsetup info "$BEFORE_POOL" >/dev/null 2>&1; then die "thinbox-before left its pool $BEFORE_POOL after exiting"; fi
+    fi
     containerd_stop || die "containerd did not stop cleanly"
     CTRD_STARTED=
     remove_pool "$DMPOOL"
@@ -614,9 +736,11 @@ guest_main() {
     left=$(leftovers)
     [[ -z $left ]] || die "left behind after stopping the daemons: $left"
     cp "$W/thinbox.log" "$OUT/thinbox.log"
+    [[ -z $BEFORE_POOL ]] || cp "$W/thinbox-before.log" "$OUT/thinbox-before.log"
     cp "$W/ctrd/containerd.log" "$OUT/containerd.log"
     # The pools' files (and their page cache) are not needed any more.
-    rm -f "$W/thinbox/thin/meta.img" "$W/thinbox/thin/data.img" "$W/devmapper/meta.img" "$W/devmapper/data.img"
+    rm -f "$W/thinbox/thin/meta.img" "$W/thinbox/thin/data.img" "$W/devmapper/meta.img" "$W/devmapper/data.img" \
+        "$W/before/thin/meta.img" "$W/before/thin/data.img"
 
     run_fio
     python3 - "$OUT/env.json" <<PY
@@ -632,30 +756,35 @@ json.dump({"date": "$BENCH_DATE", "host_kernel": "$BENCH_HOST_KERNEL", "host_cpu
 PY
 }
 
-# --settle DMPOOL THINBOX_POOL, run by thinbox-snapshot-bench after each
-# target's turn (unmeasured): waits until neither pool holds a thin device, so
-# that one daemon's background cleanup (containerd's GC, thinbox's deleter)
-# never runs during the other's measurements on the guest's one CPU. Each
-# turn removes everything it made, so both pools end it empty.
+# --settle DMPOOL THINBOX_POOL [BEFORE_POOL], run by thinbox-snapshot-bench
+# after each target's turn (unmeasured): waits until no pool holds a thin
+# device, so that one daemon's background cleanup (containerd's GC, thinbox's
+# deleter) never runs during another's measurements on the guest's one CPU.
+# Each turn removes everything it made, so every pool ends it empty.
 settle_main() {
-    local dmpool=$1 tpool=$2 t0 i ids dm tb
+    local dmpool=$1 tpool=$2 bpool=${3:-} t0 i ids dm tb bb=0 left
     t0=$(date +%s.%N)
     for (( i = 0; i < BENCH_GC_WAIT * 4; i++ )); do
         ids=$(thin_ids_of "$dmpool") || exit 1
         dm=$(grep -c . <<<"$ids" || true)
         ids=$(thin_ids_of "$tpool") || exit 1
         tb=$(grep -c . <<<"$ids" || true)
-        (( dm == 0 && tb == 0 )) && break
+        if [[ -n $bpool ]]; then
+            ids=$(thin_ids_of "$bpool") || exit 1
+            bb=$(grep -c . <<<"$ids" || true)
+        fi
+        (( dm == 0 && tb == 0 && bb == 0 )) && break
         sleep 0.25
     done
-    echo "after ${TBB_WORKLOAD:-?} on ${TBB_TARGET:-?}: pools empty after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s (left: devmapper $dm, thinbox $tb)" >>"$BENCH_OUT/settle.txt"
-    (( dm == 0 && tb == 0 )) || die "thin devices left ${BENCH_GC_WAIT}s after ${TBB_TARGET:-?}'s turn: devmapper $dm, thinbox $tb"
+    left="devmapper $dm, thinbox $tb${bpool:+, thinbox-before $bb}"
+    echo "after ${TBB_WORKLOAD:-?} on ${TBB_TARGET:-?}: pools empty after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s (left: $left)" >>"$BENCH_OUT/settle.txt"
+    (( dm == 0 && tb == 0 && bb == 0 )) || die "thin devices left ${BENCH_GC_WAIT}s after ${TBB_TARGET:-?}'s turn: $left"
 }
 
 if [[ ${1:-} == --inside ]]; then
     guest_main
 elif [[ ${1:-} == --settle ]]; then
-    settle_main "$2" "$3"
+    settle_main "$2" "$3" "${4:-}"
 else
     [[ $# == 0 ]] || die "no arguments (see the header for the environment variables)"
     host_main
