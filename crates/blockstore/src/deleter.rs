@@ -70,6 +70,9 @@ struct Queue {
     finished: u64,
     /// Devices queued so far: Removes up to this count have committed.
     pushed: u64,
+    /// Devices given up after [`ATTEMPTS`] failures since the last
+    /// reconciliation: still marked `Deleting`, in no queue.
+    given_up: usize,
     /// When the last device was queued.
     last_push: Option<Instant>,
     /// Callers waiting for the queue to drain: fresh jobs are due at once.
@@ -179,9 +182,11 @@ impl Deleter {
     }
 
     /// Blocks until the worker has nothing left that it can do now (devices
-    /// waiting for a retry after a failure are not waited for) or has stopped.
+    /// waiting for a retry after a failure are not waited for) or has stopped,
+    /// and returns how many deletions are left behind: waiting for a retry,
+    /// given up since the last reconciliation, or queued when it stopped.
     /// The caller must not hold the gate: the worker needs it.
-    pub fn wait_idle(&self) {
+    pub fn wait_idle(&self) -> usize {
         let mut q = self.shared.lock();
         q.hurry += 1;
         self.shared.changed.notify_all();
@@ -189,6 +194,7 @@ impl Deleter {
             q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         q.hurry -= 1;
+        q.jobs.len() + q.given_up
     }
 
     /// Forgets every queued device: reconciliation has just finished them all
@@ -199,6 +205,7 @@ impl Deleter {
         let n = q.jobs.len() as u64;
         q.jobs.clear();
         q.finished += n;
+        q.given_up = 0;
         drop(q);
         self.shared.changed.notify_all();
     }
@@ -286,6 +293,7 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
                     q.jobs.push_back(Job { retry_at: Some(Instant::now() + wait), failures, ..job });
                 } else {
                     tracing::error!(device = %job.id, failures, %error, "deleting device failed; it stays marked deleting until Cleanup or the next start");
+                    q.given_up += 1;
                 }
             }
         }

@@ -359,11 +359,11 @@ impl Snapshots {
         Ok(out)
     }
 
-    /// Reclaims space now: finishes every pending deletion (synchronously,
-    /// failures included) and what interrupted operations left behind, of
-    /// every consumer of the pool.
+    /// Reclaims space now: finishes every pending deletion of every consumer
+    /// of the pool, synchronously, failures included (see
+    /// [`Engine::finish_deletions`]).
     pub fn cleanup(&self) -> Result<ReconcileReport> {
-        Ok(self.engine.reconcile()?)
+        Ok(self.engine.finish_deletions()?)
     }
 
     /// Called on exit by a daemon that serves snapshots alone; see [`Engine::shutdown`].

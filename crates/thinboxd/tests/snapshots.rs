@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::snapshots::*;
+use thinbox_proto::admin::GcRequest;
 use thinbox_proto::snapshots::{CleanupRequest, Info, UpdateSnapshotRequest, UsageRequest};
 use tonic::Code;
 
@@ -347,6 +348,42 @@ fn remove_in_place_never_waits_for_the_store() {
     s.cleanup().unwrap();
     assert!(s.pool().store().devices().unwrap().is_empty(), "both devices deleted");
     s.shutdown(cfg.release_on_exit).unwrap();
+}
+
+/// Cleanup's usual case, where no deletion has failed, runs the queued
+/// deletions and nothing more: containerd calls it after every garbage
+/// collection while it holds its lock on the snapshotter, so it does not
+/// audit the whole pool under the exclusive gate (start-up and `thinboxctl
+/// gc` do). An image planted in the pool without a record stays through
+/// Cleanup, and gc removes it.
+#[tokio::test]
+async fn cleanup_runs_the_queued_deletions_without_auditing_the_pool() {
+    let dir = tmp();
+    let (d, mut c) = Daemon::start(dir.path(), Some(SMALL), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("a", "1")]).await;
+    let keys: Vec<String> = (0..4).map(|i| format!("ctr{i}")).collect();
+    for k in &keys {
+        prepare(&mut c, k, "base", HashMap::new()).await.unwrap();
+    }
+    for k in &keys {
+        remove(&mut c, k).await.unwrap();
+    }
+    let stray = (d.inventory().backend == "reflink").then(|| {
+        let p = d.root.join("pool/devices/987654321.img");
+        std::fs::File::create(&p).unwrap();
+        p
+    });
+    c.cleanup(CleanupRequest { snapshotter: "thinbox".into() }).await.unwrap();
+    assert_eq!(d.device_records().await, 1, "Cleanup returned with the queued deletions done");
+    if let Some(stray) = &stray {
+        assert!(stray.exists(), "Cleanup audited the pool");
+        let report = d.admin().await.gc(GcRequest {}).await.unwrap().into_inner().report;
+        assert!(!stray.exists(), "gc removes the stray image: {report:?}");
+    }
+    assert_eq!(read_through_view(&mut c, &work, "base", "a").await, "1");
+    assert_no_leaks(&mut c, &d, 0).await;
+    d.release().await;
 }
 
 /// Cleanup (containerd's "reclaim now", also `thinboxctl gc`) finishes every
