@@ -23,7 +23,9 @@
 #   THINBOXD_BEFORE_BIN=PATH  also measure this second thinboxd (e.g. built
 #                         from an older commit) as target "thinbox-before":
 #                         its own root, a second proxy plugin of the same
-#                         containerd, interleaved with the others
+#                         containerd, interleaved with the others. A binary
+#                         named thinbox-snapshotter (the daemon before
+#                         thinboxd, e.g. 65005f8) is started with its own flags
 #   BENCH_OUT=DIR         output directory
 #   THINBOX_LOG           thinboxd log filter (default info; must keep its info lines)
 #   TMPDIR                where the daemons' state goes (default /tmp; keep it
@@ -119,11 +121,14 @@ notes=()
 # to say it serves, so that no measured call waits for the pool.
 # start_thinboxd BIN ROOT SOCKET LOG: starts it, sets STARTED_PID.
 start_thinboxd() {
-    local bin=$1 root=$2 sock=$3 logf=$4 i
+    local bin=$1 root=$2 sock=$3 logf=$4 i args
     : >"$logf"
-    THINBOX_LOG=${THINBOX_LOG:-info} "$bin" --root "$root" \
-        --snapshotter-address "$sock" --no-csi --release-on-exit \
-        >"$logf" 2>&1 </dev/null &
+    if [[ ${bin##*/} == thinbox-snapshotter ]]; then
+        args=(--root "$root" --address "$sock" --release-on-exit)
+    else
+        args=(--root "$root" --snapshotter-address "$sock" --no-csi --release-on-exit)
+    fi
+    THINBOX_LOG=${THINBOX_LOG:-info} "$bin" "${args[@]}" >"$logf" 2>&1 </dev/null &
     STARTED_PID=$!
     for (( i = 0; i < 300; i++ )); do
         kill -0 "$STARTED_PID" 2>/dev/null || { tail -n 30 "$logf" >&2; die "thinboxd exited during startup"; }
