@@ -80,8 +80,9 @@ tier_crash() {
   need_root crash
   # A separate target dir keeps the fault-injection build away from the real binary.
   cargo test --target-dir target/fault -p thinboxd --features fault-injection --test snapshots_crash --test volumes_crash -- --test-threads=1
-  # SIGKILL needs no injection point: the real binary, in the normal target dir.
-  cargo test -p thinboxd --test together_crash -- --test-threads=1
+  # SIGKILL and a power cut of the pool need no injection point: the real
+  # binary, in the normal target dir.
+  cargo test -p thinboxd --test together_crash --test power_cut -- --test-threads=1
 }
 tier_conformance() {
   need_root conformance

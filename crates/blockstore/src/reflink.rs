@@ -127,6 +127,11 @@ impl Reflink {
                 None => file.set_len(rec.size.get()).map_err(Error::io("size", &img))?,
             },
         }
+        // Durable before the engine records the device ready (in a store on
+        // another filesystem): until something forces the pool filesystem's
+        // log, the new file and its clone live only in memory, and a power
+        // cut would leave a ready record without its image.
+        file.sync_all().map_err(Error::io("sync", &img))?;
         fault::point("create.after_image");
         let grow = rec.origin_size.is_some_and(|o| o < rec.size);
         if grow && rec.fs == Some(FsType::Ext4) {
@@ -213,7 +218,12 @@ impl Backend for Reflink {
             loops::detach(&node)?;
         }
         let img = self.image(id);
-        File::open(&img).and_then(|f| f.sync_all()).map_err(Error::io("sync", &img))
+        match File::open(&img).and_then(|f| f.sync_all()) {
+            // Nothing left to flush: reconciliation reports the device's
+            // storage missing, and a start must not fail on it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            done => done.map_err(Error::io("sync", &img)),
+        }
     }
 
     fn node(&self, id: DeviceId) -> Option<PathBuf> {
