@@ -313,43 +313,36 @@ EOF
     THINBOX_LOG=info,thinbox_blockstore::deleter=debug "$BIN/thinboxd" --root "$W/thinbox" --snapshotter-address "$W/thinbox.sock" \
         --no-csi --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
     THINBOX_PID=$!
-    local i
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$THINBOX_PID" 2>/dev/null || { tail -n 30 "$W/thinbox.log" >&2; die "thinboxd exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox.log" && break
-        sleep 0.1
-    done
-    grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox.log" || die "thinboxd did not serve its socket in 60 s"
-    grep -q 'backend="dm-thin"' "$W/thinbox.log" || { cat "$W/thinbox.log" >&2; die "thinbox is not on the dm-thin backend"; }
+    await_serving "$THINBOX_PID" "$W/thinbox.log" thinboxd
     THINBOX_POOL=$(pool_of_root "$W/thinbox") || die "no thin pool over $W/thinbox/thin/meta.img"
     log "thinboxd pid $THINBOX_PID (dm-thin, pool $THINBOX_POOL)"
+}
+
+# await_serving PID LOG NAME: until the daemon says it serves its socket (it
+# opens its pool first), on dm-thin.
+await_serving() {
+    local pid=$1 logf=$2 name=$3 i
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$pid" 2>/dev/null || { tail -n 30 "$logf" >&2; die "$name exited during startup"; }
+        grep -q 'serving containerd.services.snapshots.v1' "$logf" && break
+        sleep 0.1
+    done
+    grep -q 'serving containerd.services.snapshots.v1' "$logf" || die "$name did not serve its socket in 60 s"
+    grep -q 'backend="dm-thin"' "$logf" || { cat "$logf" >&2; die "$name is not on the dm-thin backend"; }
 }
 
 # thinbox-before: the old daemon, thinbox-snapshotter, configured as thinboxd
 # above, on a root of its own: its dm names (PREFIX-pool, -meta, -data,
 # PREFIX-<thin id>, PREFIX = thinbox-<hash of the root>) differ from thinbox's.
 start_before() {
-    cat >"$W/before.toml" <<EOF
-[pool]
-backend = "dm-thin"
-embedded_size = "$BENCH_POOL_SIZE"
-[snapshot]
-default_size = "$BENCH_SNAPSHOT_SIZE"
-filesystem = "ext4"
-EOF
-    # Its deleter was the snapshotter's (thinbox_snapshotter::deleter). It
-    # opens the pool before it binds its socket.
+    # thinboxd's configuration file: the old daemon reads its [pool] and
+    # [snapshot] keys alike. Its deleter was the snapshotter's
+    # (thinbox_snapshotter::deleter).
     THINBOX_LOG=info,thinbox_snapshotter::deleter=debug "$BIN/thinbox-snapshotter" --root "$W/before" --address "$W/before.sock" \
-        --config "$W/before.toml" --release-on-exit >"$W/thinbox-before.log" 2>&1 </dev/null &
+        --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox-before.log" 2>&1 </dev/null &
     BEFORE_PID=$!
-    local i tp bp
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$BEFORE_PID" 2>/dev/null || { tail -n 30 "$W/thinbox-before.log" >&2; die "thinbox-snapshotter exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox-before.log" && break
-        sleep 0.1
-    done
-    grep -q 'serving containerd.services.snapshots.v1' "$W/thinbox-before.log" || die "thinbox-snapshotter did not serve its socket in 60 s"
-    grep -q 'backend="dm-thin"' "$W/thinbox-before.log" || { cat "$W/thinbox-before.log" >&2; die "thinbox-before is not on the dm-thin backend"; }
+    local tp bp
+    await_serving "$BEFORE_PID" "$W/thinbox-before.log" thinbox-snapshotter
     BEFORE_POOL=$(pool_of_root "$W/before") || die "no thin pool over $W/before/thin/meta.img"
     # Neither prefix may match the other's devices (settle and remove_pool
     # select thin devices by "PREFIX-").

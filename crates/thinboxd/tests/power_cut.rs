@@ -19,7 +19,7 @@ use std::process::Command;
 
 use common::node::Node;
 use thinbox_proto::admin::{CheckRequest, ReconcileReport};
-use thinbox_proto::csi::v1::{CreateSnapshotRequest, DeleteVolumeRequest, ListSnapshotsRequest, ListVolumesRequest};
+use thinbox_proto::csi::v1::{CreateSnapshotRequest, DeleteVolumeRequest, ListSnapshotsRequest};
 
 const POOL: &str = "backend = \"reflink\"";
 /// Buffered loops: the test must not lean on the flush of its backing file
@@ -86,17 +86,7 @@ async fn cut_after(answer: Answer) -> (tempfile::TempDir, Node) {
 async fn a_power_cut_after_create_volume_keeps_the_volume() {
     let (_dir, mut n) = cut_after(Answer::CreateVolume).await;
     // The cloned filesystem is whole: it mounts and takes a file.
-    let ids: Vec<String> = n
-        .ctl
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .filter_map(|e| e.volume)
-        .map(|v| v.volume_id)
-        .collect();
+    let ids = n.volume_ids().await;
     assert_eq!(ids.len(), 2, "{ids:?}");
     for (i, id) in ids.iter().enumerate() {
         let target = n.publish(id, &format!("v{i}")).await;

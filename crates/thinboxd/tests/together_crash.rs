@@ -325,16 +325,7 @@ async fn sigkill_during_snapshots_and_volumes_at_once_then_a_clean_pool() {
         assert_eq!(read_through_view(&mut n.snap, &work, name, file).await, content, "layer {name}'s {file}");
     }
     assert_eq!(read_through_view(&mut n.snap, &work, "mid", "hello").await, "world", "mid holds base's file");
-    let vols: BTreeSet<String> = n
-        .ctl
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect();
+    let vols: BTreeSet<String> = n.volume_ids().await.into_iter().collect();
     assert_eq!(vols, premade.keys().cloned().collect(), "only the pre-made volumes");
     assert!(n.ctl.list_snapshots(CsiListSnapshots::default()).await.unwrap().into_inner().entries.is_empty(), "no CSI snapshot left");
     for (id, (name, content)) in &premade {

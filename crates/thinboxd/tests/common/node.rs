@@ -18,7 +18,8 @@ use thinbox_proto::csi::v1::node_client::NodeClient;
 use thinbox_proto::csi::v1::volume_capability::access_mode::Mode;
 use thinbox_proto::csi::v1::volume_capability::{AccessMode, AccessType, MountVolume};
 use thinbox_proto::csi::v1::{
-    CapacityRange, CreateVolumeRequest, GetCapacityRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest, VolumeCapability,
+    CapacityRange, CreateVolumeRequest, GetCapacityRequest, ListVolumesRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest,
+    VolumeCapability,
 };
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::{Kind, ListSnapshotsRequest, PrepareSnapshotRequest};
@@ -152,6 +153,12 @@ impl Node {
     pub async fn prepare(&mut self, key: &str) -> Result<(), tonic::Status> {
         let req = PrepareSnapshotRequest { snapshotter: "thinbox".into(), key: key.into(), parent: String::new(), labels: HashMap::new() };
         self.snap.prepare(req).await.map(|_| ())
+    }
+
+    /// Every volume's id (ListVolumes).
+    pub async fn volume_ids(&mut self) -> Vec<String> {
+        let entries = self.ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries;
+        entries.into_iter().map(|e| e.volume.unwrap().volume_id).collect()
     }
 
     /// Every snapshot: key and kind.
