@@ -104,9 +104,8 @@ shlibs=$(cd "$work" && dpkg-shlibdeps -O -e"$pkg/usr/bin/thinboxd" -e"$pkg/usr/b
 [ -n "$shlibs" ] || die "dpkg-shlibdeps found no shared library dependencies"
 # What thinboxd runs: mkfs.ext4, resize2fs (e2fsprogs); mkfs.xfs, xfs_growfs,
 # xfs_quota (xfsprogs); thin_ls, thin_delta (thin-provisioning-tools, the
-# dm-thin backend); fsfreeze is util-linux's, which is Essential and so not
-# listed (Policy 3.5). Loops, device-mapper and mounts are ioctls and
-# syscalls; losetup and umount (mount) serve postrm's purge.
+# dm-thin backend). Loops, device-mapper, mounts and filesystem freezes are
+# ioctls and syscalls; losetup and umount (mount) serve postrm's purge.
 depends="$shlibs, e2fsprogs, xfsprogs, thin-provisioning-tools, mount"
 installed_size() { du -sk --exclude=DEBIAN "$1" | cut -f1; }
 

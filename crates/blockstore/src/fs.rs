@@ -13,6 +13,13 @@ use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 use crate::error::{Error, Result};
 use crate::types::FsType;
 
+/// Freezes (`frozen`) or thaws the filesystem mounted at `dir`, as
+/// fsfreeze(8) does, without a process per call.
+pub fn freeze(dir: &Path, frozen: bool) -> Result<()> {
+    let what = if frozen { "freeze" } else { "thaw" };
+    File::open(dir).and_then(|d| crate::sys::freeze(&d, frozen)).map_err(Error::io(what, dir))
+}
+
 /// Runs `tool args…` and turns a failure into [`Error::Tool`] about `path`.
 pub fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<()> {
     let out = Command::new(tool).args(args).output().map_err(Error::io("run tool on", path))?;

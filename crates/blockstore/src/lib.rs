@@ -49,7 +49,7 @@ pub use deleter::{Deleter, Progress};
 pub use dmthin::DmThin;
 pub use engine::{Consumer, Engine};
 pub use error::{Error, ErrorKind, Result};
-pub use fs::run as run_tool;
+pub use fs::{freeze, run as run_tool};
 pub use intent::{Creation, Points};
 pub use loops::{BoundLoop, scan as scan_loops};
 pub use pool::{CreateSpec, Pool, ReconcileReport, inventory};

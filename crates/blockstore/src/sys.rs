@@ -1,13 +1,13 @@
 //! The only `unsafe` code of the block engine: the ioctls no maintained crate
-//! wraps (FIEMAP, BLKDISCARD, and a loop device's logical block size, which
-//! `loopdev-3` lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
+//! wraps (FIEMAP, BLKDISCARD, FIFREEZE/FITHAW, and a loop device's logical
+//! block size, which `loopdev-3` lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
 //! `rustix`'s safe wrappers.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use rustix::ioctl::{Opcode, Updater, ioctl, opcode};
+use rustix::ioctl::{NoArg, Opcode, Updater, ioctl, opcode};
 
 /// `LOOP_CONFIGURE` from `<linux/loop.h>` (a plain number, not `_IO`-encoded).
 const LOOP_CONFIGURE: Opcode = 0x4C0A;
@@ -78,6 +78,26 @@ pub fn loop_configure(dev: &impl AsRawFd, backing: &File, flags: u32, block_size
     let updater = unsafe { Updater::<LOOP_CONFIGURE, LoopConfig>::new(&mut config) };
     // SAFETY: `config` and `backing` outlive the call; the kernel only reads `config`.
     unsafe { ioctl(fd, updater) }?;
+    Ok(())
+}
+
+/// `FIFREEZE` and `FITHAW` from `<linux/fs.h>`: `_IOWR('X', 119, int)` and
+/// `_IOWR('X', 120, int)`; the kernel reads no argument.
+const FIFREEZE: Opcode = opcode::read_write::<std::ffi::c_int>(b'X', 119);
+const FITHAW: Opcode = opcode::read_write::<std::ffi::c_int>(b'X', 120);
+
+/// Freezes the filesystem mounted at the directory `dir` (flushed, writers
+/// blocked until the thaw), or thaws it.
+pub fn freeze(dir: &File, frozen: bool) -> io::Result<()> {
+    if frozen { no_arg::<FIFREEZE>(dir) } else { no_arg::<FITHAW>(dir) }
+}
+
+/// The ioctl `OP`, which takes no argument, on `fd`.
+fn no_arg<const OP: Opcode>(fd: &File) -> io::Result<()> {
+    // SAFETY: only for ioctls that take no argument: none is passed.
+    let op = unsafe { NoArg::<OP>::new() };
+    // SAFETY: `fd` is an open descriptor, and the kernel is given no pointer.
+    unsafe { ioctl(fd, op) }?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use thinbox_blockstore::redb::{ReadableDatabase, WriteTransaction};
-use thinbox_blockstore::{Bytes, CreateSpec, Creation, DeviceId, DeviceRecord, Engine, FsType, Points, run_tool};
+use thinbox_blockstore::{Bytes, CreateSpec, Creation, DeviceId, DeviceRecord, Engine, FsType, Points, freeze};
 
 use crate::driver::{Driver, SHIM_TIMEOUT, pick_size};
 use crate::error::{Error, Result, invalid};
@@ -52,7 +52,7 @@ pub(crate) struct Frozen(PathBuf);
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Err(e) = run_tool("fsfreeze", &["-u".as_ref(), self.0.as_os_str()], &self.0) {
+        if let Err(e) = freeze(&self.0, false) {
             tracing::error!(target = %self.0.display(), error = %crate::error::chain(&e), "thaw after snapshot");
         }
     }
@@ -296,7 +296,7 @@ impl Driver {
             return Ok(None);
         }
         let Some(p) = self.publications_of(&vol.id)?.into_iter().find(|p| p.mode == Mode::HostMount && !p.readonly) else { return Ok(None) };
-        run_tool("fsfreeze", &["-f".as_ref(), p.target.as_os_str()], &p.target)?;
+        freeze(&p.target, true)?;
         Ok(Some(Frozen(p.target)))
     }
 
