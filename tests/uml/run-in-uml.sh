@@ -304,6 +304,11 @@ if [ -e "$run/timed-out" ]; then
 fi
 if [ ! -e "$run/booted" ]; then
   show_logs
+  # Debian's UML 6.1 hands the host a short XSAVE buffer; a host CPU with a
+  # larger one (AVX-512, AMX) refuses it and the guest's init dies at once.
+  if grep -qs 'ptrace set fp regs failed' "$run/uml.log" "$run/console.log"; then
+    die "UML did not boot: this host's CPU has a larger XSAVE state than Debian's UML 6.1 can save through ptrace (\"ptrace set fp regs failed, errno = 14\"); run the uml tier on a host without AVX-512/AMX or with a newer user-mode-linux"
+  fi
   die "UML did not boot: init never ran (linux.uml exit status $uml_status)"
 fi
 if [ -e "$run/setup-error" ]; then
