@@ -1,7 +1,7 @@
 //! The only `unsafe` code of the block engine: the ioctls no maintained crate
 //! wraps (FIEMAP, BLKDISCARD, FIFREEZE/FITHAW, and a loop device's logical
-//! block size, which `loopdev-3` lacks). Other loop ioctls go through `loopdev-3`; FICLONE and mounts through
-//! `rustix`'s safe wrappers.
+//! block size, which `loopdev-3` lacks). Other loop ioctls go through
+//! `loopdev-3`; FICLONE and mounts through `rustix`'s safe wrappers.
 
 use std::fs::File;
 use std::io;
