@@ -60,12 +60,12 @@ get() {
   [ "$(sha256sum <"$3" | cut -d' ' -f1)" = "$2" ] || die "$mirror/$1: SHA-256 does not match the signed index"
 }
 
-# Unpacks Debian unstable's user-mode-linux and libc6 under $cache/root and
+# Unpacks Debian unstable's user-mode-linux and libc6 under $uml_cache/root and
 # points the kernel at that libc (it needs a newer one than Debian 12's): the
 # archive's signature is checked with Debian's keyring, each file with its SHA-256.
 fetch_unstable() {
-  local root=$cache/root.new pkg file sum rel
-  fetch=$cache/fetch
+  local root=$uml_cache/root.new pkg file sum rel
+  fetch=$uml_cache/fetch
   rm -rf "$root" "$fetch" && mkdir -p "$root" "$fetch"
   curl -fsS --retry 3 -o "$fetch/InRelease" "$mirror/dists/$suite/InRelease" || die "cannot download $mirror/dists/$suite/InRelease"
   gpgv --quiet --keyring /usr/share/keyrings/debian-archive-keyring.gpg --output "$fetch/Release" "$fetch/InRelease" 2>"$fetch/gpgv.log" \
@@ -83,27 +83,26 @@ fetch_unstable() {
     dpkg-deb -x "$fetch/$pkg.deb" "$root" || die "cannot unpack $file"
   done
   # The paths it will have once in place.
-  local lib=$cache/root/usr/lib/x86_64-linux-gnu
+  local lib=$uml_cache/root/usr/lib/x86_64-linux-gnu
   [ -x "$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ] || die "libc6 from $suite has no ld-linux-x86-64.so.2"
   patchelf --set-interpreter "$lib/ld-linux-x86-64.so.2" --set-rpath "$lib" "$root/usr/bin/linux.uml" \
     || die "patchelf on $root/usr/bin/linux.uml failed"
-  rm -rf "$cache/root" "$fetch" && mv "$root" "$cache/root"
+  rm -rf "$uml_cache/root" "$fetch" && mv "$root" "$uml_cache/root"
 }
 
 # shellcheck source=tests/uml/kernel.sh
 . "$(dirname "$0")/kernel.sh"
-cache=$uml_cache
-mkdir -p "$cache"
+mkdir -p "$uml_cache"
 probe=$(mktemp -d /var/tmp/thinbox-uml-probe.XXXXXX)
 trap 'rm -rf "$probe"' EXIT
 [ -x /usr/bin/linux.uml ] || die "/usr/bin/linux.uml missing although user-mode-linux is installed"
 if boots /usr/bin/linux.uml; then
-  rm -rf "$cache/root"  # the host's own kernel is enough here
-elif grep -q 'ptrace set fp regs failed' "$probe/log"; then
+  rm -rf "$uml_cache/root"  # the host's own kernel is enough here
+elif grep -q "$UML_XSAVE_REFUSED" "$probe/log"; then
   echo "uml/install.sh: Debian 12's UML kernel cannot run on this CPU (its XSAVE state is too large); using $suite's"
   if [ -z "$UML_ROOT" ] || ! boots "$UML_KERNEL"; then
     fetch_unstable
-    boots "$cache/root/usr/bin/linux.uml" || die "$suite's UML kernel does not boot either: $(tail -n 5 "$probe/log")"
+    boots "$uml_cache/root/usr/bin/linux.uml" || die "$suite's UML kernel does not boot either: $(tail -n 5 "$probe/log")"
   fi
 else
   die "/usr/bin/linux.uml does not boot: $(tail -n 5 "$probe/log")"

@@ -11,6 +11,9 @@
 # UML_ROOT is a directory laid out like / that holds usr/bin/linux.uml and
 # usr/lib/uml/modules/<version>/; empty means the host's own installation.
 
+# What the kernel prints when the host refuses its XSAVE buffer.
+UML_XSAVE_REFUSED='ptrace set fp regs failed'
+
 uml_cache=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)/target/uml
 UML_ROOT=''
 [ -x "$uml_cache/root/usr/bin/linux.uml" ] && UML_ROOT=$uml_cache/root

@@ -306,7 +306,7 @@ fi
 if [ ! -e "$run/booted" ]; then
   show_logs
   # See kernel.sh: install.sh picks a kernel that can run on this CPU.
-  if grep -qs 'ptrace set fp regs failed' "$run/uml.log" "$run/console.log"; then
+  if grep -qs "$UML_XSAVE_REFUSED" "$run/uml.log" "$run/console.log"; then
     die "UML did not boot: this host's CPU has a larger XSAVE state than $uml can save through ptrace (\"ptrace set fp regs failed, errno = 14\"); run tests/uml/install.sh, which fetches a kernel that can"
   fi
   die "UML did not boot: init never ran (linux.uml exit status $uml_status)"
