@@ -214,6 +214,7 @@ fi
 read -r m_src m_type m_opts _ < <(fact mounts | awk '{print $1, $3, $4}') || true
 check_eq "container root in /proc/mounts" "$c_source ext4" "$m_src $m_type"
 check "container root mounted rw" grep -qw rw <<<"${m_opts//,/ }"
+check "container root mounted noatime" grep -qw noatime <<<"${m_opts//,/ }"
 
 # The host side of the same mount.
 read -r _ _ h_type h_src _ _ h_opts < <(ctr_ snapshots --snapshotter "$SN" mounts /x "$ID") || true

@@ -23,8 +23,14 @@ pub struct PoolConfig {
     /// Free space kept back: creating a device fails with "pool full" below it, so
     /// devices that already exist keep room to write.
     pub reserve: Bytes,
-    /// Loop devices use direct I/O to their image (no double page cache).
+    /// Device loops use direct I/O to their image files.
     pub direct_io: bool,
+    /// The embedded reflink pool's own loop uses direct I/O to `pool.img`.
+    /// Off (the default), the host's page cache holds the pool's blocks: the
+    /// blocks that clones share with their layer are read from disk once for
+    /// all of them, as overlayfs shares its layers' pages. With `direct_io`
+    /// the device loops bypass it, so no block is cached twice.
+    pub embedded_direct_io: bool,
     /// A file-backed thin pool running low grows its data file by this much
     /// while the filesystem under it has room (0: never grow).
     pub grow_step: Bytes,
@@ -104,6 +110,7 @@ impl Default for PoolConfig {
             embedded_size: Bytes(64 << 30),
             reserve: Bytes(512 << 20),
             direct_io: true,
+            embedded_direct_io: false,
             grow_step: Bytes(4 << 30),
             max_size: None,
             thin: ThinConfig::default(),

@@ -53,7 +53,7 @@ impl Reflink {
         let (pool_dir, embedded) = match &cfg.dir {
             Some(dir) => (dir.canonicalize().map_err(Error::io("resolve pool directory", dir))?, None),
             None => {
-                let mp = embedded::ensure(root, cfg.embedded_size, cfg.direct_io)?;
+                let mp = embedded::ensure(root, cfg.embedded_size, cfg.embedded_direct_io)?;
                 (mp.clone(), Some(mp))
             }
         };

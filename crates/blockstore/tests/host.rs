@@ -31,6 +31,29 @@ fn embedded_xfs_pool_round_trip() {
     assert!(!sh("findmnt", &["-rn", "-o", "TARGET"]).contains(dir.path().to_str().unwrap()));
 }
 
+/// The embedded pool's own loop goes through the host's page cache (clones
+/// of a layer share its pages) unless told otherwise; device loops do direct
+/// I/O either way, so no block is cached twice.
+#[test]
+fn embedded_pool_caches_its_blocks_once() {
+    for (embedded_direct_io, pool_dio) in [(false, "0"), (true, "1")] {
+        let dir = tmp();
+        let state = dir.path().join("state");
+        let pool = Pool::open(&state, PoolConfig { embedded_direct_io, ..small() }).unwrap();
+        let (id, node) = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite)));
+        let dio = |node: &std::path::Path| {
+            let name = node.file_name().unwrap().to_str().unwrap();
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap().trim().to_owned()
+        };
+        let loops = scan_loops(&state).unwrap();
+        let pool_loop = loops.iter().find(|l| l.backing == state.join("pool.img")).expect("the pool image's loop");
+        assert_eq!(dio(&pool_loop.node), pool_dio, "pool loop, embedded_direct_io = {embedded_direct_io}");
+        assert_eq!(dio(&node.unwrap()), "1", "device loop, embedded_direct_io = {embedded_direct_io}");
+        destroy(&pool, id);
+        pool.shutdown(true).unwrap();
+    }
+}
+
 #[test]
 fn btrfs_pool_directory_round_trip() {
     let dir = tmp();

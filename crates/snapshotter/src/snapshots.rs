@@ -426,7 +426,10 @@ fn remove_record(txn: &WriteTransaction, key: &str, parent: &str) -> Result<()> 
 }
 
 fn mount(node: &Path, fs: thinbox_blockstore::FsType, kind: Kind) -> Mount {
-    let mut options = vec![if kind == Kind::View { "ro" } else { "rw" }.to_owned()];
+    // noatime: with relatime the first read of each file of a fresh clone
+    // writes its inode (its times are the unpack's), which unshares blocks of
+    // the layer and leaves the unmount a journal to commit.
+    let mut options = vec![if kind == Kind::View { "ro" } else { "rw" }.to_owned(), "noatime".to_owned()];
     if fs == thinbox_blockstore::FsType::Xfs {
         // Clones share their origin's UUID.
         options.push("nouuid".to_owned());

@@ -106,6 +106,7 @@ async fn size_label_sets_size_and_a_larger_child_grows_its_filesystem() {
         let m = prepare(&mut c, "base-a", "", labels(&[("containerd.io/snapshot/max-size", "536870912")])).await.unwrap();
         assert_eq!(m[0].r#type, fs);
         assert_eq!(m[0].options.contains(&"nouuid".to_string()), fs == "xfs");
+        assert!(m[0].options.contains(&"noatime".to_string()), "{fs}: {:?}", m[0].options);
         mount(&m, &work.join("b"));
         std::fs::write(work.join("b/keep"), "kept").unwrap();
         umount(&work.join("b"));

@@ -56,13 +56,22 @@ pub struct Rootfs {
     root: PathBuf,
 }
 
+/// The embedded pool bypasses the host's page cache, as every other row's
+/// storage does: a guest's reads must reach the disk, not the host's memory.
+const NO_HOST_CACHE: bool = true;
+
 impl Rootfs {
     /// Snapshotter state under `dir`, the layer, the rootfs, the guest.
     pub fn setup(dir: &Path, params: &FioParams, cfg: &GuestConfig) -> Result<Rootfs, Error> {
         let root = dir.join("snapshotter");
         std::fs::create_dir_all(&root).map_err(Error::io(format!("creating {}", root.display())))?;
         let size = volume_size(params.file_size);
-        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size: Bytes((size.get() * 4).max(4 << 30)), ..PoolConfig::default() };
+        let pool = PoolConfig {
+            backend: BackendKind::Reflink,
+            embedded_size: Bytes((size.get() * 4).max(4 << 30)),
+            embedded_direct_io: NO_HOST_CACHE,
+            ..PoolConfig::default()
+        };
         let snapshot = SnapshotConfig { default_size: size, filesystem: FsType::Ext4, ..SnapshotConfig::default() };
         let (snapshots, _) = Snapshots::open(&root, pool, snapshot).map_err(snap_err("opening the snapshotter"))?;
         // From here on, a failure tears down through `Rootfs`'s teardown.
@@ -166,7 +175,13 @@ impl EmptyDir {
         };
         // The one volume is a device of the pool: room for it and the reserve.
         let embedded_size = Bytes(volume_size(params.file_size).get() + (1 << 30));
-        let pool = PoolConfig { backend: BackendKind::Reflink, embedded_size, reserve: Bytes(64 << 20), ..PoolConfig::default() };
+        let pool = PoolConfig {
+            backend: BackendKind::Reflink,
+            embedded_size,
+            reserve: Bytes(64 << 20),
+            embedded_direct_io: NO_HOST_CACHE,
+            ..PoolConfig::default()
+        };
         let driver = thinbox_csi::Driver::open(&root, "fio-bench", pool, config).map_err(csi_err("opening the CSI driver"))?;
         let target = kubelet.join("pods/fio-bench/volumes/kubernetes.io~csi/scratch/mount");
         // The kubelet makes the target's parent; the driver makes the target.
