@@ -21,7 +21,9 @@
 #               the tar, unmount, Commit per layer)
 #   run 1       ctr run --rm --snapshotter S IMAGE c1 /bin/true   (Prepare of
 #               the rootfs, mount, runc start, exit, unmount, Remove)
-#   run 2       the same again, container c2 (the layers exist: a second start)
+#   run 2       the same again, container c2 (the layers exist: a second start),
+#               BENCH_STARTS times (c2, c3, ...); the run 2 median is over
+#               all of them (starts.tsv; rounds.tsv keeps c2's)
 # and prints medians per side and the thinbox / overlayfs ratio, side by side.
 #
 # Environment:
@@ -31,8 +33,11 @@
 #   THINBOXD_BEFORE_BIN=PATH  a third side, "thinbox-before": the same rounds
 #                         with this thinboxd (e.g. built from an older commit),
 #                         interleaved with the others (the order rotates)
+#   BENCH_STARTS=K        second starts per round (default 1); a second start
+#                         varies by tens of ms, more of them resolve less
 #   BENCH_OUT=DIR         output (default target/unpack-start/): rounds.tsv
-#                         (every measurement), summary.txt, per-round daemon
+#                         (every measurement), starts.tsv (every second
+#                         start), summary.txt, per-round daemon
 #                         logs of the last round of each side
 #   BENCH_STRACE=1        also record `strace -f -T -tt` of thinboxd (all
 #                         calls) and of containerd and its shims (mounts,
@@ -49,6 +54,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ROUNDS=${1:-5}
+STARTS=${BENCH_STARTS:-1}
 OUT=${BENCH_OUT:-$REPO/target/unpack-start}
 BUILD=1
 [[ -z ${THINBOXD_BIN:-} && ${BENCH_SKIP_BUILD:-0} != 1 ]] || BUILD=0
@@ -61,6 +67,7 @@ log() { echo "[unpack-start] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive number (got $ROUNDS)"
+[[ $STARTS =~ ^[1-9][0-9]*$ ]] || die "BENCH_STARTS must be a positive number (got $STARTS)"
 [[ $(id -u) == 0 ]] || die "needs root (loop devices, mounts, containerd)"
 for tool in containerd ctr runc python3 strace; do
     [[ $tool == strace && ${BENCH_STRACE:-0} != 1 ]] && continue
@@ -138,7 +145,7 @@ ms_since() { echo $(( ($(date +%s%N) - $1) / 1000 )) | awk '{printf "%.1f", $1 /
 # appends to rounds.tsv. containerd's proxy plugin is "thinbox" on every side;
 # thinbox-before only runs another thinboxd behind it.
 round() {
-    local side=$1 dir=$2 n=$3 t unpack run1 run2 i sn=$1 bin=$THINBOXD_BIN
+    local side=$1 dir=$2 n=$3 t unpack run1 run2 i k ms sn=$1 bin=$THINBOXD_BIN
     [[ $side != thinbox-before ]] || { sn=thinbox; bin=$THINBOXD_BEFORE_BIN; }
     mkdir -p "$dir"
     : >"$dir/thinboxd.log"
@@ -175,9 +182,14 @@ round() {
     t=$(date +%s%N)
     ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$sn" "$IMAGE" c1 /bin/true
     run1=$(ms_since "$t")
-    t=$(date +%s%N)
-    ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$sn" "$IMAGE" c2 /bin/true
-    run2=$(ms_since "$t")
+    run2=
+    for (( k = 2; k <= STARTS + 1; k++ )); do
+        t=$(date +%s%N)
+        ctr_ run "${CTR_RUN_FLAGS[@]}" --rm --null-io --snapshotter "$sn" "$IMAGE" "c$k" /bin/true
+        ms=$(ms_since "$t")
+        run2=${run2:-$ms}
+        printf '%s\t%s\t%s\t%s\n' "$n" "$side" "$k" "$ms" >>"$OUT/starts.tsv"
+    done
 
     [[ $(ctr_ snapshots --snapshotter "$sn" ls | awk 'NR > 1 && $NF == "Committed"' | wc -l) == 4 ]] ||
         die "$side: expected 4 committed layers after unpack"
@@ -198,6 +210,7 @@ if [[ -n ${THINBOXD_BEFORE_BIN:-} ]]; then
     SIDES+=(thinbox-before)
 fi
 printf 'round\tside\tunpack_ms\trun1_ms\trun2_ms\tload1\n' >"$OUT/rounds.tsv"
+printf 'round\tside\tcontainer\tms\n' >"$OUT/starts.tsv"
 start_load=$(cut -d' ' -f1-3 /proc/loadavg)
 for (( r = 1; r <= ROUNDS; r++ )); do
     # Two sides: o t, t o, o t, ...; three: the six orders in turn (o t b,
@@ -220,19 +233,23 @@ end_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- summary -------------------------------------------------------------
 summary() {
-    echo "unpack + container start, $ROUNDS fresh rounds per side, medians (ms)"
+    echo "unpack + container start, $ROUNDS fresh rounds per side ($STARTS second starts in each), medians (ms)"
     echo "image: $IMAGE (make-oci-image.py --profile bench), $(containerd --version | awk '{print $1, $3}'), $(runc --version | head -n 1)"
     echo "machine: $(nproc) CPUs, $(uname -r), load average at start $start_load, at end $end_load"
     echo "thinboxd: $THINBOXD_BIN"
     [[ -z ${THINBOXD_BEFORE_BIN:-} ]] || echo "thinbox-before: $THINBOXD_BEFORE_BIN"
+    # Columns 1-3 from rounds.tsv; run 2 (column 4) from starts.tsv: every second start.
     awk -F'\t' -v before="${THINBOXD_BEFORE_BIN:+1}" '
         function median(side, col,    n, i, j, tmp, v) {
             n = 0
-            for (i = 1; i <= rows; i++) if (s[i] == side) v[++n] = c[i, col]
+            if (col == 4) { for (i = 1; i <= nst; i++) if (ss[i] == side) v[++n] = sv[i] }
+            else for (i = 1; i <= rows; i++) if (s[i] == side) v[++n] = c[i, col]
             for (i = 2; i <= n; i++) { tmp = v[i]; for (j = i - 1; j >= 1 && v[j] > tmp; j--) v[j + 1] = v[j]; v[j + 1] = tmp }
             return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
         }
-        NR > 1 { rows++; s[rows] = $2; c[rows, 1] = $3; c[rows, 2] = $4; c[rows, 3] = $3 + $4; c[rows, 4] = $5 }
+        FNR == 1 { next }
+        FILENAME ~ /starts.tsv$/ { nst++; ss[nst] = $2; sv[nst] = $4; next }
+        { rows++; s[rows] = $2; c[rows, 1] = $3; c[rows, 2] = $4; c[rows, 3] = $3 + $4 }
         END {
             split("unpack|run 1 (first start)|unpack + run 1|run 2 (second start)", name, "|")
             printf "| %-22s | %12s | %10s | %19s |", "step", "overlayfs ms", "thinbox ms", "thinbox / overlayfs"
@@ -246,7 +263,7 @@ summary() {
                 if (before) { b = median("thinbox-before", k); printf " %17.1f | %25.2f× |", b, (o > 0 ? b / o : 0) }
                 printf "\n"
             }
-        }' "$OUT/rounds.tsv"
+        }' "$OUT/rounds.tsv" "$OUT/starts.tsv"
 }
 summary | tee "$OUT/summary.txt"
 log "every round in $OUT/rounds.tsv"
