@@ -29,7 +29,8 @@ pub struct PoolConfig {
     /// Off (the default), the host's page cache holds the pool's blocks: the
     /// blocks that clones share with their layer are read from disk once for
     /// all of them, as overlayfs shares its layers' pages. With `direct_io`
-    /// the device loops bypass it, so no block is cached twice.
+    /// the device loops bypass it, so no block is cached twice. Takes effect
+    /// when the pool is attached: a start that finds it mounted keeps its loop.
     pub embedded_direct_io: bool,
     /// A file-backed thin pool running low grows its data file by this much
     /// while the filesystem under it has room (0: never grow).
