@@ -34,7 +34,8 @@
 #                         with this thinboxd (e.g. built from an older commit),
 #                         interleaved with the others (the order rotates)
 #   BENCH_STARTS=K        second starts per round (default 1); a second start
-#                         varies by tens of ms, more of them resolve less
+#                         varies by tens of ms, so more of them resolve
+#                         smaller differences
 #   BENCH_OUT=DIR         output (default target/unpack-start/): rounds.tsv
 #                         (every measurement), starts.tsv (every second
 #                         start), summary.txt, per-round daemon
@@ -238,18 +239,18 @@ summary() {
     echo "machine: $(nproc) CPUs, $(uname -r), load average at start $start_load, at end $end_load"
     echo "thinboxd: $THINBOXD_BIN"
     [[ -z ${THINBOXD_BEFORE_BIN:-} ]] || echo "thinbox-before: $THINBOXD_BEFORE_BIN"
-    # Columns 1-3 from rounds.tsv; run 2 (column 4) from starts.tsv: every second start.
+    # Steps 1-3 from rounds.tsv; run 2 (step 4) from starts.tsv: every second start.
     awk -F'\t' -v before="${THINBOXD_BEFORE_BIN:+1}" '
-        function median(side, col,    n, i, j, tmp, v) {
-            n = 0
-            if (col == 4) { for (i = 1; i <= nst; i++) if (ss[i] == side) v[++n] = sv[i] }
-            else for (i = 1; i <= rows; i++) if (s[i] == side) v[++n] = c[i, col]
+        function add(side, step, x) { val[side, step, ++cnt[side, step]] = x }
+        function median(side, step,    n, i, j, tmp, v) {
+            n = cnt[side, step]
+            for (i = 1; i <= n; i++) v[i] = val[side, step, i]
             for (i = 2; i <= n; i++) { tmp = v[i]; for (j = i - 1; j >= 1 && v[j] > tmp; j--) v[j + 1] = v[j]; v[j + 1] = tmp }
             return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
         }
         FNR == 1 { next }
-        FILENAME ~ /starts.tsv$/ { nst++; ss[nst] = $2; sv[nst] = $4; next }
-        { rows++; s[rows] = $2; c[rows, 1] = $3; c[rows, 2] = $4; c[rows, 3] = $3 + $4 }
+        FILENAME ~ /starts.tsv$/ { add($2, 4, $4); next }
+        { add($2, 1, $3); add($2, 2, $4); add($2, 3, $3 + $4) }
         END {
             split("unpack|run 1 (first start)|unpack + run 1|run 2 (second start)", name, "|")
             printf "| %-22s | %12s | %10s | %19s |", "step", "overlayfs ms", "thinbox ms", "thinbox / overlayfs"
