@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use thinbox_bench_stats::{format_ratio, format_value, summarize};
 use thinbox_proto::csi_v1::controller_client::ControllerClient;
 use thinbox_proto::csi_v1::group_controller_client::GroupControllerClient;
 use thinbox_proto::csi_v1::node_client::NodeClient;
@@ -19,7 +20,6 @@ use tonic::transport::Channel;
 
 use crate::Error;
 use crate::calls::{TargetSpec, block_volume_request, mount_capability, ms};
-use crate::stats::{ratio, summarize, value};
 
 /// What one run measures.
 #[derive(Debug, Clone)]
@@ -222,12 +222,12 @@ fn render(name: &str, plan: &Plan, samples: &BTreeMap<usize, Samples>) -> String
         let (Some(c), Some(d), Some(one)) = (summarize(&s.group_create), summarize(&s.group_delete), summarize(&s.singles)) else { continue };
         out.push_str(&format!(
             "| {n} | {} / {} | {} | {} / {} | {} |\n",
-            value(c.median),
-            value(c.p90),
-            value(d.median),
-            value(one.median),
-            value(one.p90),
-            ratio(c.median, one.median)
+            format_value(c.median),
+            format_value(c.p90),
+            format_value(d.median),
+            format_value(one.median),
+            format_value(one.p90),
+            format_ratio(c.median, one.median)
         ));
     }
     out

@@ -19,7 +19,6 @@ pub mod fill;
 pub mod groups;
 pub mod memory;
 pub mod report;
-pub mod stats;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

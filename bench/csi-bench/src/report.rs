@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
+use thinbox_bench_stats::{format_ratio, format_value, summarize};
+
 use crate::calls::{CallTimes, OPS};
 use crate::memory::Reading;
-use crate::stats::{ratio, summarize, value};
 
 const KIB_PER_MIB: f64 = 1024.0;
 
@@ -48,10 +49,10 @@ pub fn memory_table(readings: &[Reading]) -> String {
             let _ = writeln!(
                 out,
                 "| {group} | {name} | {} | {} | {} | {} | {} | {} |",
-                value(m[0]),
-                value(m[1]),
-                value(m[2]),
-                value(m[3]),
+                format_value(m[0]),
+                format_value(m[1]),
+                format_value(m[2]),
+                format_value(m[3]),
                 m[4],
                 rows.len()
             );
@@ -69,10 +70,10 @@ pub fn memory_table(readings: &[Reading]) -> String {
                 out,
                 "| {group} | **sum of {}** | **{}** | **{}** | **{}** | **{}** | **{}** | {} |",
                 names.len(),
-                value(m[0]),
-                value(m[1]),
-                value(m[2]),
-                value(m[3]),
+                format_value(m[0]),
+                format_value(m[1]),
+                format_value(m[2]),
+                format_value(m[3]),
                 m[4],
                 sums.len()
             );
@@ -84,11 +85,11 @@ pub fn memory_table(readings: &[Reading]) -> String {
             let _ = writeln!(
                 out,
                 "| {group} / {base_name} | | {} | {} | {} | {} | {} | |",
-                ratio(m[0], base[0]),
-                ratio(m[1], base[1]),
-                ratio(m[2], base[2]),
-                ratio(m[3], base[3]),
-                ratio(m[4], base[4])
+                format_ratio(m[0], base[0]),
+                format_ratio(m[1], base[1]),
+                format_ratio(m[2], base[2]),
+                format_ratio(m[3], base[3]),
+                format_ratio(m[4], base[4])
             );
         }
     }
@@ -123,16 +124,16 @@ pub fn calls_table(times: &CallTimes) -> String {
                     base = Some(s);
                     ("baseline".to_owned(), "baseline".to_owned())
                 }
-                Some(b) => (ratio(s.median, b.median), ratio(s.p90, b.p90)),
+                Some(b) => (format_ratio(s.median, b.median), format_ratio(s.p90, b.p90)),
             };
             let _ = writeln!(
                 out,
                 "| {op} | {} | {} | {} | {} | {} | {} | {rm} | {rp} |",
                 t.name,
-                value(s.median),
-                value(s.p90),
-                value(s.min),
-                value(s.max),
+                format_value(s.median),
+                format_value(s.p90),
+                format_value(s.min),
+                format_value(s.max),
                 s.n
             );
         }

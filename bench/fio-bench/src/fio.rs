@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use thinbox_bench_stats::{median, sorted};
 
 use crate::Error;
 use crate::jobs::{FioParams, Job};
@@ -85,20 +86,12 @@ impl Measurement {
     /// Several rounds of one cell as one: the median of each figure; I/O
     /// counts and runtimes add up. `None` for no rounds.
     pub fn median(rounds: &[Measurement]) -> Option<Measurement> {
-        if rounds.is_empty() {
-            return None;
-        }
-        let med = |f: fn(&Measurement) -> f64| {
-            let mut v: Vec<f64> = rounds.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            let n = v.len();
-            if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-        };
+        let med = |f: fn(&Measurement) -> f64| median(&sorted(&rounds.iter().map(f).collect::<Vec<_>>()));
         Some(Measurement {
-            iops: med(|m| m.iops),
-            bw_bytes: med(|m| m.bw_bytes as f64).round() as u64,
-            p99_us: med(|m| m.p99_us),
-            mean_us: med(|m| m.mean_us),
+            iops: med(|m| m.iops)?,
+            bw_bytes: med(|m| m.bw_bytes as f64)?.round() as u64,
+            p99_us: med(|m| m.p99_us)?,
+            mean_us: med(|m| m.mean_us)?,
             total_ios: rounds.iter().map(|m| m.total_ios).sum(),
             runtime_ms: rounds.iter().map(|m| m.runtime_ms).sum(),
         })

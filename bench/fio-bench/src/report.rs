@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
+use thinbox_bench_stats::ratio;
 
 use crate::fio::Measurement;
 use crate::host::HostInfo;
@@ -177,10 +178,6 @@ pub struct Report {
 
 /// The headline job: 4k random reads at queue depth 16.
 pub const HEADLINE_JOB: Job = Job { pattern: Pattern::RandRead4k, iodepth: 16 };
-
-fn ratio(a: f64, b: f64) -> Option<f64> {
-    (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
-}
 
 impl Report {
     /// Fills in the ratio columns, the headline and the target checks from

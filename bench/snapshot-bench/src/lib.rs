@@ -13,7 +13,6 @@ pub mod client;
 pub mod report;
 pub mod results;
 pub mod spec;
-pub mod stats;
 pub mod workloads;
 
 use std::path::PathBuf;

@@ -3,10 +3,10 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
+use thinbox_bench_stats::{Summary, format_ratio, format_value, ratio, summarize};
 
 use crate::results::{Cell, Failure, Results, Unit};
 use crate::spec::{TargetSpec, Workload};
-use crate::stats::{Summary, format_ratio, format_value, summarize};
 use crate::workloads::RssMix;
 
 /// Parameters of a run, echoed into the report.
@@ -108,10 +108,6 @@ pub struct Report {
     pub leftovers: Vec<Leftover>,
     /// Free-form remarks (`--note`), printed under the run description.
     pub notes: Vec<String>,
-}
-
-fn ratio(a: f64, b: f64) -> Option<f64> {
-    (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
 }
 
 impl Report {

@@ -1,14 +1,18 @@
-//! Summary statistics and number formatting.
+//! Medians, nearest-rank percentiles, ratios and the number formats of the
+//! benchmarks' reports: one implementation, so that every table rounds and
+//! ranks alike.
 
 use serde::Serialize;
 
-/// Summary of one metric's samples.
+/// Summary of one series of samples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Summary {
     /// Number of samples.
     pub n: usize,
     /// Median (mean of the two middle samples when `n` is even).
     pub median: f64,
+    /// 90th percentile, nearest-rank method.
+    pub p90: f64,
     /// 99th percentile, nearest-rank method.
     pub p99: f64,
     /// Smallest sample.
@@ -19,35 +23,30 @@ pub struct Summary {
     pub mean: f64,
 }
 
-/// Sorts samples ascending; NaNs (never produced by the workloads) go last.
+/// Sorts samples ascending; NaNs (no benchmark produces them) go last.
 pub fn sorted(samples: &[f64]) -> Vec<f64> {
     let mut v = samples.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v
 }
 
-/// Nearest-rank percentile of ascending `sorted` samples: the smallest sample
-/// such that at least `p` percent of the samples are less than or equal to it.
-/// `p` is clamped to `0..=100`; `None` for no samples.
+/// Nearest-rank percentile of ascending `sorted`: the smallest sample with at
+/// least `p` percent of the samples at or below it. `p` is clamped to
+/// `0..=100` (NaN counts as 100); `None` for no samples.
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
+    let n = sorted.len();
+    if n == 0 {
         return None;
     }
     let p = if p.is_nan() { 100.0 } else { p.clamp(0.0, 100.0) };
-    let n = sorted.len();
-    // rank = ceil(p/100 * n), at least 1. Computed in integers where possible so
-    // that e.g. p=99, n=100 gives exactly rank 99.
-    let exact = p / 100.0 * n as f64;
-    let mut rank = exact.ceil() as usize;
-    // Guard against floating-point noise pushing an exact integer up by one.
-    if rank > 0 && (exact - (rank - 1) as f64).abs() < 1e-9 {
-        rank -= 1;
-    }
-    let rank = rank.clamp(1, n);
+    // rank = ceil(p * n / 100) in integers (p in tenths), so that e.g. p = 99,
+    // n = 100 gives exactly rank 99; at least 1.
+    let tenths = (p * 10.0).round() as usize;
+    let rank = (tenths * n).div_ceil(1000).clamp(1, n);
     sorted.get(rank - 1).copied()
 }
 
-/// Median of ascending `sorted` samples; `None` for no samples.
+/// Median of ascending `sorted`; `None` for no samples.
 pub fn median(sorted: &[f64]) -> Option<f64> {
     let n = sorted.len();
     if n == 0 {
@@ -62,6 +61,7 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
     Some(Summary {
         n: s.len(),
         median: median(&s)?,
+        p90: percentile(&s, 90.0)?,
         p99: percentile(&s, 99.0)?,
         min: *s.first()?,
         max: *s.last()?,
@@ -69,34 +69,33 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
     })
 }
 
-/// `numerator / baseline` as `0.42×`; `n/a` when the baseline is zero or
-/// either number is not finite.
-pub fn format_ratio(numerator: f64, baseline: f64) -> String {
-    if !numerator.is_finite() || !baseline.is_finite() || baseline <= 0.0 || numerator < 0.0 {
-        return "n/a".to_owned();
-    }
-    let r = numerator / baseline;
-    if r >= 100.0 {
-        format!("{r:.0}×")
-    } else if r >= 10.0 {
-        format!("{r:.1}×")
-    } else {
-        format!("{r:.2}×")
+/// `value / baseline`, if both are finite and the baseline positive.
+pub fn ratio(value: f64, baseline: f64) -> Option<f64> {
+    (value.is_finite() && baseline.is_finite() && baseline > 0.0).then(|| value / baseline)
+}
+
+/// `value / baseline` as `0.42×`, `12.5×` or `250×`; `n/a` when
+/// [`ratio`] has none or the value is negative.
+pub fn format_ratio(value: f64, baseline: f64) -> String {
+    match ratio(value, baseline) {
+        Some(r) if r >= 0.0 => match r {
+            r if r >= 100.0 => format!("{r:.0}×"),
+            r if r >= 10.0 => format!("{r:.1}×"),
+            r => format!("{r:.2}×"),
+        },
+        _ => "n/a".to_owned(),
     }
 }
 
-/// A value with about three significant digits and no exponent.
+/// About three significant digits, no exponent; `n/a` if not finite.
 pub fn format_value(v: f64) -> String {
     if !v.is_finite() {
         return "n/a".to_owned();
     }
-    let a = v.abs();
-    if a >= 100.0 {
-        format!("{v:.1}")
-    } else if a >= 10.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.1}"),
+        a if a >= 10.0 => format!("{v:.2}"),
+        _ => format!("{v:.3}"),
     }
 }
 
@@ -120,15 +119,16 @@ mod tests {
         assert_eq!(percentile(&h, 50.0), Some(50.0));
         assert_eq!(percentile(&h, 1.0), Some(1.0));
         assert_eq!(percentile(&h, 0.0), Some(1.0));
-        // n = 80: ceil(79.2) = 80 -> the maximum.
+        // n = 80: ceil(79.2) = 80, the maximum; n = 1000: rank 990.
         assert_eq!(percentile(&range(80), 99.0), Some(80.0));
-        // n = 1000: rank 990.
         assert_eq!(percentile(&range(1000), 99.0), Some(990.0));
-        // n = 10: ceil(9.9) = 10.
-        assert_eq!(percentile(&range(10), 99.0), Some(10.0));
-        // Out-of-range p is clamped.
+        // n = 20: p90 is the 18th; n = 25: ceil(22.5) = 23.
+        assert_eq!(percentile(&range(20), 90.0), Some(18.0));
+        assert_eq!(percentile(&range(25), 90.0), Some(23.0));
+        // Out-of-range p is clamped, NaN is the maximum.
         assert_eq!(percentile(&h, 150.0), Some(100.0));
         assert_eq!(percentile(&h, -3.0), Some(1.0));
+        assert_eq!(percentile(&h, f64::NAN), Some(100.0));
     }
 
     #[test]
@@ -142,17 +142,15 @@ mod tests {
     #[test]
     fn summarize_unsorted() {
         let s = summarize(&[4.0, 1.0, 3.0, 2.0]).expect("samples");
-        assert_eq!(s.n, 4);
-        assert_eq!(s.median, 2.5);
-        assert_eq!(s.p99, 4.0);
-        assert_eq!(s.min, 1.0);
-        assert_eq!(s.max, 4.0);
-        assert_eq!(s.mean, 2.5);
+        assert_eq!((s.n, s.median, s.p90, s.p99, s.min, s.max, s.mean), (4, 2.5, 4.0, 4.0, 1.0, 4.0, 2.5));
         assert_eq!(summarize(&[]), None);
     }
 
     #[test]
-    fn ratio_formatting() {
+    fn ratios() {
+        assert_eq!(ratio(1.0, 4.0), Some(0.25));
+        assert_eq!(ratio(1.0, 0.0), None);
+        assert_eq!(ratio(f64::NAN, 1.0), None);
         assert_eq!(format_ratio(1.0, 2.0), "0.50×");
         assert_eq!(format_ratio(2.0, 2.0), "1.00×");
         assert_eq!(format_ratio(0.0, 2.0), "0.00×");
@@ -165,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn value_formatting() {
+    fn values() {
         assert_eq!(format_value(0.12345), "0.123");
         assert_eq!(format_value(12.345), "12.35");
         assert_eq!(format_value(123.45), "123.5");
