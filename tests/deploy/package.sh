@@ -36,8 +36,6 @@ TMP=
 INSTALLED=
 DAEMON_PID=
 PURGE_PID=
-ERR_LINE=
-SIGNALLED=
 
 # stop_pid PID: SIGTERM, wait (30 s, then SIGKILL), reap; sets STOP_STATUS
 # to its exit status. (Not in a $(...): only this shell can reap its child.)
@@ -49,14 +47,6 @@ stop_pid() {
 }
 
 cleanup() {
-    local rc=$?
-    trap - EXIT
-    set +e
-    if [[ -n $SIGNALLED ]]; then
-        not_ok "interrupted by SIG$SIGNALLED"
-    elif (( rc != 0 && FAILED == 0 )); then
-        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
-    fi
     if [[ -n $TMP ]]; then
         (( FAILED == 0 )) || log_tails "$TMP/thinboxd.log" "$TMP/purge-thinboxd.log" "$TMP/ctd/containerd.log"
         containerd_stop
@@ -69,13 +59,8 @@ cleanup() {
         sysdpkg --purge thinbox-dbgsym thinbox >/dev/null 2>&1 || not_ok "dpkg --purge in cleanup failed"
     fi
     [[ -z $TMP ]] || sweep_tmp "$TMP"
-    echo "package: $PASSED passed, $FAILED failed"
-    (( FAILED == 0 )) && exit 0 || exit 1
 }
-trap cleanup EXIT
-trap 'ERR_LINE=$LINENO' ERR
-trap 'SIGNALLED=INT; exit 130' INT
-trap 'SIGNALLED=TERM; exit 143' TERM
+finish_with package cleanup
 
 [[ $EUID -eq 0 ]] || die "must run as root (dpkg -i, loop devices, mounts)"
 

@@ -28,18 +28,8 @@ SN=thinbox
 GC_TIMEOUT=30
 TMP=
 RUN_PID=
-ERR_LINE=
-SIGNALLED=
 
 cleanup() {
-    local rc=$?
-    trap - EXIT
-    set +e
-    if [[ -n $SIGNALLED ]]; then
-        not_ok "interrupted by SIG$SIGNALLED"
-    elif (( rc != 0 && FAILED == 0 )); then
-        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
-    fi
     if [[ -n $RUN_PID ]]; then kill "$RUN_PID" 2>/dev/null; wait "$RUN_PID" 2>/dev/null; fi
     if [[ -n $TMP ]]; then
         if [[ -n $THINBOXD_PID ]] && ! kill -0 "$THINBOXD_PID" 2>/dev/null; then
@@ -51,13 +41,8 @@ cleanup() {
         # Last resort, so a failed run leaves nothing behind on the host.
         sweep_tmp "$TMP"
     fi
-    echo "containerd-e2e: $PASSED passed, $FAILED failed"
-    (( FAILED == 0 )) && exit 0 || exit 1
 }
-trap cleanup EXIT
-trap 'ERR_LINE=$LINENO' ERR
-trap 'SIGNALLED=INT; exit 130' INT
-trap 'SIGNALLED=TERM; exit 143' TERM
+finish_with containerd-e2e cleanup
 
 [[ $EUID -eq 0 ]] || die "must run as root"
 

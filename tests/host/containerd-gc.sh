@@ -33,8 +33,6 @@ CTR_NAMESPACE=thinbox-gc
 NS_KEPT=thinbox-gc-kept
 GC_TIMEOUT=30
 TMP=
-ERR_LINE=
-SIGNALLED=
 
 # ctr (bounded) in the namespace that keeps its image.
 ctr_kept() { CTR_NAMESPACE=$NS_KEPT ctr_t 120 "$@"; }
@@ -66,14 +64,6 @@ print(" ".join(e["key"] if isinstance(e, dict) else str(e) for e in v) if isinst
 }
 
 cleanup() {
-    local rc=$?
-    trap - EXIT
-    set +e
-    if [[ -n $SIGNALLED ]]; then
-        not_ok "interrupted by SIG$SIGNALLED"
-    elif (( rc != 0 && FAILED == 0 )); then
-        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
-    fi
     if [[ -n $TMP ]]; then
         if [[ -n $THINBOXD_PID ]] && ! kill -0 "$THINBOXD_PID" 2>/dev/null; then
             not_ok "thinboxd died unexpectedly"
@@ -87,13 +77,8 @@ cleanup() {
         # Last resort (a daemon stopped without --release-on-exit leaves its loops).
         sweep_tmp "$TMP"
     fi
-    echo "containerd-gc: $PASSED passed, $FAILED failed"
-    (( FAILED == 0 )) && exit 0 || exit 1
 }
-trap cleanup EXIT
-trap 'ERR_LINE=$LINENO' ERR
-trap 'SIGNALLED=INT; exit 130' INT
-trap 'SIGNALLED=TERM; exit 143' TERM
+finish_with containerd-gc cleanup
 
 [[ $EUID -eq 0 ]] || die "must run as root"
 

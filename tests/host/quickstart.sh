@@ -37,8 +37,6 @@ CTD_RUN=
 SHIM_SOCK=/nonexistent
 # The container's command (scripts/quickstart.sh).
 CONTAINER_CMD='trap "exit 0" TERM INT; sleep 2147483647 & wait'
-ERR_LINE=
-SIGNALLED=
 # The node's own paths, which the quickstart uses by default and this test must not.
 NODE_PATHS=(/var/lib/thinbox /run/thinbox /var/log/thinboxd.log /var/lib/thinbox-quickstart
     /var/lib/kubelet/plugins/csi.thinbox.io /run/containerd/containerd.sock
@@ -61,14 +59,7 @@ own_procs() { pgrep -f -- "$TMP/" | grep -vx "$$" || true; }
 qs() { timeout 1800 bash "$QS" "$@"; }
 
 cleanup() {
-    local rc=$? p
-    trap - EXIT
-    set +e
-    if [[ -n $SIGNALLED ]]; then
-        not_ok "interrupted by SIG$SIGNALLED"
-    elif (( rc != 0 && FAILED == 0 )); then
-        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
-    fi
+    local p
     if [[ -n $TMP ]]; then
         (( FAILED == 0 )) || log_tails "$TMP/thinboxd.log" "$TMP/qs/containerd/containerd.log"
         if [[ -n $UP ]]; then
@@ -96,13 +87,8 @@ cleanup() {
         # Last resort, so a failed run leaves nothing behind on the host.
         sweep_tmp "$TMP"
     fi
-    echo "quickstart: $PASSED passed, $FAILED failed"
-    (( FAILED == 0 )) && exit 0 || exit 1
 }
-trap cleanup EXIT
-trap 'ERR_LINE=$LINENO' ERR
-trap 'SIGNALLED=INT; exit 130' INT
-trap 'SIGNALLED=TERM; exit 143' TERM
+finish_with quickstart cleanup
 
 [[ $EUID -eq 0 ]] || die "must run as root"
 # The quickstart installs its own dependencies; these are the test's.

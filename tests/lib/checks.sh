@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Assertions and leftover sweeping shared by the host scripts
-# (tests/host/containerd-e2e.sh, tests/host/containerd-gc.sh). Source it; it
+# (tests/host/*.sh, tests/deploy/package.sh). Source it; it
 # sets PASSED=0 and FAILED=0, which the scripts report on their last line.
 #
 #   ok DESCRIPTION               a passed assertion ("ok   - ..." on stdout)
@@ -17,9 +17,18 @@
 #   sweep_tmp DIR                last resort of a cleanup: unmount and detach
 #                                whatever is left under DIR, then remove DIR
 #                                (kept if THINBOX_E2E_KEEP=1 or still mounted)
+#   finish_with NAME CLEANUP     sets the script's traps: however it ends, an
+#                                interruption (INT, TERM) or a command failing
+#                                outside an assertion counts as a failure
+#                                (with the line), then CLEANUP runs (no
+#                                errexit), "NAME: P passed, F failed" is
+#                                printed, and the exit status is 0 only if
+#                                nothing failed
 
 PASSED=0
 FAILED=0
+ERR_LINE=
+SIGNALLED=
 
 ok() { PASSED=$((PASSED + 1)); echo "ok   - $*"; }
 not_ok() { FAILED=$((FAILED + 1)); echo "FAIL - $*" >&2; }
@@ -89,4 +98,25 @@ sweep_tmp() {
     else
         echo "left $dir: still mounted" >&2
     fi
+}
+
+finish_with() {
+    FINISH_NAME=$1 FINISH_CLEANUP=$2
+    trap _finish EXIT
+    trap 'ERR_LINE=$LINENO' ERR
+    trap 'SIGNALLED=INT; exit 130' INT
+    trap 'SIGNALLED=TERM; exit 143' TERM
+}
+_finish() {
+    local rc=$?
+    trap - EXIT
+    set +e
+    if [[ -n $SIGNALLED ]]; then
+        not_ok "interrupted by SIG$SIGNALLED"
+    elif (( rc != 0 && FAILED == 0 )); then
+        not_ok "aborted (exit $rc) near line ${ERR_LINE:-?}"
+    fi
+    "$FINISH_CLEANUP"
+    echo "$FINISH_NAME: $PASSED passed, $FAILED failed"
+    (( FAILED == 0 )) && exit 0 || exit 1
 }
