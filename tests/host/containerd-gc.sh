@@ -6,7 +6,8 @@
 # `thinboxctl gc --containerd` removes exactly the forgotten snapshots (children
 # first), never one containerd lists (in either of two namespaces), removes
 # nothing with --dry-run or within --min-age, and refuses (exit 2, nothing
-# removed) when containerd is down or a listing fails. Needs root.
+# removed) when containerd is down or a listing fails; then that the daemon's
+# own sweep ([snapshot.containerd_gc]) removes such a leak by itself. Needs root.
 #
 #   sudo tests/host/containerd-gc.sh
 #
@@ -236,6 +237,55 @@ while left=$(pool_keys) && [[ -n $left ]] && (( SECONDS < deadline )); do
     sleep 1
 done
 check_eq "containerd's GC then removes the rest: 0 snapshots left" "" "$left"
+
+# ---- the daemon's own sweep ([snapshot.containerd_gc]) --------------------
+# The same leak again, then a daemon that sweeps every second: it removes the
+# forgotten layers by itself once they are MIN_AGE old, and nothing
+# containerd lists.
+MIN_AGE=5
+must "ctr image import (again)" ctr_t 120 image import --snapshotter "$SN" "$TMP/image.tar"
+must "ctr snapshots prepare gc-keep-2" ctr_ snapshots --snapshotter "$SN" prepare gc-keep-2
+forgotten=$(pool_keys | grep "^$CTR_NAMESPACE/[0-9]*/sha256:" || true)
+check_eq "the image made 3 layers again" 3 "$(wc -l <<<"$forgotten")"
+thinboxd_stop
+ctr_t 60 image rm --sync "$IMAGE" >/dev/null 2>&1 || true
+cat >"$TMP/sweep.toml" <<EOF
+[pool]
+embedded_size = "8GiB"
+[snapshot]
+default_size = "1GiB"
+[snapshot.containerd_gc]
+interval_s = 1
+address = "$CONTAINERD_ADDRESS"
+min_age_s = $MIN_AGE
+EOF
+thinboxd_start "$ROOT" "$SOCK" "$TMP/thinboxd-3.log" --config "$TMP/sweep.toml" --release-on-exit
+ok "thinboxd restarted, sweeping every second"
+before=$(pool_keys)
+check_eq "the 3 forgotten layers are back in the pool's listing (the leak)" "$forgotten" "$(grep "^$CTR_NAMESPACE/[0-9]*/sha256:" <<<"$before" || true)"
+deadline=$((SECONDS + 60))
+while left=$(pool_keys) && grep -q "^$CTR_NAMESPACE/[0-9]*/sha256:" <<<"$left" && (( SECONDS < deadline )); do
+    sleep 1
+done
+check_eq "the daemon's sweep removed the 3 forgotten layers" "" "$(grep "^$CTR_NAMESPACE/[0-9]*/sha256:" <<<"$left" || true)"
+check_eq "... and nothing else: gc-keep-2 stays" "$(grep -vxF -f <(echo "$forgotten") <<<"$before")" "$left"
+check_eq "its log names each removal" 3 "$(grep -c 'removed a snapshot containerd no longer lists' "$TMP/thinboxd-3.log")"
+check_eq "containerd still lists gc-keep-2" "gc-keep-2 Active" "$(ctr_keys "$CTR_NAMESPACE" | awk '{print $1, $NF}')"
+# containerd down: the sweeps remove nothing, and say why.
+containerd_stop
+kept=$(pool_keys)
+sleep 2.5
+check "with containerd down, the sweep warns that it cannot reach it" \
+    grep -q 'WARN.*sweeping snapshots containerd forgot.*cannot reach containerd' "$TMP/thinboxd-3.log"
+check_eq "... and removes nothing" "$kept" "$(pool_keys)"
+containerd_start "$TMP/ctd" "$SOCK" || die "containerd did not start again"
+must "ctr snapshots rm gc-keep-2" ctr_ snapshots --snapshotter "$SN" rm gc-keep-2
+deadline=$((SECONDS + GC_TIMEOUT))
+while left=$(pool_keys) && [[ -n $left ]] && (( SECONDS < deadline )); do
+    gc_now
+    sleep 1
+done
+check_eq "containerd's GC still removes the rest beside the sweep: 0 snapshots left" "" "$left"
 
 # ---- shutdown ------------------------------------------------------------
 containerd_stop

@@ -7,6 +7,11 @@
 //! address = "/run/thinbox/snapshotter.sock"
 //! default_size = "10GiB"   # unless the label containerd.io/snapshot/max-size says otherwise
 //! filesystem = "ext4"      # or "xfs"
+//!
+//! [snapshot.containerd_gc]  # the daemon's sweep of snapshots containerd forgot
+//! interval_s = 0            # seconds between sweeps; 0: never (`thinboxctl gc --containerd` on request)
+//! address = "/run/containerd/containerd.sock"
+//! min_age_s = 600           # a snapshot changed more recently is kept
 //! ```
 
 use std::path::PathBuf;
@@ -16,6 +21,9 @@ use thinbox_blockstore::{Bytes, FsType};
 
 /// Where containerd's proxy plugin finds the snapshotter by default.
 pub const DEFAULT_ADDRESS: &str = "/run/thinbox/snapshotter.sock";
+
+/// containerd's socket, as Debian's containerd serves it.
+pub const CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 
 /// The snapshot front end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,11 +38,40 @@ pub struct SnapshotConfig {
     pub default_size: Bytes,
     /// Filesystem of a snapshot without a parent.
     pub filesystem: FsType,
+    /// The daemon's sweep of snapshots containerd forgot.
+    pub containerd_gc: ContainerdGcConfig,
+}
+
+/// `[snapshot.containerd_gc]`: every `interval_s`, the daemon does what
+/// `thinboxctl gc --containerd` does (see [`crate::forgotten`]). Off by
+/// default: it is right only where one containerd uses the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdGcConfig {
+    /// Seconds between sweeps, the first one interval after start; 0: never.
+    pub interval_s: u64,
+    /// containerd's socket.
+    pub address: PathBuf,
+    /// A snapshot created or changed less than this many seconds before a
+    /// sweep is kept: containerd may be about to record it.
+    pub min_age_s: u64,
+}
+
+impl Default for ContainerdGcConfig {
+    fn default() -> Self {
+        ContainerdGcConfig { interval_s: 0, address: PathBuf::from(CONTAINERD_ADDRESS), min_age_s: 600 }
+    }
 }
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
-        SnapshotConfig { enabled: true, address: PathBuf::from(DEFAULT_ADDRESS), default_size: Bytes(10 << 30), filesystem: FsType::Ext4 }
+        SnapshotConfig {
+            enabled: true,
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            default_size: Bytes(10 << 30),
+            filesystem: FsType::Ext4,
+            containerd_gc: ContainerdGcConfig::default(),
+        }
     }
 }
 
@@ -49,6 +86,9 @@ impl SnapshotConfig {
         }
         if self.default_size < MIN_SNAPSHOT_SIZE {
             return Err(format!("snapshot.default_size {} is below the minimum {MIN_SNAPSHOT_SIZE}", self.default_size));
+        }
+        if !self.containerd_gc.address.is_absolute() {
+            return Err(format!("snapshot.containerd_gc.address {} must be an absolute path", self.containerd_gc.address.display()));
         }
         Ok(())
     }
@@ -74,5 +114,13 @@ mod tests {
         assert!(small.validate().unwrap_err().contains("snapshot.default_size"));
         let rel: SnapshotConfig = toml::from_str("address = \"s.sock\"").unwrap();
         assert!(rel.validate().is_err());
+        assert_eq!(d.containerd_gc.interval_s, 0, "the sweep is off by default");
+        let gc: SnapshotConfig = toml::from_str("[containerd_gc]\ninterval_s = 3600\nmin_age_s = 60").unwrap();
+        gc.validate().unwrap();
+        assert_eq!((gc.containerd_gc.interval_s, gc.containerd_gc.min_age_s), (3600, 60));
+        assert_eq!(gc.containerd_gc.address, PathBuf::from(CONTAINERD_ADDRESS));
+        assert!(toml::from_str::<SnapshotConfig>("[containerd_gc]\nevery = 1").is_err(), "unknown key");
+        let rel: SnapshotConfig = toml::from_str("[containerd_gc]\naddress = \"c.sock\"").unwrap();
+        assert!(rel.validate().unwrap_err().contains("snapshot.containerd_gc.address"));
     }
 }

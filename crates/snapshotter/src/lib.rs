@@ -29,11 +29,12 @@
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod forgotten;
 pub mod meta;
 pub mod server;
 pub mod service;
 pub mod snapshots;
 
-pub use config::SnapshotConfig;
+pub use config::{ContainerdGcConfig, SnapshotConfig};
 pub use error::Error;
 pub use snapshots::Snapshots;

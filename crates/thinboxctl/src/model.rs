@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 pub use thinbox_block_passthrough::probe::KvmProbe;
+pub use thinbox_containerd_gc::KeepReason;
 use thinbox_proto::admin as proto;
 
 /// `status`.
@@ -254,18 +255,6 @@ pub struct KeptSnapshot {
     pub kind: String,
     /// Why it was kept.
     pub reason: KeepReason,
-}
-
-/// Why `gc --containerd` kept a snapshot containerd does not list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeepReason {
-    /// Created or changed within `--min-age`: containerd may be about to record it.
-    Recent,
-    /// Its namespace is not one containerd has.
-    UnknownNamespace,
-    /// A snapshot that stays is its child.
-    ParentOfKept,
 }
 
 /// `host`: what this machine offers VM sandboxes. An object, so more probes

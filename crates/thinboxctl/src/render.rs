@@ -6,9 +6,9 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::containerd::BackendKey;
 use crate::model::{ConsumerUsage, ContainerdGc, Device, HostReport, KeepReason, PoolStatus, Report};
 use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
+use thinbox_containerd_gc::BackendKey;
 
 /// How a command ended, short of an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,9 @@
 //!    volumes, stray images); then one reconciliation converges the pool with
 //!    every record, and says what it did.
 //! 4. The doors are served until SIGTERM/SIGINT, with one pool-pressure watch
-//!    (growth of a file-backed thin pool) and, if asked, `/metrics`.
+//!    (growth of a file-backed thin pool), if asked `/metrics`, and if asked
+//!    (`[snapshot.containerd_gc]`) a periodic sweep of the snapshots
+//!    containerd forgot.
 //!
 //! # Stop
 //! Connections get a short grace, the deleter stops after the device in hand
@@ -36,8 +38,8 @@ use thinbox_csi::recover::VolumeRecords;
 use thinbox_daemon::{Bound, ServeError};
 use thinbox_metrics::Metrics;
 use thinbox_proto::admin::admin_server::AdminServer;
-use thinbox_snapshotter::Snapshots;
 use thinbox_snapshotter::snapshots::SnapshotRecords;
+use thinbox_snapshotter::{ContainerdGcConfig, Snapshots};
 
 pub use config::{Config, ConfigError};
 
@@ -48,6 +50,9 @@ const GRACE: Duration = Duration::from_secs(2);
 /// How often, at least, the pool's free space is checked (running containers
 /// and volumes consume it); a device-mapper event wakes the check sooner.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a sweep waits for each of containerd's answers.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors that stop the daemon; each renders on one line with its sources.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +129,9 @@ pub fn run(opts: Options) -> Result<(), Error> {
     metrics.register_collector(gauges::Pool::new(snapshots.clone(), driver.clone()));
     metrics.register_collector(thinbox_csi::metrics::Gauges::new(driver.clone()));
     let metrics = Arc::new(metrics);
-    let doors = Doors { snapshot: snapshot_door, csi: csi_door, metrics: metrics_door };
+    let sweep = (cfg.snapshot.enabled && cfg.snapshot.containerd_gc.interval_s > 0)
+        .then(|| Sweep { cfg: cfg.snapshot.containerd_gc.clone(), ours: cfg.snapshot.address.clone() });
+    let doors = Doors { snapshot: snapshot_door, csi: csi_door, metrics: metrics_door, sweep };
     let served = rt.block_on(serve(doors, signal, &snapshots, &driver, metrics, &engine));
 
     let release = cfg.release_on_exit;
@@ -135,11 +142,19 @@ pub fn run(opts: Options) -> Result<(), Error> {
     Ok(())
 }
 
-/// The bound front doors.
+/// The bound front doors, and the sweep that goes with the snapshot door.
 struct Doors {
     snapshot: Option<Bound>,
     csi: Option<Bound>,
     metrics: Option<tokio::net::TcpListener>,
+    sweep: Option<Sweep>,
+}
+
+/// The periodic sweep of snapshots containerd forgot: its settings, and the
+/// snapshot socket containerd must use for it to do anything.
+struct Sweep {
+    cfg: ContainerdGcConfig,
+    ours: PathBuf,
 }
 
 async fn serve(
@@ -169,6 +184,7 @@ async fn serve(
     }
     let exporter = doors.metrics.map(|l| tokio::spawn(thinbox_metrics::serve(l, metrics)));
     let maintenance = tokio::spawn(maintain(engine.clone()));
+    let sweeper = doors.sweep.map(|s| tokio::spawn(sweep_forgotten(snapshots.clone(), s)));
     tokio::spawn(async move {
         signal.await;
         let _ = stop_tx.send(true);
@@ -184,10 +200,37 @@ async fn serve(
         }
     }
     maintenance.abort();
-    if let Some(t) = exporter {
+    for t in [exporter, sweeper].into_iter().flatten() {
         t.abort();
     }
     result
+}
+
+/// Every `interval_s`, removes the snapshots the containerd at `address`
+/// forgot (`thinboxctl gc --containerd`, on a timer). A containerd that is
+/// down, or that does not use this daemon, makes a sweep do nothing.
+async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep) {
+    let Sweep { cfg, ours } = sweep;
+    let every = Duration::from_secs(cfg.interval_s);
+    let min_age = Duration::from_secs(cfg.min_age_s);
+    tracing::info!(containerd = %cfg.address.display(), interval_s = cfg.interval_s, min_age_s = cfg.min_age_s, "sweeping snapshots containerd forgot");
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match thinbox_snapshotter::forgotten::sweep(&snapshots, &cfg.address, &ours, min_age, SWEEP_TIMEOUT).await {
+            Ok(s) if s.snapshotters.is_empty() => {
+                tracing::debug!(containerd = %cfg.address.display(), "no snapshotter of containerd's is served here; nothing swept")
+            }
+            Ok(s) => {
+                for key in &s.removed {
+                    tracing::info!(key, "removed a snapshot containerd no longer lists");
+                }
+                tracing::debug!(removed = s.removed.len(), kept = s.kept, snapshotters = ?s.snapshotters, "swept snapshots containerd forgot");
+            }
+            Err(e) => tracing::warn!(containerd = %cfg.address.display(), error = %thinbox_daemon::chain(&e), "sweeping snapshots containerd forgot"),
+        }
+    }
 }
 
 /// Grows the pool ahead of need where the backend can.
