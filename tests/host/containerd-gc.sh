@@ -52,6 +52,16 @@ pool_keys() {
 }
 # What containerd lists for thinbox in a namespace: "KEY PARENT KIND" lines, sorted.
 ctr_keys() { CTR_NAMESPACE=$1 ctr_ snapshots --snapshotter "$SN" ls | tail -n +2 | sort; }
+# Runs containerd's garbage collection until the pool is empty or GC_TIMEOUT
+# passes; prints what is left.
+collect_all() {
+    local deadline=$((SECONDS + GC_TIMEOUT)) left
+    while left=$(pool_keys) && [[ -n $left ]] && (( SECONDS < deadline )); do
+        gc_now
+        sleep 1
+    done
+    echo "$left"
+}
 # A daemon key without its "<namespace>/<n>/" prefix.
 strip_ns() { sed -E 's#^[^/]+/[0-9]+/##'; }
 # thinboxctl gc --containerd with the private containerd and our daemon; "$@" adds flags.
@@ -231,11 +241,7 @@ fi
 must "ctr container rm ($NS_KEPT)" ctr_kept container rm gc-ctr
 must "ctr image rm ($NS_KEPT)" ctr_kept image rm "$IMAGE"
 must "ctr snapshots rm gc-keep" ctr_ snapshots --snapshotter "$SN" rm gc-keep
-deadline=$((SECONDS + GC_TIMEOUT))
-while left=$(pool_keys) && [[ -n $left ]] && (( SECONDS < deadline )); do
-    gc_now
-    sleep 1
-done
+left=$(collect_all)
 check_eq "containerd's GC then removes the rest: 0 snapshots left" "" "$left"
 
 # ---- the daemon's own sweep ([snapshot.containerd_gc]) --------------------
@@ -280,11 +286,7 @@ check "with containerd down, the sweep warns that it cannot reach it" \
 check_eq "... and removes nothing" "$kept" "$(pool_keys)"
 containerd_start "$TMP/ctd" "$SOCK" || die "containerd did not start again"
 must "ctr snapshots rm gc-keep-2" ctr_ snapshots --snapshotter "$SN" rm gc-keep-2
-deadline=$((SECONDS + GC_TIMEOUT))
-while left=$(pool_keys) && [[ -n $left ]] && (( SECONDS < deadline )); do
-    gc_now
-    sleep 1
-done
+left=$(collect_all)
 check_eq "containerd's GC still removes the rest beside the sweep: 0 snapshots left" "" "$left"
 
 # ---- shutdown ------------------------------------------------------------
