@@ -42,8 +42,9 @@ pub async fn sweep(snapshots: &Arc<Snapshots>, containerd: &Path, ours: &Path, m
         let plan = plan(&known, pool, cutoff);
         for snap in &plan.remove {
             match s.remove(&snap.key) {
+                Ok(()) => tracing::info!(key = %snap.key, kind = %snap.kind, "removed a snapshot containerd no longer lists"),
                 // Gone meanwhile (containerd's collector got to it): as good.
-                Ok(()) | Err(crate::Error::NotFound(_)) => {}
+                Err(crate::Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }

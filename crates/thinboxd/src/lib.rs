@@ -222,12 +222,8 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep) {
             Ok(s) if s.snapshotters.is_empty() => {
                 tracing::debug!(containerd = %cfg.address.display(), "no snapshotter of containerd's is served here; nothing swept")
             }
-            Ok(s) => {
-                for key in &s.removed {
-                    tracing::info!(key, "removed a snapshot containerd no longer lists");
-                }
-                tracing::debug!(removed = s.removed.len(), kept = s.kept, snapshotters = ?s.snapshotters, "swept snapshots containerd forgot");
-            }
+            // Each removal is logged as it happens.
+            Ok(s) => tracing::debug!(removed = s.removed.len(), kept = s.kept, snapshotters = ?s.snapshotters, "swept snapshots containerd forgot"),
             Err(e) => tracing::warn!(containerd = %cfg.address.display(), error = %thinbox_daemon::chain(&e), "sweeping snapshots containerd forgot"),
         }
     }
