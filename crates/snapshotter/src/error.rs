@@ -5,6 +5,7 @@ use thinbox_blockstore::ErrorKind;
 use tonic::{Code, Status};
 
 use crate::filter::FilterError;
+use crate::shown::shown;
 
 /// Errors of the snapshot service.
 #[derive(Debug, thiserror::Error)]
@@ -51,34 +52,6 @@ pub enum Error {
     },
     #[error("worker task failed")]
     Join(#[from] tokio::task::JoinError),
-}
-
-/// The most of a key (or another string from a request) an error message
-/// repeats. Keys that are only looked up are not checked against
-/// [`crate::snapshots::MAX_KEY_BYTES`], so a request may name one of
-/// megabytes; the message goes back in an HTTP/2 header (`grpc-message`),
-/// which clients bound (tonic at 16 KiB): one that repeated it whole would
-/// reach the client as a protocol error, not as its code.
-pub(crate) const SHOWN_BYTES: usize = 256;
-
-/// `s` quoted for a message: whole up to [`SHOWN_BYTES`], else its start and its length.
-pub(crate) fn shown(s: &str) -> String {
-    match clipped(s) {
-        Some(start) => format!("{start:?}… ({} bytes)", s.len()),
-        None => format!("{s:?}"),
-    }
-}
-
-/// The start of `s` when it is longer than [`SHOWN_BYTES`].
-pub(crate) fn clipped(s: &str) -> Option<&str> {
-    if s.len() <= SHOWN_BYTES {
-        return None;
-    }
-    let mut end = SHOWN_BYTES;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Some(&s[..end])
 }
 
 impl Error {
@@ -154,6 +127,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shown::SHOWN_BYTES;
 
     #[test]
     fn messages_repeat_at_most_the_start_of_a_long_key() {

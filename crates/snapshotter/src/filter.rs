@@ -15,7 +15,7 @@ use regex::Regex;
 
 /// A parse error, with the offending input.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid filter {}: {reason}", crate::error::shown(input))]
+#[error("invalid filter {}: {reason}", crate::shown::shown(input))]
 pub struct FilterError {
     input: String,
     reason: String,
@@ -87,7 +87,7 @@ impl Parser<'_> {
     fn err(&self, reason: impl Into<String>) -> FilterError {
         // A regular expression's error repeats the whole expression.
         let reason = reason.into();
-        let reason = crate::error::clipped(&reason).map_or_else(|| reason.clone(), |start| format!("{start}…"));
+        let reason = crate::shown::clipped(&reason).map_or_else(|| reason.clone(), |start| format!("{start}…"));
         FilterError { input: self.input.to_owned(), reason: format!("{reason} at offset {}", self.pos) }
     }
 

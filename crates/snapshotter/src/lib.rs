@@ -33,6 +33,7 @@ pub mod forgotten;
 pub mod meta;
 pub mod server;
 pub mod service;
+mod shown;
 pub mod snapshots;
 
 pub use config::{ContainerdGcConfig, SnapshotConfig};
