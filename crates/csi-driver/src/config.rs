@@ -89,7 +89,7 @@ pub fn min_volume_size(fs: Option<FsType>, encryption: Option<Encryption>) -> By
 impl CsiConfig {
     /// Checks what serde cannot; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        crate::server::endpoint_path(&self.endpoint).map_err(|e| format!("csi.endpoint: {e}"))?;
+        endpoint_path(&self.endpoint).map_err(|e| format!("csi.endpoint: {e}"))?;
         if self.node_id.as_deref() == Some("") {
             return Err("csi.node_id must not be empty".into());
         }
@@ -108,6 +108,15 @@ impl CsiConfig {
         }
         Ok(())
     }
+}
+
+/// The socket path of a CSI endpoint (`unix:///csi/csi.sock` or a bare path).
+pub fn endpoint_path(endpoint: &str) -> crate::error::Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(crate::error::invalid(format!("endpoint {endpoint:?} must be unix:///absolute/path")));
+    }
+    Ok(PathBuf::from(path))
 }
 
 #[cfg(test)]
@@ -129,5 +138,14 @@ mod tests {
         assert!(small.validate().is_err());
         let tcp: CsiConfig = toml::from_str("endpoint = \"tcp://1.2.3.4:5\"").unwrap();
         assert!(tcp.validate().unwrap_err().contains("csi.endpoint"));
+    }
+
+    #[test]
+    fn endpoints() {
+        use std::path::Path;
+        assert_eq!(endpoint_path("unix:///csi/csi.sock").unwrap(), Path::new("/csi/csi.sock"));
+        assert_eq!(endpoint_path("/csi/csi.sock").unwrap(), Path::new("/csi/csi.sock"));
+        assert!(endpoint_path("unix://relative.sock").is_err());
+        assert!(endpoint_path("tcp://1.2.3.4:5").is_err());
     }
 }

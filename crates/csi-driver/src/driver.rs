@@ -52,14 +52,14 @@ impl Driver {
     /// Opens the state under `root` as the pool's only consumer and converges
     /// it with the disk and kernel (volumes without snapshots, in process).
     pub fn open(root: &Path, node_id: &str, pool: PoolConfig, cfg: CsiConfig) -> Result<Driver> {
-        let engine = Arc::new(Engine::open(root, pool, vec![Box::new(crate::recover::VolumeRecords)])?);
+        let engine = Arc::new(Engine::open(root, pool, vec![Box::new(crate::state::VolumeRecords)])?);
         let d = Driver::new(engine, root, node_id, cfg)?;
         d.engine.reconcile()?;
         Ok(d)
     }
 
     /// The volume front end over an engine that lists
-    /// [`crate::recover::VolumeRecords`] among its consumers: finishes what a
+    /// [`crate::state::VolumeRecords`] among its consumers: finishes what a
     /// crash interrupted on the volumes' side (publications, half-made or
     /// half-deleted volumes, stray directories). The engine's reconciliation,
     /// which its owner runs next, does the pool's side.

@@ -1,11 +1,10 @@
-//! Reconciliation at start-up, on the volumes' side, and the volume records
-//! as a consumer of the pool.
+//! Reconciliation at start-up, on the volumes' side.
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use thinbox_blockstore::redb::{ReadableDatabase, ReadableTable, WriteTransaction};
-use thinbox_blockstore::{Consumer, DeviceId, embedded};
+use thinbox_blockstore::embedded;
+use thinbox_blockstore::redb::ReadableDatabase;
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
@@ -114,36 +113,4 @@ fn refuse_images_outside_the_pool(root: &Path) -> Result<()> {
         std::fs::remove_dir(&dir).map_err(Error::io("remove", &dir))?;
     }
     Ok(())
-}
-
-/// The volume and snapshot records, as a consumer of the pool. Every record
-/// references its device, whatever its state: the driver's own recovery at
-/// start (and its operations, under the gate) finish half-made and
-/// half-deleted records, so the pool never deletes a device a volume record
-/// still names; a device marked `Deleting` goes whoever names it.
-#[derive(Debug)]
-pub struct VolumeRecords;
-
-impl Consumer for VolumeRecords {
-    fn name(&self) -> &'static str {
-        "volumes"
-    }
-
-    fn settle(&self, txn: &WriteTransaction) -> thinbox_blockstore::Result<HashSet<DeviceId>> {
-        /// The one field of a volume or snapshot record the pool cares about.
-        #[derive(serde::Deserialize)]
-        struct DeviceOf {
-            device: Option<DeviceId>,
-        }
-        let mut referenced = HashSet::new();
-        for table in [VOLUMES, SNAPSHOTS] {
-            for row in txn.open_table(table)?.iter()? {
-                let (k, v) = row?;
-                let rec: DeviceOf =
-                    serde_json::from_str(v.value()).map_err(|source| thinbox_blockstore::Error::Corrupt { key: k.value().to_owned(), source })?;
-                referenced.extend(rec.device);
-            }
-        }
-        Ok(referenced)
-    }
 }

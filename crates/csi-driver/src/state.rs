@@ -1,12 +1,12 @@
 //! The driver's records, in redb tables next to the block store's own (one
 //! database, so a volume record and its device change in one transaction).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use thinbox_blockstore::redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
-use thinbox_blockstore::{Bytes, DeviceId, FsType};
+use thinbox_blockstore::{Bytes, Consumer, DeviceId, FsType};
 
 use crate::error::{Error, Result};
 
@@ -339,4 +339,36 @@ pub fn init(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(GROUPS)?;
     txn.open_table(GROUP_NAMES)?;
     Ok(())
+}
+
+/// The volume and snapshot records, as a consumer of the pool. Every record
+/// references its device, whatever its state: the driver's own recovery at
+/// start (and its operations, under the gate) finish half-made and
+/// half-deleted records, so the pool never deletes a device a volume record
+/// still names; a device marked `Deleting` goes whoever names it.
+#[derive(Debug)]
+pub struct VolumeRecords;
+
+impl Consumer for VolumeRecords {
+    fn name(&self) -> &'static str {
+        "volumes"
+    }
+
+    fn settle(&self, txn: &WriteTransaction) -> thinbox_blockstore::Result<HashSet<DeviceId>> {
+        /// The one field of a volume or snapshot record the pool cares about.
+        #[derive(serde::Deserialize)]
+        struct DeviceOf {
+            device: Option<DeviceId>,
+        }
+        let mut referenced = HashSet::new();
+        for table in [VOLUMES, SNAPSHOTS] {
+            for row in txn.open_table(table)?.iter()? {
+                let (k, v) = row?;
+                let rec: DeviceOf =
+                    serde_json::from_str(v.value()).map_err(|source| thinbox_blockstore::Error::Corrupt { key: k.value().to_owned(), source })?;
+                referenced.extend(rec.device);
+            }
+        }
+        Ok(referenced)
+    }
 }

@@ -63,7 +63,7 @@ impl Config {
         }
         if self.snapshot.enabled
             && self.csi.enabled
-            && thinbox_csi::server::endpoint_path(&self.csi.endpoint).ok().as_deref() == Some(self.snapshot.address.as_path())
+            && thinbox_csi::config::endpoint_path(&self.csi.endpoint).ok().as_deref() == Some(self.snapshot.address.as_path())
         {
             return Err(ConfigError::Invalid(format!("snapshot.address and csi.endpoint name the same socket {}", self.snapshot.address.display())));
         }

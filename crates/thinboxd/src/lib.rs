@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use thinbox_blockstore::Engine;
 use thinbox_csi::Driver;
-use thinbox_csi::recover::VolumeRecords;
+use thinbox_csi::state::VolumeRecords;
 use thinbox_daemon::{Bound, ServeError};
 use thinbox_metrics::Metrics;
 use thinbox_proto::admin::admin_server::AdminServer;
@@ -101,7 +101,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
     // 1. The doors, before any state.
     let snapshot_door = cfg.snapshot.enabled.then(|| thinbox_daemon::bind_unix(&cfg.snapshot.address)).transpose()?;
     let csi_door = if cfg.csi.enabled {
-        let path = thinbox_csi::server::endpoint_path(&cfg.csi.endpoint).map_err(|e| ConfigError::Invalid(format!("csi.endpoint: {e}")))?;
+        let path = thinbox_csi::config::endpoint_path(&cfg.csi.endpoint).map_err(|e| ConfigError::Invalid(format!("csi.endpoint: {e}")))?;
         Some(thinbox_daemon::bind_unix(&path)?)
     } else {
         None
