@@ -182,9 +182,9 @@ async fn serve(
         let router = thinbox_csi::server::router(driver.clone(), metrics.clone());
         servers.push(tokio::spawn(thinbox_daemon::serve_unix(router, bound, GRACE, stopped(stop_rx.clone()))));
     }
-    let exporter = doors.metrics.map(|l| tokio::spawn(thinbox_metrics::serve(l, metrics)));
+    let exporter = doors.metrics.map(|l| tokio::spawn(thinbox_metrics::serve(l, metrics.clone())));
     let maintenance = tokio::spawn(maintain(engine.clone()));
-    let sweeper = doors.sweep.map(|s| tokio::spawn(sweep_forgotten(snapshots.clone(), s)));
+    let sweeper = doors.sweep.map(|s| tokio::spawn(sweep_forgotten(snapshots.clone(), s, metrics.clone())));
     tokio::spawn(async move {
         signal.await;
         let _ = stop_tx.send(true);
@@ -208,8 +208,9 @@ async fn serve(
 
 /// Every `interval_s`, removes the snapshots the containerd at `address`
 /// forgot (`thinboxctl gc --containerd`, on a timer). A containerd that is
-/// down, or that does not use this daemon, makes a sweep do nothing.
-async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep) {
+/// down, or that does not use this daemon, makes a sweep do nothing. Each
+/// sweep counts as the operation `containerd_gc` in `metrics`.
+async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<Metrics>) {
     let Sweep { cfg, ours } = sweep;
     let every = Duration::from_secs(cfg.interval_s);
     let min_age = Duration::from_secs(cfg.min_age_s);
@@ -218,7 +219,10 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        match thinbox_snapshotter::forgotten::sweep(&snapshots, &cfg.address, &ours, min_age, SWEEP_TIMEOUT).await {
+        let started = Instant::now();
+        let swept = thinbox_snapshotter::forgotten::sweep(&snapshots, &cfg.address, &ours, min_age, SWEEP_TIMEOUT).await;
+        metrics.observe(thinbox_metrics::Api::Snapshots, "containerd_gc", swept.is_ok(), started.elapsed());
+        match swept {
             Ok(s) if s.snapshotters.is_empty() => {
                 tracing::debug!(containerd = %cfg.address.display(), "no snapshotter of containerd's is served here; nothing swept")
             }

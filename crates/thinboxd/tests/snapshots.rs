@@ -470,6 +470,34 @@ async fn bad_config_is_refused_at_start() {
     assert!(thinbox_blockstore::scan_loops(dir.path()).unwrap().is_empty());
 }
 
+/// The daemon's sweep ([snapshot.containerd_gc]) with no containerd to ask:
+/// every sweep fails, removes nothing (not even a snapshot named as
+/// containerd names them, which an empty view would remove), and counts as
+/// an error. (containerd-gc.sh checks a sweep that removes, with a real one.)
+#[tokio::test]
+async fn a_sweep_without_containerd_removes_nothing_and_counts_an_error() {
+    let dir = tmp();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let missing = dir.path().join("no-containerd.sock");
+    let cfg = format!("{SMALL}[snapshot.containerd_gc]\ninterval_s = 1\nmin_age_s = 0\naddress = {:?}\n", missing.display().to_string());
+    let (d, mut c) = Daemon::start_with_args(dir.path(), Some(&cfg), &["--metrics-address", &address]).await;
+    prepare(&mut c, "ns/1/forgotten", "", HashMap::new()).await.unwrap();
+    let errors = "\nthinbox_operations_total{api=\"snapshots\",op=\"containerd_gc\",result=\"error\"} ";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = scrape(port).await;
+        if text.contains(errors) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(text.contains(errors), "no failed sweep counted in 30 s:\n{text}");
+    assert!(!text.contains("op=\"containerd_gc\",result=\"ok\""), "{text}");
+    assert!(stat(&mut c, "ns/1/forgotten").await.is_ok(), "a sweep that could not ask containerd removed a snapshot");
+    d.release().await;
+}
+
 #[tokio::test]
 async fn metrics_count_every_snapshots_call() {
     let dir = tmp();
