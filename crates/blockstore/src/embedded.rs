@@ -5,6 +5,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
@@ -44,15 +45,29 @@ pub fn ensure_xfs(img: &Path, mp: &Path, size: Bytes, direct_io: bool, data: &st
     Ok(())
 }
 
+/// How long [`release`] asks a busy image again before it leaves it mounted.
+const RELEASE_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Unmounts an embedded image if nothing uses it any more; otherwise leaves it.
+///
+/// A loop device just detached from a file in the image may keep that file
+/// open a moment longer: when another process has the device open at that
+/// instant (another tool looking for a free loop, say), the kernel finishes
+/// the detach on that process's last close. So a busy image is asked again
+/// for up to [`RELEASE_PATIENCE`]; one that a mount or a VM really holds is
+/// then left mounted.
 pub fn release(mp: &Path) -> Result<()> {
-    match unmount(mp, UnmountFlags::empty()) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::BUSY) => {
-            tracing::warn!(mountpoint = %mp.display(), "pool still in use; left mounted");
-            Ok(())
+    let deadline = Instant::now() + RELEASE_PATIENCE;
+    loop {
+        match unmount(mp, UnmountFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(rustix::io::Errno::BUSY) => {
+                tracing::warn!(mountpoint = %mp.display(), "pool still in use; left mounted");
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io("unmount", mp)(e.into())),
         }
-        Err(e) => Err(Error::io("unmount", mp)(e.into())),
     }
 }
 

@@ -54,6 +54,26 @@ fn embedded_pool_caches_its_blocks_once() {
     }
 }
 
+/// A device loop that someone else has open when it is detached (a tool
+/// looking for a free loop, say) keeps its image, and so the pool, busy
+/// until that opener closes it: releasing the pool waits for that.
+#[test]
+fn release_waits_for_a_detached_loop_held_a_moment_longer() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), small()).unwrap();
+    let (id, node) = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite)));
+    let held = std::fs::File::open(node.unwrap()).unwrap();
+    destroy(&pool, id);
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    pool.shutdown(true).unwrap();
+    closer.join().unwrap();
+    assert!(!sh("findmnt", &["-rn", "-o", "TARGET"]).contains(dir.path().to_str().unwrap()), "the pool was left mounted");
+    assert!(scan_loops(dir.path()).unwrap().is_empty(), "release leaves no loop");
+}
+
 #[test]
 fn btrfs_pool_directory_round_trip() {
     let dir = tmp();
