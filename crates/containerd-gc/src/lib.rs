@@ -156,6 +156,12 @@ pub struct Plan {
     pub other: usize,
 }
 
+/// The latest change time a snapshot may have for [`plan`] to remove it,
+/// for a listing that starts now: `min_age` ago.
+pub fn cutoff(min_age: Duration) -> SystemTime {
+    SystemTime::now().checked_sub(min_age).unwrap_or(UNIX_EPOCH)
+}
+
 /// Decides which of `pool` to remove, given what containerd lists (`known`)
 /// and the latest change time a removable snapshot may have (`cutoff`); see
 /// the module documentation for the rule.

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use thinbox_containerd_gc::{Containerd, ContainerdError, Plan, PoolSnapshot, plan, served_at};
+use thinbox_containerd_gc::{Containerd, ContainerdError, Plan, PoolSnapshot, cutoff, plan, served_at};
 
 use crate::Snapshots;
 
@@ -15,8 +15,8 @@ use crate::Snapshots;
 pub struct Swept {
     /// containerd's snapshotters served by this daemon (none: the sweep did nothing).
     pub snapshotters: Vec<String>,
-    /// Removed, in order.
-    pub removed: Vec<String>,
+    /// How many it removed.
+    pub removed: usize,
     /// Unknown to containerd but kept.
     pub kept: usize,
 }
@@ -26,8 +26,7 @@ pub struct Swept {
 /// [`Swept::snapshotters`]) when no proxy snapshotter of that containerd is
 /// served at `ours`, the daemon's snapshot socket.
 pub async fn sweep(snapshots: &Arc<Snapshots>, containerd: &Path, ours: &Path, min_age: Duration, timeout: Duration) -> Result<Swept, SweepError> {
-    let started = SystemTime::now();
-    let cutoff = started.checked_sub(min_age).unwrap_or(UNIX_EPOCH);
+    let cutoff = cutoff(min_age);
     let ctd = Containerd::connect(containerd, timeout).await?;
     let ours = std::fs::metadata(ours).map_err(|source| SweepError::Socket { path: ours.to_owned(), source })?;
     let snapshotters = served_at(&ctd.snapshotters().await?, &ours);
@@ -52,7 +51,7 @@ pub async fn sweep(snapshots: &Arc<Snapshots>, containerd: &Path, ours: &Path, m
     })
     .await
     .map_err(crate::Error::from)??;
-    Ok(Swept { snapshotters, removed: plan.remove.into_iter().map(|s| s.key).collect(), kept: plan.kept.len() })
+    Ok(Swept { snapshotters, removed: plan.remove.len(), kept: plan.kept.len() })
 }
 
 /// A [`sweep`] that failed.

@@ -3,9 +3,9 @@
 //! [`thinbox_containerd_gc`], which the daemon's own sweep uses too.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use thinbox_containerd_gc::{Containerd, ContainerdError, PoolSnapshot, plan, served_at};
+use thinbox_containerd_gc::{Containerd, ContainerdError, PoolSnapshot, cutoff, plan, served_at};
 use thinbox_proto::snapshots::snapshots_client::SnapshotsClient;
 use thinbox_proto::snapshots::{ListSnapshotsRequest, RemoveSnapshotRequest};
 use tonic::transport::Channel;
@@ -18,8 +18,7 @@ use crate::{Cli, Error, GcArgs};
 /// our pool, and removes what [`plan`] says unless `--dry-run`.
 pub async fn run(cli: &Cli, args: &GcArgs, containerd: &Path) -> Result<ContainerdGc, Error> {
     let timeout = Duration::from_secs(cli.timeout);
-    let started = SystemTime::now();
-    let cutoff = started.checked_sub(Duration::from_secs(args.min_age)).unwrap_or(UNIX_EPOCH);
+    let cutoff = cutoff(Duration::from_secs(args.min_age));
     let view = async {
         let ctd = Containerd::connect(containerd, timeout).await?;
         let plugins = ctd.snapshotters().await?;

@@ -227,7 +227,7 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<M
                 tracing::debug!(containerd = %cfg.address.display(), "no snapshotter of containerd's is served here; nothing swept")
             }
             // Each removal is logged as it happens.
-            Ok(s) => tracing::debug!(removed = s.removed.len(), kept = s.kept, snapshotters = ?s.snapshotters, "swept snapshots containerd forgot"),
+            Ok(s) => tracing::debug!(removed = s.removed, kept = s.kept, snapshotters = ?s.snapshotters, "swept snapshots containerd forgot"),
             Err(e) => tracing::warn!(containerd = %cfg.address.display(), error = %thinbox_daemon::chain(&e), "sweeping snapshots containerd forgot"),
         }
     }
