@@ -122,8 +122,17 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Attaches the device (no-op if attached) and returns its node.
     fn activate(&self, rec: &DeviceRecord, access: Access) -> Result<PathBuf>;
 
-    /// Detaches the device (lazily if still in use) and flushes it.
+    /// Detaches the device (lazily if still in use). What was written to it
+    /// is durable only after [`Backend::flush`].
     fn deactivate(&self, id: DeviceId) -> Result<()>;
+
+    /// Makes what was written to the device durable where its filesystem's
+    /// own flushes do not reach (reflink: the image's extents in the pool's
+    /// log). dm-thin needs nothing more: a flush to a thin device commits the
+    /// pool's metadata, and an unmount sends one.
+    fn flush(&self, _id: DeviceId) -> Result<()> {
+        Ok(())
+    }
 
     /// The node of an attached device.
     fn node(&self, id: DeviceId) -> Option<PathBuf>;

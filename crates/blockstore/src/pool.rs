@@ -246,11 +246,22 @@ impl Pool {
             devs.put(&rec)?;
         }
         txn.commit()?;
+        self.deactivate(id)
+    }
+
+    /// Flushes a device, then detaches it (lazily, if something still holds it open).
+    pub fn deactivate(&self, id: DeviceId) -> Result<()> {
+        self.backend.flush(id)?;
         self.backend.deactivate(id)
     }
 
-    /// Detaches a device (lazily, if something still holds it open) and flushes it.
-    pub fn deactivate(&self, id: DeviceId) -> Result<()> {
+    /// Makes what was written to a device durable.
+    pub fn flush(&self, id: DeviceId) -> Result<()> {
+        self.backend.flush(id)
+    }
+
+    /// Detaches a device the caller has flushed.
+    pub fn detach(&self, id: DeviceId) -> Result<()> {
         self.backend.deactivate(id)
     }
 

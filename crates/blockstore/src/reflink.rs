@@ -141,8 +141,10 @@ impl Reflink {
             // xfs grows only while mounted read-write, whatever access the device gets.
             let node = self.activate(rec, Access::ReadWrite)?;
             let grown = filesystem::grow_xfs(&node, &self.root.join("tmp").join(rec.id.0.to_string()));
+            let flushed = self.flush(rec.id);
             self.deactivate(rec.id)?;
             grown?;
+            flushed?;
         }
         let Some(access) = rec.access else { return Ok(None) };
         let node = self.activate(rec, access)?;
@@ -214,9 +216,16 @@ impl Backend for Reflink {
 
     fn deactivate(&self, id: DeviceId) -> Result<()> {
         let node = self.map().remove(&id);
-        if let Some(node) = node {
-            loops::detach(&node)?;
+        match node {
+            Some(node) => loops::detach(&node),
+            None => Ok(()),
         }
+    }
+
+    /// An fsync of the image: data written through a loop with direct I/O
+    /// is in place, but a write that unshared a block is remapped by a
+    /// transaction that reaches the disk only with the pool's log.
+    fn flush(&self, id: DeviceId) -> Result<()> {
         let img = self.image(id);
         match File::open(&img).and_then(|f| f.sync_all()) {
             // Nothing left to flush: reconciliation reports the device's

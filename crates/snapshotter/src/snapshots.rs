@@ -221,11 +221,20 @@ impl Snapshots {
             devs.put(&d)?;
             rec.device
         };
-        txn.commit()?;
+        // The record and the layer's data must both be durable before the
+        // reply, neither before the other (a crash between them leaves a
+        // commit the client never heard of), so their flushes overlap.
+        let pool = self.engine.pool();
+        let (committed, flushed) = std::thread::scope(|s| {
+            let flushing = s.spawn(|| pool.flush(device));
+            (txn.commit(), flushing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        });
+        committed?;
+        flushed?;
         fault::point("commit.after_record");
         // The commit is durable now; a failed detach is converged by the next
         // reconciliation and must not make the client retry a done commit.
-        if let Err(e) = self.engine.pool().deactivate(device) {
+        if let Err(e) = pool.detach(device) {
             tracing::warn!(name, device = %device, error = %crate::error::chain(&e), "detach after commit failed; left for reconciliation");
         }
         fault::point("commit.after_detach");
