@@ -140,15 +140,10 @@ stop() {
   return 1
 }
 
-# under DIR: loop devices whose backing file, and mount points that, lie under DIR.
-loops_under() {
-  { losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null | awk -v p="$1/" 'index($2, p) == 1' || true; }
-}
-mounts_under() {
-  { findmnt -rn -o TARGET 2>/dev/null | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)' || true; }
-}
+# shellcheck source=scripts/lib/leftovers.sh
+source scripts/lib/leftovers.sh
 # What of thinboxd's root is still attached or mounted.
-held() { loops_under "$root"; mounts_under "$root"; }
+held() { left_under "$root"; }
 
 # ctr against the containerd that holds the quickstart's container.
 qctr() { ctr --address "$ctr_address" -n "$ns" "$@"; }

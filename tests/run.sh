@@ -40,11 +40,8 @@ install_deps() {
 run_tmp=$(mktemp -d /tmp/tbt.XXXXXX)
 export TMPDIR=$run_tmp
 
-# Loop devices (by backing file) and mounts (by target) that this run made.
-leftovers() {
-  { losetup -a 2>/dev/null | grep -F -e "$run_tmp/" -e "$here/" || true; }
-  { findmnt -rn -o TARGET 2>/dev/null | grep -F -e "$run_tmp/" -e "$here/" || true; }
-}
+# shellcheck source=scripts/lib/leftovers.sh
+source "$here/scripts/lib/leftovers.sh"
 
 summary=()
 run_tier() {
@@ -108,7 +105,7 @@ for t in "${tiers[@]}"; do
   run_tier "$t" "tier_$t"
 done
 
-left=$(leftovers)
+left=$(left_under "$run_tmp" "$here")
 if [ -n "$left" ]; then
   echo "left behind after the tests:"; echo "$left"; summary+=("leftovers: FAILED"); failed=1
 else

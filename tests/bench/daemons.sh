@@ -117,7 +117,7 @@ cleanup() {
     git -C "$REPO" worktree prune || true
     # Whatever a daemon that died did not release.
     sweep_tmp "$WORK" >&2 || true
-    leaks=$( { loops_under "$WORK"; mounts_under "$WORK"; } )
+    leaks=$(left_under "$WORK")
     if [[ -n $leaks ]]; then
         log "LEFT BEHIND:"
         echo "$leaks" >&2

@@ -49,7 +49,7 @@ run_backend() {
     wait "$pid" || status=1
     cp "$work/thinboxd.log" "$OUT/thinboxd-$backend.log"
     sweep_tmp "$work" >&2 || true
-    if [[ -n $( { loops_under "$work"; mounts_under "$work"; } ) ]]; then
+    if [[ -n $(left_under "$work") ]]; then
         log "left behind under $work"
         status=1
     fi

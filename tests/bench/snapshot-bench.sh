@@ -67,6 +67,8 @@ fi
 
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
+# shellcheck source=scripts/lib/leftovers.sh
+source "$REPO/scripts/lib/leftovers.sh"
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-bench.XXXXXX")
@@ -78,7 +80,7 @@ CLEANED=
 # ---- cleanup -----------------------------------------------------------------
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
-    local status=$? leaks
+    local status=$?
     [[ -z $CLEANED ]] || return 0
     CLEANED=1
     trap - EXIT INT TERM
@@ -97,15 +99,7 @@ cleanup() {
     [[ -f $WORK/thinbox.log ]] && cp "$WORK/thinbox.log" "$OUT/thinbox.log"
     [[ -f $WORK/before.log ]] && cp "$WORK/before.log" "$OUT/thinbox-before.log"
     [[ -f $WORK/ctrd/containerd.log ]] && cp "$WORK/ctrd/containerd.log" "$OUT/containerd.log"
-    leaks=$( { losetup -a 2>/dev/null | grep -F "$WORK/" || true; }
-             { findmnt -rn -o TARGET 2>/dev/null | grep -F "$WORK/" || true; } )
-    if [[ -n $leaks ]]; then
-        log "LEFT BEHIND (not removing $WORK):"
-        echo "$leaks" >&2
-        status=1
-    else
-        rm -rf "$WORK"
-    fi
+    clear_or_keep "$WORK" || status=1
     exit "$status"
 }
 trap cleanup EXIT

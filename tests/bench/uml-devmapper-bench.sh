@@ -90,6 +90,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PROG=uml-devmapper-bench
+# shellcheck source=scripts/lib/leftovers.sh
+source "$REPO/scripts/lib/leftovers.sh"
 
 log() { echo "[$PROG] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -220,18 +222,11 @@ host_main() {
 
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 host_cleanup() {
-    local st=$? leaks
+    local st=$?
     trap - EXIT INT TERM
     [[ -n ${BENCH_WORK:-} && -d $BENCH_WORK ]] || exit "$st"
     # The guest's loops and mounts die with it; the host must hold none of ours.
-    leaks=$( { losetup -a 2>/dev/null | grep -F "$BENCH_WORK" || true; }
-             { findmnt -rn -o SOURCE,TARGET 2>/dev/null | grep -F "$BENCH_WORK" || true; } )
-    if [[ -n $leaks ]]; then
-        log "ERROR: left attached or mounted on the host (keeping $BENCH_WORK):"
-        echo "$leaks" >&2
-        exit 1
-    fi
-    rm -rf "$BENCH_WORK"
+    clear_or_keep "$BENCH_WORK" || exit 1
     [[ ! -e $BENCH_WORK ]] || { log "ERROR: could not remove $BENCH_WORK"; exit 1; }
     exit "$st"
 }

@@ -84,6 +84,8 @@ fi
 
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
+# shellcheck source=scripts/lib/leftovers.sh
+source "$REPO/scripts/lib/leftovers.sh"
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb-us.XXXXXX")
@@ -111,26 +113,14 @@ stop_round() {
     return $st
 }
 
-leaks() {
-    { losetup -a 2>/dev/null | grep -F "$WORK/" || true; }
-    { findmnt -rn -o TARGET 2>/dev/null | grep -F "$WORK/" || true; }
-}
-
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
-    local status=$? left
+    local status=$?
     [[ -z $CLEANED ]] || return 0
     CLEANED=1
     trap - EXIT INT TERM
     stop_round || status=1
-    left=$(leaks)
-    if [[ -n $left ]]; then
-        log "LEFT BEHIND (not removing $WORK):"
-        echo "$left" >&2
-        status=1
-    else
-        rm -rf "$WORK"
-    fi
+    clear_or_keep "$WORK" || status=1
     exit "$status"
 }
 trap cleanup EXIT
@@ -197,7 +187,7 @@ round() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$side" "$unpack" "$run1" "$run2" "$(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/rounds.tsv"
     log "round $n $side: unpack $unpack ms, run 1 $run1 ms, run 2 $run2 ms (load $(cut -d' ' -f1 /proc/loadavg))"
     stop_round || die "$side: stopping the daemons failed"
-    [[ -z $(leaks) ]] || die "$side: round $n left loops or mounts behind"
+    [[ -z $(left_under "$WORK") ]] || die "$side: round $n left loops or mounts behind"
     cp "$dir/thinboxd.log" "$OUT/thinboxd-$side.log"
     cp "$dir/ctd/containerd.log" "$OUT/containerd-$side.log"
     [[ ! -f $dir/thinboxd.strace ]] || cp "$dir/thinboxd.strace" "$OUT/thinboxd.strace"

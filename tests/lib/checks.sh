@@ -10,9 +10,7 @@
 #   die DESCRIPTION              a failed assertion that ends the script (exit 1;
 #                                the caller's EXIT trap cleans up and reports)
 #   must DESCRIPTION CMD...      a setup step: on failure, its output and die
-#   loops_under DIR              loop devices whose backing file lies under DIR,
-#                                as "NODE BACKING" lines
-#   mounts_under DIR             mount points at or under DIR
+#   loops_under, mounts_under    from scripts/lib/leftovers.sh (sourced here)
 #   log_tails FILE...            the last 60 lines of each non-empty FILE, on stderr
 #   sweep_tmp DIR                last resort of a cleanup: unmount and detach
 #                                whatever is left under DIR, then remove DIR
@@ -24,6 +22,9 @@
 #                                errexit), "NAME: P passed, F failed" is
 #                                printed, and the exit status is 0 only if
 #                                nothing failed
+
+# shellcheck source=scripts/lib/leftovers.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/leftovers.sh"
 
 PASSED=0
 FAILED=0
@@ -63,12 +64,6 @@ install_needed() {
     must "apt-get install ${need[*]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}"
 }
-
-loops_under() {
-    losetup --list --noheadings --raw --output NAME,BACK-FILE 2>/dev/null |
-        awk -v p="$1/" 'index($2, p) == 1'
-}
-mounts_under() { findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1 || $0 == substr(p, 1, length(p) - 1)'; }
 
 log_tails() {
     local f

@@ -30,6 +30,9 @@
 #   CONTAINERD_BIN (containerd), CONTAINERD_LOG_LEVEL (debug),
 #   CONTAINERD_EXTRA_CONFIG (TOML appended as-is to the config).
 
+# shellcheck source=scripts/lib/leftovers.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/leftovers.sh"
+
 : "${CTR_NAMESPACE:=thinbox-test}"
 : "${CONTAINERD_START_TIMEOUT:=30}"
 : "${CONTAINERD_STOP_TIMEOUT:=15}"
@@ -174,7 +177,7 @@ containerd_stop() {
             [[ -n $m ]] || continue
             umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null ||
                 echo "containerd_stop: cannot unmount $m" >&2
-        done < <(findmnt -rn -o TARGET | awk -v p="$workdir/" 'index($0, p) == 1' | sort -r)
+        done < <(mounts_under "$workdir" | sort -r)
     fi
     CONTAINERD_PID=
 }
