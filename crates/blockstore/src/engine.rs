@@ -146,10 +146,11 @@ impl Engine {
     /// runs the queued deletions at once and waits for them. Only when one
     /// is left behind (it failed and waits for a retry, or was given up)
     /// does it take a full reconciliation, which finishes it. containerd
-    /// calls this after every garbage collection while it holds its lock on
-    /// the snapshotter, so the usual case must not walk every record and
-    /// file of the pool under the exclusive gate; that audit is start-up's
-    /// and `thinboxctl gc`'s.
+    /// calls this after every garbage collection that removed snapshots,
+    /// while the next containers start, so the usual case must not walk
+    /// every record and file of the pool under the exclusive gate, which
+    /// would stall their Prepares; that audit is start-up's and
+    /// `thinboxctl gc`'s.
     pub fn finish_deletions(&self) -> Result<ReconcileReport> {
         match self.deleter.wait_idle() {
             0 => Ok(ReconcileReport::default()),

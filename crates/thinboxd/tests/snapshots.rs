@@ -353,10 +353,10 @@ fn remove_in_place_never_waits_for_the_store() {
 
 /// Cleanup's usual case, where no deletion has failed, runs the queued
 /// deletions and nothing more: containerd calls it after every garbage
-/// collection while it holds its lock on the snapshotter, so it does not
-/// audit the whole pool under the exclusive gate (start-up and `thinboxctl
-/// gc` do). An image planted in the pool without a record stays through
-/// Cleanup, and gc removes it.
+/// collection, while the next containers start, so it does not audit the
+/// whole pool under the exclusive gate (start-up and `thinboxctl gc` do).
+/// An image planted in the pool without a record stays through Cleanup, and
+/// gc removes it.
 #[tokio::test]
 async fn cleanup_runs_the_queued_deletions_without_auditing_the_pool() {
     let dir = tmp();
