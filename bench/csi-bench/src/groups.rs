@@ -195,9 +195,10 @@ pub async fn run(spec: TargetSpec, plan: &Plan, timeout: Duration, run_id: &str)
         }
         Ok::<(), Error>(())
     };
+    let stop = crate::shutdown_signal()?;
     let outcome = tokio::select! {
         r = measured => r,
-        _ = crate::shutdown_signal() => Err(Error::Interrupted),
+        _ = stop => Err(Error::Interrupted),
     };
     let left = bench.cleanup().await;
     match (outcome, left.is_empty()) {

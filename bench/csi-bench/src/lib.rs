@@ -63,6 +63,9 @@ pub enum Error {
     /// A file or answer did not have the expected shape.
     #[error("{0}")]
     Parse(String),
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("installing the signal handlers")]
+    Signals(#[source] thinbox_daemon::ServeError),
     /// Stopped by SIGINT or SIGTERM (after cleaning up).
     #[error("interrupted")]
     Interrupted,
@@ -253,19 +256,9 @@ pub async fn memory(args: &MemoryArgs) -> Result<Vec<Reading>, Error> {
     Ok(readings)
 }
 
-pub(crate) async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+/// SIGINT or SIGTERM, from the daemons' own handler.
+pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
+    thinbox_daemon::shutdown_signal().map_err(Error::Signals)
 }
 
 async fn run_rounds(targets: &mut [Target], args: &CallsArgs, times: &mut CallTimes, run_id: &str) -> Result<(), Error> {
@@ -312,9 +305,10 @@ pub async fn calls(args: &CallsArgs, timeout: Duration) -> Result<CallTimes, Err
         ..Default::default()
     };
     let run_id = format!("csib{}", std::process::id());
+    let stop = shutdown_signal()?;
     let outcome = tokio::select! {
         r = run_rounds(&mut targets, args, &mut times, &run_id) => r,
-        _ = shutdown_signal() => Err(Error::Interrupted),
+        _ = stop => Err(Error::Interrupted),
     };
     let mut left = Vec::new();
     for t in &mut targets {

@@ -314,13 +314,10 @@ fn stop_flag() -> Arc<AtomicBool> {
     let f = flag.clone();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        rt.block_on(async {
-            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        });
+        match rt.block_on(async { thinbox_daemon::shutdown_signal() }) {
+            Ok(stop) => rt.block_on(stop),
+            Err(e) => return progress(&format!("no signal handlers ({}): SIGINT/SIGTERM will not tear down", chain(&e))),
+        }
         f.store(true, Ordering::SeqCst);
         eprintln!("[fio-bench] signal: stopping after the current job, then tearing down");
     });

@@ -70,6 +70,9 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("installing the signal handlers")]
+    Signals(#[source] thinbox_daemon::ServeError),
     /// Should not happen (a task panicked, ...).
     #[error("internal error: {0}")]
     Internal(String),
@@ -306,21 +309,6 @@ pub enum Outcome {
     Interrupted,
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 /// Everything the binary does: validate, connect, run, clean up, print the
 /// table to stdout and write the requested files.
 pub async fn main_with(cli: Cli) -> Result<Outcome, Error> {
@@ -331,9 +319,10 @@ pub async fn main_with(cli: Cli) -> Result<Outcome, Error> {
     progress(&format!("run id {run_id}"));
 
     let run = run_workloads(&targets, &cfg, &run_id, Duration::from_millis(cli.rss_settle_ms));
+    let stop = thinbox_daemon::shutdown_signal().map_err(Error::Signals)?;
     let results = tokio::select! {
         r = run => Some(r),
-        _ = shutdown_signal() => None,
+        _ = stop => None,
     };
     let leftovers = cleanup_all(&targets).await;
     for l in &leftovers {
