@@ -126,20 +126,8 @@ wait_serving() {
   return 1
 }
 
-# stop PID NAME [SECS]: SIGTERM, then wait (thinboxd gives connections 2 s and
-# finishes the operations in flight); SIGKILL after SECS (default 30).
-stop() {
-  local pid=$1 name=$2 secs=${3:-30} i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for (( i = 0; i < secs * 10; i++ )); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  echo "$name ($pid) did not stop within $secs s; killing it" >&2
-  kill -KILL "$pid" 2>/dev/null || true
-  return 1
-}
-
+# shellcheck source=scripts/lib/processes.sh
+source scripts/lib/processes.sh
 # shellcheck source=scripts/lib/leftovers.sh
 source scripts/lib/leftovers.sh
 # What of thinboxd's root is still attached or mounted.
@@ -199,7 +187,7 @@ down_private_containerd() {
   if pid=$(ctd_running); then
     delete_container
     echo "stopping the private containerd ($pid)"
-    stop "$pid" containerd 15 || true
+    terminate "$pid" 15 containerd || true
   fi
   rm -f "$ctd_pidfile"
   # Shims of this instance carry its socket on their command line; a task that
@@ -261,7 +249,7 @@ down() {
   rm -f "$usedfile"
   if pid=$(running); then
     echo "stopping thinboxd ($pid)"
-    stop "$pid" thinboxd
+    terminate "$pid" 30 thinboxd
   else
     echo "no thinboxd started by this script is running"
   fi
@@ -285,7 +273,7 @@ down() {
     tail -n 20 "$logfile" >&2
     return 1
   fi
-  stop "$rel" thinboxd
+  terminate "$rel" 30 thinboxd
   wait "$rel" 2>/dev/null || true
   rm -rf "$tmp"
   if [ -n "$(held)" ]; then

@@ -47,6 +47,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tests/lib/checks.sh
 source "$REPO/tests/lib/checks.sh"
+# shellcheck source=scripts/lib/processes.sh
+source "$REPO/scripts/lib/processes.sh"
 
 OLD_REV=${BENCH_OLD_REV:-65005f8}
 ROUNDS=${BENCH_ROUNDS:-30}
@@ -74,24 +76,11 @@ BENCH_PID=
 CLEANED=
 
 # ---- cleanup -----------------------------------------------------------------
-# SIGTERM (SIGKILL after 60 s) and reap.
-terminate() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    log "pid $pid ignored SIGTERM for 60 s, killing"
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    return 1
-}
-
 stop_daemons() {
     local pid st=0
     for pid in "${PIDS[@]}"; do
-        terminate "$pid" || st=1
+        terminate "$pid" 60 daemon || st=1
+        wait "$pid" 2>/dev/null || true
     done
     PIDS=()
     return "$st"

@@ -29,9 +29,13 @@
 #   CONTAINERD_START_TIMEOUT (30 s), CONTAINERD_STOP_TIMEOUT (15 s),
 #   CONTAINERD_BIN (containerd), CONTAINERD_LOG_LEVEL (debug),
 #   CONTAINERD_EXTRA_CONFIG (TOML appended as-is to the config).
+# Also brings scripts/lib/leftovers.sh and scripts/lib/processes.sh
+# (terminate) to its caller.
 
 # shellcheck source=scripts/lib/leftovers.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/leftovers.sh"
+# shellcheck source=scripts/lib/processes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/processes.sh"
 
 : "${CTR_NAMESPACE:=thinbox-test}"
 : "${CONTAINERD_START_TIMEOUT:=30}"
@@ -135,20 +139,6 @@ EOF
     done
     echo "containerd_start: no answer on $CONTAINERD_ADDRESS after ${CONTAINERD_START_TIMEOUT}s" >&2
     _containerd_log_tail
-    return 1
-}
-
-# terminate PID SECONDS NAME: SIGTERM, wait up to SECONDS for it to exit, then
-# SIGKILL. Returns 1 if it had to be killed. Does not reap it (call `wait`).
-terminate() {
-    local pid=$1 secs=$2 name=$3 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for (( i = 0; i < secs * 10; i++ )); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    echo "$name ($pid) ignored SIGTERM for ${secs}s, killing" >&2
-    kill -KILL "$pid" 2>/dev/null || true
     return 1
 }
 

@@ -2,7 +2,7 @@
 # thinboxd for the host scripts: the real daemon on a private root, serving
 # its snapshot socket only (--no-csi: CSI's default endpoint lies in the
 # node's kubelet directory, which no test touches). Source it after
-# tests/lib/checks.sh (uses die) and tests/lib/containerd.sh (uses terminate).
+# tests/lib/checks.sh (uses die).
 #
 #   thinbox_binary REPO PACKAGE VAR
 #       Prints the path of PACKAGE's binary: $VAR if set (it must be
@@ -19,6 +19,9 @@
 #   thinboxd_stop
 #       SIGTERM (SIGKILL after 30 s), reaps it, sets THINBOXD_STATUS to its
 #       exit status. Does nothing if none was started.
+
+# shellcheck source=scripts/lib/processes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/processes.sh"
 
 THINBOXD_PID=
 # shellcheck disable=SC2034 # read by the caller
