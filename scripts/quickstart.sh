@@ -106,26 +106,6 @@ pid_of() {
 running() { pid_of "$pidfile" thinboxd; }
 ctd_running() { pid_of "$ctd_pidfile" containerd; }
 
-# wait_serving PID LOG FROM DOOR...: until LOG, past line FROM, says every DOOR
-# is served ("snapshots", "csi"); fails if PID exits first or after 60 s.
-wait_serving() {
-  local pid=$1 log=$2 from=$3 door i ok
-  shift 3
-  for (( i = 0; i < 600; i++ )); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    ok=1
-    for door in "$@"; do
-      case $door in
-        snapshots) tail -n +"$from" "$log" | grep -q 'serving containerd.services.snapshots.v1' || ok= ;;
-        csi) tail -n +"$from" "$log" | grep -q 'serving csi.v1' || ok= ;;
-      esac
-    done
-    [ -n "$ok" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 # shellcheck source=scripts/lib/processes.sh
 source scripts/lib/processes.sh
 # shellcheck source=scripts/lib/leftovers.sh
@@ -265,7 +245,7 @@ down() {
   "$bin" --root "$root" --snapshotter-address "$tmp/release.sock" --no-csi --release-on-exit \
     >>"$logfile" 2>&1 </dev/null &
   rel=$!
-  if ! wait_serving "$rel" "$logfile" "$from" snapshots; then
+  if ! await_serving "$rel" "$logfile" "$from" 60 snapshots; then
     kill -TERM "$rel" 2>/dev/null || true
     wait "$rel" 2>/dev/null || true
     rm -rf "$tmp"
@@ -334,7 +314,7 @@ else
     >>"$logfile" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$pidfile"
-  if ! wait_serving "$pid" "$logfile" "$from" snapshots csi; then
+  if ! await_serving "$pid" "$logfile" "$from" 60 snapshots csi; then
     kill -TERM "$pid" 2>/dev/null || true
     rm -f "$pidfile"
     echo "thinboxd did not start; last lines of $logfile:" >&2

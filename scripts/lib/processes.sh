@@ -1,12 +1,48 @@
 # shellcheck shell=bash
-# Stopping a process we started: the one definition for the quickstart, the
-# test runs and the benchmarks. Source it.
+# Starting and stopping a daemon we run: the one definition for the
+# quickstart, the test runs and the benchmarks. Source it.
 #
+#   await_serving PID LOG FROM SECS DOOR...
+#                             Waits until LOG, from line FROM on, says the
+#                             daemon serves every DOOR: `snapshots`
+#                             (containerd.services.snapshots.v1) or `csi`
+#                             (csi.v1). thinboxd binds its sockets before it
+#                             opens the pool, so a socket alone says nothing.
+#                             Returns 1, saying why on stderr, if PID exits
+#                             first or SECS pass.
 #   terminate PID SECS NAME   SIGTERM, then waits up to SECS for PID to exit
 #                             (thinboxd finishes the operations in flight and
 #                             gives connections 2 s); SIGKILL after that.
 #                             Returns 1 if it had to be killed. Does not reap
 #                             it: its parent's `wait` does.
+
+await_serving() {
+    local pid=$1 log=$2 from=$3 secs=$4 door i services=() missing
+    shift 4
+    for door in "$@"; do
+        case $door in
+            snapshots) services+=(containerd.services.snapshots.v1) ;;
+            csi) services+=(csi.v1) ;;
+            *) echo "await_serving: unknown door $door" >&2; return 1 ;;
+        esac
+    done
+    for (( i = 0; ; i++ )); do
+        missing=()
+        for door in "${services[@]}"; do
+            tail -n +"$from" "$log" 2>/dev/null | grep -qF "serving $door" || missing+=("$door")
+        done
+        (( ${#missing[@]} )) || return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "$pid exited before it served ${missing[*]} (see $log)" >&2
+            return 1
+        fi
+        if (( i >= secs * 10 )); then
+            echo "$pid did not serve ${missing[*]} within ${secs}s (see $log)" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
 
 terminate() {
     local pid=$1 secs=$2 name=$3 i

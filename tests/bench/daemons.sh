@@ -154,21 +154,13 @@ for b in "$THINBOXD" "$BENCH" "$OLD_BIN/thinbox-snapshotter" "$OLD_BIN/thinbox-c
 done
 
 # ---- daemons -------------------------------------------------------------------
-# wait_log PID LOG LINE: until the daemon's log has LINE (the daemons open
-# their pool before they say they serve).
-wait_log() {
-    local pid=$1 file=$2 line=$3 i
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$pid" 2>/dev/null || { log_tails "$file"; die "daemon $pid exited during start-up (see $file)"; }
-        grep -qsF "$line" "$file" && return 0
-        sleep 0.1
-    done
-    log_tails "$file"
-    die "daemon $pid did not log '$line' within 60 s"
+# await_doors PID LOG DOOR...: until the daemon's log says it serves every DOOR
+# (the daemons open their pool before they say so).
+await_doors() {
+    local pid=$1 file=$2
+    shift 2
+    await_serving "$pid" "$file" 1 60 "$@" || { log_tails "$file"; die "daemon $pid did not start"; }
 }
-
-SNAP_LINE='serving containerd.services.snapshots.v1'
-CSI_LINE='serving csi.v1 Identity, Controller' # old: "... and Node"; thinboxd: "..., GroupController and Node"
 
 # start_old DIR: thinbox-snapshotter and thinbox-csi, each on its own root
 # and pool; sets OLD_SNAP_PID, OLD_CSI_PID.
@@ -185,8 +177,8 @@ start_old() {
         --config "$d/csi.toml" --release-on-exit >"$d.csi.log" 2>&1 </dev/null &
     OLD_CSI_PID=$!
     PIDS+=("$OLD_CSI_PID")
-    wait_log "$OLD_SNAP_PID" "$d.snapshotter.log" "$SNAP_LINE"
-    wait_log "$OLD_CSI_PID" "$d.csi.log" "$CSI_LINE"
+    await_doors "$OLD_SNAP_PID" "$d.snapshotter.log" snapshots
+    await_doors "$OLD_CSI_PID" "$d.csi.log" csi
 }
 
 # start_new DIR: thinboxd serving both doors over one pool; sets NEW_PID.
@@ -198,8 +190,7 @@ start_new() {
         --node-id bench-node --config "$d/thinboxd.toml" --release-on-exit >"$d.thinboxd.log" 2>&1 </dev/null &
     NEW_PID=$!
     PIDS+=("$NEW_PID")
-    wait_log "$NEW_PID" "$d.thinboxd.log" "$SNAP_LINE"
-    wait_log "$NEW_PID" "$d.thinboxd.log" "$CSI_LINE"
+    await_doors "$NEW_PID" "$d.thinboxd.log" snapshots csi
 }
 
 fill() {

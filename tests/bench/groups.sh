@@ -23,6 +23,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tests/lib/checks.sh
 source "$REPO/tests/lib/checks.sh"
+# shellcheck source=scripts/lib/processes.sh
+source "$REPO/scripts/lib/processes.sh"
 OUT=${BENCH_OUT:-$REPO/target/groups-bench}
 BIN=$REPO/target/release
 log() { echo "[groups.sh] $*" >&2; }
@@ -37,11 +39,7 @@ run_backend() {
     THINBOX_LOG=info "$BIN/thinboxd" --root "$work/state" --no-snapshotter --csi-endpoint "unix://$work/csi.sock" \
         --node-id bench-node --config "$work/thinboxd.toml" --release-on-exit >"$work/thinboxd.log" 2>&1 </dev/null &
     pid=$!
-    for _ in $(seq 600); do
-        grep -qs 'serving csi.v1' "$work/thinboxd.log" && break
-        kill -0 "$pid" 2>/dev/null || { tail -20 "$work/thinboxd.log" >&2; die "thinboxd on $backend exited at start"; }
-        sleep 0.1
-    done
+    await_serving "$pid" "$work/thinboxd.log" 1 60 csi || { tail -20 "$work/thinboxd.log" >&2; die "thinboxd on $backend did not start"; }
     # shellcheck disable=SC2086 # BENCH_GROUP_ARGS is a list of arguments
     "$BIN/thinbox-csi-bench" groups --target "$backend=$work/csi.sock,kubelet=$work/kubelet" ${BENCH_GROUP_ARGS:-} \
         >"$OUT/groups-$backend.md" || status=1

@@ -115,7 +115,7 @@ notes=()
 # to say it serves, so that no measured call waits for the pool.
 # start_thinboxd BIN ROOT SOCKET LOG: starts it, sets STARTED_PID.
 start_thinboxd() {
-    local bin=$1 root=$2 sock=$3 logf=$4 i args
+    local bin=$1 root=$2 sock=$3 logf=$4 args
     : >"$logf"
     if [[ ${bin##*/} == thinbox-snapshotter ]]; then
         args=(--root "$root" --address "$sock" --release-on-exit)
@@ -124,12 +124,7 @@ start_thinboxd() {
     fi
     THINBOX_LOG=${THINBOX_LOG:-info} "$bin" "${args[@]}" >"$logf" 2>&1 </dev/null &
     STARTED_PID=$!
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$STARTED_PID" 2>/dev/null || { tail -n 30 "$logf" >&2; die "thinboxd exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$logf" && break
-        sleep 0.1
-    done
-    grep -q 'serving containerd.services.snapshots.v1' "$logf" || die "thinboxd did not serve $sock in 30 s"
+    await_serving "$STARTED_PID" "$logf" 1 30 snapshots || { tail -n 30 "$logf" >&2; die "$bin did not start"; }
     log "thinboxd ($bin) pid $STARTED_PID on $sock"
 }
 if (( want_thinbox )); then

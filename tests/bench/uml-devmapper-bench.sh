@@ -308,21 +308,16 @@ EOF
     THINBOX_LOG=info,thinbox_blockstore::deleter=debug "$BIN/thinboxd" --root "$W/thinbox" --snapshotter-address "$W/thinbox.sock" \
         --no-csi --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox.log" 2>&1 </dev/null &
     THINBOX_PID=$!
-    await_serving "$THINBOX_PID" "$W/thinbox.log" thinboxd
+    await_thin "$THINBOX_PID" "$W/thinbox.log" thinboxd
     THINBOX_POOL=$(pool_of_root "$W/thinbox") || die "no thin pool over $W/thinbox/thin/meta.img"
     log "thinboxd pid $THINBOX_PID (dm-thin, pool $THINBOX_POOL)"
 }
 
-# await_serving PID LOG NAME: until the daemon says it serves its socket (it
+# await_thin PID LOG NAME: until the daemon says it serves its socket (it
 # opens its pool first), on dm-thin.
-await_serving() {
-    local pid=$1 logf=$2 name=$3 i
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$pid" 2>/dev/null || { tail -n 30 "$logf" >&2; die "$name exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$logf" && break
-        sleep 0.1
-    done
-    grep -q 'serving containerd.services.snapshots.v1' "$logf" || die "$name did not serve its socket in 60 s"
+await_thin() {
+    local pid=$1 logf=$2 name=$3
+    await_serving "$pid" "$logf" 1 60 snapshots || { tail -n 30 "$logf" >&2; die "$name did not start"; }
     grep -q 'backend="dm-thin"' "$logf" || { cat "$logf" >&2; die "$name is not on the dm-thin backend"; }
 }
 
@@ -337,7 +332,7 @@ start_before() {
         --config "$W/thinbox.toml" --release-on-exit >"$W/thinbox-before.log" 2>&1 </dev/null &
     BEFORE_PID=$!
     local tp bp
-    await_serving "$BEFORE_PID" "$W/thinbox-before.log" thinbox-snapshotter
+    await_thin "$BEFORE_PID" "$W/thinbox-before.log" thinbox-snapshotter
     BEFORE_POOL=$(pool_of_root "$W/before") || die "no thin pool over $W/before/thin/meta.img"
     # Neither prefix may match the other's devices (settle and remove_pool
     # select thin devices by "PREFIX-").

@@ -136,7 +136,7 @@ ms_since() { echo $(( ($(date +%s%N) - $1) / 1000 )) | awk '{printf "%.1f", $1 /
 # appends to rounds.tsv. containerd's proxy plugin is "thinbox" on every side;
 # thinbox-before only runs another thinboxd behind it.
 round() {
-    local side=$1 dir=$2 n=$3 t unpack run1 run2 i k ms sn=$1 bin=$THINBOXD_BIN
+    local side=$1 dir=$2 n=$3 t unpack run1 run2 k ms sn=$1 bin=$THINBOXD_BIN
     [[ $side != thinbox-before ]] || { sn=thinbox; bin=$THINBOXD_BEFORE_BIN; }
     mkdir -p "$dir"
     : >"$dir/thinboxd.log"
@@ -144,12 +144,7 @@ round() {
         --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
         >"$dir/thinboxd.log" 2>&1 </dev/null &
     TB_PID=$!
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$TB_PID" 2>/dev/null || { tail -n 20 "$dir/thinboxd.log" >&2; die "thinboxd exited during startup"; }
-        grep -q 'serving containerd.services.snapshots.v1' "$dir/thinboxd.log" && break
-        sleep 0.1
-    done
-    grep -q 'serving containerd.services.snapshots.v1' "$dir/thinboxd.log" || die "thinboxd did not start"
+    await_serving "$TB_PID" "$dir/thinboxd.log" 1 30 snapshots || { tail -n 20 "$dir/thinboxd.log" >&2; die "thinboxd did not start"; }
     if [[ ${BENCH_STRACE:-0} == 1 && $sn == thinbox ]]; then
         strace -f -T -tt -qq -o "$dir/thinboxd.strace" -p "$TB_PID" &
         STRACE_PID=$!

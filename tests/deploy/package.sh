@@ -253,21 +253,14 @@ awk -v k="$kubelet" -v d="$kata" '
 # start_daemon LOG PIDVAR ARGS...: the installed binary with the unit's
 # environment; returns once every door in $WANT_DOORS is served.
 start_daemon() {
-    local log=$1 var=$2 i door pid served
+    local log=$1 var=$2 pid
     shift 2
     env "${unit_env[@]}" "$BIN" "$@" >"$log" 2>&1 </dev/null &
     pid=$!
     printf -v "$var" %s "$pid"
-    for (( i = 0; i < 600; i++ )); do
-        kill -0 "$pid" 2>/dev/null || die "thinboxd exited during startup (see $log)"
-        served=1
-        for door in "${WANT_DOORS[@]}"; do grep -q "serving $door" "$log" || served=0; done
-        (( served )) && return 0
-        sleep 0.1
-    done
-    die "thinboxd did not serve within 60s (see $log)"
+    await_serving "$pid" "$log" 1 60 "${WANT_DOORS[@]}" || die "the installed thinboxd did not start"
 }
-WANT_DOORS=(containerd.services.snapshots.v1 csi.v1)
+WANT_DOORS=(snapshots csi)
 start_daemon "$TMP/thinboxd.log" DAEMON_PID --config "$TMP/config.toml" "${rest[@]}" \
     --root "$TMP/root" --snapshotter-address "$TMP/snap.sock" --csi-endpoint "unix://$TMP/csi.sock" \
     --node-id test --release-on-exit
@@ -294,7 +287,7 @@ must "thinboxctl status" "$CTL" --address "$TMP/snap.sock" status
 ok "thinboxctl status answers"
 snippet=$(sed "s#\"/run/thinbox/snapshotter.sock\"#\"$TMP/snap.sock\"#" "$SYSROOT/usr/share/thinbox/containerd-proxy-plugin.toml")
 # A second pool (no --release-on-exit) for the purge test below.
-WANT_DOORS=(containerd.services.snapshots.v1)
+WANT_DOORS=(snapshots)
 # Its root is where postrm looks under DPKG_ROOT=$TMP/pfake.
 PROOT=$TMP/pfake/var/lib/thinbox PETC=$TMP/pfake/etc/thinbox
 start_daemon "$TMP/purge-thinboxd.log" PURGE_PID --config "$TMP/config.toml" --root "$PROOT" \

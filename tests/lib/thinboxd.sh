@@ -44,17 +44,12 @@ thinbox_binary() {
 }
 
 thinboxd_start() {
-    local root=$1 sock=$2 log=$3 i
+    local root=$1 sock=$2 log=$3
     shift 3
     THINBOX_LOG=${THINBOX_LOG:-info,thinbox_snapshotter=debug,thinbox_blockstore=debug} \
         "$THINBOXD" --root "$root" --snapshotter-address "$sock" --no-csi "$@" >"$log" 2>&1 </dev/null &
     THINBOXD_PID=$!
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$THINBOXD_PID" 2>/dev/null || die "thinboxd exited during startup (see $log)"
-        grep -q 'serving containerd.services.snapshots.v1' "$log" && return 0
-        sleep 0.1
-    done
-    die "thinboxd did not serve $sock within 30s (see $log)"
+    await_serving "$THINBOXD_PID" "$log" 1 30 snapshots || die "thinboxd did not start on $sock"
 }
 
 thinboxd_stop() {
