@@ -249,8 +249,7 @@ down() {
     kill -TERM "$rel" 2>/dev/null || true
     wait "$rel" 2>/dev/null || true
     rm -rf "$tmp"
-    echo "thinboxd could not open $root to release it; last lines of $logfile:" >&2
-    tail -n 20 "$logfile" >&2
+    echo "thinboxd could not open $root to release it" >&2
     return 1
   fi
   terminate "$rel" 30 thinboxd
@@ -317,8 +316,7 @@ else
   if ! await_serving "$pid" "$logfile" "$from" 60 snapshots csi; then
     kill -TERM "$pid" 2>/dev/null || true
     rm -f "$pidfile"
-    echo "thinboxd did not start; last lines of $logfile:" >&2
-    tail -n +"$from" "$logfile" | tail -n 20 >&2
+    echo "thinboxd did not start" >&2
     exit 1
   fi
   echo "thinboxd running (pid $pid) on $root"

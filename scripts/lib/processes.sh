@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Starting and stopping a daemon we run: the one definition for the
-# quickstart, the test runs and the benchmarks. Source it.
+# Waiting for a daemon we started to serve, and stopping it: the one
+# definition for the quickstart, the test runs and the benchmarks. Source it.
 #
 #   await_serving PID LOG FROM SECS DOOR...
 #                             Waits until LOG, from line FROM on, says the
@@ -8,8 +8,9 @@
 #                             (containerd.services.snapshots.v1) or `csi`
 #                             (csi.v1). thinboxd binds its sockets before it
 #                             opens the pool, so a socket alone says nothing.
-#                             Returns 1, saying why on stderr, if PID exits
-#                             first or SECS pass.
+#                             Returns 1 if PID exits first or SECS pass,
+#                             saying why and what LOG says since FROM (its
+#                             last 30 lines) on stderr.
 #   terminate PID SECS NAME   SIGTERM, then waits up to SECS for PID to exit
 #                             (thinboxd finishes the operations in flight and
 #                             gives connections 2 s); SIGKILL after that.
@@ -33,15 +34,17 @@ await_serving() {
         done
         (( ${#missing[@]} )) || return 0
         if ! kill -0 "$pid" 2>/dev/null; then
-            echo "$pid exited before it served ${missing[*]} (see $log)" >&2
-            return 1
+            echo "$pid exited before it served ${missing[*]}; the end of $log:" >&2
+            break
         fi
         if (( i >= secs * 10 )); then
-            echo "$pid did not serve ${missing[*]} within ${secs}s (see $log)" >&2
-            return 1
+            echo "$pid did not serve ${missing[*]} within ${secs}s; the end of $log:" >&2
+            break
         fi
         sleep 0.1
     done
+    tail -n +"$from" "$log" 2>/dev/null | tail -n 30 >&2
+    return 1
 }
 
 terminate() {

@@ -159,7 +159,7 @@ done
 await_doors() {
     local pid=$1 file=$2
     shift 2
-    await_serving "$pid" "$file" 1 60 "$@" || { log_tails "$file"; die "daemon $pid did not start"; }
+    await_serving "$pid" "$file" 1 60 "$@" || die "daemon $pid did not start"
 }
 
 # start_old DIR: thinbox-snapshotter and thinbox-csi, each on its own root

@@ -39,7 +39,7 @@ run_backend() {
     THINBOX_LOG=info "$BIN/thinboxd" --root "$work/state" --no-snapshotter --csi-endpoint "unix://$work/csi.sock" \
         --node-id bench-node --config "$work/thinboxd.toml" --release-on-exit >"$work/thinboxd.log" 2>&1 </dev/null &
     pid=$!
-    await_serving "$pid" "$work/thinboxd.log" 1 60 csi || { tail -20 "$work/thinboxd.log" >&2; die "thinboxd on $backend did not start"; }
+    await_serving "$pid" "$work/thinboxd.log" 1 60 csi || die "thinboxd on $backend did not start"
     # shellcheck disable=SC2086 # BENCH_GROUP_ARGS is a list of arguments
     "$BIN/thinbox-csi-bench" groups --target "$backend=$work/csi.sock,kubelet=$work/kubelet" ${BENCH_GROUP_ARGS:-} \
         >"$OUT/groups-$backend.md" || status=1

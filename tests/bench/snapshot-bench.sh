@@ -124,7 +124,7 @@ start_thinboxd() {
     fi
     THINBOX_LOG=${THINBOX_LOG:-info} "$bin" "${args[@]}" >"$logf" 2>&1 </dev/null &
     STARTED_PID=$!
-    await_serving "$STARTED_PID" "$logf" 1 30 snapshots || { tail -n 30 "$logf" >&2; die "$bin did not start"; }
+    await_serving "$STARTED_PID" "$logf" 1 30 snapshots || die "$bin did not start"
     log "thinboxd ($bin) pid $STARTED_PID on $sock"
 }
 if (( want_thinbox )); then

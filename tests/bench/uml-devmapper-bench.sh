@@ -317,7 +317,7 @@ EOF
 # opens its pool first), on dm-thin.
 await_thin() {
     local pid=$1 logf=$2 name=$3
-    await_serving "$pid" "$logf" 1 60 snapshots || { tail -n 30 "$logf" >&2; die "$name did not start"; }
+    await_serving "$pid" "$logf" 1 60 snapshots || die "$name did not start"
     grep -q 'backend="dm-thin"' "$logf" || { cat "$logf" >&2; die "$name is not on the dm-thin backend"; }
 }
 

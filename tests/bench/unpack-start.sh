@@ -144,7 +144,7 @@ round() {
         --snapshotter-address "$dir/tb.sock" --no-csi --release-on-exit \
         >"$dir/thinboxd.log" 2>&1 </dev/null &
     TB_PID=$!
-    await_serving "$TB_PID" "$dir/thinboxd.log" 1 30 snapshots || { tail -n 20 "$dir/thinboxd.log" >&2; die "thinboxd did not start"; }
+    await_serving "$TB_PID" "$dir/thinboxd.log" 1 30 snapshots || die "thinboxd did not start"
     if [[ ${BENCH_STRACE:-0} == 1 && $sn == thinbox ]]; then
         strace -f -T -tt -qq -o "$dir/thinboxd.strace" -p "$TB_PID" &
         STRACE_PID=$!
