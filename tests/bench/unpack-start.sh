@@ -84,8 +84,6 @@ fi
 
 # shellcheck source=tests/lib/containerd.sh
 source "$REPO/tests/lib/containerd.sh"
-# shellcheck source=scripts/lib/leftovers.sh
-source "$REPO/scripts/lib/leftovers.sh"
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb-us.XXXXXX")
