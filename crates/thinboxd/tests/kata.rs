@@ -31,10 +31,6 @@ fn expand_req(id: &str, target: &Path, bytes: i64) -> NodeExpandVolumeRequest {
     }
 }
 
-fn stats_req(id: &str, target: &Path) -> NodeGetVolumeStatsRequest {
-    NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: target.display().to_string(), staging_target_path: String::new() }
-}
-
 /// A Kata volume published at a fresh target, and its direct-volume record's directory.
 async fn kata_volume(d: &mut Driver, name: &str, bytes: i64, fs: &str) -> (Volume, PathBuf, PathBuf) {
     let vol = create(d, name, bytes, &[("thinbox.io/sandbox", "kata")], mount_cap(fs)).await;

@@ -72,22 +72,26 @@ fn answer<T>(killed: &AtomicBool, what: &str, r: Result<T, Status>) -> Result<Op
     }
 }
 
+/// One request of a client, in a client's loop: remembered as the last one
+/// asked, its answer checked by [`answer`], counted; after the kill it ends
+/// the client (`return Ok(())`).
+macro_rules! step {
+    ($tally:expr, $killed:expr, $what:expr, $r:expr) => {{
+        let what = $what;
+        *$tally.last.lock().unwrap() = what.clone();
+        match answer(&$killed, &what, $r)? {
+            Some(v) => {
+                $tally.done.fetch_add(1, Ordering::SeqCst);
+                v
+            }
+            None => return Ok(()),
+        }
+    }};
+}
+
 /// containerd's side: new keys on the pre-made layers (and without a parent),
 /// each prepared, asked for its mounts, committed, viewed and removed.
 async fn snapshot_client(mut c: SnapshotsClient<Channel>, round: usize, killed: Arc<AtomicBool>, tally: Arc<Tally>) -> Result<(), String> {
-    macro_rules! step {
-        ($what:expr, $r:expr) => {{
-            let what = $what;
-            *tally.last.lock().unwrap() = what.clone();
-            match answer(&killed, &what, $r)? {
-                Some(v) => {
-                    tally.done.fetch_add(1, Ordering::SeqCst);
-                    v
-                }
-                None => return Ok(()),
-            }
-        }};
-    }
     for i in 0.. {
         if killed.load(Ordering::SeqCst) {
             return Ok(());
@@ -96,17 +100,17 @@ async fn snapshot_client(mut c: SnapshotsClient<Channel>, round: usize, killed: 
         let parent = ["base", "mid", ""][i % 3];
         // A new filesystem is made smaller than the 10 GiB default (mkfs time); a child keeps its parent's size.
         let size = if parent.is_empty() { labels(&[("containerd.io/snapshot/max-size", "536870912")]) } else { HashMap::new() };
-        let mounts = step!(format!("Prepare {key} on {parent:?}"), prepare(&mut c, &key, parent, size).await);
-        let again = step!(format!("Mounts {key}"), c.mounts(MountsRequest { snapshotter: "thinbox".into(), key: key.clone() }).await);
+        let mounts = step!(tally, killed, format!("Prepare {key} on {parent:?}"), prepare(&mut c, &key, parent, size).await);
+        let again = step!(tally, killed, format!("Mounts {key}"), c.mounts(MountsRequest { snapshotter: "thinbox".into(), key: key.clone() }).await);
         if mounts.len() != 1 || again.into_inner().mounts != mounts {
             return Err(format!("{key}: Mounts does not repeat Prepare's one mount: {mounts:?}"));
         }
-        step!(format!("Commit {key} as {name}"), commit(&mut c, &name, &key).await);
+        step!(tally, killed, format!("Commit {key} as {name}"), commit(&mut c, &name, &key).await);
         if i % 2 == 0 {
-            step!(format!("View {v} of {name}"), view(&mut c, &v, &name).await);
-            step!(format!("Remove {v}"), remove(&mut c, &v).await);
+            step!(tally, killed, format!("View {v} of {name}"), view(&mut c, &v, &name).await);
+            step!(tally, killed, format!("Remove {v}"), remove(&mut c, &v).await);
         }
-        step!(format!("Remove {name}"), remove(&mut c, &name).await);
+        step!(tally, killed, format!("Remove {name}"), remove(&mut c, &name).await);
     }
     Ok(())
 }
@@ -152,46 +156,38 @@ async fn volume_client(
     killed: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) -> Result<(), String> {
-    macro_rules! step {
-        ($what:expr, $r:expr) => {{
-            let what = $what;
-            *tally.last.lock().unwrap() = what.clone();
-            match answer(&killed, &what, $r)? {
-                Some(v) => {
-                    tally.done.fetch_add(1, Ordering::SeqCst);
-                    v
-                }
-                None => return Ok(()),
-            }
-        }};
-    }
     for i in 0.. {
         if killed.load(Ordering::SeqCst) {
             return Ok(());
         }
         let name = format!("r{round}-v{i}");
         let kind = ["block", "file"][i % 2];
-        let vol = step!(format!("CreateVolume {name} ({kind})"), ctl.create_volume(create_req(&name, kind)).await);
+        let vol = step!(tally, killed, format!("CreateVolume {name} ({kind})"), ctl.create_volume(create_req(&name, kind)).await);
         let id = vol.into_inner().volume.unwrap().volume_id;
         let t = target(&dir, &format!("r{round}"), &name);
         // Known to the kubelet before it asks: a publish the kill interrupts is retried by it.
         targets.lock().unwrap().entry(id.clone()).or_default().insert(t.clone());
-        step!(format!("NodePublishVolume {id} at {}", t.display()), node.node_publish_volume(publish_req(&id, &t)).await);
+        step!(tally, killed, format!("NodePublishVolume {id} at {}", t.display()), node.node_publish_volume(publish_req(&id, &t)).await);
         if let Err(e) = std::fs::write(t.join("data"), &name) {
             return Err(format!("write into the published {id}: {e}"));
         }
         let unpublish = NodeUnpublishVolumeRequest { volume_id: id.clone(), target_path: t.display().to_string() };
-        step!(format!("NodeUnpublishVolume {id}"), node.node_unpublish_volume(unpublish).await);
+        step!(tally, killed, format!("NodeUnpublishVolume {id}"), node.node_unpublish_volume(unpublish).await);
         // A snapshot of the volume just made, and every other round one of a pre-made volume.
         let sources = if i % 2 == 0 { vec![id.clone(), premade.clone()] } else { vec![id.clone()] };
         for (j, source) in sources.into_iter().enumerate() {
             let req = CreateSnapshotRequest { source_volume_id: source.clone(), name: format!("r{round}-s{i}-{j}"), ..Default::default() };
-            let snap = step!(format!("CreateSnapshot of {source}"), ctl.create_snapshot(req).await);
+            let snap = step!(tally, killed, format!("CreateSnapshot of {source}"), ctl.create_snapshot(req).await);
             let snapshot_id = snap.into_inner().snapshot.unwrap().snapshot_id;
             let del = DeleteSnapshotRequest { snapshot_id: snapshot_id.clone(), secrets: HashMap::new() };
-            step!(format!("DeleteSnapshot {snapshot_id}"), ctl.delete_snapshot(del).await);
+            step!(tally, killed, format!("DeleteSnapshot {snapshot_id}"), ctl.delete_snapshot(del).await);
         }
-        step!(format!("DeleteVolume {id}"), ctl.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), secrets: HashMap::new() }).await);
+        step!(
+            tally,
+            killed,
+            format!("DeleteVolume {id}"),
+            ctl.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), secrets: HashMap::new() }).await
+        );
     }
     Ok(())
 }

@@ -81,16 +81,7 @@ async fn block_volume_mounted_for_runc_full_lifecycle() {
         Code::FailedPrecondition
     );
 
-    let stats = d
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: vol.volume_id.clone(),
-            volume_path: target.display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = d.node.node_get_volume_stats(stats_req(&vol.volume_id, &target)).await.unwrap().into_inner();
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
     assert!(stats.usage[0].total > 900 << 20 && stats.usage[0].used > 0, "{:?}", stats.usage[0]);
     assert!(stats.usage[1].used >= 2, "{:?}", stats.usage[1]);
@@ -237,7 +228,7 @@ async fn volume_condition_says_what_went_wrong() {
         assert!(rpcs.contains(&(t as i32)), "node capability {t:?}: {rpcs:?}");
     }
     let condition = |d: &mut Driver, id: String, target: &Path| {
-        let req = NodeGetVolumeStatsRequest { volume_id: id, volume_path: target.display().to_string(), staging_target_path: String::new() };
+        let req = stats_req(&id, target);
         let mut node = d.node.clone();
         async move { node.node_get_volume_stats(req).await.unwrap().into_inner().volume_condition.unwrap() }
     };
@@ -383,9 +374,7 @@ async fn bad_requests_get_the_right_codes_and_change_nothing() {
         code(n.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: String::new(), target_path: target.display().to_string() }).await),
         Code::InvalidArgument
     );
-    let stats =
-        NodeGetVolumeStatsRequest { volume_id: ok.volume_id.clone(), volume_path: target.display().to_string(), staging_target_path: String::new() };
-    assert_eq!(code(n.node_get_volume_stats(stats).await), Code::NotFound, "not published there");
+    assert_eq!(code(n.node_get_volume_stats(stats_req(&ok.volume_id, &target)).await), Code::NotFound, "not published there");
     assert_eq!(code(n.node_stage_volume(NodeStageVolumeRequest::default()).await), Code::Unimplemented);
     d.ctl.delete_volume(DeleteVolumeRequest { volume_id: ok.volume_id, secrets: HashMap::new() }).await.unwrap();
     d.finish().await;
@@ -578,16 +567,7 @@ async fn dir_volume_hard_project_quota_and_growth() {
     assert!(!dd(&target.join("fill"), 400), "a writer past the quota gets EDQUOT");
     let grown = std::fs::metadata(&dirs_img).unwrap().blocks() * 512 - before;
     assert!(grown <= (300 << 20) + (16 << 20), "the host filesystem grew by about the quota at most: {grown}");
-    let stats = d
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: vol.volume_id.clone(),
-            volume_path: target.display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = d.node.node_get_volume_stats(stats_req(&vol.volume_id, &target)).await.unwrap().into_inner();
     assert_eq!(stats.usage[0].total, 300 << 20, "statfs reports the quota as the volume's size");
     assert!(stats.usage[0].used >= 290 << 20, "{:?}", stats.usage[0]);
     std::fs::remove_file(target.join("fill")).unwrap();

@@ -247,6 +247,10 @@ pub fn publish_req(id: &str, target: &Path, cap: VolumeCapability, readonly: boo
     }
 }
 
+pub fn stats_req(id: &str, target: &Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: target.display().to_string(), staging_target_path: String::new() }
+}
+
 pub async fn unpublish(d: &mut Driver, id: &str, target: &Path) -> Result<(), tonic::Status> {
     d.node.node_unpublish_volume(NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.display().to_string() }).await.map(|_| ())
 }
