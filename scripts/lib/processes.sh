@@ -16,6 +16,11 @@
 #                             gives connections 2 s); SIGKILL after that.
 #                             Returns 1 if it had to be killed. Does not reap
 #                             it: its parent's `wait` does.
+#   stop_client PID           SIGTERM to a client this shell started in the
+#                             background (a benchmark, which removes what it
+#                             made when told to stop), and waits for it as
+#                             long as it takes: before the daemons it talks
+#                             to are stopped. Nothing to do for an empty PID.
 
 await_serving() {
     local pid=$1 log=$2 from=$3 secs=$4 door i services=() missing
@@ -57,4 +62,11 @@ terminate() {
     echo "$name ($pid) ignored SIGTERM for ${secs}s, killing" >&2
     kill -KILL "$pid" 2>/dev/null || true
     return 1
+}
+
+stop_client() {
+    local pid=$1
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
 }

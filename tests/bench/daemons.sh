@@ -93,10 +93,7 @@ cleanup() {
     CLEANED=1
     trap - EXIT INT TERM
     # The client first: it undoes what it made while the daemons still run.
-    if [[ -n $BENCH_PID ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
-        kill -TERM "$BENCH_PID" 2>/dev/null || true
-        wait "$BENCH_PID" 2>/dev/null || true
-    fi
+    stop_client "$BENCH_PID"
     stop_daemons || status=1
     cp "$WORK"/*.log "$OUT/" 2>/dev/null || true
     for tree in "$OLD_TREE" "$NEW_TREE"; do

@@ -83,10 +83,7 @@ cleanup() {
     CLEANED=1
     trap - EXIT INT TERM
     # The benchmark first: it removes what it created while the daemons still run.
-    if [[ -n $BENCH_PID ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
-        kill -TERM "$BENCH_PID" 2>/dev/null || true
-        wait "$BENCH_PID" 2>/dev/null || true
-    fi
+    stop_client "$BENCH_PID"
     containerd_stop || status=1
     for pid in $THINBOX_PID $BEFORE_PID; do
         if kill -0 "$pid" 2>/dev/null; then

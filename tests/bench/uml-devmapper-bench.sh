@@ -639,10 +639,7 @@ guest_cleanup() {
     [[ -z $CLEANED ]] || return 0
     CLEANED=1
     trap - EXIT INT TERM
-    if [[ -n $BENCH_PID ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
-        kill -TERM "$BENCH_PID" 2>/dev/null || true
-        wait "$BENCH_PID" 2>/dev/null || true
-    fi
+    stop_client "$BENCH_PID"
     stop_thinbox || { log "ERROR: thinboxd had to be killed"; st=1; }
     stop_before || { log "ERROR: thinbox-snapshotter had to be killed"; st=1; }
     # thinbox releases its pool on exit (--release-on-exit): nothing of it may stay.
