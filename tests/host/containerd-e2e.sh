@@ -52,7 +52,6 @@ finish_with containerd-e2e cleanup
 install_needed containerd:containerd ctr:containerd runc:runc mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs \
     losetup:mount findmnt:util-linux python3:python3 =busybox-static
 
-[[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
 THINBOXD=$(thinbox_binary "$REPO" thinboxd THINBOX_DAEMON) || die "no thinboxd binary"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-e2e.XXXXXX")
@@ -61,12 +60,7 @@ SOCK=$TMP/thinbox.sock
 
 # ---- thinboxd ------------------------------------------------------------
 # Small sizes keep the sparse files modest; exercises --config as well.
-cat >"$TMP/thinbox.toml" <<'EOF'
-[pool]
-embedded_size = "8GiB"
-[snapshot]
-default_size = "1GiB"
-EOF
+thinboxd_small_config "$TMP/thinbox.toml"
 thinboxd_start "$ROOT" "$SOCK" "$TMP/thinboxd.log" --config "$TMP/thinbox.toml" --release-on-exit
 ok "thinboxd serving snapshots on $SOCK"
 BACKEND=$(grep -o 'backend="[a-z-]*"' "$TMP/thinboxd.log" | head -n 1 | cut -d'"' -f2)

@@ -98,19 +98,13 @@ finish_with containerd-gc cleanup
 install_needed containerd:containerd ctr:containerd mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs \
     losetup:mount findmnt:util-linux python3:python3 =busybox-static
 
-[[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
 THINBOXD=$(thinbox_binary "$REPO" thinboxd THINBOX_DAEMON) || die "no thinboxd binary"
 CTL=$(thinbox_binary "$REPO" thinboxctl THINBOX_CTL) || die "no thinboxctl binary"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/thinbox-gc.XXXXXX")
 ROOT=$TMP/root
 SOCK=$TMP/thinbox.sock
-cat >"$TMP/thinbox.toml" <<'EOF'
-[pool]
-embedded_size = "8GiB"
-[snapshot]
-default_size = "1GiB"
-EOF
+thinboxd_small_config "$TMP/thinbox.toml"
 
 # ---- setup: two namespaces use the daemon --------------------------------
 # Without --release-on-exit: a stop keeps the pool as it is (like an upgrade).
@@ -255,16 +249,10 @@ forgotten=$(pool_keys | grep "^$CTR_NAMESPACE/[0-9]*/sha256:" || true)
 check_eq "the image made 3 layers again" 3 "$(wc -l <<<"$forgotten")"
 thinboxd_stop
 ctr_t 60 image rm --sync "$IMAGE" >/dev/null 2>&1 || true
-cat >"$TMP/sweep.toml" <<EOF
-[pool]
-embedded_size = "8GiB"
-[snapshot]
-default_size = "1GiB"
-[snapshot.containerd_gc]
+thinboxd_small_config "$TMP/sweep.toml" "[snapshot.containerd_gc]
 interval_s = 1
-address = "$CONTAINERD_ADDRESS"
-min_age_s = $MIN_AGE
-EOF
+address = \"$CONTAINERD_ADDRESS\"
+min_age_s = $MIN_AGE"
 thinboxd_start "$ROOT" "$SOCK" "$TMP/thinboxd-3.log" --config "$TMP/sweep.toml" --release-on-exit
 ok "thinboxd restarted, sweeping every second"
 before=$(pool_keys)

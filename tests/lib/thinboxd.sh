@@ -19,9 +19,15 @@
 #   thinboxd_stop
 #       SIGTERM (SIGKILL after 30 s), reaps it, sets THINBOXD_STATUS to its
 #       exit status. Does nothing if none was started.
+#   thinboxd_small_config FILE [TOML]
+#       Writes a config for --config to FILE: an 8 GiB embedded pool and
+#       1 GiB snapshots, so that the sparse files stay modest; then TOML
+#       (more tables), if given.
 
 # shellcheck source=scripts/lib/processes.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/processes.sh"
+
+[[ -z ${THINBOX_SNAPSHOTTER:-} ]] || die "THINBOX_SNAPSHOTTER is gone with thinbox-snapshotter: set THINBOX_DAEMON"
 
 THINBOXD_PID=
 # shellcheck disable=SC2034 # read by the caller
@@ -60,4 +66,8 @@ thinboxd_stop() {
     # shellcheck disable=SC2034 # read by the caller
     THINBOXD_STATUS=$st
     THINBOXD_PID=
+}
+
+thinboxd_small_config() {
+    printf '[pool]\nembedded_size = "8GiB"\n[snapshot]\ndefault_size = "1GiB"\n%s' "${2:+$2$'\n'}" >"$1"
 }
