@@ -39,6 +39,21 @@ pub trait Row {
     fn teardown(self: Box<Self>) -> Result<(), Error>;
 }
 
+/// `row` once `build` has set it up. If `build` fails, what it did so far is
+/// torn down (a failure of that is logged) and its error returned.
+pub fn built<R: Row + 'static>(mut row: R, build: impl FnOnce(&mut R) -> Result<(), Error>) -> Result<R, Error> {
+    match build(&mut row) {
+        Ok(()) => Ok(row),
+        Err(e) => {
+            let kind = row.info().kind;
+            if let Err(t) = Box::new(row).teardown() {
+                tracing::warn!(row = ?kind, error = %crate::chain(&t), "tearing down a row that failed to set up");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// The test file's path inside a guest.
 pub fn guest_file() -> String {
     format!("{GUEST_MOUNT}/{FILE_NAME}")

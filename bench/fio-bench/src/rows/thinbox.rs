@@ -30,7 +30,7 @@ use crate::fio::Measurement;
 use crate::jobs::{FioParams, Job};
 use crate::report::{RowInfo, RowKind, fmt_size};
 use crate::rows::guest::{Guest, GuestConfig};
-use crate::rows::{FILE_NAME, GUEST_MOUNT, Row, guest_file, volume_size};
+use crate::rows::{FILE_NAME, GUEST_MOUNT, Row, built, guest_file, volume_size};
 use crate::sys::{Mounted, write_data_file};
 
 const LAYER: &str = "fio-bench-layer";
@@ -75,21 +75,13 @@ impl Rootfs {
         let snapshot = SnapshotConfig { default_size: size, filesystem: FsType::Ext4, ..SnapshotConfig::default() };
         let (snapshots, _) = Snapshots::open(&root, pool, snapshot).map_err(snap_err("opening the snapshotter"))?;
         // From here on, a failure tears down through `Rootfs`'s teardown.
-        let mut row = Rootfs {
+        let row = Rootfs {
             info: RowInfo { kind: RowKind::ThinboxRootfs, guest: None, setup: String::new(), unavailable: None },
             guest: None,
             snapshots: Some(snapshots),
             root,
         };
-        match row.build(dir, params, cfg, size) {
-            Ok(()) => Ok(row),
-            Err(e) => {
-                if let Err(t) = Box::new(row).teardown() {
-                    tracing::warn!(error = %crate::chain(&t), "tearing down the failed rootfs row");
-                }
-                Err(e)
-            }
-        }
+        built(row, |row| row.build(dir, params, cfg, size))
     }
 
     fn build(&mut self, dir: &Path, params: &FioParams, cfg: &GuestConfig, size: Bytes) -> Result<(), Error> {
@@ -188,22 +180,14 @@ impl EmptyDir {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
         }
-        let mut row = EmptyDir {
+        let row = EmptyDir {
             info: RowInfo { kind: RowKind::ThinboxEmptyDir, guest: None, setup: String::new(), unavailable: None },
             guest: None,
             driver: Some(driver),
             target,
             dirs: vec![root, kubelet, direct],
         };
-        match row.build(dir, params, cfg) {
-            Ok(()) => Ok(row),
-            Err(e) => {
-                if let Err(t) = Box::new(row).teardown() {
-                    tracing::warn!(error = %crate::chain(&t), "tearing down the failed emptyDir row");
-                }
-                Err(e)
-            }
-        }
+        built(row, |row| row.build(dir, params, cfg))
     }
 
     fn build(&mut self, dir: &Path, params: &FioParams, cfg: &GuestConfig) -> Result<(), Error> {
