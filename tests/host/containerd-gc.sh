@@ -249,10 +249,13 @@ forgotten=$(pool_keys | grep "^$CTR_NAMESPACE/[0-9]*/sha256:" || true)
 check_eq "the image made 3 layers again" 3 "$(wc -l <<<"$forgotten")"
 thinboxd_stop
 ctr_t 60 image rm --sync "$IMAGE" >/dev/null 2>&1 || true
-thinboxd_small_config "$TMP/sweep.toml" "[snapshot.containerd_gc]
+thinboxd_small_config "$TMP/sweep.toml"
+cat >>"$TMP/sweep.toml" <<EOF
+[snapshot.containerd_gc]
 interval_s = 1
-address = \"$CONTAINERD_ADDRESS\"
-min_age_s = $MIN_AGE"
+address = "$CONTAINERD_ADDRESS"
+min_age_s = $MIN_AGE
+EOF
 thinboxd_start "$ROOT" "$SOCK" "$TMP/thinboxd-3.log" --config "$TMP/sweep.toml" --release-on-exit
 ok "thinboxd restarted, sweeping every second"
 before=$(pool_keys)

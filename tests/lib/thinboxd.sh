@@ -19,10 +19,10 @@
 #   thinboxd_stop
 #       SIGTERM (SIGKILL after 30 s), reaps it, sets THINBOXD_STATUS to its
 #       exit status. Does nothing if none was started.
-#   thinboxd_small_config FILE [TOML]
+#   thinboxd_small_config FILE
 #       Writes a config for --config to FILE: an 8 GiB embedded pool and
-#       1 GiB snapshots, so that the sparse files stay modest; then TOML
-#       (more tables), if given.
+#       1 GiB snapshots, so that the sparse files stay modest. Append
+#       further tables to it.
 
 # shellcheck source=scripts/lib/processes.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/processes.sh"
@@ -69,5 +69,5 @@ thinboxd_stop() {
 }
 
 thinboxd_small_config() {
-    printf '[pool]\nembedded_size = "8GiB"\n[snapshot]\ndefault_size = "1GiB"\n%s' "${2:+$2$'\n'}" >"$1"
+    printf '[pool]\nembedded_size = "8GiB"\n[snapshot]\ndefault_size = "1GiB"\n' >"$1"
 }

@@ -41,7 +41,7 @@ pub trait Row {
 
 /// `row` once `build` has set it up. If `build` fails, what it did so far is
 /// torn down (a failure of that is logged) and its error returned.
-pub fn built<R: Row + 'static>(mut row: R, build: impl FnOnce(&mut R) -> Result<(), Error>) -> Result<R, Error> {
+pub fn built<R: Row>(mut row: R, build: impl FnOnce(&mut R) -> Result<(), Error>) -> Result<R, Error> {
     match build(&mut row) {
         Ok(()) => Ok(row),
         Err(e) => {
