@@ -151,6 +151,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Pool-wide figures (the reserve is filled in by the pool).
     fn status(&self) -> Result<PoolStatus>;
 
+    /// Whether the pool's data lives in sparse files under the state root
+    /// (the embedded pools), so that the root's filesystem must have the
+    /// room the pool reports free.
+    fn sparse_on_root(&self) -> bool;
+
     /// Adds room if the backend can (a file-backed thin pool grows its data
     /// file); returns the new size, or `None` if it cannot grow.
     fn grow(&self) -> Result<Option<Bytes>> {

@@ -23,6 +23,10 @@ pub struct PoolConfig {
     /// Free space kept back: creating a device fails with "pool full" below it, so
     /// devices that already exist keep room to write.
     pub reserve: Bytes,
+    /// Free space kept back on the filesystem of the state root, which holds
+    /// the metadata store (and the embedded pool's sparse image): creating a
+    /// device fails below it, so the store keeps room for every other change.
+    pub root_reserve: Bytes,
     /// Device loops use direct I/O to their image files.
     pub direct_io: bool,
     /// The embedded reflink pool's own loop uses direct I/O to `pool.img`.
@@ -110,6 +114,7 @@ impl Default for PoolConfig {
             dir: None,
             embedded_size: Bytes(64 << 30),
             reserve: Bytes(512 << 20),
+            root_reserve: Bytes(64 << 20),
             direct_io: true,
             embedded_direct_io: false,
             grow_step: Bytes(4 << 30),

@@ -559,6 +559,10 @@ impl Backend for DmThin {
         })
     }
 
+    fn sparse_on_root(&self) -> bool {
+        self.file_backed
+    }
+
     /// Grows the data file by `grow_step` (up to `max_size`, and only while the
     /// filesystem under it keeps its reserve), then the loop, the dm-linear data
     /// device and the pool's table, without stopping the pool's users.
@@ -576,8 +580,7 @@ impl Backend for DmThin {
             return Ok(None);
         }
         let dir = self.root.join("thin");
-        let st = rustix::fs::statvfs(&dir).map_err(|e| Error::io("statvfs", &dir)(e.into()))?;
-        let host_free = st.f_bavail * st.f_frsize;
+        let host_free = crate::fs::space(&dir)?.free.get();
         if host_free < target - current + self.host_reserve.get() {
             tracing::warn!(free = %Bytes(host_free), "no room to grow the thin pool's data file");
             return Ok(None);

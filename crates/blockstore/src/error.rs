@@ -39,6 +39,11 @@ pub enum Error {
     Shrink { id: DeviceId, current: Bytes, requested: Bytes },
     #[error("pool {pool} is full: {free} free, {reserve} kept in reserve")]
     PoolFull { pool: String, free: Bytes, reserve: Bytes },
+    #[error(
+        "the filesystem of {root} has {free} free, below pool.root_reserve {reserve}: free space there (it holds the metadata store{embedded})",
+        embedded = if *.embedded { " and the embedded pool's image" } else { "" }
+    )]
+    RootFull { root: PathBuf, free: Bytes, reserve: Bytes, embedded: bool },
     #[error("thin pool {pool} metadata is {used} of {total}, past the {limit}% limit")]
     MetadataFull { pool: String, used: Bytes, total: Bytes, limit: u8 },
     #[error("thin pool {pool} cannot be used: {detail}")]
@@ -81,6 +86,8 @@ pub enum Error {
     Dm { op: &'static str, what: String, detail: String },
     #[error("metadata store")]
     Store(#[from] redb::Error),
+    #[error("metadata store {path} failed ({cause}); it refuses every change until it is reopened")]
+    StoreFailed { path: PathBuf, cause: String },
     #[error("corrupt metadata record {key}")]
     Corrupt {
         key: String,
@@ -109,16 +116,27 @@ impl Error {
             | Error::RootInUse(_)
             | Error::PoolSource { .. } => ErrorKind::FailedPrecondition,
             Error::SizeBelowOrigin { .. } | Error::Shrink { .. } | Error::Config(_) => ErrorKind::InvalidArgument,
-            Error::PoolFull { .. } | Error::MetadataFull { .. } => ErrorKind::ResourceExhausted,
+            Error::PoolFull { .. } | Error::MetadataFull { .. } | Error::RootFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if is_no_space(source) => ErrorKind::ResourceExhausted,
-            Error::Io { .. } | Error::Tool { .. } | Error::Dm { .. } | Error::Store(_) | Error::Corrupt { .. } | Error::NotAGroupSnapshot(_) => {
-                ErrorKind::Internal
-            }
+            Error::Store(e) if store_out_of_space(e) => ErrorKind::ResourceExhausted,
+            Error::Io { .. }
+            | Error::Tool { .. }
+            | Error::Dm { .. }
+            | Error::Store(_)
+            | Error::StoreFailed { .. }
+            | Error::Corrupt { .. }
+            | Error::NotAGroupSnapshot(_) => ErrorKind::Internal,
         }
     }
 }
 
-fn is_no_space(e: &io::Error) -> bool {
+/// Whether the metadata store failed for want of space on its filesystem.
+pub fn store_out_of_space(e: &redb::Error) -> bool {
+    matches!(e, redb::Error::Io(io) if is_no_space(io))
+}
+
+/// Whether an I/O error says the filesystem (or a quota) is full.
+pub fn is_no_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() || code == rustix::io::Errno::DQUOT.raw_os_error())
 }
 

@@ -12,6 +12,19 @@ use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 
 use crate::error::{Error, Result};
 use crate::types::FsType;
+use crate::units::Bytes;
+
+/// Size and free space (for unprivileged users) of the filesystem holding `dir`.
+pub struct FsSpace {
+    pub total: Bytes,
+    pub free: Bytes,
+}
+
+/// The [`FsSpace`] of the filesystem holding `dir`.
+pub fn space(dir: &Path) -> Result<FsSpace> {
+    let st = rustix::fs::statvfs(dir).map_err(|e| Error::io("statvfs", dir)(e.into()))?;
+    Ok(FsSpace { total: Bytes(st.f_blocks * st.f_frsize), free: Bytes(st.f_bavail * st.f_frsize) })
+}
 
 /// Freezes (`frozen`) or thaws the filesystem mounted at `dir`, as
 /// fsfreeze(8) does, without a process per call.

@@ -91,10 +91,23 @@ impl Engine {
             }
         };
         fault::point(points.after_build);
-        let txn = pool.store().write()?;
+        if let Err(e) = self.mark_ready(what, &ids) {
+            // The intent is visible (if not durable): the caller hears of a
+            // failure, so nothing of the creation may stay.
+            if let Err(u) = self.undo(what, &ids) {
+                tracing::warn!(devices = ?ids, error = %u, "undoing a creation whose ready commit failed; left for reconciliation");
+            }
+            return Err(e);
+        }
+        fault::point(points.after_ready);
+        Ok(node)
+    }
+
+    fn mark_ready<C: Creation>(&self, what: &mut C, ids: &[DeviceId]) -> Result<(), C::Error> {
+        let txn = self.pool().store().write()?;
         {
             let mut devs = Devices::open(&txn)?;
-            for &id in &ids {
+            for &id in ids {
                 let mut r = devs.require(id)?;
                 r.state = DeviceState::Ready;
                 devs.put(&r)?;
@@ -102,8 +115,7 @@ impl Engine {
         }
         what.ready(&txn)?;
         txn.commit().map_err(Error::from)?;
-        fault::point(points.after_ready);
-        Ok(node)
+        Ok(())
     }
 
     fn undo<C: Creation>(&self, what: &mut C, devices: &[DeviceId]) -> Result<(), C::Error> {

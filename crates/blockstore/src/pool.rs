@@ -67,6 +67,7 @@ pub fn inventory(root: &Path, cfg: &PoolConfig) -> Result<Inventory> {
 /// A pool of devices and its metadata store.
 #[derive(Debug)]
 pub struct Pool {
+    root: PathBuf,
     store: Store,
     backend: Box<dyn Backend>,
     cfg: PoolConfig,
@@ -112,7 +113,7 @@ impl Pool {
         };
         store.set_backend(kind)?;
         tracing::info!(backend = backend.name(), "pool open");
-        Ok(Pool { store, backend, cfg })
+        Ok(Pool { root, store, backend, cfg })
     }
 
     /// The configuration it was opened with.
@@ -298,7 +299,7 @@ impl Pool {
     /// Pool-wide figures.
     pub fn status(&self) -> Result<PoolStatus> {
         let devices = self.store.devices()?.len() as u64;
-        Ok(PoolStatus { devices, ..self.space()? })
+        Ok(PoolStatus { devices, ..self.bounded(self.space()?)? })
     }
 
     /// Pool-wide figures without the device count (which reads every record):
@@ -307,8 +308,25 @@ impl Pool {
         Ok(PoolStatus { reserve: self.cfg.reserve, ..self.backend.status()? })
     }
 
+    /// `st` with no more free space than the root's filesystem has where
+    /// every free block of the pool is a hole in a file there. Not for
+    /// growth: that needs the pool's own figure.
+    fn bounded(&self, mut st: PoolStatus) -> Result<PoolStatus> {
+        if self.backend.sparse_on_root() {
+            st.free = st.free.min(crate::fs::space(&self.root)?.free);
+        }
+        Ok(st)
+    }
+
     fn check_space(&self) -> Result<()> {
-        let st = self.maintain()?;
+        // The store must keep room for every other change (a failed write
+        // stops it for good), the embedded pool's image for its writers.
+        let root_free = crate::fs::space(&self.root)?.free;
+        if root_free < self.cfg.root_reserve {
+            let embedded = self.backend.sparse_on_root();
+            return Err(Error::RootFull { root: self.root.clone(), free: root_free, reserve: self.cfg.root_reserve, embedded });
+        }
+        let st = self.bounded(self.maintain()?)?;
         if st.free < st.reserve {
             return Err(Error::PoolFull { pool: st.location, free: st.free, reserve: st.reserve });
         }

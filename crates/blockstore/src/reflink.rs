@@ -286,18 +286,22 @@ impl Backend for Reflink {
     }
 
     fn status(&self) -> Result<PoolStatus> {
-        let st = rustix::fs::statvfs(&self.devices_dir).map_err(|e| Error::io("statvfs", &self.devices_dir)(e.into()))?;
+        let space = crate::fs::space(&self.devices_dir)?;
         Ok(PoolStatus {
             backend: self.name(),
             location: self.devices_dir.display().to_string(),
-            total: Bytes(st.f_blocks * st.f_frsize),
-            free: Bytes(st.f_bavail * st.f_frsize),
+            total: space.total,
+            free: space.free,
             reserve: Bytes(0),
             devices: 0,
             metadata: None,
             low_water: None,
             mode: None,
         })
+    }
+
+    fn sparse_on_root(&self) -> bool {
+        self.embedded.is_some()
     }
 
     fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {

@@ -6,7 +6,13 @@
 //! tables in the same database and change them in the same transactions, so a
 //! snapshot record and its device record never disagree.
 
-use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use redb::backends::FileBackend;
+use redb::{BackendError, ReadableDatabase, ReadableTable, StorageBackend, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -70,12 +76,27 @@ pub struct DeviceRecord {
 #[derive(Debug)]
 pub struct Store {
     db: redb::Database,
+    path: PathBuf,
+    io_error: IoError,
 }
+
+/// I/O errors on the store's file: how many so far, and the last one's
+/// message unless the store proved usable after it.
+#[derive(Debug, Default)]
+struct IoErrors {
+    count: u64,
+    last: Option<String>,
+}
+
+type IoError = Arc<Mutex<IoErrors>>;
 
 impl Store {
     /// Opens (or creates) the database at `path`. Fails if another process holds it.
-    pub fn open(path: &std::path::Path) -> Result<Store> {
-        let db = redb::Database::create(path).map_err(|e| match e {
+    pub fn open(path: &Path) -> Result<Store> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(Error::io("open", path))?;
+        let io_error = IoError::default();
+        let backend = Watched { file: FileBackend::new(file)?, io_error: io_error.clone() };
+        let db = redb::Builder::new().create_with_backend(backend).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::RootInUse(path.to_owned()),
             other => other.into(),
         })?;
@@ -84,7 +105,33 @@ impl Store {
         txn.open_table(COUNTERS)?;
         txn.open_table(SETTINGS)?;
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store { db, path: path.to_owned(), io_error })
+    }
+
+    /// Whether the store has failed for good: after an I/O error on its file
+    /// (a full or failing disk), redb refuses every operation until the
+    /// database is reopened, so its owner must restart (the start recovers
+    /// the state as after a crash). Cheap while no I/O error was seen; after
+    /// one, an empty unflushed commit tells a failed store from a write redb
+    /// could do without.
+    pub fn failure(&self) -> Option<Error> {
+        let errors = || self.io_error.lock().unwrap_or_else(PoisonError::into_inner);
+        // Not held while probing: the probe waits for a write in progress,
+        // whose I/O error must be noted for it to end.
+        let (seen, cause) = {
+            let e = errors();
+            (e.count, e.last.clone()?)
+        };
+        match self.db.begin_write().map_err(redb::Error::from).and_then(lazy_commit) {
+            Ok(()) => {
+                let mut e = errors();
+                if e.count == seen {
+                    e.last = None;
+                }
+                None
+            }
+            Err(_) => Some(Error::StoreFailed { path: self.path.clone(), cause }),
+        }
     }
 
     /// The backend this root was first opened with.
@@ -169,6 +216,69 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The store's file through redb's own backend, noting each I/O error for
+/// [`Store::failure`].
+#[derive(Debug)]
+struct Watched {
+    file: FileBackend,
+    io_error: IoError,
+}
+
+impl Watched {
+    fn noted<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let mut errors = self.io_error.lock().unwrap_or_else(PoisonError::into_inner);
+            errors.count += 1;
+            errors.last = Some(e.to_string());
+        }
+        r
+    }
+}
+
+impl StorageBackend for Watched {
+    fn len(&self) -> io::Result<u64> {
+        self.noted(self.file.len())
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.noted(self.file.read(offset, out))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.noted(self.file.set_len(len))
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.noted(self.file.sync_data())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.noted(self.file.write(offset, data))
+    }
+    fn close(&self) -> io::Result<()> {
+        self.file.close()
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+fn lazy_commit(mut txn: WriteTransaction) -> std::result::Result<(), redb::Error> {
+    txn.set_durability(redb::Durability::None)?;
+    Ok(txn.commit()?)
 }
 
 fn lazy(mut txn: WriteTransaction) -> Result<WriteTransaction> {

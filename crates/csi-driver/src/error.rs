@@ -78,7 +78,8 @@ impl Error {
                 ErrorKind::ResourceExhausted => Code::ResourceExhausted,
                 _ => Code::Internal,
             },
-            Error::Io { source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => Code::ResourceExhausted,
+            Error::Io { source, .. } if thinbox_blockstore::is_no_space(source) => Code::ResourceExhausted,
+            Error::Store(e) if thinbox_blockstore::store_out_of_space(e) => Code::ResourceExhausted,
             // The sandbox or its shim is not there, or not answering: worth a retry later.
             Error::Kata { source: ShimError::NoSocket { .. } | ShimError::Timeout { .. } | ShimError::Transport { .. }, .. } => Code::Unavailable,
             Error::Kata { .. } => Code::Internal,

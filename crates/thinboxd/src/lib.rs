@@ -71,6 +71,8 @@ pub enum Error {
     Runtime(#[source] std::io::Error),
     #[error("--node-id is not set and the hostname cannot serve as one")]
     NoNodeId,
+    #[error("exiting for the service manager to restart thinboxd; the start recovers the state")]
+    StoreFailed(#[source] thinbox_blockstore::Error),
 }
 
 /// What to run: the root and the configuration with the flags applied.
@@ -133,6 +135,10 @@ pub fn run(opts: Options) -> Result<(), Error> {
         .then(|| Sweep { cfg: cfg.snapshot.containerd_gc.clone(), ours: cfg.snapshot.address.clone() });
     let doors = Doors { snapshot: snapshot_door, csi: csi_door, metrics: metrics_door, sweep };
     let served = rt.block_on(serve(doors, signal, &snapshots, &driver, metrics, &engine));
+    if let Err(Error::StoreFailed(_)) = served {
+        // Like a crash: nothing more is asked of a store that refuses it.
+        return served;
+    }
 
     let release = cfg.release_on_exit;
     let released = driver.release(release).map_err(Error::from).and_then(|()| Ok(engine.shutdown(release)?));
@@ -185,9 +191,17 @@ async fn serve(
     let exporter = doors.metrics.map(|l| tokio::spawn(thinbox_metrics::serve(l, metrics.clone())));
     let maintenance = tokio::spawn(maintain(engine.clone()));
     let sweeper = doors.sweep.map(|s| tokio::spawn(sweep_forgotten(snapshots.clone(), s, metrics.clone())));
-    tokio::spawn(async move {
-        signal.await;
+    let stopper = tokio::spawn(async move {
+        let mut maintenance = maintenance;
+        let failed = tokio::select! {
+            () = signal => {
+                maintenance.abort();
+                None
+            }
+            failure = &mut maintenance => failure.ok(),
+        };
         let _ = stop_tx.send(true);
+        failed
     });
     let mut result = Ok(());
     for s in servers {
@@ -199,11 +213,13 @@ async fn serve(
             result = r;
         }
     }
-    maintenance.abort();
     for t in [exporter, sweeper].into_iter().flatten() {
         t.abort();
     }
-    result
+    match stopper.await {
+        Ok(Some(failure)) => Err(Error::StoreFailed(failure)),
+        _ => result,
+    }
 }
 
 /// Every `interval_s`, removes the snapshots the containerd at `address`
@@ -233,16 +249,22 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<M
     }
 }
 
-/// Grows the pool ahead of need where the backend can.
-async fn maintain(engine: Arc<Engine>) {
+/// Grows the pool ahead of need where the backend can, and returns the
+/// store's failure once it has failed for good: then the daemon must restart.
+async fn maintain(engine: Arc<Engine>) -> thinbox_blockstore::Error {
     loop {
         let e = engine.clone();
         // Blocks until a device-mapper event (the thin pool crossing its
         // low-water mark) or MAINTAIN_EVERY; aborting the task at shutdown
         // lets the current round finish.
-        match tokio::task::spawn_blocking(move || e.pool().maintain_and_wait(MAINTAIN_EVERY)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+        let round = tokio::task::spawn_blocking(move || (e.pool().maintain_and_wait(MAINTAIN_EVERY), e.pool().store().failure())).await;
+        match round {
+            Ok((_, Some(failure))) => {
+                tracing::error!("the metadata store failed; stopping");
+                return failure;
+            }
+            Ok((Ok(_), None)) => {}
+            Ok((Err(e), None)) => {
                 tracing::warn!(error = %thinbox_daemon::chain(&e), "pool maintenance");
                 tokio::time::sleep(MAINTAIN_EVERY).await;
             }

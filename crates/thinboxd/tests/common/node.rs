@@ -179,6 +179,20 @@ impl Node {
         child.wait().unwrap();
     }
 
+    /// Waits (at most `within`) for the daemon to exit by itself; its status.
+    pub fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "thinboxd still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The admin service (on the snapshot socket).
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(thinbox_proto::unix_channel(self.snap_socket(), Duration::from_secs(120)).await.unwrap())

@@ -1,0 +1,172 @@
+//! Host tier: the filesystem of the state root runs short of room. It holds
+//! the metadata store (and, by default, the embedded pool's sparse image), so
+//! its room is the pool's too: below `pool.root_reserve` both APIs refuse new
+//! devices and everything else keeps working; a store whose write failed
+//! anyway stops the daemon, and the restart recovers the state. Real
+//! filesystems on loop devices: a small ext4 for the root, an XFS for the
+//! pool directory.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::node::Node;
+use thinbox_proto::snapshots::{CommitSnapshotRequest, Kind};
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+/// A filesystem of `size` made by `mkfs` in `dir/NAME.img`, mounted on
+/// `dir/NAME`; every mount and loop under `dir` goes when dropped.
+struct Disks(PathBuf);
+
+impl Disks {
+    fn new(dir: &Path) -> Disks {
+        Disks(dir.to_owned())
+    }
+
+    fn mount(&self, name: &str, size: &str, mkfs: &[&str]) -> PathBuf {
+        let (img, at) = (self.0.join(format!("{name}.img")), self.0.join(name));
+        let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(Command::new("truncate").arg("-s").arg(size).arg(&img));
+        ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img));
+        std::fs::create_dir_all(&at).unwrap();
+        ok(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&at));
+        at
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        common::volumes::cleanup(&self.0);
+    }
+}
+
+fn free(dir: &Path) -> u64 {
+    let st = rustix::fs::statvfs(dir).unwrap();
+    st.f_bavail * st.f_frsize
+}
+
+/// Writes zeros to `path` until `leave` bytes are free on its filesystem
+/// (0: until it is full).
+fn fill(path: &Path, leave: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; MIB as usize];
+    while free(path.parent().unwrap()) > leave + MIB {
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+    }
+    if leave == 0 {
+        while f.write_all(&chunk[..4096]).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+/// The `[pool]` of a node whose pool is the directory `dir/pool`.
+fn pool_config(dir: &Path, extra: &str) -> String {
+    format!("dir = \"{}\"\nreserve = \"64MiB\"\n{extra}", dir.join("pool").display())
+}
+
+/// A node whose root is a 96 MiB ext4 and whose pool is an XFS directory.
+async fn node(dir: &Path, disks: &Disks, extra: &str) -> Node {
+    disks.mount("state", "96M", &["mkfs.ext4", "-q", "-m", "0"]);
+    disks.mount("pool", "1G", &["mkfs.xfs", "-q", "-m", "reflink=1"]);
+    Node::start(dir, &pool_config(dir, extra)).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_short_of_room_refuses_new_devices_and_serves_the_rest() {
+    common::require_root();
+    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
+    let d = dir.path();
+    let disks = Disks::new(d);
+    let mut n = node(d, &disks, "").await;
+    n.prepare("before").await.unwrap();
+    let volume = n.create("v-before", 64 * MIB).await.unwrap();
+    let devices = n.settled_devices().await;
+
+    // 32 MiB left: below the default root_reserve (64 MiB).
+    let filler = d.join("state/filler");
+    fill(&filler, 32 * MIB);
+    let refused = n.prepare("refused").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "Prepare: {refused:?}");
+    assert!(refused.message().contains("below pool.root_reserve"), "{}", refused.message());
+    let refused = n.create("v-refused", 64 * MIB).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "CreateVolume: {refused:?}");
+
+    // Nothing was made, and the store still takes every other change.
+    assert_eq!(n.snapshots().await, [("before".to_owned(), Kind::Active)]);
+    assert_eq!(n.volume_ids().await, [volume]);
+    let commit = CommitSnapshotRequest {
+        snapshotter: "thinbox".into(),
+        name: "layer".into(),
+        key: "before".into(),
+        labels: HashMap::new(),
+        parent: String::new(),
+    };
+    n.snap.commit(commit).await.unwrap();
+    assert_eq!(n.snapshots().await, [("layer".to_owned(), Kind::Committed)]);
+    assert_eq!(n.settled_devices().await.len(), devices.len());
+
+    std::fs::remove_file(&filler).unwrap();
+    n.prepare("after").await.unwrap();
+    n.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_failed_stops_the_daemon_and_the_restart_recovers() {
+    common::require_root();
+    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
+    let d = dir.path();
+    let disks = Disks::new(d);
+    // No reserve: let a write of the store itself fail.
+    let no_reserve = "root_reserve = \"0\"";
+    let mut n = node(d, &disks, no_reserve).await;
+    n.prepare("before").await.unwrap();
+
+    let filler = d.join("state/filler");
+    fill(&filler, 0);
+    let failed = n.prepare("lost").await.unwrap_err();
+    assert_eq!(failed.code(), Code::ResourceExhausted, "{failed:?}");
+    // redb refuses every change after a failed write until it is reopened:
+    // the daemon exits for its service manager to restart it.
+    let status = n.exited(Duration::from_secs(30));
+    let log = std::fs::read_to_string(d.join("thinboxd.log")).unwrap();
+    assert!(!status.success(), "{status:?}: {log}");
+    assert!(log.contains("exiting for the service manager to restart thinboxd"), "{log}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let mut n = Node::start(d, &pool_config(d, no_reserve)).await;
+    assert_eq!(n.snapshots().await, [("before".to_owned(), Kind::Active)]);
+    let devices = n.settled_devices().await;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    // The lost Prepare left no image and no loop.
+    let images: Vec<_> =
+        std::fs::read_dir(d.join("pool/devices")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "img")).collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(thinbox_blockstore::scan_loops(&d.join("pool/devices")).unwrap().len(), 1);
+    n.prepare("after").await.unwrap();
+    n.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_pool_has_no_more_room_than_the_root() {
+    common::require_root();
+    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
+    let d = dir.path();
+    let disks = Disks::new(d);
+    let root = disks.mount("state", "256M", &["mkfs.ext4", "-q", "-m", "0"]);
+    // A sparse 2 GiB pool image on a 256 MiB filesystem.
+    let mut n = Node::start(d, "embedded_size = \"2GiB\"\nreserve = \"64MiB\"").await;
+    let capacity = n.capacity().await;
+    let root_free = free(&root);
+    assert!(capacity <= root_free, "GetCapacity says {capacity} bytes, the root's filesystem has {root_free}");
+    assert!(capacity > 0, "room is left: {root_free} bytes free");
+    n.stop();
+}
