@@ -258,6 +258,7 @@ impl Pool {
 
     /// Makes what was written to a device durable.
     pub fn flush(&self, id: DeviceId) -> Result<()> {
+        crate::fault::error("pool.flush").map_err(Error::io("flush device", id.to_string()))?;
         self.backend.flush(id)
     }
 

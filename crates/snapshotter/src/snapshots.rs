@@ -194,8 +194,8 @@ impl Snapshots {
         validate_key(name)?;
         validate_labels(&labels)?;
         let txn = self.engine.pool().store().write()?;
-        let device = {
-            let mut snaps = txn.open_table(SNAPSHOTS)?;
+        let (active, access) = {
+            let snaps = txn.open_table(SNAPSHOTS)?;
             let rec = meta::get(&snaps, key)?.ok_or_else(|| Error::NotFound(key.to_owned()))?;
             if rec.kind != Kind::Active {
                 return Err(Error::NotActive(key.to_owned()));
@@ -206,31 +206,31 @@ impl Snapshots {
             if snaps.get(name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_owned()));
             }
-            let now = meta::now();
-            let committed = Record { kind: Kind::Committed, labels, created: now, updated: now, ..rec.clone() };
-            snaps.remove(key)?;
-            snaps.insert(name, meta::encode(name, &committed)?.as_slice())?;
-            if !rec.parent.is_empty() {
-                let mut children = txn.open_multimap_table(CHILDREN)?;
-                children.remove(rec.parent.as_str(), key)?;
-                children.insert(rec.parent.as_str(), name)?;
-            }
-            let mut devs = Devices::open(&txn)?;
-            let mut d = devs.require(rec.device)?;
-            d.access = None;
-            devs.put(&d)?;
-            rec.device
+            let access = Devices::open(&txn)?.require(rec.device)?.access;
+            (rec, access)
         };
+        let now = meta::now();
+        let committed = Record { kind: Kind::Committed, labels, created: now, updated: now, ..active.clone() };
+        rename(&txn, key, name, &committed, None)?;
+        let device = active.device;
         // The record and the layer's data must both be durable before the
         // reply, neither before the other (a crash between them leaves a
         // commit the client never heard of), so their flushes overlap.
         let pool = self.engine.pool();
-        let (committed, flushed) = std::thread::scope(|s| {
+        let (recorded, flushed) = std::thread::scope(|s| {
             let flushing = s.spawn(|| pool.flush(device));
             (txn.commit(), flushing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
         });
-        committed?;
-        flushed?;
+        recorded?;
+        if let Err(e) = flushed {
+            // The layer may not be durable, and the client hears of a
+            // failure: the snapshot goes back to being active (its device is
+            // still attached), so that a retry or a Remove finds it.
+            let txn = pool.store().write()?;
+            rename(&txn, name, key, &active, access)?;
+            txn.commit()?;
+            return Err(e.into());
+        }
         fault::point("commit.after_record");
         // The commit is durable now; a failed detach is converged by the next
         // reconciliation and must not make the client retry a done commit.
@@ -424,6 +424,24 @@ impl Consumer for SnapshotRecords {
         }
         Ok(referenced)
     }
+}
+
+/// Moves the record of snapshot `from` to `to` as `rec`, with its parent's
+/// link to it, and sets its device's `access`.
+fn rename(txn: &WriteTransaction, from: &str, to: &str, rec: &Record, access: Option<Access>) -> Result<()> {
+    let mut snaps = txn.open_table(SNAPSHOTS)?;
+    snaps.remove(from)?;
+    snaps.insert(to, meta::encode(to, rec)?.as_slice())?;
+    if !rec.parent.is_empty() {
+        let mut children = txn.open_multimap_table(CHILDREN)?;
+        children.remove(rec.parent.as_str(), from)?;
+        children.insert(rec.parent.as_str(), to)?;
+    }
+    let mut devs = Devices::open(txn)?;
+    let mut d = devs.require(rec.device)?;
+    d.access = access;
+    devs.put(&d)?;
+    Ok(())
 }
 
 fn remove_record(txn: &WriteTransaction, key: &str, parent: &str) -> Result<()> {

@@ -156,3 +156,32 @@ async fn every_step_of_prepare_commit_and_remove_survives_a_crash() {
 fn libc_sigabrt() -> i32 {
     rustix::process::Signal::ABORT.as_raw()
 }
+
+/// A Commit whose layer cannot be made durable (an injected `EIO` from its
+/// flush) fails and leaves the snapshot as it was: active, attached and
+/// whole, so that a retry commits it.
+#[tokio::test]
+async fn a_commit_whose_flush_fails_leaves_the_snapshot_active() {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("thinbox-crash-").tempdir().unwrap();
+    let work = dir.path().join("work");
+    let (mut d, mut c) = Daemon::start(dir.path(), Some(CFG), &[]).await;
+    setup(&mut c, &work).await;
+    assert!(d.stop().success());
+
+    let mut c = d.spawn(&[("THINBOX_FAULT", "pool.flush")]).await;
+    let failed = commit(&mut c, "act-done", "act").await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal, "{failed:?}");
+    assert!(failed.message().contains("flush device"), "{}", failed.message());
+    let names = assert_consistent(&mut c, &d).await;
+    assert!(names.contains(&"act".to_string()) && !names.contains(&"act-done".to_string()), "{names:?}");
+    assert_eq!(stat(&mut c, "act").await.unwrap().kind, Kind::Active as i32);
+    assert!(d.stop().success());
+
+    let mut c = d.spawn(&[]).await;
+    commit(&mut c, "act-done", "act").await.unwrap();
+    assert_eq!(read_through_view(&mut c, &work, "act-done", "mine").await, "1");
+    assert_consistent(&mut c, &d).await;
+    drop(c);
+    d.release().await;
+}
