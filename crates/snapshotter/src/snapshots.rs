@@ -226,9 +226,13 @@ impl Snapshots {
             // The layer may not be durable, and the client hears of a
             // failure: the snapshot goes back to being active (its device is
             // still attached), so that a retry or a Remove finds it.
-            let txn = pool.store().write()?;
-            rename(&txn, name, key, &active, access)?;
-            txn.commit()?;
+            let undone = pool.store().write().map_err(Error::from).and_then(|txn| {
+                rename(&txn, name, key, &active, access)?;
+                Ok(txn.commit()?)
+            });
+            if let Err(u) = undone {
+                tracing::warn!(name, key, error = %crate::error::chain(&u), "undoing a commit whose flush failed; the snapshot stays committed");
+            }
             return Err(e.into());
         }
         fault::point("commit.after_record");
