@@ -37,7 +37,7 @@ async fn identity_node_info_and_metrics() {
     let cap = d.ctl.get_capacity(GetCapacityRequest { parameters: params(&[("kind", "block")]), ..Default::default() }).await.unwrap().into_inner();
     // The new 4 GiB pool is free, as far as the filesystem under its sparse
     // files has room (in the uml tier, less than 4 GiB of guest memory).
-    let st = rustix::fs::statvfs(&d.path("state")).unwrap();
+    let st = rustix::fs::statvfs(d.path("state")).unwrap();
     let room = st.f_bavail * st.f_frsize;
     let available = u64::try_from(cap.available_capacity).unwrap();
     assert!(available <= room && available >= (3 << 30).min(room.saturating_sub(256 << 20)), "{available} bytes offered, {room} free under the pool");
