@@ -300,7 +300,8 @@ impl Pool {
     /// Pool-wide figures.
     pub fn status(&self) -> Result<PoolStatus> {
         let devices = self.store.devices()?.len() as u64;
-        Ok(PoolStatus { devices, ..self.bounded(self.space()?)? })
+        let root_free = crate::fs::space(&self.root)?.free;
+        Ok(PoolStatus { devices, ..self.bounded(self.space()?, root_free) })
     }
 
     /// Pool-wide figures without the device count (which reads every record):
@@ -309,14 +310,14 @@ impl Pool {
         Ok(PoolStatus { reserve: self.cfg.reserve, ..self.backend.status()? })
     }
 
-    /// `st` with no more free space than the root's filesystem has where
-    /// every free block of the pool is a hole in a file there. Not for
-    /// growth: that needs the pool's own figure.
-    fn bounded(&self, mut st: PoolStatus) -> Result<PoolStatus> {
+    /// `st` with no more free space than the root's filesystem has
+    /// (`root_free`) where every free block of the pool is a hole in a file
+    /// there. Not for growth: that needs the pool's own figure.
+    fn bounded(&self, mut st: PoolStatus, root_free: Bytes) -> PoolStatus {
         if self.backend.sparse_on_root() {
-            st.free = st.free.min(crate::fs::space(&self.root)?.free);
+            st.free = st.free.min(root_free);
         }
-        Ok(st)
+        st
     }
 
     fn check_space(&self) -> Result<()> {
@@ -327,7 +328,7 @@ impl Pool {
             let embedded = self.backend.sparse_on_root();
             return Err(Error::RootFull { root: self.root.clone(), free: root_free, reserve: self.cfg.root_reserve, embedded });
         }
-        let st = self.bounded(self.maintain()?)?;
+        let st = self.bounded(self.maintain()?, root_free);
         if st.free < st.reserve {
             return Err(Error::PoolFull { pool: st.location, free: st.free, reserve: st.reserve });
         }

@@ -122,7 +122,7 @@ impl Store {
             let e = errors();
             (e.count, e.last.clone()?)
         };
-        match self.db.begin_write().map_err(redb::Error::from).and_then(lazy_commit) {
+        match self.write_lazy().and_then(|txn| Ok(txn.commit()?)) {
             Ok(()) => {
                 let mut e = errors();
                 if e.count == seen {
@@ -274,11 +274,6 @@ impl StorageBackend for Watched {
     fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
         self.file.query_lock_range(start, end)
     }
-}
-
-fn lazy_commit(mut txn: WriteTransaction) -> std::result::Result<(), redb::Error> {
-    txn.set_durability(redb::Durability::None)?;
-    Ok(txn.commit()?)
 }
 
 fn lazy(mut txn: WriteTransaction) -> Result<WriteTransaction> {
