@@ -22,17 +22,24 @@ use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 
-/// A filesystem of `size` made by `mkfs` in `dir/NAME.img`, mounted on
-/// `dir/NAME`; every mount and loop under `dir` goes when dropped.
-struct Disks(PathBuf);
+/// A test's directory (needs root), where [`Disks::mount`] makes
+/// filesystems; when dropped, every mount and loop under it goes before the
+/// directory does.
+struct Disks(tempfile::TempDir);
 
 impl Disks {
-    fn new(dir: &Path) -> Disks {
-        Disks(dir.to_owned())
+    fn new() -> Disks {
+        common::require_root();
+        Disks(tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap())
     }
 
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// A filesystem of `size` made by `mkfs` in `NAME.img`, mounted on `NAME`.
     fn mount(&self, name: &str, size: &str, mkfs: &[&str]) -> PathBuf {
-        let (img, at) = (self.0.join(format!("{name}.img")), self.0.join(name));
+        let (img, at) = (self.path().join(format!("{name}.img")), self.path().join(name));
         let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
         ok(Command::new("truncate").arg("-s").arg(size).arg(&img));
         ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&img));
@@ -44,7 +51,7 @@ impl Disks {
 
 impl Drop for Disks {
     fn drop(&mut self) {
-        common::volumes::cleanup(&self.0);
+        common::volumes::cleanup(self.path());
     }
 }
 
@@ -74,19 +81,17 @@ fn pool_config(dir: &Path, extra: &str) -> String {
 }
 
 /// A node whose root is a 96 MiB ext4 and whose pool is an XFS directory.
-async fn node(dir: &Path, disks: &Disks, extra: &str) -> Node {
+async fn node(disks: &Disks, extra: &str) -> Node {
     disks.mount("state", "96M", &["mkfs.ext4", "-q", "-m", "0"]);
     disks.mount("pool", "1G", &["mkfs.xfs", "-q", "-m", "reflink=1"]);
-    Node::start(dir, &pool_config(dir, extra)).await
+    Node::start(disks.path(), &pool_config(disks.path(), extra)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_root_short_of_room_refuses_new_devices_and_serves_the_rest() {
-    common::require_root();
-    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
-    let d = dir.path();
-    let disks = Disks::new(d);
-    let mut n = node(d, &disks, "").await;
+    let disks = Disks::new();
+    let d = disks.path();
+    let mut n = node(&disks, "").await;
     n.prepare("before").await.unwrap();
     let volume = n.create("v-before", 64 * MIB).await.unwrap();
     let devices = n.settled_devices().await;
@@ -121,13 +126,11 @@ async fn a_root_short_of_room_refuses_new_devices_and_serves_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_that_failed_stops_the_daemon_and_the_restart_recovers() {
-    common::require_root();
-    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
-    let d = dir.path();
-    let disks = Disks::new(d);
+    let disks = Disks::new();
+    let d = disks.path();
     // No reserve: let a write of the store itself fail.
     let no_reserve = "root_reserve = \"0\"";
-    let mut n = node(d, &disks, no_reserve).await;
+    let mut n = node(&disks, no_reserve).await;
     n.prepare("before").await.unwrap();
 
     let filler = d.join("state/filler");
@@ -169,10 +172,8 @@ async fn a_store_that_failed_stops_the_daemon_and_the_restart_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedded_pool_has_no_more_room_than_the_root() {
-    common::require_root();
-    let dir = tempfile::Builder::new().prefix("tbrs-").tempdir().unwrap();
-    let d = dir.path();
-    let disks = Disks::new(d);
+    let disks = Disks::new();
+    let d = disks.path();
     let root = disks.mount("state", "256M", &["mkfs.ext4", "-q", "-m", "0"]);
     // A sparse 2 GiB pool image on a 256 MiB filesystem.
     let mut n = Node::start(d, "embedded_size = \"2GiB\"\nreserve = \"64MiB\"").await;
