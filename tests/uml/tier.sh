@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The uml tier, run on the host: builds the test binaries, boots user-mode Linux
 # (a real kernel with dm-thin) and runs inside it the dm-thin backend tests, the
-# snapshotter's and the CSI driver's tests (Kata's too) on dm-thin, the crash-safety test,
+# snapshotter's and the CSI driver's tests (Kata's too) on dm-thin, dir volumes on a
+# small state root, the crash-safety test,
 # containerd's snapshotter conformance suite against thinboxd on a
 # kernel thin pool, and real containerd + runc running containers on thin
 # devices. Ends with "uml-conformance: N passed, M failed"; fails if anything
@@ -30,11 +31,12 @@ if [ "${1:-}" != --inside ]; then
   csi_test=$(test_binary volumes -p thinboxd)
   kata_test=$(test_binary kata -p thinboxd)
   pool_test=$(test_binary one_pool -p thinboxd)
+  space_test=$(test_binary root_space -p thinboxd)
   # The crash test needs the fault-injection build (own target dir, as in the crash tier).
   crash_test=$(test_binary snapshots_crash --target-dir target/fault -p thinboxd --features fault-injection)
   # The conformance suite is built on the host (Go comes from apt), run in the guest.
   bash tests/conformance/run.sh build
-  UML_PASS_ENV="DM_TEST SNAP_TEST CSI_TEST KATA_TEST POOL_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CSI_TEST="$csi_test" KATA_TEST="$kata_test" POOL_TEST="$pool_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
+  UML_PASS_ENV="DM_TEST SNAP_TEST CSI_TEST KATA_TEST POOL_TEST SPACE_TEST CRASH_TEST" exec env DM_TEST="$dm_test" SNAP_TEST="$snap_test" CSI_TEST="$csi_test" KATA_TEST="$kata_test" POOL_TEST="$pool_test" SPACE_TEST="$space_test" CRASH_TEST="$crash_test" bash tests/uml/run-in-uml.sh --mem 3G --timeout 1500 -- bash tests/uml/tier.sh --inside
 fi
 
 # Inside the guest: the kernel's thin pool first, then ours on top of it.
@@ -51,6 +53,8 @@ THINBOX_TEST_BACKEND=dm-thin "$CSI_TEST" --test-threads=1 || failed=1
 THINBOX_TEST_BACKEND=dm-thin "$KATA_TEST" --test-threads=1 || failed=1
 # One pool for rootfs and volumes on dm-thin: real containerd fills it, CSI sees it, and the reverse.
 THINBOX_TEST_BACKEND=dm-thin "$POOL_TEST" --test-threads=1 || failed=1
+# Dir volumes on a small state root (XFS project quotas, which the host lacks).
+"$SPACE_TEST" --test-threads=1 --exact dir_volumes_have_no_more_room_than_the_root || failed=1
 # Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
 "$CRASH_TEST" --test-threads=1 || failed=1
 

@@ -15,6 +15,7 @@ use crate::types::FsType;
 use crate::units::Bytes;
 
 /// Size and free space (for unprivileged users) of the filesystem holding `dir`.
+#[derive(Clone, Copy, Debug)]
 pub struct FsSpace {
     pub total: Bytes,
     pub free: Bytes,

@@ -49,7 +49,7 @@ pub use deleter::{Deleter, Progress};
 pub use dmthin::DmThin;
 pub use engine::{Consumer, Engine};
 pub use error::{Error, ErrorKind, Result, is_no_space, store_out_of_space};
-pub use fs::{freeze, run as run_tool};
+pub use fs::{FsSpace, freeze, run as run_tool, space};
 pub use intent::{Creation, Points};
 pub use loops::{BoundLoop, scan as scan_loops};
 pub use pool::{CreateSpec, Pool, ReconcileReport, inventory};

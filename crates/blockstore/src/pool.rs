@@ -320,14 +320,22 @@ impl Pool {
         st
     }
 
-    fn check_space(&self) -> Result<()> {
-        // The store must keep room for every other change (a failed write
-        // stops it for good), the embedded pool's image for its writers.
+    /// Free space on the state root's filesystem, or [`Error::RootFull`]
+    /// below `pool.root_reserve`: every creation, of a device or of anything
+    /// else kept there, asks first. The store must keep room for every other
+    /// change (a failed write stops it for good), an embedded image for its
+    /// writers.
+    pub fn root_room(&self) -> Result<Bytes> {
         let root_free = crate::fs::space(&self.root)?.free;
         if root_free < self.cfg.root_reserve {
             let embedded = self.backend.sparse_on_root();
             return Err(Error::RootFull { root: self.root.clone(), free: root_free, reserve: self.cfg.root_reserve, embedded });
         }
+        Ok(root_free)
+    }
+
+    fn check_space(&self) -> Result<()> {
+        let root_free = self.root_room()?;
         let st = self.bounded(self.maintain()?, root_free);
         if st.free < st.reserve {
             return Err(Error::PoolFull { pool: st.location, free: st.free, reserve: st.reserve });

@@ -65,10 +65,9 @@ impl Driver {
     /// which its owner runs next, does the pool's side.
     pub fn new(engine: Arc<Engine>, root: &Path, node_id: &str, cfg: CsiConfig) -> Result<Driver> {
         let root = root.canonicalize().map_err(Error::io("resolve", root))?;
-        let reserve = engine.pool().config().reserve;
         let d = Driver {
             pooled: Pooled::new(engine.clone()),
-            dirs: DirStorage::new(&root, cfg.dir_path.as_deref(), cfg.dir_pool_size, reserve),
+            dirs: DirStorage::new(engine.clone(), &root, cfg.dir_path.as_deref(), cfg.dir_pool_size),
             direct: DirectVolumes::new(&cfg.direct_volumes),
             scratch: root.join("tmp"),
             engine,

@@ -4,7 +4,8 @@
 //! devices and everything else keeps working; a store whose write failed
 //! anyway stops the daemon, and the restart recovers the state. Real
 //! filesystems on loop devices: a small ext4 for the root, an XFS for the
-//! pool directory.
+//! pool directory. `dir_volumes_*` needs XFS project quotas, which this
+//! host's kernel lacks: the uml tier runs it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -181,5 +182,41 @@ async fn the_embedded_pool_has_no_more_room_than_the_root() {
     let root_free = free(&root);
     assert!(capacity <= root_free, "GetCapacity says {capacity} bytes, the root's filesystem has {root_free}");
     assert!(capacity > 0, "room is left: {root_free} bytes free");
+    n.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dir_volumes_have_no_more_room_than_the_root() {
+    let disks = Disks::new();
+    let d = disks.path();
+    let root = disks.mount("state", "256M", &["mkfs.ext4", "-q", "-m", "0"]);
+    disks.mount("pool", "1G", &["mkfs.xfs", "-q", "-m", "reflink=1"]);
+    let mut n = Node::start(d, &pool_config(d, "")).await;
+    // The first dir volume makes their embedded image: 64 GiB, sparse, on the root.
+    let small = n.create_of("dir", "v-small", 64 * MIB).await.unwrap();
+    let capacity = n.capacity_of("dir").await;
+    let root_free = free(&root);
+    assert!(capacity <= root_free, "GetCapacity says {capacity} bytes for dir volumes, the root's filesystem has {root_free}");
+    assert!(capacity > 0, "room is left: {root_free} bytes free");
+    let refused = n.create_of("dir", "v-large", root_free + 64 * MIB).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "a dir volume larger than the root's room: {refused:?}");
+
+    // 32 MiB left: below the default root_reserve (64 MiB).
+    let filler = d.join("state/filler");
+    fill(&filler, 32 * MIB);
+    assert_eq!(n.capacity_of("dir").await, 0);
+    let refused = n.create_of("dir", "v-refused", MIB).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("below pool.root_reserve"), "{}", refused.message());
+    assert_eq!(n.volume_ids().await, std::slice::from_ref(&small));
+    let dirs: Vec<_> = std::fs::read_dir(d.join("state/dirs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|f| f.to_string_lossy().starts_with("tb-dir-"))
+        .collect();
+    assert_eq!(dirs, [std::ffi::OsString::from(&small)], "only the volume that was made has a directory");
+
+    std::fs::remove_file(&filler).unwrap();
+    n.create_of("dir", "v-after", MIB).await.unwrap();
     n.stop();
 }

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use thinbox_blockstore::{Bytes, CreateSpec, DeviceRecord, Engine};
 use thinbox_blockstore::{embedded, mountinfo};
@@ -23,17 +23,19 @@ use crate::error::{Error, Result};
 /// project quotas; the other kinds work without).
 #[derive(Debug)]
 pub(crate) struct DirStorage {
+    /// Whose pool's state root (`root`) holds the volumes' records, and whose
+    /// reserves apply.
+    engine: Arc<Engine>,
     root: PathBuf,
     configured: Option<PathBuf>,
     size: Bytes,
-    reserve: Bytes,
     dirs: OnceLock<Dirs>,
 }
 
 impl DirStorage {
     /// `dir` volumes at `configured`, else in an embedded image of `size` under `root`.
-    pub(crate) fn new(root: &Path, configured: Option<&Path>, size: Bytes, reserve: Bytes) -> DirStorage {
-        DirStorage { root: root.to_owned(), configured: configured.map(Path::to_owned), size, reserve, dirs: OnceLock::new() }
+    pub(crate) fn new(engine: Arc<Engine>, root: &Path, configured: Option<&Path>, size: Bytes) -> DirStorage {
+        DirStorage { engine, root: root.to_owned(), configured: configured.map(Path::to_owned), size, dirs: OnceLock::new() }
     }
 
     /// The filesystem, set up now if it is not yet.
@@ -61,10 +63,17 @@ impl Storage for DirStorage {
     }
 
     fn capacity(&self) -> Result<u64> {
-        Ok(self.dirs()?.free()?.saturating_sub(self.reserve.get()))
+        let dirs = self.dirs()?;
+        let mut free = dirs.free()?;
+        if dirs.embedded {
+            // Every free block of the embedded image is a hole in a file on the root.
+            free = free.min(thinbox_blockstore::space(&self.root)?.free);
+        }
+        Ok(free.get().saturating_sub(self.engine.pool().config().reserve.get()))
     }
 
     fn admit(&self, size: Bytes) -> Result<()> {
+        self.engine.pool().root_room()?;
         if self.capacity()? < size.get() {
             return Err(Error::ResourceExhausted(format!("no room for a {size} dir volume on this node")));
         }
@@ -89,6 +98,7 @@ impl Storage for DirStorage {
     }
 
     fn grow(&self, held: &Held<'_>, size: Bytes) -> Result<()> {
+        self.engine.pool().root_room()?;
         if self.capacity()? < size.get() - held.size.get() {
             return Err(Error::ResourceExhausted(format!("no room to grow {} to {size}", held.id)));
         }
@@ -176,10 +186,9 @@ impl Dirs {
         self.mountpoint.join(id)
     }
 
-    /// Free bytes on the filesystem.
-    pub fn free(&self) -> Result<u64> {
-        let st = rustix::fs::statvfs(&self.mountpoint).map_err(|e| Error::io("statvfs", &self.mountpoint)(e.into()))?;
-        Ok(st.f_bavail * st.f_frsize)
+    /// Free space on the filesystem.
+    pub fn free(&self) -> Result<Bytes> {
+        Ok(thinbox_blockstore::space(&self.mountpoint)?.free)
     }
 
     /// Makes the volume's directory (idempotent) with project `project` and a

@@ -89,17 +89,27 @@ impl Node {
 
     /// What CSI says a new block volume can get.
     pub async fn capacity(&mut self) -> u64 {
-        let req = GetCapacityRequest { parameters: HashMap::from([("kind".into(), "block".into())]), ..Default::default() };
+        self.capacity_of("block").await
+    }
+
+    /// What CSI says a new volume of `kind` can get.
+    pub async fn capacity_of(&mut self, kind: &str) -> u64 {
+        let req = GetCapacityRequest { parameters: HashMap::from([("kind".into(), kind.into())]), ..Default::default() };
         u64::try_from(self.ctl.get_capacity(req).await.unwrap().into_inner().available_capacity).unwrap()
     }
 
     /// CreateVolume of an ext4 `block` volume; its id.
     pub async fn create(&mut self, name: &str, bytes: u64) -> Result<String, tonic::Status> {
+        self.create_of("block", name, bytes).await
+    }
+
+    /// CreateVolume of a volume of `kind` (ext4 where it is a device); its id.
+    pub async fn create_of(&mut self, kind: &str, name: &str, bytes: u64) -> Result<String, tonic::Status> {
         let req = CreateVolumeRequest {
             name: name.into(),
             capacity_range: Some(CapacityRange { required_bytes: i64::try_from(bytes).unwrap(), limit_bytes: 0 }),
             volume_capabilities: vec![ext4()],
-            parameters: HashMap::from([("kind".into(), "block".into())]),
+            parameters: HashMap::from([("kind".into(), kind.into())]),
             ..Default::default()
         };
         Ok(self.ctl.create_volume(req).await?.into_inner().volume.unwrap().volume_id)
