@@ -54,7 +54,7 @@ THINBOX_TEST_BACKEND=dm-thin "$KATA_TEST" --test-threads=1 || failed=1
 # One pool for rootfs and volumes on dm-thin: real containerd fills it, CSI sees it, and the reverse.
 THINBOX_TEST_BACKEND=dm-thin "$POOL_TEST" --test-threads=1 || failed=1
 # Dir volumes on a small state root (XFS project quotas, which the host lacks).
-"$SPACE_TEST" --test-threads=1 --exact dir_volumes_have_no_more_room_than_the_root || failed=1
+"$SPACE_TEST" --test-threads=1 dir_volumes_ || failed=1
 # Abort at every step of Prepare/Commit/Remove on dm-thin; thin ids and dm devices must match the store.
 "$CRASH_TEST" --test-threads=1 || failed=1
 

@@ -162,6 +162,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Gives blocks freed in the pool back to where it lives, where that
+    /// must be asked for (the embedded reflink pool: see
+    /// [`crate::embedded::Trimmer`]); for the pool's periodic maintenance.
+    fn trim(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts watching for kernel events about the pool (see `wait_event`).
     fn arm_events(&self) -> Result<()> {
         Ok(())

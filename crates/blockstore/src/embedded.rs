@@ -2,9 +2,12 @@
 //! (`reflink=1`) under the state root, loop-mounted at `<root>/pool`; the CSI
 //! driver's directory volumes get one mounted with project quotas. Their loop
 //! devices are attached with autoclear, so unmounting an image frees it.
+//! A [`Trimmer`] gives the blocks freed inside an image back to the
+//! filesystem under it.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
@@ -43,6 +46,73 @@ pub fn ensure_xfs(img: &Path, mp: &Path, size: Bytes, direct_io: bool, data: &st
     mount(&attached.node, mp, "xfs", MountFlags::NOATIME, data).map_err(|e| Error::io("mount image", img)(e.into()))?;
     tracing::info!(image = %img.display(), mountpoint = %mp.display(), loop_dev = %attached.node.display(), %size, "embedded image mounted");
     Ok(())
+}
+
+/// How often at most a [`Trimmer`] trims while blocks are being freed.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// How long XFS may take to make a freed block trimmable: an unlinked file's
+/// blocks are freed in the background and stay busy until the log's next
+/// checkpoint, which XFS makes at least every 30 s (`fs.xfs.xfssyncd_centisecs`).
+const TRIM_SETTLE: Duration = Duration::from_secs(40);
+
+/// Gives the blocks an embedded image's filesystem frees back to the
+/// filesystem under the image: FITRIM, for which the loop device punches
+/// holes in the image file. Without it an image never shrinks, and every
+/// device or directory deleted in it would leave the state root's filesystem
+/// fuller for good. (A `discard` mount option would do it for new mounts
+/// only: a remount ignores it, and an image stays mounted across restarts.)
+#[derive(Debug)]
+pub struct Trimmer {
+    mountpoint: PathBuf,
+    state: Mutex<TrimState>,
+}
+
+#[derive(Debug)]
+struct TrimState {
+    /// Blocks were freed that no trim may have taken yet.
+    pending: bool,
+    /// The last free in this run.
+    freed: Option<Instant>,
+    /// The last trim in this run.
+    trimmed: Option<Instant>,
+}
+
+impl Trimmer {
+    /// For the image mounted at `mountpoint`. The first [`Trimmer::tick`]
+    /// trims: earlier runs, or versions without a trimmer, may have left
+    /// freed blocks.
+    pub fn new(mountpoint: &Path) -> Trimmer {
+        Trimmer { mountpoint: mountpoint.to_owned(), state: Mutex::new(TrimState { pending: true, freed: None, trimmed: None }) }
+    }
+
+    /// Notes that blocks were freed (a file removed).
+    pub fn freed(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.pending = true;
+        s.freed = Some(Instant::now());
+    }
+
+    /// Trims if blocks were freed and the last trim was [`TRIM_EVERY`] ago;
+    /// returns whether it did. For a periodic task, not a request's path.
+    pub fn tick(&self) -> Result<bool> {
+        let now = Instant::now();
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.pending || s.trimmed.is_some_and(|t| now.duration_since(t) < TRIM_EVERY) {
+                return Ok(false);
+            }
+            // Blocks freed lately may not be trimmable yet: again next time.
+            s.pending = s.freed.is_some_and(|f| now.duration_since(f) < TRIM_SETTLE);
+            s.trimmed = Some(now);
+        }
+        if let Err(e) = crate::fs::trim(&self.mountpoint) {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).pending = true;
+            return Err(e);
+        }
+        tracing::debug!(mountpoint = %self.mountpoint.display(), elapsed_us = now.elapsed().as_micros() as u64, "trimmed");
+        Ok(true)
+    }
 }
 
 /// How long [`release`] asks a busy image again before it leaves it mounted.

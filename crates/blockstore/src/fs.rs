@@ -34,6 +34,11 @@ pub fn freeze(dir: &Path, frozen: bool) -> Result<()> {
     File::open(dir).and_then(|d| crate::sys::freeze(&d, frozen)).map_err(Error::io(what, dir))
 }
 
+/// Discards the free blocks of the filesystem mounted at `dir` (fstrim(8)).
+pub fn trim(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| crate::sys::trim(&d)).map_err(Error::io("trim", dir))
+}
+
 /// Runs `tool args…` and turns a failure into [`Error::Tool`] about `path`.
 pub fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<()> {
     let out = Command::new(tool).args(args).output().map_err(Error::io("run tool on", path))?;

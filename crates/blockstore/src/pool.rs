@@ -368,6 +368,9 @@ impl Pool {
     pub fn maintain_and_wait(&self, timeout: Duration) -> Result<bool> {
         self.backend.arm_events()?;
         let st = self.maintain()?;
+        if let Err(e) = self.backend.trim() {
+            tracing::warn!(pool = %st.location, error = %thinbox_daemon::chain(&e), "trimming the pool");
+        }
         let event = self.backend.wait_event(timeout)?;
         if event {
             tracing::debug!(pool = %st.location, "kernel event");

@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
 use crate::config::PoolConfig;
-use crate::embedded;
+use crate::embedded::{self, Trimmer};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::fs as filesystem;
@@ -38,6 +38,8 @@ pub struct Reflink {
     templates_dir: PathBuf,
     direct_io: bool,
     embedded: Option<PathBuf>,
+    /// Gives the embedded image's freed blocks back to the root's filesystem.
+    trimmer: Option<Trimmer>,
     /// Loop node of each attached device.
     attached: Mutex<HashMap<DeviceId, PathBuf>>,
     /// Held while the pool is open: two daemons on one pool directory would
@@ -95,6 +97,7 @@ impl Reflink {
             devices_dir,
             templates_dir,
             direct_io: cfg.direct_io,
+            trimmer: embedded.as_deref().map(Trimmer::new),
             embedded,
             attached: Mutex::new(attached),
             lock: Mutex::new(Some(lock)),
@@ -178,6 +181,13 @@ impl Reflink {
         Ok(path)
     }
 
+    /// Notes that an image was removed (its blocks freed, unless shared).
+    fn freed(&self) {
+        if let Some(t) = &self.trimmer {
+            t.freed();
+        }
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<DeviceId, PathBuf>> {
         // Single inserts and removes: a panic cannot leave the map inconsistent.
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
@@ -250,9 +260,11 @@ impl Backend for Reflink {
         }
         let img = self.image(id);
         match fs::remove_file(&img) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", &img)(e)),
-            _ => Ok(()),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Error::io("remove", &img)(e)),
+            Err(_) => {}
+            Ok(()) => self.freed(),
         }
+        Ok(())
     }
 
     /// The image's allocated extents less those it still shares, block for
@@ -304,6 +316,13 @@ impl Backend for Reflink {
         self.embedded.is_some()
     }
 
+    fn trim(&self) -> Result<()> {
+        match &self.trimmer {
+            Some(t) => t.tick().map(drop),
+            None => Ok(()),
+        }
+    }
+
     fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {
         let mut out = Vec::new();
         let strays: Vec<_> = self.map().iter().filter(|(id, _)| !known.contains(id)).map(|(id, n)| (*id, n.clone())).collect();
@@ -321,6 +340,7 @@ impl Backend for Reflink {
             }
             if apply {
                 fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+                self.freed();
             }
             out.push(Orphan::File(path));
         }

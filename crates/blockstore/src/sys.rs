@@ -1,5 +1,5 @@
 //! The only `unsafe` code of the block engine: the ioctls no maintained crate
-//! wraps (FIEMAP, BLKDISCARD, FIFREEZE/FITHAW, and a loop device's logical
+//! wraps (FIEMAP, BLKDISCARD, FIFREEZE/FITHAW, FITRIM, and a loop device's logical
 //! block size, which `loopdev-3` lacks). Other loop ioctls go through
 //! `loopdev-3`; FICLONE and mounts through `rustix`'s safe wrappers.
 
@@ -90,6 +90,22 @@ const FITHAW: Opcode = opcode::read_write::<std::ffi::c_int>(b'X', 120);
 /// blocked until the thaw), or thaws it.
 pub fn freeze(dir: &File, frozen: bool) -> io::Result<()> {
     if frozen { no_arg::<FIFREEZE>(dir) } else { no_arg::<FITHAW>(dir) }
+}
+
+/// `FITRIM` from `<linux/fs.h>`: `_IOWR('X', 121, struct fstrim_range)`.
+const FITRIM: Opcode = opcode::read_write::<[u64; 3]>(b'X', 121);
+
+/// Discards every free block of the filesystem mounted at the directory
+/// `dir`, as fstrim(8) does.
+pub fn trim(dir: &File) -> io::Result<()> {
+    // `struct fstrim_range`: start, length, minimum extent length.
+    let mut range = [0, u64::MAX, 0];
+    // SAFETY: FITRIM reads and writes a `struct fstrim_range`, three u64s,
+    // which `range` is; it lives across the call.
+    let updater = unsafe { Updater::<FITRIM, [u64; 3]>::new(&mut range) };
+    // SAFETY: `dir` is an open descriptor; the kernel only touches `range`.
+    unsafe { ioctl(dir, updater) }?;
+    Ok(())
 }
 
 /// The ioctl `OP`, which takes no argument, on `fd`.

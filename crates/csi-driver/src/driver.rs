@@ -250,6 +250,12 @@ impl Driver {
         Ok(self.engine.shutdown(release)?)
     }
 
+    /// Periodic upkeep of the volume kinds' own storage, outside any request:
+    /// the `dir` volumes' embedded image gives freed blocks back to the root.
+    pub fn maintain(&self) -> Result<()> {
+        self.dirs.trim()
+    }
+
     /// On exit with `release`: let go of what the volume kinds mounted for
     /// themselves (the `dir` volumes' filesystem). The engine's own shutdown
     /// is its owner's.

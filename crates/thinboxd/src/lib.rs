@@ -189,7 +189,7 @@ async fn serve(
         servers.push(tokio::spawn(thinbox_daemon::serve_unix(router, bound, GRACE, stopped(stop_rx.clone()))));
     }
     let exporter = doors.metrics.map(|l| tokio::spawn(thinbox_metrics::serve(l, metrics.clone())));
-    let maintenance = tokio::spawn(maintain(engine.clone()));
+    let maintenance = tokio::spawn(maintain(engine.clone(), driver.clone()));
     let sweeper = doors.sweep.map(|s| tokio::spawn(sweep_forgotten(snapshots.clone(), s, metrics.clone())));
     let stopper = tokio::spawn(async move {
         let mut maintenance = maintenance;
@@ -249,15 +249,22 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<M
     }
 }
 
-/// Grows the pool ahead of need where the backend can, and returns the
+/// Grows the pool ahead of need where the backend can, gives freed blocks
+/// back to the root (the pool's and the `dir` volumes'), and returns the
 /// store's failure once it has failed for good: then the daemon must restart.
-async fn maintain(engine: Arc<Engine>) -> thinbox_blockstore::Error {
+async fn maintain(engine: Arc<Engine>, driver: Arc<Driver>) -> thinbox_blockstore::Error {
     loop {
-        let e = engine.clone();
+        let (e, d) = (engine.clone(), driver.clone());
         // Blocks until a device-mapper event (the thin pool crossing its
         // low-water mark) or MAINTAIN_EVERY; aborting the task at shutdown
         // lets the current round finish.
-        let round = tokio::task::spawn_blocking(move || (e.pool().maintain_and_wait(MAINTAIN_EVERY), e.pool().store().failure())).await;
+        let round = tokio::task::spawn_blocking(move || {
+            if let Err(e) = d.maintain() {
+                tracing::warn!(error = %thinbox_daemon::chain(&e), "volume maintenance");
+            }
+            (e.pool().maintain_and_wait(MAINTAIN_EVERY), e.pool().store().failure())
+        })
+        .await;
         match round {
             Ok((_, Some(failure))) => {
                 tracing::error!("the metadata store failed; stopping");

@@ -2,10 +2,11 @@
 //! the metadata store (and, by default, the embedded pool's sparse image), so
 //! its room is the pool's too: below `pool.root_reserve` both APIs refuse new
 //! devices and everything else keeps working; a store whose write failed
-//! anyway stops the daemon, and the restart recovers the state. Real
-//! filesystems on loop devices: a small ext4 for the root, an XFS for the
-//! pool directory. `dir_volumes_*` needs XFS project quotas, which this
-//! host's kernel lacks: the uml tier runs it.
+//! anyway stops the daemon, and the restart recovers the state; what deleted
+//! devices and directories held in an embedded image goes back to the root.
+//! Real filesystems on loop devices: a small ext4 for the root, an XFS for
+//! the pool directory. `dir_volumes_*` need XFS project quotas, which this
+//! host's kernel lacks: the uml tier runs them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -218,5 +219,80 @@ async fn dir_volumes_have_no_more_room_than_the_root() {
 
     std::fs::remove_file(&filler).unwrap();
     n.create_of("dir", "v-after", MIB).await.unwrap();
+    n.stop();
+}
+
+/// Blocks of `path` on its filesystem.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_devices_give_their_space_back_to_the_root() {
+    let disks = Disks::new();
+    let d = disks.path();
+    disks.mount("state", "512M", &["mkfs.ext4", "-q", "-m", "0"]);
+    let image = d.join("state/pool.img");
+    let mut n = Node::start(d, "embedded_size = \"2GiB\"\nreserve = \"64MiB\"").await;
+    let before = allocated(&image);
+
+    let id = n.create("v", 256 * MIB).await.unwrap();
+    let target = n.publish(&id, "v").await;
+    let mut f = std::fs::File::create(target.join("data")).unwrap();
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    for _ in 0..128 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    n.unpublish(&id, &target).await;
+    let written = allocated(&image);
+    assert!(written >= before + 120 * MIB, "the image holds the volume's data: {before} then {written} bytes");
+
+    let req = thinbox_proto::csi::v1::DeleteVolumeRequest { volume_id: id, ..Default::default() };
+    n.ctl.delete_volume(req).await.unwrap();
+    n.settled_devices().await;
+    // XFS makes freed blocks trimmable within its 30 s log checkpoint.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while allocated(&image) > before + 16 * MIB {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool.img still takes {} bytes 90 s after the delete, {before} before the volume",
+            allocated(&image)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    n.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dir_volumes_give_their_space_back_to_the_root() {
+    let disks = Disks::new();
+    let d = disks.path();
+    disks.mount("state", "512M", &["mkfs.ext4", "-q", "-m", "0"]);
+    disks.mount("pool", "1G", &["mkfs.xfs", "-q", "-m", "reflink=1"]);
+    let image = d.join("state/dirs.img");
+    let mut n = Node::start(d, &pool_config(d, "")).await;
+    let id = n.create_of("dir", "v", 256 * MIB).await.unwrap();
+    let before = allocated(&image);
+
+    let mut f = std::fs::File::create(d.join("state/dirs").join(&id).join("data")).unwrap();
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    for _ in 0..128 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let written = allocated(&image);
+    assert!(written >= before + 120 * MIB, "the image holds the volume's data: {before} then {written} bytes");
+
+    let req = thinbox_proto::csi::v1::DeleteVolumeRequest { volume_id: id, ..Default::default() };
+    n.ctl.delete_volume(req).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while allocated(&image) > before + 16 * MIB {
+        assert!(std::time::Instant::now() < deadline, "dirs.img still takes {} bytes 90 s after the delete, {before} before", allocated(&image));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     n.stop();
 }

@@ -133,6 +133,7 @@ impl Storage for DirStorage {
                 tracing::info!(dir = %dir, "removing directory without a volume");
                 let path = dirs.path(&dir);
                 fs::remove_dir_all(&path).map_err(Error::io("remove", &path))?;
+                dirs.freed();
             }
         }
         Ok(())
@@ -146,11 +147,24 @@ impl Storage for DirStorage {
     }
 }
 
+impl DirStorage {
+    /// Gives what removed volumes freed in the embedded image back to the
+    /// root's filesystem (see [`embedded::Trimmer`]); for periodic maintenance.
+    pub(crate) fn trim(&self) -> Result<()> {
+        match self.dirs.get().and_then(|d| d.trimmer.as_ref()) {
+            Some(t) => Ok(t.tick().map(drop)?),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The filesystem that holds directory volumes.
 #[derive(Debug)]
 pub(crate) struct Dirs {
     mountpoint: PathBuf,
     embedded: bool,
+    /// For the embedded image: gives what removals free back to the root.
+    trimmer: Option<embedded::Trimmer>,
 }
 
 impl Dirs {
@@ -178,7 +192,8 @@ impl Dirs {
                 mountpoint.display()
             )));
         }
-        Ok(Dirs { mountpoint, embedded })
+        let trimmer = embedded.then(|| embedded::Trimmer::new(&mountpoint));
+        Ok(Dirs { mountpoint, embedded, trimmer })
     }
 
     /// A volume's directory.
@@ -221,11 +236,18 @@ impl Dirs {
     pub fn remove(&self, id: &str, project: u32) -> Result<()> {
         let dir = self.path(id);
         match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
+            Ok(()) => self.freed(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("remove", &dir)(e)),
         }
         self.limit(project, Bytes(0))
+    }
+
+    /// Notes that a removal freed blocks.
+    fn freed(&self) {
+        if let Some(t) = &self.trimmer {
+            t.freed();
+        }
     }
 
     /// Directories that look like volumes (for reconciliation).
