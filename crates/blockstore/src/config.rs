@@ -60,8 +60,10 @@ pub struct ThinConfig {
     pub data_device: Option<PathBuf>,
     /// Discard a device's blocks before deleting it, so that the pool's data
     /// device gets them back (a file-backed pool's file shrinks, an SSD learns
-    /// they are free). Makes deletion slower.
-    pub discard_on_delete: bool,
+    /// they are free). Makes deletion slower. Unset: on for the embedded
+    /// pool, whose data file would otherwise keep every block it ever held on
+    /// the root's filesystem; off on block devices.
+    pub discard_on_delete: Option<bool>,
     /// New devices are refused once this share of the pool's metadata is in use
     /// (percent), before running out could corrupt anything.
     pub metadata_limit_percent: u8,
@@ -69,7 +71,7 @@ pub struct ThinConfig {
 
 impl Default for ThinConfig {
     fn default() -> Self {
-        ThinConfig { pool_name: None, metadata_device: None, data_device: None, discard_on_delete: false, metadata_limit_percent: 90 }
+        ThinConfig { pool_name: None, metadata_device: None, data_device: None, discard_on_delete: None, metadata_limit_percent: 90 }
     }
 }
 

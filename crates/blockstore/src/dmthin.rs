@@ -144,7 +144,7 @@ impl DmThin {
             grow_step: cfg.grow_step,
             max_size: cfg.max_size,
             host_reserve: cfg.reserve,
-            discard: thin.discard_on_delete,
+            discard: thin.discard_on_delete.unwrap_or(!thin.external()),
             active: Mutex::new(active),
             probe: Mutex::new(()),
             events: DM::new().map_err(dm_err("open", "/dev/mapper/control"))?,
@@ -285,19 +285,29 @@ impl DmThin {
 
     /// Gives a device's blocks back to the pool (and through it to the data
     /// device) before deletion. Best effort: a device still open elsewhere
-    /// (O_EXCL fails) or already gone is left alone.
+    /// (O_EXCL fails) or already gone is left alone, and so is one active
+    /// read-only (a view): it wrote nothing, its blocks are its origin's.
     fn discard_blocks(&self, id: DeviceId, size: Bytes) {
         let temporary = self.node(id).is_none();
+        if !temporary && self.read_only(id) {
+            return;
+        }
         let result = self.setup_thin(id, size, Access::ReadWrite).and_then(|node| {
             let dev = OpenOptions::new().write(true).custom_flags(O_EXCL).open(&node).map_err(Error::io("open", &node))?;
             sys::discard(&dev, 0, size.get()).map_err(Error::io("discard", &node))
         });
         if let Err(e) = result {
-            tracing::warn!(device = %id, error = %e, "discard before delete skipped");
+            tracing::warn!(device = %id, error = %thinbox_daemon::chain(&e), "discard before delete skipped");
         }
         if temporary && let Err(e) = self.deactivate(id) {
-            tracing::warn!(device = %id, error = %e, "deactivate after discard");
+            tracing::warn!(device = %id, error = %thinbox_daemon::chain(&e), "deactivate after discard");
         }
+    }
+
+    /// Whether the active device `id` has a read-only table.
+    fn read_only(&self, id: DeviceId) -> bool {
+        let info = self.dev_name(id).and_then(|name| self.dm.device_info(&DevId::Name(&name)).map_err(dm_err("inspect", &*name)));
+        info.is_ok_and(|i| i.flags().contains(DmFlags::DM_READONLY))
     }
 
     /// Inodes in use on the device, from its superblock; an inactive device is
