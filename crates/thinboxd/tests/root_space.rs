@@ -228,6 +228,35 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
+/// Writes 128 MiB of data (not zeros) to the new file `path` and syncs it;
+/// checks that `image` grew by (nearly) as much from `before` bytes.
+fn write_128mib(path: &Path, image: &Path, before: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    for _ in 0..128 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let written = allocated(image);
+    assert!(written >= before + 120 * MIB, "{} holds the data: {before} then {written} bytes", image.display());
+}
+
+/// Waits for `image` to take no more than 16 MiB over `before` bytes again:
+/// XFS makes freed blocks trimmable within its 30 s log checkpoint.
+async fn until_given_back(image: &Path, before: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while allocated(image) > before + 16 * MIB {
+        let now = allocated(image);
+        assert!(std::time::Instant::now() < deadline, "{} still takes {now} bytes 90 s after the delete, {before} before", image.display());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn delete_volume(n: &mut Node, id: String) {
+    let req = thinbox_proto::csi::v1::DeleteVolumeRequest { volume_id: id, ..Default::default() };
+    n.ctl.delete_volume(req).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleted_devices_give_their_space_back_to_the_root() {
     let disks = Disks::new();
@@ -239,30 +268,11 @@ async fn deleted_devices_give_their_space_back_to_the_root() {
 
     let id = n.create("v", 256 * MIB).await.unwrap();
     let target = n.publish(&id, "v").await;
-    let mut f = std::fs::File::create(target.join("data")).unwrap();
-    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
-    for _ in 0..128 {
-        f.write_all(&chunk).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(f);
+    write_128mib(&target.join("data"), &image, before);
     n.unpublish(&id, &target).await;
-    let written = allocated(&image);
-    assert!(written >= before + 120 * MIB, "the image holds the volume's data: {before} then {written} bytes");
-
-    let req = thinbox_proto::csi::v1::DeleteVolumeRequest { volume_id: id, ..Default::default() };
-    n.ctl.delete_volume(req).await.unwrap();
+    delete_volume(&mut n, id).await;
     n.settled_devices().await;
-    // XFS makes freed blocks trimmable within its 30 s log checkpoint.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while allocated(&image) > before + 16 * MIB {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pool.img still takes {} bytes 90 s after the delete, {before} before the volume",
-            allocated(&image)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_given_back(&image, before).await;
     n.stop();
 }
 
@@ -277,22 +287,8 @@ async fn dir_volumes_give_their_space_back_to_the_root() {
     let id = n.create_of("dir", "v", 256 * MIB).await.unwrap();
     let before = allocated(&image);
 
-    let mut f = std::fs::File::create(d.join("state/dirs").join(&id).join("data")).unwrap();
-    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
-    for _ in 0..128 {
-        f.write_all(&chunk).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(f);
-    let written = allocated(&image);
-    assert!(written >= before + 120 * MIB, "the image holds the volume's data: {before} then {written} bytes");
-
-    let req = thinbox_proto::csi::v1::DeleteVolumeRequest { volume_id: id, ..Default::default() };
-    n.ctl.delete_volume(req).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while allocated(&image) > before + 16 * MIB {
-        assert!(std::time::Instant::now() < deadline, "dirs.img still takes {} bytes 90 s after the delete, {before} before", allocated(&image));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    write_128mib(&d.join("state/dirs").join(&id).join("data"), &image, before);
+    delete_volume(&mut n, id).await;
+    until_given_back(&image, before).await;
     n.stop();
 }
