@@ -80,6 +80,7 @@ fn packaged_config_shows_every_key_with_its_default() {
         ("pool.thin.pool_name", cfg.pool.thin.pool_name.take().is_some()),
         ("pool.thin.metadata_device", cfg.pool.thin.metadata_device.take().is_some()),
         ("pool.thin.data_device", cfg.pool.thin.data_device.take().is_some()),
+        ("pool.thin.discard_on_delete", cfg.pool.thin.discard_on_delete.take().is_some()),
         ("csi.node_id", cfg.csi.node_id.take().is_some()),
         ("csi.dir_path", cfg.csi.dir_path.take().is_some()),
     ] {
