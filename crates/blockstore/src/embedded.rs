@@ -93,14 +93,14 @@ impl Trimmer {
         s.freed = Some(Instant::now());
     }
 
-    /// Trims if blocks were freed and the last trim was [`TRIM_EVERY`] ago;
-    /// returns whether it did. For a periodic task, not a request's path.
-    pub fn tick(&self) -> Result<bool> {
+    /// Trims if blocks were freed and the last trim was [`TRIM_EVERY`] ago.
+    /// For a periodic task, not a request's path.
+    pub fn tick(&self) -> Result<()> {
         let now = Instant::now();
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if !s.pending || s.trimmed.is_some_and(|t| now.duration_since(t) < TRIM_EVERY) {
-                return Ok(false);
+                return Ok(());
             }
             // Blocks freed lately may not be trimmable yet: again next time.
             s.pending = s.freed.is_some_and(|f| now.duration_since(f) < TRIM_SETTLE);
@@ -111,7 +111,7 @@ impl Trimmer {
             return Err(e);
         }
         tracing::debug!(mountpoint = %self.mountpoint.display(), elapsed_us = now.elapsed().as_micros() as u64, "trimmed");
-        Ok(true)
+        Ok(())
     }
 }
 

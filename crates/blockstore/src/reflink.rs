@@ -318,7 +318,7 @@ impl Backend for Reflink {
 
     fn trim(&self) -> Result<()> {
         match &self.trimmer {
-            Some(t) => t.tick().map(drop),
+            Some(t) => t.tick(),
             None => Ok(()),
         }
     }

@@ -152,7 +152,7 @@ impl DirStorage {
     /// root's filesystem (see [`embedded::Trimmer`]); for periodic maintenance.
     pub(crate) fn trim(&self) -> Result<()> {
         match self.dirs.get().and_then(|d| d.trimmer.as_ref()) {
-            Some(t) => Ok(t.tick().map(drop)?),
+            Some(t) => Ok(t.tick()?),
             None => Ok(()),
         }
     }
