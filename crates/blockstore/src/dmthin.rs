@@ -50,6 +50,14 @@ fn dm_err(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(devicem
     move |e| Error::Dm { op, what, detail: e.to_string() }
 }
 
+/// The errno of a failed device-mapper ioctl.
+fn ioctl_errno(e: &devicemapper::DmError) -> Option<rustix::io::Errno> {
+    match e {
+        devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno)) => Some(rustix::io::Errno::from_raw_os_error(**errno as i32)),
+        _ => None,
+    }
+}
+
 /// Devices as thin devices of a kernel thin pool.
 pub struct DmThin {
     dm: DM,
@@ -247,17 +255,23 @@ impl DmThin {
             self.dm.device_info(&DevId::Name(&name)).map_err(dm_err("inspect", &*name))?
         } else {
             let table = ThinDevTargetTable::new(Sectors(0), Sectors(size.get() / 512), ThinTargetParams::new(self.pool_dev, thin, None));
-            let id = DevId::Name(&name);
+            let dev = DevId::Name(&name);
             self.dm.device_create(&name, None, DmOptions::default()).map_err(dm_err("create", &*name))?;
             let load = match access {
                 Access::ReadOnly => DmOptions::default().set_flags(DmFlags::DM_READONLY),
                 Access::ReadWrite => DmOptions::default(),
             };
-            let loaded = self.dm.table_load(&id, &table.to_raw_table(), load).and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+            let loaded = self.dm.table_load(&dev, &table.to_raw_table(), load).and_then(|_| self.dm.device_suspend(&dev, DmOptions::default()));
             match loaded {
                 Ok(info) => info,
                 Err(e) => {
-                    let _ = self.dm.device_remove(&id, DmOptions::default());
+                    let _ = self.dm.device_remove(&dev, DmOptions::default());
+                    // The thin target answers ENODATA for an id the pool
+                    // does not hold (thin_ctr), as after a crash between the
+                    // pool's delete and the record's.
+                    if ioctl_errno(&e) == Some(rustix::io::Errno::NODATA) {
+                        return Err(Error::DeviceNotFound(id));
+                    }
                     return Err(dm_err("activate", &*name)(e));
                 }
             }
@@ -296,8 +310,10 @@ impl DmThin {
             let dev = OpenOptions::new().write(true).custom_flags(O_EXCL).open(&node).map_err(Error::io("open", &node))?;
             sys::discard(&dev, 0, size.get()).map_err(Error::io("discard", &node))
         });
-        if let Err(e) = result {
-            tracing::warn!(device = %id, error = %thinbox_daemon::chain(&e), "discard before delete skipped");
+        match result {
+            Ok(()) => {}
+            Err(Error::DeviceNotFound(_)) => tracing::debug!(device = %id, "thin id already gone; nothing to discard"),
+            Err(e) => tracing::warn!(device = %id, error = %thinbox_daemon::chain(&e), "discard before delete skipped"),
         }
         if temporary && let Err(e) = self.deactivate(id) {
             tracing::warn!(device = %id, error = %thinbox_daemon::chain(&e), "deactivate after discard");

@@ -322,6 +322,49 @@ fn a_deleted_device_gives_its_blocks_back_to_the_embedded_data_file() {
     pool.shutdown(true).unwrap();
 }
 
+/// A crash between the pool's `delete` and the dropping of the record leaves
+/// a record whose thin id the pool no longer holds. Attaching it is NotFound,
+/// not an internal device-mapper failure; deleting it again (as recovery
+/// does, with discard on) finishes without a warning or a dm device left.
+#[test]
+fn a_record_whose_thin_id_is_gone_is_not_found_and_deletes_quietly() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), thin_cfg(ThinConfig::default())).unwrap();
+    let pool_name = pool.status().unwrap().location;
+    let (dev, _) = create(&pool, spec(256 << 20, None, None));
+    sh("dmsetup", &["message", &pool_name, "0", &format!("delete {}", dev.0)]);
+    let thin_dev = format!("{}-{}", pool_name.trim_end_matches("-pool"), dev.0);
+
+    let err = pool.activate(dev, Access::ReadWrite).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(!dm_devices(&thin_dev).contains(&thin_dev), "the failed activation left no dm device");
+
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_ansi(false).with_writer(move || Sink(sink.clone())).finish();
+    tracing::subscriber::with_default(subscriber, || destroy(&pool, dev));
+    let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert_eq!(log, "", "deleting a device whose thin id is gone warns of nothing");
+    assert!(pool.store().devices().unwrap().is_empty(), "record dropped");
+    assert!(!dm_devices(&thin_dev).contains(&thin_dev));
+    assert_eq!(thin_ids(&pool), Vec::<u64>::new());
+    pool.shutdown(true).unwrap();
+}
+
+/// Collects a test's log lines.
+struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn crossing_the_low_water_mark_wakes_the_pool_watch() {
     let dir = tmp();
