@@ -86,6 +86,11 @@ impl Trimmer {
         Trimmer { mountpoint: mountpoint.to_owned(), state: Mutex::new(TrimState { pending: true, freed: None, trimmed: None }) }
     }
 
+    /// Where the image is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
     /// Notes that blocks were freed (a file removed).
     pub fn freed(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());

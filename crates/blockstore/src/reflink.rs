@@ -37,9 +37,9 @@ pub struct Reflink {
     devices_dir: PathBuf,
     templates_dir: PathBuf,
     direct_io: bool,
-    embedded: Option<PathBuf>,
-    /// Gives the embedded image's freed blocks back to the root's filesystem.
-    trimmer: Option<Trimmer>,
+    /// The embedded image, if the pool is in it: its trimmer gives the
+    /// image's freed blocks back to the root's filesystem.
+    embedded: Option<Trimmer>,
     /// Loop node of each attached device.
     attached: Mutex<HashMap<DeviceId, PathBuf>>,
     /// Held while the pool is open: two daemons on one pool directory would
@@ -97,8 +97,7 @@ impl Reflink {
             devices_dir,
             templates_dir,
             direct_io: cfg.direct_io,
-            trimmer: embedded.as_deref().map(Trimmer::new),
-            embedded,
+            embedded: embedded.as_deref().map(Trimmer::new),
             attached: Mutex::new(attached),
             lock: Mutex::new(Some(lock)),
         })
@@ -183,7 +182,7 @@ impl Reflink {
 
     /// Notes that an image was removed (its blocks freed, unless shared).
     fn freed(&self) {
-        if let Some(t) = &self.trimmer {
+        if let Some(t) = &self.embedded {
             t.freed();
         }
     }
@@ -317,7 +316,7 @@ impl Backend for Reflink {
     }
 
     fn trim(&self) -> Result<()> {
-        match &self.trimmer {
+        match &self.embedded {
             Some(t) => t.tick(),
             None => Ok(()),
         }
@@ -362,7 +361,7 @@ impl Backend for Reflink {
         // An open lock file would keep the pool's filesystem busy.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
         match &self.embedded {
-            Some(mp) => embedded::release(mp),
+            Some(t) => embedded::release(t.mountpoint()),
             None => Ok(()),
         }
     }

@@ -65,7 +65,7 @@ impl Storage for DirStorage {
     fn capacity(&self) -> Result<u64> {
         let dirs = self.dirs()?;
         let mut free = dirs.free()?;
-        if dirs.embedded {
+        if dirs.trimmer.is_some() {
             // Every free block of the embedded image is a hole in a file on the root.
             free = free.min(thinbox_blockstore::space(&self.root)?.free);
         }
@@ -162,8 +162,8 @@ impl DirStorage {
 #[derive(Debug)]
 pub(crate) struct Dirs {
     mountpoint: PathBuf,
-    embedded: bool,
-    /// For the embedded image: gives what removals free back to the root.
+    /// Present exactly for the embedded image: gives what removals free back
+    /// to the root.
     trimmer: Option<embedded::Trimmer>,
 }
 
@@ -193,7 +193,7 @@ impl Dirs {
             )));
         }
         let trimmer = embedded.then(|| embedded::Trimmer::new(&mountpoint));
-        Ok(Dirs { mountpoint, embedded, trimmer })
+        Ok(Dirs { mountpoint, trimmer })
     }
 
     /// A volume's directory.
@@ -264,7 +264,7 @@ impl Dirs {
 
     /// Unmounts the embedded image (if nothing uses it).
     pub fn release(&self) -> Result<()> {
-        if self.embedded {
+        if self.trimmer.is_some() {
             embedded::release(&self.mountpoint)?;
         }
         Ok(())
