@@ -320,6 +320,28 @@ impl DmThin {
         }
     }
 
+    /// Deletes `id`'s thin id from the pool. An id the pool does not hold
+    /// (ENODATA: an earlier delete got this far) is the goal state. Any other
+    /// failure is returned, so the record keeps the id for a retry: EBUSY
+    /// above all, while the device is still open (a VMM holding it, its dm
+    /// device left to deferred removal), which would otherwise leak the id
+    /// and its blocks.
+    fn delete_thin(&self, id: DeviceId) -> Result<()> {
+        let msg = format!("delete {}", thin_id(id)?);
+        let _serial = self.owned();
+        match self.dm.target_msg(&DevId::Name(&self.pool_name), None, &msg) {
+            Ok(_) => Ok(()),
+            Err(e) => match ioctl_errno(&e) {
+                Some(rustix::io::Errno::NODATA) => {
+                    tracing::debug!(device = %id, "thin id already gone");
+                    Ok(())
+                }
+                Some(rustix::io::Errno::BUSY) => Err(Error::DeviceBusy(id)),
+                _ => Err(dm_err("message", msg)(e)),
+            },
+        }
+    }
+
     /// Whether the active device `id` has a read-only table.
     fn read_only(&self, id: DeviceId) -> bool {
         let info = self.dev_name(id).and_then(|name| self.dm.device_info(&DevId::Name(&name)).map_err(dm_err("inspect", &*name)));
@@ -525,11 +547,7 @@ impl Backend for DmThin {
             self.discard_blocks(id, size);
         }
         self.deactivate(id)?;
-        // Deleting an id the pool does not hold fails; that is the goal state.
-        if let Err(e) = self.send(&format!("delete {}", thin_id(id)?)) {
-            tracing::debug!(device = %id, error = %e, "thin id already gone");
-        }
-        Ok(())
+        self.delete_thin(id)
     }
 
     /// Bytes the device maps that its origin does not (all it maps if it has

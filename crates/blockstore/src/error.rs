@@ -29,6 +29,8 @@ pub enum ErrorKind {
 pub enum Error {
     #[error("device {0} not found")]
     DeviceNotFound(DeviceId),
+    #[error("device {0} is still open (a VMM or a mount holds it): it can be deleted once its user lets go")]
+    DeviceBusy(DeviceId),
     #[error("device {id} is {state}, not ready")]
     DeviceNotReady { id: DeviceId, state: &'static str },
     #[error("device size {requested} is smaller than its origin's {origin}")]
@@ -108,6 +110,7 @@ impl Error {
         match self {
             Error::DeviceNotFound(_) => ErrorKind::NotFound,
             Error::DeviceNotReady { .. }
+            | Error::DeviceBusy(_)
             | Error::NoReflink { .. }
             | Error::NoDeviceMapper(_)
             | Error::NoLoopDevices(_)

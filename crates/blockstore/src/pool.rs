@@ -401,7 +401,17 @@ impl Pool {
             if rec.state != DeviceState::Ready || !referenced.contains(&rec.id) {
                 if apply {
                     tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
-                    self.destroy(rec.id)?;
+                    match self.destroy(rec.id) {
+                        Ok(()) => {}
+                        // Still held (by a VMM): a later pass deletes it, and
+                        // until then its storage is nobody's orphan.
+                        Err(e @ Error::DeviceBusy(_)) => {
+                            tracing::warn!(device = %rec.id, error = %e, "leftover device kept for now");
+                            known.insert(rec.id);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 report.devices_removed.push(rec.id);
                 continue;

@@ -351,6 +351,43 @@ fn a_record_whose_thin_id_is_gone_is_not_found_and_deletes_quietly() {
     pool.shutdown(true).unwrap();
 }
 
+/// The kernel refuses to delete a thin device that is still open (a VMM
+/// holding it after its Remove). Its destroy fails and keeps the record for
+/// the deleter's retry, rather than dropping the record and leaking the thin
+/// id; once the holder closes it, it goes.
+#[test]
+fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), thin_cfg(ThinConfig::default())).unwrap();
+    let (dev, node) = create(&pool, spec(256 << 20, None, Some(Access::ReadWrite)));
+    // As QEMU opens a disk: read-write, not exclusive.
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(node.unwrap()).unwrap();
+    let txn = pool.store().write().unwrap();
+    pool.plan_delete(&mut Devices::open(&txn).unwrap(), dev).unwrap();
+    txn.commit().unwrap();
+
+    let err = pool.destroy(dev).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(pool.store().device(dev).unwrap().is_some(), "the record keeps the id: {err}");
+    assert_eq!(thin_ids(&pool), vec![dev.0], "the thin id is still the pool's");
+    // Reconciliation (every start, Cleanup) keeps it too, and carries on.
+    let report = pool.reconcile(&HashSet::new()).unwrap();
+    assert_eq!(report.devices_removed, Vec::new());
+    assert_eq!(report.orphans, Vec::new(), "its thin id is no orphan");
+    assert_eq!(thin_ids(&pool), vec![dev.0]);
+
+    drop(holder);
+    // The dm device goes at its last close, in the kernel's background work.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = pool.destroy(dev) {
+        assert!(std::time::Instant::now() < deadline, "still not deleted 10 s after its last close: {e}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(pool.store().devices().unwrap().is_empty(), "record dropped");
+    assert_eq!(thin_ids(&pool), Vec::<u64>::new());
+    pool.shutdown(true).unwrap();
+}
+
 /// Collects a test's log lines.
 struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
