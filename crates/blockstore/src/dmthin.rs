@@ -26,6 +26,7 @@ use devicemapper::{
 };
 
 use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
 
 use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
 use crate::config::{PoolConfig, ThinConfig};
@@ -47,14 +48,12 @@ const META_BLOCK: u64 = 4096;
 
 fn dm_err(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(devicemapper::DmError) -> Error {
     let what = what.to_string();
-    move |e| Error::Dm { op, what, detail: e.to_string() }
-}
-
-/// The errno of a failed device-mapper ioctl.
-fn ioctl_errno(e: &devicemapper::DmError) -> Option<rustix::io::Errno> {
-    match e {
-        devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno)) => Some(rustix::io::Errno::from_raw_os_error(**errno as i32)),
-        _ => None,
+    move |e| {
+        let errno = match &e {
+            devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno)) => Some(Errno::from_raw_os_error(**errno as i32)),
+            _ => None,
+        };
+        Error::Dm { op, what, detail: e.to_string(), errno }
     }
 }
 
@@ -266,13 +265,13 @@ impl DmThin {
                 Ok(info) => info,
                 Err(e) => {
                     let _ = self.dm.device_remove(&dev, DmOptions::default());
-                    // The thin target answers ENODATA for an id the pool
-                    // does not hold (thin_ctr), as after a crash between the
-                    // pool's delete and the record's.
-                    if ioctl_errno(&e) == Some(rustix::io::Errno::NODATA) {
-                        return Err(Error::DeviceNotFound(id));
-                    }
-                    return Err(dm_err("activate", &*name)(e));
+                    return Err(match dm_err("activate", &*name)(e) {
+                        // The thin target answers ENODATA for an id the pool
+                        // does not hold (thin_ctr), as after a crash between
+                        // the pool's delete and the record's.
+                        Error::Dm { errno: Some(Errno::NODATA), .. } => Error::DeviceNotFound(id),
+                        e => e,
+                    });
                 }
             }
         };
@@ -327,18 +326,13 @@ impl DmThin {
     /// device left to deferred removal), which would otherwise leak the id
     /// and its blocks.
     fn delete_thin(&self, id: DeviceId) -> Result<()> {
-        let msg = format!("delete {}", thin_id(id)?);
-        let _serial = self.owned();
-        match self.dm.target_msg(&DevId::Name(&self.pool_name), None, &msg) {
-            Ok(_) => Ok(()),
-            Err(e) => match ioctl_errno(&e) {
-                Some(rustix::io::Errno::NODATA) => {
-                    tracing::debug!(device = %id, "thin id already gone");
-                    Ok(())
-                }
-                Some(rustix::io::Errno::BUSY) => Err(Error::DeviceBusy(id)),
-                _ => Err(dm_err("message", msg)(e)),
-            },
+        match self.send(&format!("delete {}", thin_id(id)?)) {
+            Err(Error::Dm { errno: Some(Errno::NODATA), .. }) => {
+                tracing::debug!(device = %id, "thin id already gone");
+                Ok(())
+            }
+            Err(Error::Dm { errno: Some(Errno::BUSY), .. }) => Err(Error::DeviceBusy(id)),
+            result => result,
         }
     }
 
@@ -578,10 +572,10 @@ impl Backend for DmThin {
         let (_, lines) = self.dm.table_status(&DevId::Name(name), DmOptions::default()).map_err(dm_err("status", name))?;
         let status: ThinPoolStatus = match lines.as_slice() {
             [(_, _, _, line)] => line.parse().map_err(dm_err("parse status", name))?,
-            _ => return Err(Error::Dm { op: "status", what: name.to_string(), detail: format!("{} status lines", lines.len()) }),
+            _ => return Err(Error::Dm { op: "status", what: name.to_string(), detail: format!("{} status lines", lines.len()), errno: None }),
         };
         let ThinPoolStatus::Working(w) = status else {
-            return Err(Error::Dm { op: "status", what: name.to_string(), detail: "thin pool failed".into() });
+            return Err(Error::Dm { op: "status", what: name.to_string(), detail: "thin pool failed".into(), errno: None });
         };
         let block = self.block.get();
         let mode = match (w.needs_check, &w.summary) {
@@ -650,7 +644,7 @@ impl Backend for DmThin {
         let timeout = Timespec { tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX), tv_nsec: timeout.subsec_nanos().into() };
         match rustix::event::poll(&mut fds, Some(&timeout)) {
             Ok(n) => Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(Errno::INTR) => Ok(false),
             Err(e) => Err(Error::io("poll", Path::new("/dev/mapper/control"))(e.into())),
         }
     }

@@ -84,8 +84,9 @@ pub enum Error {
     },
     #[error("{tool} on {path} failed ({status}): {stderr}")]
     Tool { tool: &'static str, path: PathBuf, status: String, stderr: String },
+    /// `errno`: the kernel's answer to the failed ioctl, where there was one.
     #[error("device-mapper {op} {what}: {detail}")]
-    Dm { op: &'static str, what: String, detail: String },
+    Dm { op: &'static str, what: String, detail: String, errno: Option<rustix::io::Errno> },
     #[error("metadata store")]
     Store(#[from] redb::Error),
     #[error("metadata store {path} failed ({cause}); it refuses every change until it is reopened")]
