@@ -658,13 +658,20 @@ impl Backend for DmThin {
             }
             out.push(Orphan::DmDevice((*self.dev_name(id)?).to_string()));
         }
-        for thin in self.thin_ls()?.into_keys() {
-            if !known.contains(&DeviceId(thin)) {
-                if apply {
-                    self.send(&format!("delete {thin}"))?;
+        for thin in self.thin_ls()?.into_keys().filter(|t| !known.contains(&DeviceId(*t))) {
+            if apply {
+                match self.delete_thin(DeviceId(thin)) {
+                    Ok(()) => {}
+                    // Still held open (its dm device's removal deferred): a
+                    // later pass deletes it; this one carries on.
+                    Err(e @ Error::DeviceBusy(_)) => {
+                        tracing::warn!(error = %e, "orphan thin id kept for now");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
-                out.push(Orphan::ThinId(thin));
             }
+            out.push(Orphan::ThinId(thin));
         }
         Ok(out)
     }

@@ -388,6 +388,41 @@ fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
     pool.shutdown(true).unwrap();
 }
 
+/// A device whose record is gone (an orphan) but which something still holds
+/// open: reconciliation, which every start runs, removes the other orphans
+/// and carries on instead of failing on its EBUSY, and deletes it once it is
+/// closed.
+#[test]
+fn an_orphan_still_open_does_not_stop_reconciliation() {
+    let dir = tmp();
+    let pool = Pool::open(&dir.path().join("state"), thin_cfg(ThinConfig::default())).unwrap();
+    let prefix = pool.status().unwrap().location.trim_end_matches("-pool").to_owned();
+    let (held, node) = create(&pool, spec(256 << 20, None, Some(Access::ReadWrite)));
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(node.unwrap()).unwrap();
+    let txn = pool.store().write().unwrap();
+    Devices::open(&txn).unwrap().delete(held).unwrap();
+    txn.commit().unwrap();
+    sh("dmsetup", &["message", &format!("{prefix}-pool"), "0", "create_thin 777"]);
+
+    let report = pool.reconcile(&HashSet::new()).unwrap();
+    assert_eq!(
+        report.orphans,
+        vec![Orphan::DmDevice(format!("{prefix}-{}", held.0)), Orphan::ThinId(777)],
+        "the free orphan goes, the held one is not claimed"
+    );
+    assert_eq!(thin_ids(&pool), vec![held.0]);
+
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while thin_ids(&pool) != Vec::<u64>::new() {
+        assert!(std::time::Instant::now() < deadline, "still in the pool 10 s after its last close");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        pool.reconcile(&HashSet::new()).unwrap();
+    }
+    pool.shutdown(true).unwrap();
+    assert!(dm_devices(&prefix).is_empty());
+}
+
 /// Collects a test's log lines.
 struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
