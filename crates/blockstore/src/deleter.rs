@@ -58,6 +58,9 @@ struct Job {
     queued: Instant,
     /// After a failure: when to retry.
     retry_at: Option<Instant>,
+    /// Its last attempt found it still open (a VMM holding it): it is
+    /// retried until its holder lets go, and is nobody's work to wait for.
+    held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -164,10 +167,24 @@ impl Deleter {
     pub fn push(&self, id: DeviceId) {
         let now = Instant::now();
         let mut q = self.shared.lock();
-        let job = Job { id, failures: 0, queued: now, retry_at: None };
+        let job = Job { id, failures: 0, queued: now, retry_at: None, held: false };
         q.jobs.push_back(job);
         q.pushed += 1;
         q.last_push = Some(now);
+        let wake = q.must_wake_for(&job);
+        drop(q);
+        if wake {
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Queues a device that reconciliation found still open, for a retry
+    /// after [`backoff`]`(1)` and on from there as after a failed attempt.
+    pub fn push_held(&self, id: DeviceId) {
+        let now = Instant::now();
+        let job = Job { id, failures: 0, queued: now, retry_at: Some(now + backoff(1)), held: true };
+        let mut q = self.shared.lock();
+        q.jobs.push_back(job);
         let wake = q.must_wake_for(&job);
         drop(q);
         if wake {
@@ -184,7 +201,9 @@ impl Deleter {
     /// Blocks until the worker has nothing left that it can do now (devices
     /// waiting for a retry after a failure are not waited for) or has stopped,
     /// and returns how many deletions are left behind: waiting for a retry,
-    /// given up since the last reconciliation, or queued when it stopped.
+    /// given up since the last reconciliation, or queued when it stopped. A
+    /// device still open is not left behind: it is retried until let go, and
+    /// reconciling again would find it as open.
     /// The caller must not hold the gate: the worker needs it.
     pub fn wait_idle(&self) -> usize {
         let mut q = self.shared.lock();
@@ -194,7 +213,7 @@ impl Deleter {
             q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         q.hurry -= 1;
-        q.jobs.len() + q.given_up
+        q.jobs.iter().filter(|j| !j.held).count() + q.given_up
     }
 
     /// Forgets every queued device: reconciliation has just finished them all
@@ -287,10 +306,16 @@ fn work(shared: &Shared, pool: &Pool, gate: &RwLock<()>) {
             Err(e) => {
                 let failures = job.failures + 1;
                 let error = thinbox_daemon::chain(&e);
-                if failures < ATTEMPTS {
+                // Open (a VMM holding it): deletable once let go, whenever that is.
+                let held = matches!(e, crate::Error::DeviceBusy(_));
+                if held || failures < ATTEMPTS {
                     let wait = backoff(failures);
-                    tracing::warn!(device = %job.id, failures, retry_in_s = wait.as_secs(), %error, "deleting device failed; will retry");
-                    q.jobs.push_back(Job { retry_at: Some(Instant::now() + wait), failures, ..job });
+                    if held && job.held {
+                        tracing::debug!(device = %job.id, failures, retry_in_s = wait.as_secs(), "device still open; will retry");
+                    } else {
+                        tracing::warn!(device = %job.id, failures, retry_in_s = wait.as_secs(), %error, "deleting device failed; will retry");
+                    }
+                    q.jobs.push_back(Job { retry_at: Some(Instant::now() + wait), failures, held, ..job });
                 } else {
                     tracing::error!(device = %job.id, failures, %error, "deleting device failed; it stays marked deleting until Cleanup or the next start");
                     q.given_up += 1;
@@ -322,7 +347,7 @@ mod tests {
     use super::*;
 
     fn job(id: u64, queued: Instant, retry_at: Option<Instant>) -> Job {
-        Job { id: DeviceId(id), failures: u32::from(retry_at.is_some()), queued, retry_at }
+        Job { id: DeviceId(id), failures: u32::from(retry_at.is_some()), queued, retry_at, held: false }
     }
 
     #[test]

@@ -280,12 +280,18 @@ impl DmThin {
 
     /// Removes a dm device. One still open (mounted, held by a VMM) is left to
     /// the kernel's deferred removal: it goes when its last user closes it.
-    fn remove_dm(&self, name: &DmName) -> Result<()> {
-        let id = DevId::Name(name);
+    /// How many holders the dm device `name` has (mounts, open files);
+    /// `None` if it does not exist.
+    fn open_count(&self, name: &DmName) -> Result<Option<i32>> {
         if !devicemapper::device_exists(&self.dm, name).map_err(dm_err("look up", name))? {
-            return Ok(());
+            return Ok(None);
         }
-        let open = self.dm.device_info(&id).map_err(dm_err("inspect", name))?.open_count();
+        Ok(Some(self.dm.device_info(&DevId::Name(name)).map_err(dm_err("inspect", name))?.open_count()))
+    }
+
+    fn remove_dm(&self, name: &DmName) -> Result<()> {
+        let Some(open) = self.open_count(name)? else { return Ok(()) };
+        let id = DevId::Name(name);
         let options = if open > 0 {
             tracing::info!(device = %name, open, "dm device in use; deferring its removal");
             DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE)
@@ -535,6 +541,11 @@ impl Backend for DmThin {
     }
 
     fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()> {
+        // The pool refuses to delete an open thin device; say so before
+        // touching it, so its blocks are discarded once it is let go.
+        if self.open_count(&self.dev_name(id)?)?.is_some_and(|n| n > 0) {
+            return Err(Error::DeviceBusy(id));
+        }
         if self.discard
             && let Some(size) = size
         {

@@ -25,6 +25,7 @@ use crate::config::PoolConfig;
 use crate::deleter::Deleter;
 use crate::error::{Error, Result};
 use crate::pool::{Pool, ReconcileReport};
+use crate::store::DeviceState;
 use crate::units::DeviceId;
 
 /// How long a retry for space waits at most for deleted devices' space to show.
@@ -173,8 +174,12 @@ impl Engine {
     pub fn reconcile(&self) -> Result<ReconcileReport> {
         let _g = self.exclusive();
         let report = self.converge(true)?;
-        // Reconciliation destroyed every device not `Ready`, so every queued one.
+        // Reconciliation destroyed every device not `Ready`, so every queued
+        // one, except those still open: they go back to the deleter.
         self.deleter.forget_all();
+        for rec in self.pool.store().devices()?.into_iter().filter(|r| r.state == DeviceState::Deleting) {
+            self.deleter.push_held(rec.id);
+        }
         tracing::info!(?report, "reconciled");
         Ok(report)
     }

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, ErrorKind, Orphan, Pool, PoolConfig, ThinConfig};
+use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, Engine, ErrorKind, Orphan, Pool, PoolConfig, ThinConfig};
 
 /// A thin pool of `size` that does not grow.
 fn cfg(size: u64) -> PoolConfig {
@@ -377,7 +377,6 @@ fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
     assert_eq!(thin_ids(&pool), vec![dev.0]);
 
     drop(holder);
-    // The dm device goes at its last close, in the kernel's background work.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while let Err(e) = pool.destroy(dev) {
         assert!(std::time::Instant::now() < deadline, "still not deleted 10 s after its last close: {e}");
@@ -386,6 +385,41 @@ fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
     assert!(pool.store().devices().unwrap().is_empty(), "record dropped");
     assert_eq!(thin_ids(&pool), Vec::<u64>::new());
     pool.shutdown(true).unwrap();
+}
+
+/// The same through the engine, as a front end's delete goes: the deleter
+/// keeps retrying a device still open, past its usual attempts and past a
+/// reconciliation, which finds it open too, without making every `Cleanup`
+/// reconcile; once let go, it goes with no one asking.
+#[test]
+fn the_deleter_retries_a_device_still_open_until_it_is_let_go() {
+    let dir = tmp();
+    let engine = Engine::open(&dir.path().join("state"), thin_cfg(ThinConfig::default()), Vec::new()).unwrap();
+    let pool = engine.pool();
+    let (dev, node) = create(pool, spec(256 << 20, None, Some(Access::ReadWrite)));
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(node.unwrap()).unwrap();
+    let txn = pool.store().write().unwrap();
+    pool.plan_delete(&mut Devices::open(&txn).unwrap(), dev).unwrap();
+    txn.commit().unwrap();
+    engine.deleter().push(dev);
+
+    // Tried once and found open: not left behind, so no reconciliation.
+    assert_eq!(engine.finish_deletions().unwrap(), Default::default());
+    assert_eq!(engine.deleter().progress().pending, 1, "queued for a retry");
+    assert_eq!(engine.reconcile().unwrap().devices_removed, Vec::new());
+    assert_eq!(engine.deleter().progress().pending, 1, "still queued after a reconciliation");
+    assert!(pool.store().device(dev).unwrap().is_some());
+    assert_eq!(thin_ids(pool), vec![dev.0]);
+
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pool.store().device(dev).unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "still recorded 30 s after its last close");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(thin_ids(pool), Vec::<u64>::new());
+    assert_eq!(engine.deleter().progress().pending, 0);
+    engine.shutdown(true).unwrap();
 }
 
 /// A device whose record is gone (an orphan) but which something still holds
