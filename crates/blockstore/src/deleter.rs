@@ -165,26 +165,23 @@ impl Deleter {
     /// Queues a device whose record is already marked `Deleting` (committed,
     /// durably or not: the worker makes it durable before it deletes).
     pub fn push(&self, id: DeviceId) {
-        let now = Instant::now();
-        let mut q = self.shared.lock();
-        let job = Job { id, failures: 0, queued: now, retry_at: None, held: false };
-        q.jobs.push_back(job);
-        q.pushed += 1;
-        q.last_push = Some(now);
-        let wake = q.must_wake_for(&job);
-        drop(q);
-        if wake {
-            self.shared.changed.notify_all();
-        }
+        self.enqueue(Job { id, failures: 0, queued: Instant::now(), retry_at: None, held: false });
     }
 
     /// Queues a device that reconciliation found still open, for a retry
     /// after [`backoff`]`(1)` and on from there as after a failed attempt.
     pub fn push_held(&self, id: DeviceId) {
         let now = Instant::now();
-        let job = Job { id, failures: 0, queued: now, retry_at: Some(now + backoff(1)), held: true };
+        self.enqueue(Job { id, failures: 0, queued: now, retry_at: Some(now + backoff(1)), held: true });
+    }
+
+    fn enqueue(&self, job: Job) {
         let mut q = self.shared.lock();
         q.jobs.push_back(job);
+        if job.retry_at.is_none() {
+            q.pushed += 1;
+            q.last_push = Some(job.queued);
+        }
         let wake = q.must_wake_for(&job);
         drop(q);
         if wake {

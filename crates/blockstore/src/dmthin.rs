@@ -278,8 +278,6 @@ impl DmThin {
         Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
     }
 
-    /// Removes a dm device. One still open (mounted, held by a VMM) is left to
-    /// the kernel's deferred removal: it goes when its last user closes it.
     /// How many holders the dm device `name` has (mounts, open files);
     /// `None` if it does not exist.
     fn open_count(&self, name: &DmName) -> Result<Option<i32>> {
@@ -289,6 +287,8 @@ impl DmThin {
         Ok(Some(self.dm.device_info(&DevId::Name(name)).map_err(dm_err("inspect", name))?.open_count()))
     }
 
+    /// Removes a dm device. One still open (mounted, held by a VMM) is left to
+    /// the kernel's deferred removal: it goes when its last user closes it.
     fn remove_dm(&self, name: &DmName) -> Result<()> {
         let Some(open) = self.open_count(name)? else { return Ok(()) };
         let id = DevId::Name(name);
