@@ -39,6 +39,9 @@ pub struct PoolStatus {
     pub reserve: Bytes,
     /// Devices recorded in the store (filled in by the pool).
     pub devices: u64,
+    /// Of those, marked deleting: removed, not yet deleted (queued, retrying
+    /// after a failure, or still open on dm-thin; filled in by the pool).
+    pub deleting: u64,
     /// Thin pool metadata: capacity and use (dm-thin only).
     pub metadata: Option<Space>,
     /// Free data space at which the kernel raises its low-water event (dm-thin only).

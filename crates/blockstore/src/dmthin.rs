@@ -602,6 +602,7 @@ impl Backend for DmThin {
             free: Bytes((w.usage.total_data.0 - w.usage.used_data.0) * block),
             reserve: Bytes(0),
             devices: 0,
+            deleting: 0,
             metadata: Some(Space { total: Bytes(w.usage.total_meta.0 * META_BLOCK), used: Bytes(w.usage.used_meta.0 * META_BLOCK) }),
             low_water: Some(Bytes(self.low_water.0 * block)),
             mode: Some(mode.into()),

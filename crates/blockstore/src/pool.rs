@@ -299,9 +299,10 @@ impl Pool {
 
     /// Pool-wide figures.
     pub fn status(&self) -> Result<PoolStatus> {
-        let devices = self.store.devices()?.len() as u64;
+        let records = self.store.devices()?;
+        let deleting = records.iter().filter(|r| r.state == DeviceState::Deleting).count() as u64;
         let root_free = crate::fs::space(&self.root)?.free;
-        Ok(PoolStatus { devices, ..self.bounded(self.space()?, root_free) })
+        Ok(PoolStatus { devices: records.len() as u64, deleting, ..self.bounded(self.space()?, root_free) })
     }
 
     /// Pool-wide figures without the device count (which reads every record):

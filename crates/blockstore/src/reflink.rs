@@ -305,6 +305,7 @@ impl Backend for Reflink {
             free: space.free,
             reserve: Bytes(0),
             devices: 0,
+            deleting: 0,
             metadata: None,
             low_water: None,
             mode: None,

@@ -24,6 +24,8 @@ pub struct PoolStatus {
     pub reserve: u64,
     /// Device records.
     pub devices: u64,
+    /// Of those, removed but not yet deleted.
+    pub deleting: u64,
     /// Thin pool metadata (dm-thin only).
     pub metadata: Option<Space>,
     /// Low-water mark in bytes (dm-thin only).
@@ -98,6 +100,7 @@ impl PoolStatus {
             free: p.free,
             reserve: p.reserve,
             devices: p.devices,
+            deleting: p.deleting,
             low_water: p.low_water,
             mode: p.mode,
             consumers: consumers.into_iter().map(ConsumerUsage::from).collect(),

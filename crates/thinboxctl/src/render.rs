@@ -175,7 +175,7 @@ fn status_text(s: &PoolStatus) -> String {
         ],
         vec!["low water".to_owned(), or_dash(s.low_water.map(size))],
         vec!["mode".to_owned(), or_dash(s.mode.clone())],
-        vec!["devices".to_owned(), s.devices.to_string()],
+        vec!["devices".to_owned(), if s.deleting > 0 { format!("{} ({} deleting)", s.devices, s.deleting) } else { s.devices.to_string() }],
     ]);
     table(&rows) + &consumers_text(&s.consumers)
 }
@@ -342,6 +342,7 @@ mod tests {
             free: 48 << 30,
             reserve: 512 << 20,
             devices: 3,
+            deleting: 0,
             metadata: None,
             low_water: None,
             mode: None,
@@ -460,6 +461,9 @@ mod tests {
 
         let none = PoolStatus { consumers: vec![], ..reflink_status() };
         assert!(text(&Answer::Status(none)).ends_with("devices    3\n"), "an older daemon sends no breakdown");
+
+        let held = PoolStatus { deleting: 1, consumers: vec![], ..reflink_status() };
+        assert!(text(&Answer::Status(held)).ends_with("devices    3 (1 deleting)\n"), "removed, not yet deleted");
     }
 
     #[test]
@@ -542,7 +546,7 @@ mod tests {
             v,
             serde_json::json!({
                 "backend": "reflink", "location": "/var/lib/thinbox/pool/devices", "total": 64u64 << 30, "used": 16u64 << 30,
-                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "metadata": null, "low_water": null, "mode": null,
+                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "deleting": 0, "metadata": null, "low_water": null, "mode": null,
                 "consumers": [
                     {"consumer": "image_layer", "devices": 1, "bytes": 428 << 10, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},
                     {"consumer": "container_rootfs", "devices": 1, "bytes": 4 << 20, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},

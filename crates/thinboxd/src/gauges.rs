@@ -1,5 +1,5 @@
-//! The pool's gauges, read at each scrape: data and metadata space, and the
-//! devices each consumer holds. A figure that cannot be read is left out (and
+//! The pool's gauges, read at each scrape: data and metadata space, the
+//! devices each consumer holds, and those still being deleted. A figure that cannot be read is left out (and
 //! logged), not the scrape.
 
 use std::sync::Arc;
@@ -87,6 +87,14 @@ impl Collector for Pool {
             Some(&Unit::Bytes),
             metadata,
         )?;
-        encode_gauges(&mut encoder, "thinbox_pool_devices", "Devices in the pool, by consumer", None, self.devices())
+        encode_gauges(&mut encoder, "thinbox_pool_devices", "Devices in the pool, by consumer", None, self.devices())?;
+        let deleting = status.iter().map(|s| ([] as [(&str, &str); 0], s.deleting));
+        encode_gauges(
+            &mut encoder,
+            "thinbox_pool_deleting_devices",
+            "Devices removed but not yet deleted: queued, retrying, or still open (dm-thin)",
+            None,
+            deleting,
+        )
     }
 }

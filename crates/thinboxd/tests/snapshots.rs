@@ -498,6 +498,43 @@ async fn a_sweep_without_containerd_removes_nothing_and_counts_an_error() {
     d.release().await;
 }
 
+/// The pool's gauges, and a removed device still open, as a VMM holds a disk:
+/// dm-thin cannot delete it until it is closed, and the deleting gauge and
+/// `status` say so meanwhile; on reflink it goes at once (its loop detaches
+/// at the close). Once closed, nobody has to ask for it to go.
+#[tokio::test]
+async fn pool_gauges_count_devices_and_those_still_being_deleted() {
+    let dir = tmp();
+    let port = free_port();
+    let (d, mut c) = Daemon::start_with_args(dir.path(), Some(SMALL), &["--metrics-address", &format!("127.0.0.1:{port}")]).await;
+    prepare(&mut c, "base-active", "", HashMap::new()).await.unwrap();
+    commit(&mut c, "base", "base-active").await.unwrap();
+    let mounts = prepare(&mut c, "ctr", "base", HashMap::new()).await.unwrap();
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(&mounts[0].source).unwrap();
+    remove(&mut c, "ctr").await.unwrap();
+    c.cleanup(CleanupRequest { snapshotter: "thinbox".into() }).await.unwrap();
+
+    let held = u64::from(d.inventory().backend == "dm-thin");
+    let st = d.pool_status().await;
+    assert_eq!((st.devices, st.deleting), (1 + held, held));
+    let text = scrape(port).await;
+    for want in [
+        "\nthinbox_pool_devices{consumer=\"image_layers\"} 1\n".to_owned(),
+        "\nthinbox_pool_devices{consumer=\"container_rootfs\"} 0\n".to_owned(),
+        "\n# TYPE thinbox_pool_deleting_devices gauge\n".to_owned(),
+        format!("\nthinbox_pool_deleting_devices {held}\n"),
+    ] {
+        assert!(text.contains(&want), "metrics lack {want:?}:\n{text}");
+    }
+
+    drop(holder);
+    d.settle().await;
+    assert!(scrape(port).await.contains("\nthinbox_pool_deleting_devices 0\n"));
+    assert_eq!(d.device_records().await, 1);
+    assert_no_leaks(&mut c, &d, 0).await;
+    d.release().await;
+}
+
 #[tokio::test]
 async fn metrics_count_every_snapshots_call() {
     let dir = tmp();

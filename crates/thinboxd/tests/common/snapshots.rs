@@ -179,7 +179,12 @@ impl Daemon {
 
     /// Device records in the store (`deleting` ones included), from the pool status.
     pub async fn device_records(&self) -> u64 {
-        self.admin().await.pool_status(PoolStatusRequest {}).await.expect("PoolStatus").into_inner().status.expect("status").devices
+        self.pool_status().await.devices
+    }
+
+    /// The admin service's pool status.
+    pub async fn pool_status(&self) -> thinbox_proto::admin::PoolStatus {
+        self.admin().await.pool_status(PoolStatusRequest {}).await.expect("PoolStatus").into_inner().status.expect("status")
     }
 }
 
