@@ -1,6 +1,6 @@
 //! The pool's gauges, read at each scrape: data and metadata space, the
-//! devices each consumer holds, and those still being deleted. A figure that cannot be read is left out (and
-//! logged), not the scrape.
+//! devices each consumer holds, and those still being deleted. A figure that
+//! cannot be read is left out (and logged), not the scrape.
 
 use std::sync::Arc;
 
