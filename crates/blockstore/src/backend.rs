@@ -148,6 +148,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// known, lets a thin device be discarded first).
     fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()>;
 
+    /// Whether something holds the device open so that [`Backend::remove`]
+    /// must refuse it for now (dm-thin: the pool will not delete an open thin
+    /// device). Backends that remove an open device (lazily) say no.
+    fn held(&self, _id: DeviceId) -> Result<bool> {
+        Ok(false)
+    }
+
     /// What the device holds beyond its origin.
     fn usage(&self, rec: &DeviceRecord) -> Result<Usage>;
 

@@ -540,10 +540,13 @@ impl Backend for DmThin {
         self.dm.device_suspend(&id, DmOptions::default()).map(|_| ()).map_err(dm_err("resume", &*name))
     }
 
+    fn held(&self, id: DeviceId) -> Result<bool> {
+        Ok(self.open_count(&self.dev_name(id)?)?.is_some_and(|n| n > 0))
+    }
+
     fn remove(&self, id: DeviceId, size: Option<Bytes>) -> Result<()> {
-        // The pool refuses to delete an open thin device; say so before
-        // touching it, so its blocks are discarded once it is let go.
-        if self.open_count(&self.dev_name(id)?)?.is_some_and(|n| n > 0) {
+        // Say so before touching it, so its blocks are discarded once it is let go.
+        if self.held(id)? {
             return Err(Error::DeviceBusy(id));
         }
         if self.discard

@@ -400,19 +400,22 @@ impl Pool {
         let stored = self.backend.stored()?;
         for rec in self.store.devices()? {
             if rec.state != DeviceState::Ready || !referenced.contains(&rec.id) {
-                if apply {
+                let held = if apply {
                     tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
                     match self.destroy(rec.id) {
-                        Ok(()) => {}
-                        // Still held (by a VMM): a later pass deletes it, and
-                        // until then its storage is nobody's orphan.
-                        Err(e @ Error::DeviceBusy(_)) => {
-                            tracing::warn!(device = %rec.id, error = %e, "leftover device kept for now");
-                            known.insert(rec.id);
-                            continue;
-                        }
+                        Ok(()) => false,
+                        Err(Error::DeviceBusy(_)) => true,
                         Err(e) => return Err(e),
                     }
+                } else {
+                    self.backend.held(rec.id)?
+                };
+                if held {
+                    // Still open (a VMM holding it): the deleter or a later
+                    // pass deletes it, and until then its storage is nobody's orphan.
+                    tracing::warn!(device = %rec.id, "leftover device still open; kept for now");
+                    known.insert(rec.id);
+                    continue;
                 }
                 report.devices_removed.push(rec.id);
                 continue;

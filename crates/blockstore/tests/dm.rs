@@ -370,6 +370,7 @@ fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(pool.store().device(dev).unwrap().is_some(), "the record keeps the id: {err}");
     assert_eq!(thin_ids(&pool), vec![dev.0], "the thin id is still the pool's");
+    assert_eq!(pool.check(&HashSet::new()).unwrap(), Default::default(), "check offers nothing that gc would not do");
     // Reconciliation (every start, Cleanup) keeps it too, and carries on.
     let report = pool.reconcile(&HashSet::new()).unwrap();
     assert_eq!(report.devices_removed, Vec::new());
