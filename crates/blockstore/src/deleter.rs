@@ -169,8 +169,13 @@ impl Deleter {
     }
 
     /// Queues a device that reconciliation found still open, for a retry
-    /// after [`backoff`]`(1)` and on from there as after a failed attempt.
+    /// after [`backoff`]`(1)` and on from there as after a failed attempt;
+    /// unless the worker has it in hand (taken before [`Deleter::forget_all`],
+    /// waiting for the gate): finding it still open, that job queues itself again.
     pub fn push_held(&self, id: DeviceId) {
+        if self.shared.lock().busy == Some(id) {
+            return;
+        }
         let now = Instant::now();
         self.enqueue(Job { id, failures: 0, queued: now, retry_at: Some(now + backoff(1)), held: true });
     }
