@@ -25,7 +25,6 @@ use crate::config::PoolConfig;
 use crate::deleter::Deleter;
 use crate::error::{Error, Result};
 use crate::pool::{Pool, ReconcileReport};
-use crate::store::DeviceState;
 use crate::units::DeviceId;
 
 /// How long a retry for space waits at most for deleted devices' space to show.
@@ -175,12 +174,17 @@ impl Engine {
         let _g = self.exclusive();
         let report = self.converge(true)?;
         // Reconciliation destroyed every device not `Ready`, so every queued
-        // one, except those still open: they go back to the deleter.
+        // one, except those still open: they go back to the deleter. Those
+        // it failed to remove wait for the next pass, as its report says.
         self.deleter.forget_all();
-        for rec in self.pool.store().devices()?.into_iter().filter(|r| r.state == DeviceState::Deleting) {
-            self.deleter.push_held(rec.id);
+        for &id in &report.held {
+            self.deleter.push_held(id);
         }
-        tracing::info!(?report, "reconciled");
+        if report.failed.is_empty() {
+            tracing::info!(?report, "reconciled");
+        } else {
+            tracing::warn!(?report, failed = report.failed.len(), "reconciled, but some devices could not be repaired");
+        }
         Ok(report)
     }
 

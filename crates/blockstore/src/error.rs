@@ -106,6 +106,12 @@ impl Error {
         move |source| Error::Io { op, path, source }
     }
 
+    /// Whether the metadata store failed (not one device): nothing more
+    /// should be asked of the pool until it is reopened.
+    pub fn is_store(&self) -> bool {
+        matches!(self, Error::Store(_) | Error::StoreFailed { .. } | Error::Corrupt { .. })
+    }
+
     /// The stable kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -52,7 +52,7 @@ pub use error::{Error, ErrorKind, Result, is_no_space, store_out_of_space};
 pub use fs::{FsSpace, freeze, run as run_tool, space};
 pub use intent::{Creation, Points};
 pub use loops::{BoundLoop, scan as scan_loops};
-pub use pool::{CreateSpec, Pool, ReconcileReport, inventory};
+pub use pool::{CreateSpec, DeviceFailure, Pool, ReconcileReport, Repair, inventory};
 pub use redb;
 pub use reflink::Reflink;
 pub use store::{DeviceRecord, DeviceState, Devices, Store};

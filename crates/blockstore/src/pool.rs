@@ -55,6 +55,41 @@ pub struct ReconcileReport {
     pub orphans: Vec<Orphan>,
     /// Ready devices whose storage is gone (nothing can repair them).
     pub missing: Vec<DeviceId>,
+    /// Devices left to be removed that are still open (a VMM holding them):
+    /// they go once let go.
+    pub held: Vec<DeviceId>,
+    /// Devices that could not be brought in line, left as they were; the
+    /// rest of the pass went on without them.
+    pub failed: Vec<DeviceFailure>,
+}
+
+/// A device reconciliation failed to remove, re-attach or detach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceFailure {
+    pub id: DeviceId,
+    pub repair: Repair,
+    /// The error with its sources, for the operator.
+    pub error: String,
+}
+
+/// What reconciliation does to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Repair {
+    Remove,
+    Reattach,
+    Detach,
+}
+
+impl Repair {
+    /// The serde name, for logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Repair::Remove => "remove",
+            Repair::Reattach => "reattach",
+            Repair::Detach => "detach",
+        }
+    }
 }
 
 /// What the kernel and disk hold for the pool under `root` (configured with
@@ -400,24 +435,30 @@ impl Pool {
         let stored = self.backend.stored()?;
         for rec in self.store.devices()? {
             if rec.state != DeviceState::Ready || !referenced.contains(&rec.id) {
-                let held = if apply {
-                    tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
-                    match self.destroy(rec.id) {
-                        Ok(()) => false,
-                        Err(Error::DeviceBusy(_)) => true,
-                        Err(e) => return Err(e),
+                if !apply {
+                    if self.backend.held(rec.id)? {
+                        known.insert(rec.id);
+                    } else {
+                        report.devices_removed.push(rec.id);
                     }
-                } else {
-                    self.backend.held(rec.id)?
-                };
-                if held {
-                    // Still open (a VMM holding it): the deleter or a later
-                    // pass deletes it, and until then its storage is nobody's orphan.
-                    tracing::warn!(device = %rec.id, "leftover device still open; kept for now");
-                    known.insert(rec.id);
                     continue;
                 }
-                report.devices_removed.push(rec.id);
+                tracing::info!(device = %rec.id, state = rec.state.as_str(), "removing leftover device");
+                match self.destroy(rec.id) {
+                    Ok(()) => report.devices_removed.push(rec.id),
+                    Err(Error::DeviceBusy(_)) => {
+                        // Still open (a VMM holding it): the deleter or a later
+                        // pass deletes it, and until then its storage is nobody's orphan.
+                        tracing::warn!(device = %rec.id, "leftover device still open; kept for now");
+                        known.insert(rec.id);
+                        report.held.push(rec.id);
+                    }
+                    Err(e) => {
+                        // What is left of it stays its record's, not an orphan's.
+                        repair(&mut report, rec.id, Repair::Remove, Err(e))?;
+                        known.insert(rec.id);
+                    }
+                }
                 continue;
             }
             known.insert(rec.id);
@@ -428,16 +469,16 @@ impl Pool {
             }
             match (rec.access, self.node(rec.id)) {
                 (Some(access), None) => {
-                    if apply {
-                        self.backend.activate(&rec, access)?;
+                    let done = !apply || repair(&mut report, rec.id, Repair::Reattach, self.backend.activate(&rec, access).map(drop))?;
+                    if done {
+                        report.reattached.push(rec.id);
                     }
-                    report.reattached.push(rec.id);
                 }
                 (None, Some(_)) => {
-                    if apply {
-                        self.deactivate(rec.id)?;
+                    let done = !apply || repair(&mut report, rec.id, Repair::Detach, self.deactivate(rec.id))?;
+                    if done {
+                        report.detached.push(rec.id);
                     }
-                    report.detached.push(rec.id);
                 }
                 _ => {}
             }
@@ -452,5 +493,22 @@ impl Pool {
     /// attached so running containers keep their devices.
     pub fn shutdown(&self, release: bool) -> Result<()> {
         self.backend.shutdown(release)
+    }
+}
+
+/// The outcome of one device's repair: `true` if done. One device that cannot
+/// be repaired must not keep the others (and a daemon start) from converging,
+/// so its failure is noted in `report` and the pass goes on; the store's
+/// failing stops it.
+fn repair(report: &mut ReconcileReport, id: DeviceId, what: Repair, res: Result<()>) -> Result<bool> {
+    match res {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_store() => Err(e),
+        Err(e) => {
+            let error = thinbox_daemon::chain(&e);
+            tracing::error!(device = %id, repair = what.as_str(), error, "device left as it was");
+            report.failed.push(DeviceFailure { id, repair: what, error });
+            Ok(false)
+        }
     }
 }

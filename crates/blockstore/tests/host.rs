@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use common::*;
-use thinbox_blockstore::{Access, BackendKind, Bytes, DeviceId, Devices, ErrorKind, Orphan, Pool, PoolConfig, scan_loops};
+use thinbox_blockstore::{Access, BackendKind, Bytes, DeviceId, Devices, ErrorKind, Orphan, Pool, PoolConfig, Repair, scan_loops};
 
 /// A device's image file (reflink backend).
 fn image(pool: &Pool, id: DeviceId) -> PathBuf {
@@ -163,6 +163,76 @@ fn reconcile_removes_what_a_crash_left_and_reattaches_active_devices() {
     // Converged: a second pass has nothing to do.
     let again = pool.reconcile(&HashSet::from([kept])).unwrap();
     assert_eq!(again, Default::default());
+    pool.shutdown(true).unwrap();
+    assert!(scan_loops(dir.path()).unwrap().is_empty());
+}
+
+/// Makes files immutable (`chattr +i`: every open for writing and every
+/// unlink fail with EPERM, as on a damaged or locked-down filesystem) until
+/// dropped.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(files: &[PathBuf]) -> Immutable {
+        for f in files {
+            sh("chattr", &["+i", f.to_str().unwrap()]);
+        }
+        Immutable(files.to_vec())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::process::Command::new("chattr").args(["-i", f.to_str().unwrap()]).status();
+        }
+    }
+}
+
+/// One device that cannot be repaired must not keep the pool, and so a
+/// daemon start, from converging: it is reported and left as it was, its
+/// storage kept for its record (not taken for an orphan), and the other
+/// devices are repaired. Once the cause is gone the next pass repairs it.
+#[test]
+fn a_device_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
+    let dir = tmp();
+    let root = dir.path().join("state");
+    let (stuck_active, active, stuck_unreferenced, unreferenced);
+    {
+        let pool = Pool::open(&root, small()).unwrap();
+        stuck_active = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite))).0;
+        active = create(&pool, spec(512 << 20, None, Some(Access::ReadWrite))).0;
+        stuck_unreferenced = create(&pool, spec(512 << 20, None, None)).0;
+        unreferenced = create(&pool, spec(512 << 20, None, None)).0;
+        // A reboot: every loop goes.
+        pool.shutdown(true).unwrap();
+    }
+    let pool = Pool::open(&root, small()).unwrap();
+    let stuck = [image(&pool, stuck_active), image(&pool, stuck_unreferenced)];
+    let lock = Immutable::set(&stuck);
+    let referenced = HashSet::from([stuck_active, active]);
+    let report = pool.reconcile(&referenced).unwrap();
+    assert_eq!(report.reattached, vec![active], "the other active device is attached again");
+    assert_eq!(report.devices_removed, vec![unreferenced], "the other unreferenced device goes");
+    let failed: Vec<_> = report.failed.iter().map(|f| (f.id, f.repair)).collect();
+    assert_eq!(failed, [(stuck_active, Repair::Reattach), (stuck_unreferenced, Repair::Remove)]);
+    for (f, img) in report.failed.iter().zip(&stuck) {
+        assert!(f.error.contains(img.to_str().unwrap()), "the error names the image: {}", f.error);
+    }
+    assert_eq!(report.orphans, vec![], "a device's storage is not an orphan while its record stands");
+    let ids: Vec<_> = pool.store().devices().unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, vec![stuck_active, active, stuck_unreferenced], "the stuck devices keep their records");
+    assert!(stuck.iter().all(|img| img.exists()), "and their images");
+    assert!(pool.node(stuck_active).is_none() && pool.node(active).is_some());
+
+    drop(lock);
+    let report = pool.reconcile(&referenced).unwrap();
+    assert_eq!(report.reattached, vec![stuck_active]);
+    assert_eq!(report.devices_removed, vec![stuck_unreferenced]);
+    assert_eq!(report.failed, vec![]);
+    assert_eq!(pool.reconcile(&referenced).unwrap(), Default::default(), "converged");
+    destroy(&pool, stuck_active);
+    destroy(&pool, active);
     pool.shutdown(true).unwrap();
     assert!(scan_loops(dir.path()).unwrap().is_empty());
 }

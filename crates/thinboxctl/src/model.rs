@@ -164,7 +164,8 @@ impl From<proto::Device> for Device {
 /// `check` (what `gc` would do) and `gc` (what it did).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
-    /// Nothing to do (`check`) or nothing was done (`gc`), and no device is missing.
+    /// Nothing to do (`check`) or nothing was done (`gc`), and no device is
+    /// missing or failed.
     pub clean: bool,
     /// Devices removed: half-created, half-deleted, or referenced by no snapshot.
     pub devices_removed: Vec<u64>,
@@ -176,6 +177,19 @@ pub struct Report {
     pub orphans: Vec<Orphan>,
     /// Referenced devices whose storage is gone; gc cannot repair them.
     pub missing: Vec<u64>,
+    /// Devices gc could not remove, re-attach or detach (the daemon's log has
+    /// the same error); the rest of the pool was reconciled without them.
+    pub failed: Vec<Failure>,
+}
+
+/// A device reconciliation could not repair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub device: u64,
+    /// "remove", "reattach" or "detach".
+    pub repair: String,
+    /// The error and its causes.
+    pub error: String,
 }
 
 /// Something the pool holds without a record.
@@ -188,13 +202,14 @@ pub struct Orphan {
 }
 
 impl Report {
-    /// Whether nothing needs (or needed) doing and nothing is missing.
+    /// Whether nothing needs (or needed) doing and nothing is missing or failed.
     pub fn is_clean(&self) -> bool {
         self.devices_removed.is_empty()
             && self.reattached.is_empty()
             && self.detached.is_empty()
             && self.orphans.is_empty()
             && self.missing.is_empty()
+            && self.failed.is_empty()
     }
 }
 
@@ -207,6 +222,7 @@ impl From<proto::ReconcileReport> for Report {
             detached: r.detached,
             orphans: r.orphans.into_iter().map(|o| Orphan { kind: o.kind, what: o.what }).collect(),
             missing: r.missing,
+            failed: r.failed.into_iter().map(|f| Failure { device: f.device, repair: f.repair, error: f.error }).collect(),
         };
         out.clean = out.is_clean();
         out

@@ -15,7 +15,8 @@ use thinbox_containerd_gc::BackendKey;
 pub enum Outcome {
     /// Success; for `check`: nothing to clean.
     Ok,
-    /// `check` found something to clean or a device whose storage is missing.
+    /// `check` found something to clean or a device whose storage is
+    /// missing; `gc` failed to repair a device.
     Findings,
 }
 
@@ -41,12 +42,13 @@ pub fn render(answer: &Answer, json: bool, out: &mut dyn Write, err: &mut dyn Wr
     out.flush()?;
     let outcome = match answer {
         Answer::Check(r) if !r.clean => Outcome::Findings,
+        Answer::Gc(r) if !r.failed.is_empty() => Outcome::Findings,
         _ => Outcome::Ok,
     };
     if json {
         match answer {
             Answer::Check(r) if !r.clean => writeln!(err, "{}", summary(r, Tense::Would))?,
-            Answer::Gc(r) if !r.missing.is_empty() => writeln!(err, "{}", summary(r, Tense::Did))?,
+            Answer::Gc(r) if !r.missing.is_empty() || !r.failed.is_empty() => writeln!(err, "{}", summary(r, Tense::Did))?,
             _ => {}
         }
     }
@@ -280,6 +282,9 @@ fn report_text(r: &Report, tense: Tense) -> String {
     for id in &r.missing {
         rows.push(vec!["MISSING".to_owned(), format!("device {id}"), "a snapshot or volume uses it, but its storage is gone".to_owned()]);
     }
+    for f in &r.failed {
+        rows.push(vec!["FAILED".to_owned(), format!("device {}", f.device), format!("{}: {}", f.repair, f.error)]);
+    }
     table(&rows) + &summary(r, tense) + "\n"
 }
 
@@ -295,6 +300,13 @@ fn summary(r: &Report, tense: Tense) -> String {
             ids(&r.missing)
         )
     };
+    let failed = if r.failed.is_empty() {
+        String::new()
+    } else {
+        let devices: Vec<u64> = r.failed.iter().map(|f| f.device).collect();
+        format!("; {} device(s) could not be repaired and were left as they were ({}): see the errors above", devices.len(), ids(&devices))
+    };
+    let missing = missing + &failed;
     match tense {
         Tense::Would if r.is_clean() => "check: the pool matches the store; nothing to clean".to_owned(),
         Tense::Would if fixable == 0 => format!("check: nothing for gc to clean{missing}"),
@@ -584,7 +596,7 @@ mod tests {
             v,
             serde_json::json!({
                 "clean": false, "devices_removed": [7], "reattached": [], "detached": [],
-                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": []
+                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": [], "failed": []
             })
         );
         assert_eq!(err, "check: 2 finding(s); `thinboxctl gc` cleans them up\n");
@@ -592,6 +604,31 @@ mod tests {
         let (outcome, out, _) = run(&Answer::Check(report(&[], &[], &[5])), false);
         assert_eq!(outcome, Outcome::Findings, "a missing device is a finding although gc cannot fix it");
         assert!(out.contains("MISSING  device 5") && out.contains("check: nothing for gc to clean; 1 device(s) with missing storage"), "{out}");
+    }
+
+    #[test]
+    fn gc_exits_1_when_it_left_a_device_it_could_not_repair() {
+        use crate::model::Failure;
+        let (outcome, out, _) = run(&Answer::Gc(report(&[7], &[], &[])), false);
+        assert_eq!((outcome, out.lines().last()), (Outcome::Ok, Some("gc: cleaned up 1 finding(s)")));
+
+        let mut r = report(&[7], &[], &[]);
+        r.failed = vec![Failure { device: 3, repair: "reattach".into(), error: "open /p/devices/3.img: EPERM".into() }];
+        r.clean = r.is_clean();
+        assert!(!r.clean);
+        let (outcome, out, _) = run(&Answer::Gc(r.clone()), false);
+        assert_eq!(outcome.exit_code(), 1);
+        assert_eq!(
+            out,
+            "removed  device 7  half-made, half-deleted, or no snapshot or volume uses it\n\
+             FAILED   device 3  reattach: open /p/devices/3.img: EPERM\n\
+             gc: cleaned up 1 finding(s); 1 device(s) could not be repaired and were left as they were (3): see the errors above\n"
+        );
+        let (outcome, out, err) = run(&Answer::Gc(r), true);
+        assert_eq!(outcome, Outcome::Findings);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
+        assert_eq!(v["failed"], serde_json::json!([{"device": 3, "repair": "reattach", "error": "open /p/devices/3.img: EPERM"}]));
+        assert!(err.contains("1 device(s) could not be repaired"), "the verdict goes to stderr: {err}");
     }
 
     #[test]

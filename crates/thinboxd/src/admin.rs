@@ -300,6 +300,7 @@ fn reconcile_report(r: BlockReport) -> ReconcileReport {
         detached: ids(r.detached),
         orphans: r.orphans.into_iter().map(orphan).collect(),
         missing: ids(r.missing),
+        failed: r.failed.into_iter().map(|f| DeviceFailure { device: f.id.0, repair: f.repair.as_str().to_owned(), error: f.error }).collect(),
     }
 }
 
@@ -318,7 +319,7 @@ fn orphan(o: BlockOrphan) -> Orphan {
 mod tests {
     use std::path::PathBuf;
 
-    use thinbox_blockstore::{Bytes, DeviceId, DeviceState, FsType, Space};
+    use thinbox_blockstore::{Bytes, DeviceFailure as BlockFailure, DeviceId, DeviceState, FsType, Repair, Space};
 
     use super::*;
 
@@ -441,8 +442,11 @@ mod tests {
                 BlockOrphan::ThinId(9),
             ],
             missing: vec![DeviceId(5)],
+            held: vec![DeviceId(6)],
+            failed: vec![BlockFailure { id: DeviceId(7), repair: Repair::Reattach, error: "attach: EPERM".into() }],
         });
         assert_eq!((r.devices_removed, r.reattached, r.detached, r.missing), (vec![1], vec![2], vec![3], vec![5]));
+        assert_eq!(r.failed, [DeviceFailure { device: 7, repair: "reattach".into(), error: "attach: EPERM".into() }]);
         let orphans: Vec<_> = r.orphans.iter().map(|o| (o.kind.as_str(), o.what.as_str())).collect();
         assert_eq!(orphans, [("file", "/p/devices/9.img"), ("loop", "/dev/loop9"), ("dm_device", "thinbox-x-9"), ("thin_id", "9")]);
     }

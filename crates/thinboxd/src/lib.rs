@@ -122,6 +122,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         backend = engine.pool().status().map(|s| s.backend).unwrap_or("?"),
         devices_removed = report.devices_removed.len(),
         missing = report.missing.len(),
+        failed = report.failed.len(),
         elapsed_ms = start.elapsed().as_millis() as u64,
         "pool open and reconciled"
     );

@@ -179,6 +179,73 @@ async fn thinboxctl_shows_the_pool_and_cleans_up_what_check_finds() {
     d.release().await;
 }
 
+/// A device the daemon cannot repair at start (its loop went while the
+/// daemon was down, and its image now refuses to open for writing) must not
+/// stop the start: the daemon serves, re-attaches the other device that lost
+/// its loop, refuses Mounts of the broken one (FAILED_PRECONDITION), `check`
+/// says it would re-attach it, `gc` reports it FAILED and exits 1, and once
+/// the cause is gone `gc` repairs it with its data.
+#[tokio::test]
+async fn a_device_the_daemon_cannot_repair_does_not_stop_its_start() {
+    require_root();
+    thinboxctl();
+    let dir = tempfile::Builder::new().prefix("thinbox-admin-").tempdir().unwrap();
+    let (mut d, mut c) = Daemon::start(dir.path(), Some(CFG), &[]).await;
+    let work = dir.path().join("work");
+    layer(&mut c, &work, "base", "", &[("hello", "world")]).await;
+    let broken = prepare(&mut c, "broken", "base", HashMap::new()).await.unwrap();
+    let other = prepare(&mut c, "other", "base", HashMap::new()).await.unwrap();
+    let location = PathBuf::from(ctl(&d.socket, &["--json", "status"]).json()["location"].as_str().unwrap());
+    let devs = ctl(&d.socket, &["--json", "devices"]).json()["devices"].as_array().unwrap().clone();
+    let id = device_of(&devs, "broken")["id"].as_u64().unwrap();
+    let image = location.join(format!("{id}.img"));
+
+    assert!(d.stop().success());
+    for node in [&broken[0].source, &other[0].source] {
+        let out = Command::new("losetup").args(["-d", node]).output().unwrap();
+        assert!(out.status.success(), "losetup -d {node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let lock = common::Immutable::new(&image);
+    let mut c = d.spawn(&[]).await;
+
+    let mounts = |key: &str| thinbox_proto::snapshots::MountsRequest { snapshotter: String::new(), key: key.into() };
+    let err = c.mounts(mounts("broken")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let m = c.mounts(mounts("other")).await.unwrap().into_inner().mounts;
+    let mp = work.join("other");
+    mount(&m, &mp);
+    assert_eq!(std::fs::read_to_string(mp.join("hello")).unwrap(), "world", "the other device was re-attached at start");
+    umount(&mp);
+
+    let check = ctl(&d.socket, &["--json", "check"]);
+    assert_eq!(check.code, 1);
+    assert_eq!(check.json()["reattached"], serde_json::json!([id]), "check would re-attach it");
+    let gc = ctl(&d.socket, &["--json", "gc"]);
+    assert_eq!(gc.code, 1, "gc exits 1 when it left a device it could not repair");
+    let report = gc.json();
+    assert_eq!((&report["clean"], &report["reattached"]), (&Value::Bool(false), &serde_json::json!([])));
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert_eq!((&failed[0]["device"], &failed[0]["repair"]), (&serde_json::json!(id), &serde_json::json!("reattach")));
+    assert!(failed[0]["error"].as_str().unwrap().contains(image.to_str().unwrap()), "the error names the image: {report}");
+    assert!(gc.stderr.contains("1 device(s) could not be repaired"), "{}", gc.stderr);
+    let human = ctl(&d.socket, &["gc"]);
+    assert_eq!(human.code, 1);
+    assert!(human.stdout.contains(&format!("FAILED  device {id}  reattach: ")), "{}", human.stdout);
+
+    drop(lock);
+    let gc = ctl(&d.socket, &["--json", "gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.stderr);
+    assert_eq!((&gc.json()["reattached"], &gc.json()["failed"]), (&serde_json::json!([id]), &serde_json::json!([])));
+    let m = c.mounts(mounts("broken")).await.unwrap().into_inner().mounts;
+    let mp = work.join("broken");
+    mount(&m, &mp);
+    assert_eq!(std::fs::read_to_string(mp.join("hello")).unwrap(), "world");
+    umount(&mp);
+    assert_eq!(ctl(&d.socket, &["check"]).code, 0);
+    d.release().await;
+}
+
 /// Writes `bytes` to a new file at `path`, durably.
 fn write(path: &Path, bytes: usize) {
     let mut f = std::fs::File::create(path).unwrap();

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::Immutable;
 use common::snapshots::*;
 use thinbox_proto::admin::GcRequest;
 use thinbox_proto::snapshots::{CleanupRequest, Info, UpdateSnapshotRequest, UsageRequest};
@@ -256,27 +257,6 @@ impl Drop for Frozen {
         let out = Command::new("fsfreeze").arg("-u").arg(&self.0).output().unwrap();
         if !std::thread::panicking() {
             assert!(out.status.success(), "fsfreeze -u {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
-
-/// A directory flagged immutable (`chattr +i`) until dropped: nothing in it
-/// can be unlinked meanwhile.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn new(dir: &Path) -> Immutable {
-        let out = Command::new("chattr").arg("+i").arg(dir).output().unwrap();
-        assert!(out.status.success(), "chattr +i {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-        Immutable(dir.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let out = Command::new("chattr").arg("-i").arg(&self.0).output().unwrap();
-        if !std::thread::panicking() {
-            assert!(out.status.success(), "chattr -i {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
         }
     }
 }

@@ -12,7 +12,7 @@ pub mod snapshots;
 pub mod volumes;
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -94,4 +94,26 @@ pub async fn scrape(port: u16) -> String {
 /// The lines of a daemon's stderr that log an error.
 pub fn error_lines(stderr: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(stderr).lines().filter(|l| l.contains("ERROR")).map(str::to_owned).collect()
+}
+
+/// A file or directory flagged immutable (`chattr +i`) until dropped: a file
+/// cannot be opened for writing meanwhile, and nothing in a directory can be
+/// unlinked.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    pub fn new(path: &Path) -> Immutable {
+        let out = Command::new("chattr").arg("+i").arg(path).output().unwrap();
+        assert!(out.status.success(), "chattr +i {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let out = Command::new("chattr").arg("-i").arg(&self.0).output().unwrap();
+        if !std::thread::panicking() {
+            assert!(out.status.success(), "chattr -i {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
 }
