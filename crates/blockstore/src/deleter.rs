@@ -169,15 +169,27 @@ impl Deleter {
     }
 
     /// Queues a device that reconciliation found still open, for a retry
-    /// after [`backoff`]`(1)` and on from there as after a failed attempt;
-    /// unless the worker has it in hand (taken before [`Deleter::forget_all`],
-    /// waiting for the gate): finding it still open, that job queues itself again.
+    /// after [`backoff`]`(1)` and on from there as after a failed attempt.
     pub fn push_held(&self, id: DeviceId) {
+        self.retry(id, true);
+    }
+
+    /// Queues a device that reconciliation failed to delete, as a deletion
+    /// that failed once: left behind (so containerd's `Cleanup` reconciles
+    /// again) until it goes or is given up.
+    pub fn push_failed(&self, id: DeviceId) {
+        self.retry(id, false);
+    }
+
+    /// Unless the worker has the device in hand (taken before
+    /// [`Deleter::forget_all`], waiting for the gate): that job queues itself
+    /// again if it fails.
+    fn retry(&self, id: DeviceId, held: bool) {
         if self.shared.lock().busy == Some(id) {
             return;
         }
         let now = Instant::now();
-        self.enqueue(Job { id, failures: 0, queued: now, retry_at: Some(now + backoff(1)), held: true });
+        self.enqueue(Job { id, failures: u32::from(!held), queued: now, retry_at: Some(now + backoff(1)), held });
     }
 
     fn enqueue(&self, job: Job) {

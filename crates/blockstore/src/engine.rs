@@ -24,7 +24,7 @@ use redb::WriteTransaction;
 use crate::config::PoolConfig;
 use crate::deleter::Deleter;
 use crate::error::{Error, Result};
-use crate::pool::{Pool, ReconcileReport};
+use crate::pool::{Pool, ReconcileReport, Repair};
 use crate::units::DeviceId;
 
 /// How long a retry for space waits at most for deleted devices' space to show.
@@ -150,14 +150,19 @@ impl Engine {
     /// while the next containers start, so the usual case must not walk
     /// every record and file of the pool under the exclusive gate, which
     /// would stall their Prepares; that audit is start-up's and
-    /// `thinboxctl gc`'s.
+    /// `thinboxctl gc`'s. A device that reconciliation cannot delete either
+    /// fails the call: its space is not back.
     pub fn finish_deletions(&self) -> Result<ReconcileReport> {
-        match self.deleter.wait_idle() {
-            0 => Ok(ReconcileReport::default()),
-            left => {
-                tracing::info!(left, "deletions left behind; reconciling");
-                self.reconcile()
-            }
+        let left = self.deleter.wait_idle();
+        if left == 0 {
+            return Ok(ReconcileReport::default());
+        }
+        tracing::info!(left, "deletions left behind; reconciling");
+        let report = self.reconcile()?;
+        let undeleted: Vec<_> = report.failed.iter().filter(|f| f.repair == Repair::Remove).collect();
+        match undeleted.first() {
+            Some(f) => Err(Error::NotDeleted { count: undeleted.len(), id: f.id, error: f.error.clone() }),
+            None => Ok(report),
         }
     }
 
@@ -174,11 +179,14 @@ impl Engine {
         let _g = self.exclusive();
         let report = self.converge(true)?;
         // Reconciliation destroyed every device not `Ready`, so every queued
-        // one, except those still open: they go back to the deleter. Those
-        // it failed to remove wait for the next pass, as its report says.
+        // one, except those still open or that it failed to remove: they go
+        // back to the deleter.
         self.deleter.forget_all();
         for &id in &report.held {
             self.deleter.push_held(id);
+        }
+        for f in report.failed.iter().filter(|f| f.repair == Repair::Remove) {
+            self.deleter.push_failed(f.id);
         }
         if report.failed.is_empty() {
             tracing::info!(?report, "reconciled");

@@ -33,6 +33,8 @@ pub enum Error {
     DeviceBusy(DeviceId),
     #[error("device {id} is {state}, not ready")]
     DeviceNotReady { id: DeviceId, state: &'static str },
+    #[error("{count} removed device(s) could not be deleted; device {id}: {error}")]
+    NotDeleted { count: usize, id: DeviceId, error: String },
     #[error("device size {requested} is smaller than its origin's {origin}")]
     SizeBelowOrigin { requested: Bytes, origin: Bytes },
     #[error("device {0} is in a group of snapshots but has no origin, or asks to be attached")]
@@ -135,6 +137,7 @@ impl Error {
             | Error::Store(_)
             | Error::StoreFailed { .. }
             | Error::Corrupt { .. }
+            | Error::NotDeleted { .. }
             | Error::NotAGroupSnapshot(_) => ErrorKind::Internal,
         }
     }

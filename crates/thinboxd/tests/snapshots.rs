@@ -371,7 +371,9 @@ async fn cleanup_runs_the_queued_deletions_without_auditing_the_pool() {
 /// pending deletion before it returns. On the reflink backend the pool's
 /// image directory is made immutable first, so every background attempt
 /// fails and the deletions are certainly still pending (waiting for their
-/// retry) when Cleanup runs.
+/// retry) when Cleanup runs; a Cleanup while it still is fails (the space is
+/// not back), and the next one, once the directory is writable, finishes
+/// them.
 #[tokio::test]
 async fn cleanup_finishes_pending_deletions_at_once() {
     let dir = tmp();
@@ -391,6 +393,11 @@ async fn cleanup_finishes_pending_deletions_at_once() {
     assert_eq!(list(&mut c, &[]).await.unwrap(), ["base"]);
     if let Some(immutable) = immutable {
         assert_eq!(d.device_records().await, 7, "no deletion can succeed yet");
+        // Nor can Cleanup's reconciliation: it must not answer success.
+        let err = c.cleanup(CleanupRequest { snapshotter: "thinbox".into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(err.message().contains("6 removed device(s) could not be deleted"), "{}", err.message());
+        assert_eq!(d.device_records().await, 7);
         drop(immutable);
     }
     c.cleanup(CleanupRequest { snapshotter: "thinbox".into() }).await.unwrap();
