@@ -42,6 +42,9 @@ pub struct PoolStatus {
     /// Of those, marked deleting: removed, not yet deleted (queued, retrying
     /// after a failure, or still open on dm-thin; filled in by the pool).
     pub deleting: u64,
+    /// Of those, in use (an active snapshot or view, a volume) but not
+    /// attached: their re-attach failed (filled in by the pool).
+    pub unattached: u64,
     /// Thin pool metadata: capacity and use (dm-thin only).
     pub metadata: Option<Space>,
     /// Free data space at which the kernel raises its low-water event (dm-thin only).

@@ -606,6 +606,7 @@ impl Backend for DmThin {
             reserve: Bytes(0),
             devices: 0,
             deleting: 0,
+            unattached: 0,
             metadata: Some(Space { total: Bytes(w.usage.total_meta.0 * META_BLOCK), used: Bytes(w.usage.used_meta.0 * META_BLOCK) }),
             low_water: Some(Bytes(self.low_water.0 * block)),
             mode: Some(mode.into()),

@@ -336,8 +336,9 @@ impl Pool {
     pub fn status(&self) -> Result<PoolStatus> {
         let records = self.store.devices()?;
         let deleting = records.iter().filter(|r| r.state == DeviceState::Deleting).count() as u64;
+        let unattached = records.iter().filter(|r| r.state == DeviceState::Ready && r.access.is_some() && self.node(r.id).is_none()).count() as u64;
         let root_free = crate::fs::space(&self.root)?.free;
-        Ok(PoolStatus { devices: records.len() as u64, deleting, ..self.bounded(self.space()?, root_free) })
+        Ok(PoolStatus { devices: records.len() as u64, deleting, unattached, ..self.bounded(self.space()?, root_free) })
     }
 
     /// Pool-wide figures without the device count (which reads every record):

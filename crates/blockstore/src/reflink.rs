@@ -306,6 +306,7 @@ impl Backend for Reflink {
             reserve: Bytes(0),
             devices: 0,
             deleting: 0,
+            unattached: 0,
             metadata: None,
             low_water: None,
             mode: None,

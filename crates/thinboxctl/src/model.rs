@@ -26,6 +26,8 @@ pub struct PoolStatus {
     pub devices: u64,
     /// Of those, removed but not yet deleted.
     pub deleting: u64,
+    /// Of those, in use but not attached (their re-attach failed).
+    pub unattached: u64,
     /// Thin pool metadata (dm-thin only).
     pub metadata: Option<Space>,
     /// Low-water mark in bytes (dm-thin only).
@@ -101,6 +103,7 @@ impl PoolStatus {
             reserve: p.reserve,
             devices: p.devices,
             deleting: p.deleting,
+            unattached: p.unattached,
             low_water: p.low_water,
             mode: p.mode,
             consumers: consumers.into_iter().map(ConsumerUsage::from).collect(),

@@ -170,6 +170,12 @@ fn status_text(s: &PoolStatus) -> String {
     if s.free < s.reserve {
         rows.push(vec!["warning".to_owned(), "free space is below the reserve: new snapshots and volumes are refused".to_owned()]);
     }
+    if s.unattached > 0 {
+        rows.push(vec![
+            "warning".to_owned(),
+            format!("{} device(s) in use are not attached: their snapshots and volumes cannot be used; `thinboxctl gc` says why", s.unattached),
+        ]);
+    }
     rows.extend([
         vec![
             "metadata".to_owned(),
@@ -177,9 +183,20 @@ fn status_text(s: &PoolStatus) -> String {
         ],
         vec!["low water".to_owned(), or_dash(s.low_water.map(size))],
         vec!["mode".to_owned(), or_dash(s.mode.clone())],
-        vec!["devices".to_owned(), if s.deleting > 0 { format!("{} ({} deleting)", s.devices, s.deleting) } else { s.devices.to_string() }],
+        vec!["devices".to_owned(), device_count(s)],
     ]);
     table(&rows) + &consumers_text(&s.consumers)
+}
+
+/// The device count, with those removed but not yet deleted and those in use
+/// but not attached.
+fn device_count(s: &PoolStatus) -> String {
+    let parts: Vec<String> = [(s.deleting, "deleting"), (s.unattached, "not attached")]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    if parts.is_empty() { s.devices.to_string() } else { format!("{} ({})", s.devices, parts.join(", ")) }
 }
 
 /// `status`'s breakdown, after a blank line: devices and bytes per consumer;
@@ -355,6 +372,7 @@ mod tests {
             reserve: 512 << 20,
             devices: 3,
             deleting: 0,
+            unattached: 0,
             metadata: None,
             low_water: None,
             mode: None,
@@ -476,6 +494,10 @@ mod tests {
 
         let held = PoolStatus { deleting: 1, consumers: vec![], ..reflink_status() };
         assert!(text(&Answer::Status(held)).ends_with("devices    3 (1 deleting)\n"), "removed, not yet deleted");
+        let stuck = PoolStatus { deleting: 1, unattached: 2, consumers: vec![], ..reflink_status() };
+        let out = text(&Answer::Status(stuck));
+        assert!(out.ends_with("devices    3 (1 deleting, 2 not attached)\n"), "{out}");
+        assert!(out.contains("warning    2 device(s) in use are not attached: "), "{out}");
     }
 
     #[test]
@@ -558,7 +580,7 @@ mod tests {
             v,
             serde_json::json!({
                 "backend": "reflink", "location": "/var/lib/thinbox/pool/devices", "total": 64u64 << 30, "used": 16u64 << 30,
-                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "deleting": 0, "metadata": null, "low_water": null, "mode": null,
+                "free": 48u64 << 30, "reserve": 512 << 20, "devices": 3, "deleting": 0, "unattached": 0, "metadata": null, "low_water": null, "mode": null,
                 "consumers": [
                     {"consumer": "image_layer", "devices": 1, "bytes": 428 << 10, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},
                     {"consumer": "container_rootfs", "devices": 1, "bytes": 4 << 20, "unreadable": 0, "outside_pool_volumes": 0, "outside_pool_bytes": 0},

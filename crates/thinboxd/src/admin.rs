@@ -285,6 +285,7 @@ fn pool_status(st: BlockPoolStatus) -> PoolStatus {
         reserve: st.reserve.get(),
         devices: st.devices,
         deleting: st.deleting,
+        unattached: st.unattached,
         metadata_total: st.metadata.map(|m| m.total.get()),
         metadata_used: st.metadata.map(|m| m.used.get()),
         low_water: st.low_water.map(|b| b.get()),
@@ -422,13 +423,14 @@ mod tests {
             reserve: Bytes(10),
             devices: 4,
             deleting: 1,
+            unattached: 2,
             metadata: Some(Space { total: Bytes(8), used: Bytes(2) }),
             low_water: Some(Bytes(5)),
             mode: Some("rw".into()),
         };
         let p = pool_status(st);
         assert_eq!((p.backend.as_str(), p.location.as_str()), ("dm-thin", "thinbox-pool"));
-        assert_eq!((p.total, p.free, p.reserve, p.devices, p.deleting), (100, 60, 10, 4, 1));
+        assert_eq!((p.total, p.free, p.reserve, p.devices, p.deleting, p.unattached), (100, 60, 10, 4, 1, 2));
         assert_eq!((p.metadata_total, p.metadata_used, p.low_water, p.mode.as_deref()), (Some(8), Some(2), Some(5), Some("rw")));
 
         let r = reconcile_report(BlockReport {

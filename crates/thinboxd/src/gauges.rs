@@ -95,6 +95,14 @@ impl Collector for Pool {
             "Devices removed but not yet deleted: queued, retrying, or still open (dm-thin)",
             None,
             deleting,
+        )?;
+        let unattached = status.iter().map(|s| ([] as [(&str, &str); 0], s.unattached));
+        encode_gauges(
+            &mut encoder,
+            "thinbox_pool_unattached_devices",
+            "Devices in use (active snapshots and views, volumes) that are not attached: their re-attach failed",
+            None,
+            unattached,
         )
     }
 }

@@ -182,15 +182,17 @@ async fn thinboxctl_shows_the_pool_and_cleans_up_what_check_finds() {
 /// A device the daemon cannot repair at start (its loop went while the
 /// daemon was down, and its image now refuses to open for writing) must not
 /// stop the start: the daemon serves, re-attaches the other device that lost
-/// its loop, refuses Mounts of the broken one (FAILED_PRECONDITION), `check`
-/// says it would re-attach it, `gc` reports it FAILED and exits 1, and once
-/// the cause is gone `gc` repairs it with its data.
+/// its loop, refuses Mounts of the broken one (FAILED_PRECONDITION), counts
+/// it as not attached (status, gauge), `check` says it would re-attach it,
+/// `gc` reports it FAILED and exits 1, and once the cause is gone `gc`
+/// repairs it with its data.
 #[tokio::test]
 async fn a_device_the_daemon_cannot_repair_does_not_stop_its_start() {
     require_root();
     thinboxctl();
     let dir = tempfile::Builder::new().prefix("thinbox-admin-").tempdir().unwrap();
-    let (mut d, mut c) = Daemon::start(dir.path(), Some(CFG), &[]).await;
+    let port = common::free_port();
+    let (mut d, mut c) = Daemon::start_with_args(dir.path(), Some(CFG), &["--metrics-address", &format!("127.0.0.1:{port}")]).await;
     let work = dir.path().join("work");
     layer(&mut c, &work, "base", "", &[("hello", "world")]).await;
     let broken = prepare(&mut c, "broken", "base", HashMap::new()).await.unwrap();
@@ -216,6 +218,16 @@ async fn a_device_the_daemon_cannot_repair_does_not_stop_its_start() {
     mount(&m, &mp);
     assert_eq!(std::fs::read_to_string(mp.join("hello")).unwrap(), "world", "the other device was re-attached at start");
     umount(&mp);
+    let st = ctl(&d.socket, &["status"]);
+    assert!(
+        st.stdout.contains("devices    3 (1 not attached)\n") && st.stdout.contains("warning    1 device(s) in use are not attached"),
+        "{}",
+        st.stdout
+    );
+    assert_eq!(ctl(&d.socket, &["--json", "status"]).json()["unattached"], 1);
+    let gauge = |n: u64| format!("\nthinbox_pool_unattached_devices {n}\n");
+    let text = common::scrape(port).await;
+    assert!(text.contains(&gauge(1)), "{text}");
 
     let check = ctl(&d.socket, &["--json", "check"]);
     assert_eq!(check.code, 1);
@@ -243,6 +255,8 @@ async fn a_device_the_daemon_cannot_repair_does_not_stop_its_start() {
     assert_eq!(std::fs::read_to_string(mp.join("hello")).unwrap(), "world");
     umount(&mp);
     assert_eq!(ctl(&d.socket, &["check"]).code, 0);
+    assert_eq!(ctl(&d.socket, &["--json", "status"]).json()["unattached"], 0);
+    assert!(common::scrape(port).await.contains(&gauge(0)));
     d.release().await;
 }
 
