@@ -77,6 +77,38 @@ pub enum Orphan {
     ThinId(u64),
 }
 
+/// An orphan that could not be removed; it is left as it was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OrphanFailure {
+    pub orphan: Orphan,
+    /// The error with its sources, for the operator.
+    pub error: String,
+}
+
+/// What a backend's sweep of orphans did (or, in a check, would do).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Removed (would be removed).
+    pub removed: Vec<Orphan>,
+    /// Could not be removed: one orphan that cannot go must not keep the rest
+    /// of the pool, and so a daemon start, from converging.
+    pub failed: Vec<OrphanFailure>,
+}
+
+impl Sweep {
+    /// Books one orphan and its removal (`None`: not tried, in a check).
+    pub(crate) fn book(&mut self, orphan: Orphan, removal: Option<Result<()>>) {
+        match removal {
+            Some(Err(e)) => {
+                let error = thinbox_daemon::chain(&e);
+                tracing::error!(?orphan, error, "orphan left as it was");
+                self.failed.push(OrphanFailure { orphan, error });
+            }
+            _ => self.removed.push(orphan),
+        }
+    }
+}
+
 /// What the kernel and disk hold for a pool, read without its store (which the
 /// running daemon holds): for crash tests and consistency checks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -196,8 +228,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 
     /// Finds kernel and disk state of devices not in `known` and, with `apply`,
-    /// removes it.
-    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>>;
+    /// removes it, each piece on its own (see [`Sweep::book`]).
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Sweep>;
 
     /// Devices that have storage (image files, thin ids in the pool).
     fn stored(&self) -> Result<BTreeSet<DeviceId>>;

@@ -28,7 +28,7 @@ use devicemapper::{
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 
-use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Space, Sweep, Usage};
 use crate::config::{PoolConfig, ThinConfig};
 use crate::error::{Error, Result};
 use crate::fault;
@@ -665,31 +665,24 @@ impl Backend for DmThin {
         }
     }
 
-    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {
-        let mut out = Vec::new();
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Sweep> {
+        let mut sweep = Sweep::default();
         let strays: Vec<DeviceId> = self.map().keys().filter(|id| !known.contains(id)).copied().collect();
         for id in strays {
-            if apply {
-                self.deactivate(id)?;
-            }
-            out.push(Orphan::DmDevice((*self.dev_name(id)?).to_string()));
+            let name = (*self.dev_name(id)?).to_string();
+            sweep.book(Orphan::DmDevice(name), apply.then(|| self.deactivate(id)));
         }
         for thin in self.thin_ls()?.into_keys().filter(|t| !known.contains(&DeviceId(*t))) {
-            if apply {
-                match self.delete_thin(DeviceId(thin)) {
-                    Ok(()) => {}
-                    // Still held open (its dm device's removal deferred): a
-                    // later pass deletes it; this one carries on.
-                    Err(e @ Error::DeviceBusy(_)) => {
-                        tracing::warn!(error = %e, "orphan thin id kept for now");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
+            let removal = apply.then(|| self.delete_thin(DeviceId(thin)));
+            if let Some(Err(e @ Error::DeviceBusy(_))) = &removal {
+                // Still held open (its dm device's removal deferred): a
+                // later pass deletes it; this one carries on.
+                tracing::warn!(error = %e, "orphan thin id kept for now");
+                continue;
             }
-            out.push(Orphan::ThinId(thin));
+            sweep.book(Orphan::ThinId(thin), removal);
         }
-        Ok(out)
+        Ok(sweep)
     }
 
     fn stored(&self) -> Result<BTreeSet<DeviceId>> {

@@ -188,10 +188,10 @@ impl Engine {
         for f in report.failed.iter().filter(|f| f.repair == Repair::Remove) {
             self.deleter.push_failed(f.id);
         }
-        if report.failed.is_empty() {
+        if report.failed.is_empty() && report.orphans_failed.is_empty() {
             tracing::info!(?report, "reconciled");
         } else {
-            tracing::warn!(?report, failed = report.failed.len(), "reconciled, but some devices could not be repaired");
+            tracing::warn!(?report, "reconciled, but some devices or orphans could not be repaired");
         }
         Ok(report)
     }

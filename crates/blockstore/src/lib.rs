@@ -43,7 +43,7 @@ mod sys;
 mod types;
 mod units;
 
-pub use backend::{Backend, Inventory, Orphan, PoolStatus, Space, Usage};
+pub use backend::{Backend, Inventory, Orphan, OrphanFailure, PoolStatus, Space, Sweep, Usage};
 pub use config::{PoolConfig, ThinConfig};
 pub use deleter::{Deleter, Progress};
 pub use dmthin::DmThin;

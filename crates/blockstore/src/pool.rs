@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, OrphanFailure, PoolStatus, Usage};
 use crate::dmthin::DmThin;
 use crate::error::{Error, Result};
 use crate::fault;
@@ -61,6 +61,8 @@ pub struct ReconcileReport {
     /// Devices that could not be brought in line, left as they were; the
     /// rest of the pass went on without them.
     pub failed: Vec<DeviceFailure>,
+    /// Orphans that could not be removed, likewise.
+    pub orphans_failed: Vec<OrphanFailure>,
 }
 
 /// A device reconciliation failed to remove, re-attach or detach.
@@ -484,7 +486,8 @@ impl Pool {
                 _ => {}
             }
         }
-        report.orphans = self.backend.remove_unknown(&known, apply)?;
+        let sweep = self.backend.remove_unknown(&known, apply)?;
+        (report.orphans, report.orphans_failed) = (sweep.removed, sweep.failed);
         Ok(report)
     }
 

@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Usage};
+use crate::backend::{Backend, Inventory, Orphan, PoolStatus, Sweep, Usage};
 use crate::config::PoolConfig;
 use crate::embedded::{self, Trimmer};
 use crate::error::{Error, Result};
@@ -324,28 +324,25 @@ impl Backend for Reflink {
         }
     }
 
-    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Vec<Orphan>> {
-        let mut out = Vec::new();
+    fn remove_unknown(&self, known: &HashSet<DeviceId>, apply: bool) -> Result<Sweep> {
+        let mut sweep = Sweep::default();
         let strays: Vec<_> = self.map().iter().filter(|(id, _)| !known.contains(id)).map(|(id, n)| (*id, n.clone())).collect();
         for (id, node) in strays {
-            if apply {
+            let removal = apply.then(|| {
                 self.map().remove(&id);
-                loops::detach(&node)?;
-            }
-            out.push(Orphan::Loop(node));
+                loops::detach(&node)
+            });
+            sweep.book(Orphan::Loop(node), removal);
         }
         for entry in fs::read_dir(&self.devices_dir).map_err(Error::io("list", &self.devices_dir))? {
             let path = entry.map_err(Error::io("list", &self.devices_dir))?.path();
             if image_id(&path).is_some_and(|id| known.contains(&id)) || path.file_name() == Some(".lock".as_ref()) {
                 continue;
             }
-            if apply {
-                fs::remove_file(&path).map_err(Error::io("remove", &path))?;
-                self.freed();
-            }
-            out.push(Orphan::File(path));
+            let removal = apply.then(|| fs::remove_file(&path).map(|()| self.freed()).map_err(Error::io("remove", &path)));
+            sweep.book(Orphan::File(path), removal);
         }
-        Ok(out)
+        Ok(sweep)
     }
 
     fn stored(&self) -> Result<BTreeSet<DeviceId>> {

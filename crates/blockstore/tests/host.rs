@@ -189,12 +189,12 @@ impl Drop for Immutable {
     }
 }
 
-/// One device that cannot be repaired must not keep the pool, and so a
-/// daemon start, from converging: it is reported and left as it was, its
-/// storage kept for its record (not taken for an orphan), and the other
-/// devices are repaired. Once the cause is gone the next pass repairs it.
+/// One device or orphan that cannot be repaired must not keep the pool, and
+/// so a daemon start, from converging: it is reported and left as it was (a
+/// device's storage kept for its record, not taken for an orphan), and the
+/// rest is repaired. Once the cause is gone the next pass repairs it.
 #[test]
-fn a_device_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
+fn a_device_or_orphan_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
     let dir = tmp();
     let root = dir.path().join("state");
     let (stuck_active, active, stuck_unreferenced, unreferenced);
@@ -208,8 +208,11 @@ fn a_device_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
         pool.shutdown(true).unwrap();
     }
     let pool = Pool::open(&root, small()).unwrap();
+    let (stuck_orphan, orphan) = (image(&pool, DeviceId(999)), image(&pool, DeviceId(998)));
+    std::fs::write(&stuck_orphan, "orphan").unwrap();
+    std::fs::write(&orphan, "orphan").unwrap();
     let stuck = [image(&pool, stuck_active), image(&pool, stuck_unreferenced)];
-    let lock = Immutable::set(&stuck);
+    let lock = Immutable::set(&[stuck.as_slice(), std::slice::from_ref(&stuck_orphan)].concat());
     let referenced = HashSet::from([stuck_active, active]);
     let report = pool.reconcile(&referenced).unwrap();
     assert_eq!(report.reattached, vec![active], "the other active device is attached again");
@@ -219,7 +222,10 @@ fn a_device_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
     for (f, img) in report.failed.iter().zip(&stuck) {
         assert!(f.error.contains(img.to_str().unwrap()), "the error names the image: {}", f.error);
     }
-    assert_eq!(report.orphans, vec![], "a device's storage is not an orphan while its record stands");
+    assert_eq!(report.orphans, vec![Orphan::File(orphan)], "a device's storage is not an orphan while its record stands");
+    let failed: Vec<_> = report.orphans_failed.iter().map(|f| &f.orphan).collect();
+    assert_eq!(failed, [&Orphan::File(stuck_orphan.clone())]);
+    assert!(stuck_orphan.exists());
     let ids: Vec<_> = pool.store().devices().unwrap().into_iter().map(|d| d.id).collect();
     assert_eq!(ids, vec![stuck_active, active, stuck_unreferenced], "the stuck devices keep their records");
     assert!(stuck.iter().all(|img| img.exists()), "and their images");
@@ -229,7 +235,8 @@ fn a_device_that_cannot_be_repaired_is_reported_and_the_rest_converge() {
     let report = pool.reconcile(&referenced).unwrap();
     assert_eq!(report.reattached, vec![stuck_active]);
     assert_eq!(report.devices_removed, vec![stuck_unreferenced]);
-    assert_eq!(report.failed, vec![]);
+    assert_eq!(report.orphans, vec![Orphan::File(stuck_orphan)]);
+    assert_eq!((report.failed, report.orphans_failed), (vec![], vec![]));
     assert_eq!(pool.reconcile(&referenced).unwrap(), Default::default(), "converged");
     destroy(&pool, stuck_active);
     destroy(&pool, active);

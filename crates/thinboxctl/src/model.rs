@@ -183,6 +183,17 @@ pub struct Report {
     /// Devices gc could not remove, re-attach or detach (the daemon's log has
     /// the same error); the rest of the pool was reconciled without them.
     pub failed: Vec<Failure>,
+    /// Orphans gc could not remove, likewise.
+    pub orphans_failed: Vec<OrphanFailure>,
+}
+
+/// An orphan reconciliation could not remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OrphanFailure {
+    #[serde(flatten)]
+    pub orphan: Orphan,
+    /// The error and its causes.
+    pub error: String,
 }
 
 /// A device reconciliation could not repair.
@@ -196,12 +207,18 @@ pub struct Failure {
 }
 
 /// Something the pool holds without a record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Orphan {
     /// "file", "loop", "dm_device" or "thin_id".
     pub kind: String,
     /// Path, dm name or thin id.
     pub what: String,
+}
+
+impl From<proto::Orphan> for Orphan {
+    fn from(o: proto::Orphan) -> Self {
+        Orphan { kind: o.kind, what: o.what }
+    }
 }
 
 impl Report {
@@ -213,6 +230,7 @@ impl Report {
             && self.orphans.is_empty()
             && self.missing.is_empty()
             && self.failed.is_empty()
+            && self.orphans_failed.is_empty()
     }
 }
 
@@ -223,9 +241,14 @@ impl From<proto::ReconcileReport> for Report {
             devices_removed: r.devices_removed,
             reattached: r.reattached,
             detached: r.detached,
-            orphans: r.orphans.into_iter().map(|o| Orphan { kind: o.kind, what: o.what }).collect(),
+            orphans: r.orphans.into_iter().map(Orphan::from).collect(),
             missing: r.missing,
             failed: r.failed.into_iter().map(|f| Failure { device: f.device, repair: f.repair, error: f.error }).collect(),
+            orphans_failed: r
+                .orphans_failed
+                .into_iter()
+                .map(|f| OrphanFailure { orphan: f.orphan.map(Orphan::from).unwrap_or_default(), error: f.error })
+                .collect(),
         };
         out.clean = out.is_clean();
         out

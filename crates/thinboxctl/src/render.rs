@@ -6,7 +6,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::model::{ConsumerUsage, ContainerdGc, Device, HostReport, KeepReason, PoolStatus, Report};
+use crate::model::{ConsumerUsage, ContainerdGc, Device, HostReport, KeepReason, Orphan, PoolStatus, Report};
 use crate::{Answer, EXIT_FINDINGS, EXIT_OK, Error};
 use thinbox_containerd_gc::BackendKey;
 
@@ -42,13 +42,15 @@ pub fn render(answer: &Answer, json: bool, out: &mut dyn Write, err: &mut dyn Wr
     out.flush()?;
     let outcome = match answer {
         Answer::Check(r) if !r.clean => Outcome::Findings,
-        Answer::Gc(r) if !r.failed.is_empty() => Outcome::Findings,
+        Answer::Gc(r) if !r.failed.is_empty() || !r.orphans_failed.is_empty() => Outcome::Findings,
         _ => Outcome::Ok,
     };
     if json {
         match answer {
             Answer::Check(r) if !r.clean => writeln!(err, "{}", summary(r, Tense::Would))?,
-            Answer::Gc(r) if !r.missing.is_empty() || !r.failed.is_empty() => writeln!(err, "{}", summary(r, Tense::Did))?,
+            Answer::Gc(r) if !r.missing.is_empty() || !r.failed.is_empty() || !r.orphans_failed.is_empty() => {
+                writeln!(err, "{}", summary(r, Tense::Did))?
+            }
             _ => {}
         }
     }
@@ -282,13 +284,7 @@ fn report_text(r: &Report, tense: Tense) -> String {
         rows.push(vec![verb("remove", "removed"), format!("device {id}"), "half-made, half-deleted, or no snapshot or volume uses it".to_owned()]);
     }
     for o in &r.orphans {
-        let kind = match o.kind.as_str() {
-            "loop" => "loop device",
-            "dm_device" => "dm device",
-            "thin_id" => "thin id",
-            other => other,
-        };
-        rows.push(vec![verb("remove", "removed"), format!("{kind} {}", o.what), "not in the store".to_owned()]);
+        rows.push(vec![verb("remove", "removed"), orphan_name(o), "not in the store".to_owned()]);
     }
     for id in &r.reattached {
         rows.push(vec![verb("re-attach", "re-attached"), format!("device {id}"), "active, but not attached".to_owned()]);
@@ -301,6 +297,9 @@ fn report_text(r: &Report, tense: Tense) -> String {
     }
     for f in &r.failed {
         rows.push(vec!["FAILED".to_owned(), format!("device {}", f.device), format!("{}: {}", f.repair, f.error)]);
+    }
+    for f in &r.orphans_failed {
+        rows.push(vec!["FAILED".to_owned(), orphan_name(&f.orphan), format!("remove: {}", f.error)]);
     }
     table(&rows) + &summary(r, tense) + "\n"
 }
@@ -317,11 +316,18 @@ fn summary(r: &Report, tense: Tense) -> String {
             ids(&r.missing)
         )
     };
-    let failed = if r.failed.is_empty() {
+    let devices: Vec<u64> = r.failed.iter().map(|f| f.device).collect();
+    let unrepaired: Vec<String> = [
+        (!devices.is_empty()).then(|| format!("{} device(s) ({})", devices.len(), ids(&devices))),
+        (!r.orphans_failed.is_empty()).then(|| format!("{} orphan(s)", r.orphans_failed.len())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let failed = if unrepaired.is_empty() {
         String::new()
     } else {
-        let devices: Vec<u64> = r.failed.iter().map(|f| f.device).collect();
-        format!("; {} device(s) could not be repaired and were left as they were ({}): see the errors above", devices.len(), ids(&devices))
+        format!("; {} could not be repaired and were left as they were: see the errors above", unrepaired.join(" and "))
     };
     let missing = missing + &failed;
     match tense {
@@ -331,6 +337,17 @@ fn summary(r: &Report, tense: Tense) -> String {
         Tense::Did if r.is_clean() => "gc: nothing to clean".to_owned(),
         Tense::Did => format!("gc: cleaned up {fixable} finding(s){missing}"),
     }
+}
+
+/// "loop device /dev/loop9", "file /p/devices/9.img", …
+fn orphan_name(o: &Orphan) -> String {
+    let kind = match o.kind.as_str() {
+        "loop" => "loop device",
+        "dm_device" => "dm device",
+        "thin_id" => "thin id",
+        other => other,
+    };
+    format!("{kind} {}", o.what)
 }
 
 fn ids(v: &[u64]) -> String {
@@ -360,7 +377,7 @@ fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Orphan, Space};
+    use crate::model::Space;
 
     fn reflink_status() -> PoolStatus {
         PoolStatus {
@@ -618,7 +635,7 @@ mod tests {
             v,
             serde_json::json!({
                 "clean": false, "devices_removed": [7], "reattached": [], "detached": [],
-                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": [], "failed": []
+                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": [], "failed": [], "orphans_failed": []
             })
         );
         assert_eq!(err, "check: 2 finding(s); `thinboxctl gc` cleans them up\n");
@@ -630,7 +647,7 @@ mod tests {
 
     #[test]
     fn gc_exits_1_when_it_left_a_device_it_could_not_repair() {
-        use crate::model::Failure;
+        use crate::model::{Failure, OrphanFailure};
         let (outcome, out, _) = run(&Answer::Gc(report(&[7], &[], &[])), false);
         assert_eq!((outcome, out.lines().last()), (Outcome::Ok, Some("gc: cleaned up 1 finding(s)")));
 
@@ -644,13 +661,28 @@ mod tests {
             out,
             "removed  device 7  half-made, half-deleted, or no snapshot or volume uses it\n\
              FAILED   device 3  reattach: open /p/devices/3.img: EPERM\n\
-             gc: cleaned up 1 finding(s); 1 device(s) could not be repaired and were left as they were (3): see the errors above\n"
+             gc: cleaned up 1 finding(s); 1 device(s) (3) could not be repaired and were left as they were: see the errors above\n"
         );
         let (outcome, out, err) = run(&Answer::Gc(r), true);
         assert_eq!(outcome, Outcome::Findings);
         let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
         assert_eq!(v["failed"], serde_json::json!([{"device": 3, "repair": "reattach", "error": "open /p/devices/3.img: EPERM"}]));
-        assert!(err.contains("1 device(s) could not be repaired"), "the verdict goes to stderr: {err}");
+        assert!(err.contains("1 device(s) (3) could not be repaired"), "the verdict goes to stderr: {err}");
+
+        let mut r = report(&[], &[], &[]);
+        let orphan = Orphan { kind: "file".into(), what: "/p/devices/9.img".into() };
+        r.orphans_failed = vec![OrphanFailure { orphan, error: "remove /p/devices/9.img: EPERM".into() }];
+        r.clean = r.is_clean();
+        let (outcome, out, _) = run(&Answer::Gc(r.clone()), false);
+        assert_eq!(outcome.exit_code(), 1);
+        assert_eq!(
+            out,
+            "FAILED  file /p/devices/9.img  remove: remove /p/devices/9.img: EPERM\n\
+             gc: cleaned up 0 finding(s); 1 orphan(s) could not be repaired and were left as they were: see the errors above\n"
+        );
+        let (_, out, _) = run(&Answer::Gc(r), true);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
+        assert_eq!(v["orphans_failed"], serde_json::json!([{"kind": "file", "what": "/p/devices/9.img", "error": "remove /p/devices/9.img: EPERM"}]));
     }
 
     #[test]

@@ -302,6 +302,7 @@ fn reconcile_report(r: BlockReport) -> ReconcileReport {
         orphans: r.orphans.into_iter().map(orphan).collect(),
         missing: ids(r.missing),
         failed: r.failed.into_iter().map(|f| DeviceFailure { device: f.id.0, repair: f.repair.as_str().to_owned(), error: f.error }).collect(),
+        orphans_failed: r.orphans_failed.into_iter().map(|f| OrphanFailure { orphan: Some(orphan(f.orphan)), error: f.error }).collect(),
     }
 }
 
@@ -446,9 +447,12 @@ mod tests {
             missing: vec![DeviceId(5)],
             held: vec![DeviceId(6)],
             failed: vec![BlockFailure { id: DeviceId(7), repair: Repair::Reattach, error: "attach: EPERM".into() }],
+            orphans_failed: vec![thinbox_blockstore::OrphanFailure { orphan: BlockOrphan::ThinId(8), error: "delete: EIO".into() }],
         });
         assert_eq!((r.devices_removed, r.reattached, r.detached, r.missing), (vec![1], vec![2], vec![3], vec![5]));
         assert_eq!(r.failed, [DeviceFailure { device: 7, repair: "reattach".into(), error: "attach: EPERM".into() }]);
+        let thin = Orphan { kind: "thin_id".into(), what: "8".into() };
+        assert_eq!(r.orphans_failed, [OrphanFailure { orphan: Some(thin), error: "delete: EIO".into() }]);
         let orphans: Vec<_> = r.orphans.iter().map(|o| (o.kind.as_str(), o.what.as_str())).collect();
         assert_eq!(orphans, [("file", "/p/devices/9.img"), ("loop", "/dev/loop9"), ("dm_device", "thinbox-x-9"), ("thin_id", "9")]);
     }

@@ -123,6 +123,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         devices_removed = report.devices_removed.len(),
         missing = report.missing.len(),
         failed = report.failed.len(),
+        orphans_failed = report.orphans_failed.len(),
         elapsed_ms = start.elapsed().as_millis() as u64,
         "pool open and reconciled"
     );

@@ -240,7 +240,7 @@ async fn a_device_the_daemon_cannot_repair_does_not_stop_its_start() {
     assert_eq!(failed.len(), 1, "{report}");
     assert_eq!((&failed[0]["device"], &failed[0]["repair"]), (&serde_json::json!(id), &serde_json::json!("reattach")));
     assert!(failed[0]["error"].as_str().unwrap().contains(image.to_str().unwrap()), "the error names the image: {report}");
-    assert!(gc.stderr.contains("1 device(s) could not be repaired"), "{}", gc.stderr);
+    assert!(gc.stderr.contains(&format!("1 device(s) ({id}) could not be repaired")), "{}", gc.stderr);
     let human = ctl(&d.socket, &["gc"]);
     assert_eq!(human.code, 1);
     assert!(human.stdout.contains(&format!("FAILED  device {id}  reattach: ")), "{}", human.stdout);
