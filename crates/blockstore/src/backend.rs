@@ -43,7 +43,8 @@ pub struct PoolStatus {
     /// after a failure, or still open on dm-thin; filled in by the pool).
     pub deleting: u64,
     /// Of those, in use (an active snapshot or view, a volume) but not
-    /// attached: their re-attach failed (filled in by the pool).
+    /// attached: their re-attach failed, or their attach is under way
+    /// (filled in by the pool).
     pub unattached: u64,
     /// Thin pool metadata: capacity and use (dm-thin only).
     pub metadata: Option<Space>,
