@@ -49,7 +49,7 @@ pub const DEFAULT_MIN_AGE: u64 = 600;
 /// Exit code: success (and for `check`: nothing to clean).
 pub const EXIT_OK: u8 = 0;
 /// Exit code: `check` found something to clean or a device whose storage is
-/// missing, or `gc` left a device it could not repair.
+/// missing, or `gc` left a device or orphan it could not repair.
 pub const EXIT_FINDINGS: u8 = 1;
 /// Exit code: the daemon (or, for `gc --containerd`, containerd) could not be
 /// reached or refused, or bad usage.
@@ -62,7 +62,7 @@ pub const EXIT_ERROR: u8 = 2;
     version,
     about = "Inspect and clean up the pool of a running thinboxd; probe this host for VM sandboxes (host)",
     after_help = "Exit codes: 0 success; 1 `check` found something to clean or a device whose storage is missing, \
-                  or `gc` left a device it could not repair; \
+                  or `gc` left a device or orphan it could not repair; \
                   2 the daemon (or for gc --containerd: containerd) could not be reached or refused the request, or bad usage."
 )]
 pub struct Cli {

@@ -16,7 +16,7 @@ pub enum Outcome {
     /// Success; for `check`: nothing to clean.
     Ok,
     /// `check` found something to clean or a device whose storage is
-    /// missing; `gc` failed to repair a device.
+    /// missing; `gc` failed to repair a device or orphan.
     Findings,
 }
 
