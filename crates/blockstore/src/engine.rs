@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use redb::WriteTransaction;
@@ -29,6 +29,35 @@ use crate::units::DeviceId;
 
 /// How long a retry for space waits at most for deleted devices' space to show.
 const FREED_SPACE_WAIT: Duration = Duration::from_secs(2);
+
+/// The wait before reconciling again after the `n`-th reconciliation in a row
+/// (1-based) that left something unrepaired: soon at first, for a cause that
+/// clears by itself, then every ten minutes.
+fn retry_after(n: u32) -> Duration {
+    Duration::from_secs(1 << n.saturating_sub(1).min(10)).min(Duration::from_secs(600))
+}
+
+/// Reconciliations in a row that did not converge, and when the next is due.
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    due: Option<Instant>,
+}
+
+impl Retry {
+    fn note(&mut self, converged: bool, now: Instant) {
+        *self = if converged {
+            Retry::default()
+        } else {
+            let failures = self.failures.saturating_add(1);
+            Retry { failures, due: Some(now + retry_after(failures)) }
+        };
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        self.due.is_some_and(|t| t <= now)
+    }
+}
 
 /// Settings key: every consumer that ever opened this root.
 const CONSUMERS: &str = "consumers";
@@ -52,6 +81,7 @@ pub struct Engine {
     gate: Arc<RwLock<()>>,
     deleter: Deleter,
     consumers: Vec<Box<dyn Consumer>>,
+    retry: Mutex<Retry>,
 }
 
 impl Engine {
@@ -80,7 +110,7 @@ impl Engine {
         pool.store().set_setting(CONSUMERS, &all.join(","))?;
         let gate = Arc::new(RwLock::new(()));
         let deleter = Deleter::start(pool.clone(), gate.clone()).map_err(Error::io("start the deleter thread for", root))?;
-        Ok(Engine { pool, gate, deleter, consumers })
+        Ok(Engine { pool, gate, deleter, consumers, retry: Mutex::default() })
     }
 
     /// The device pool.
@@ -176,6 +206,12 @@ impl Engine {
     /// At start, and on request (`Cleanup`, `thinboxctl gc`): it finishes
     /// every pending deletion synchronously.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let result = self.reconcile_once();
+        self.retry().note(result.as_ref().is_ok_and(|r| !r.unrepaired()), Instant::now());
+        result
+    }
+
+    fn reconcile_once(&self) -> Result<ReconcileReport> {
         let _g = self.exclusive();
         let report = self.converge(true)?;
         // Reconciliation destroyed every device not `Ready`, so every queued
@@ -188,12 +224,35 @@ impl Engine {
         for f in report.failed.iter().filter(|f| f.repair == Repair::Remove) {
             self.deleter.push_failed(f.id);
         }
-        if report.failed.is_empty() && report.orphans_failed.is_empty() {
-            tracing::info!(?report, "reconciled");
-        } else {
+        if report.unrepaired() {
             tracing::warn!(?report, "reconciled, but some devices or orphans could not be repaired");
+        } else {
+            tracing::info!(?report, "reconciled");
         }
         Ok(report)
+    }
+
+    /// Reconciles again if the last reconciliation did not converge (it
+    /// failed, or left devices or orphans it could not repair) and its retry
+    /// is due: a cause that goes away by itself (a full loop table, an I/O
+    /// error, an operator's `chattr`) must not leave a device unattached, or
+    /// its space taken, until someone runs `thinboxctl gc`. Retries back off
+    /// from 1 s to every ten minutes; any successful reconciliation ends them.
+    /// `None` if none was due. The daemon's maintenance loop calls this.
+    pub fn heal(&self) -> Option<Result<ReconcileReport>> {
+        let attempt = {
+            let retry = self.retry();
+            if !retry.is_due(Instant::now()) {
+                return None;
+            }
+            retry.failures
+        };
+        tracing::info!(attempt, "reconciling again: the last reconciliation left the pool unrepaired");
+        Some(self.reconcile())
+    }
+
+    fn retry(&self) -> MutexGuard<'_, Retry> {
+        self.retry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What [`Engine::reconcile`] would do, changing nothing; also devices
@@ -235,5 +294,27 @@ impl Engine {
         // Deletes the deleter did not get to are made durable too.
         self.pool.store().persist()?;
         self.pool.shutdown(release)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_ten_minutes_and_a_converged_pass_ends_them() {
+        let t0 = Instant::now();
+        let mut r = Retry::default();
+        assert!(!r.is_due(t0 + Duration::from_secs(3600)), "nothing to retry");
+        r.note(false, t0);
+        assert!(!r.is_due(t0) && r.is_due(t0 + Duration::from_secs(1)));
+        let waits: Vec<u64> = (1..=12).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        r.note(false, t0);
+        assert_eq!((r.failures, r.due), (2, Some(t0 + Duration::from_secs(2))));
+        r.note(true, t0);
+        assert!(!r.is_due(t0 + Duration::from_secs(3600)));
+        assert_eq!(r.failures, 0);
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(600));
     }
 }

@@ -65,6 +65,13 @@ pub struct ReconcileReport {
     pub orphans_failed: Vec<OrphanFailure>,
 }
 
+impl ReconcileReport {
+    /// Whether some device or orphan could not be brought in line.
+    pub fn unrepaired(&self) -> bool {
+        !self.failed.is_empty() || !self.orphans_failed.is_empty()
+    }
+}
+
 /// A device reconciliation failed to remove, re-attach or detach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DeviceFailure {

@@ -229,8 +229,12 @@ impl Report {
             && self.detached.is_empty()
             && self.orphans.is_empty()
             && self.missing.is_empty()
-            && self.failed.is_empty()
-            && self.orphans_failed.is_empty()
+            && !self.unrepaired()
+    }
+
+    /// Whether some device or orphan could not be repaired.
+    pub fn unrepaired(&self) -> bool {
+        !self.failed.is_empty() || !self.orphans_failed.is_empty()
     }
 }
 

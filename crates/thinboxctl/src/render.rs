@@ -42,15 +42,13 @@ pub fn render(answer: &Answer, json: bool, out: &mut dyn Write, err: &mut dyn Wr
     out.flush()?;
     let outcome = match answer {
         Answer::Check(r) if !r.clean => Outcome::Findings,
-        Answer::Gc(r) if !r.failed.is_empty() || !r.orphans_failed.is_empty() => Outcome::Findings,
+        Answer::Gc(r) if r.unrepaired() => Outcome::Findings,
         _ => Outcome::Ok,
     };
     if json {
         match answer {
             Answer::Check(r) if !r.clean => writeln!(err, "{}", summary(r, Tense::Would))?,
-            Answer::Gc(r) if !r.missing.is_empty() || !r.failed.is_empty() || !r.orphans_failed.is_empty() => {
-                writeln!(err, "{}", summary(r, Tense::Did))?
-            }
+            Answer::Gc(r) if !r.missing.is_empty() || r.unrepaired() => writeln!(err, "{}", summary(r, Tense::Did))?,
             _ => {}
         }
     }

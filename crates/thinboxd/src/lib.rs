@@ -251,9 +251,11 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<M
     }
 }
 
-/// Grows the pool ahead of need where the backend can, gives freed blocks
-/// back to the root (the pool's and the `dir` volumes'), and returns the
-/// store's failure once it has failed for good: then the daemon must restart.
+/// Reconciles again while the last reconciliation left something unrepaired
+/// ([`Engine::heal`]), grows the pool ahead of need where the backend can,
+/// gives freed blocks back to the root (the pool's and the `dir` volumes'),
+/// and returns the store's failure once it has failed for good: then the
+/// daemon must restart.
 async fn maintain(engine: Arc<Engine>, driver: Arc<Driver>) -> thinbox_blockstore::Error {
     loop {
         let (e, d) = (engine.clone(), driver.clone());
@@ -261,6 +263,9 @@ async fn maintain(engine: Arc<Engine>, driver: Arc<Driver>) -> thinbox_blockstor
         // low-water mark) or MAINTAIN_EVERY; aborting the task at shutdown
         // lets the current round finish.
         let round = tokio::task::spawn_blocking(move || {
+            if let Some(Err(err)) = e.heal() {
+                tracing::warn!(error = %thinbox_daemon::chain(&err), "reconciling the pool again");
+            }
             if let Err(e) = d.maintain() {
                 tracing::warn!(error = %thinbox_daemon::chain(&e), "volume maintenance");
             }
