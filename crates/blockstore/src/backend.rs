@@ -94,6 +94,9 @@ pub struct Sweep {
     /// Could not be removed: one orphan that cannot go must not keep the rest
     /// of the pool, and so a daemon start, from converging.
     pub failed: Vec<OrphanFailure>,
+    /// Still open (a dm device's removal the kernel deferred holds its thin
+    /// id): a later pass removes them once let go.
+    pub held: Vec<Orphan>,
 }
 
 impl Sweep {

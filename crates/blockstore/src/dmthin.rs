@@ -678,6 +678,7 @@ impl Backend for DmThin {
                 // Still held open (its dm device's removal deferred): a
                 // later pass deletes it; this one carries on.
                 tracing::warn!(error = %e, "orphan thin id kept for now");
+                sweep.held.push(Orphan::ThinId(thin));
                 continue;
             }
             sweep.book(Orphan::ThinId(thin), removal);

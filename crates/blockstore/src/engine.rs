@@ -207,7 +207,7 @@ impl Engine {
     /// every pending deletion synchronously.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
         let result = self.reconcile_once();
-        self.retry().note(result.as_ref().is_ok_and(|r| !r.unrepaired()), Instant::now());
+        self.retry().note(result.as_ref().is_ok_and(ReconcileReport::converged), Instant::now());
         result
     }
 
@@ -233,10 +233,11 @@ impl Engine {
     }
 
     /// Reconciles again if the last reconciliation did not converge (it
-    /// failed, or left devices or orphans it could not repair) and its retry
-    /// is due: a cause that goes away by itself (a full loop table, an I/O
-    /// error, an operator's `chattr`) must not leave a device unattached, or
-    /// its space taken, until someone runs `thinboxctl gc`. Retries back off
+    /// failed, left devices or orphans it could not repair, or kept an orphan
+    /// still open) and its retry is due: a cause that goes away by itself (a
+    /// full loop table, an I/O error, an operator's `chattr`, a VMM letting go)
+    /// must not leave a device unattached, or its space taken, until someone
+    /// runs `thinboxctl gc` or the daemon restarts. Retries back off
     /// from 1 s to every ten minutes; any successful reconciliation ends them.
     /// `None` if none was due. The daemon's maintenance loop calls this.
     pub fn heal(&self) -> Option<Result<ReconcileReport>> {
@@ -247,7 +248,7 @@ impl Engine {
             }
             retry.failures
         };
-        tracing::info!(attempt, "reconciling again: the last reconciliation left the pool unrepaired");
+        tracing::info!(attempt, "reconciling again: the last reconciliation did not converge");
         Some(self.reconcile())
     }
 

@@ -63,12 +63,21 @@ pub struct ReconcileReport {
     pub failed: Vec<DeviceFailure>,
     /// Orphans that could not be removed, likewise.
     pub orphans_failed: Vec<OrphanFailure>,
+    /// Orphans still open (a VMM holding a dm device that had lost its
+    /// record): a later pass removes them once let go.
+    pub orphans_held: Vec<Orphan>,
 }
 
 impl ReconcileReport {
     /// Whether some device or orphan could not be brought in line.
     pub fn unrepaired(&self) -> bool {
         !self.failed.is_empty() || !self.orphans_failed.is_empty()
+    }
+
+    /// Whether the pool is now what the records say, but for devices still
+    /// open that the deleter retries: nothing unrepaired, no orphan kept.
+    pub fn converged(&self) -> bool {
+        !self.unrepaired() && self.orphans_held.is_empty()
     }
 }
 
@@ -494,7 +503,7 @@ impl Pool {
             }
         }
         let sweep = self.backend.remove_unknown(&known, apply)?;
-        (report.orphans, report.orphans_failed) = (sweep.removed, sweep.failed);
+        (report.orphans, report.orphans_failed, report.orphans_held) = (sweep.removed, sweep.failed, sweep.held);
         Ok(report)
     }
 

@@ -445,6 +445,8 @@ fn an_orphan_still_open_does_not_stop_reconciliation() {
         vec![Orphan::DmDevice(format!("{prefix}-{}", held.0)), Orphan::ThinId(777)],
         "the free orphan goes, the held one is not claimed"
     );
+    assert_eq!(report.orphans_held, vec![Orphan::ThinId(held.0)]);
+    assert!(!report.converged(), "a held orphan is left for a later pass");
     assert_eq!(thin_ids(&pool), vec![held.0]);
 
     drop(holder);
@@ -456,6 +458,45 @@ fn an_orphan_still_open_does_not_stop_reconciliation() {
     }
     pool.shutdown(true).unwrap();
     assert!(dm_devices(&prefix).is_empty());
+}
+
+/// The same through the engine, with no one asking: the daemon's maintenance
+/// loop calls `heal`, which reconciles again (after a back-off) while a pass
+/// has kept a held orphan, and removes it once let go.
+#[test]
+fn an_orphan_still_open_goes_once_let_go_with_no_one_asking() {
+    let dir = tmp();
+    let engine = Engine::open(&dir.path().join("state"), thin_cfg(ThinConfig::default()), Vec::new()).unwrap();
+    let pool = engine.pool();
+    let (held, node) = create(pool, spec(256 << 20, None, Some(Access::ReadWrite)));
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(node.unwrap()).unwrap();
+    let txn = pool.store().write().unwrap();
+    Devices::open(&txn).unwrap().delete(held).unwrap();
+    txn.commit().unwrap();
+
+    assert_eq!(engine.reconcile().unwrap().orphans_held, vec![Orphan::ThinId(held.0)]);
+    assert!(engine.heal().is_none(), "the retry waits a second");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let report = engine.heal().expect("a retry is due").unwrap();
+    assert_eq!(report.orphans_held, vec![Orphan::ThinId(held.0)], "still open: kept again");
+    assert_eq!(thin_ids(pool), vec![held.0]);
+
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let report = loop {
+        if let Some(report) = engine.heal() {
+            let report = report.unwrap();
+            if report.converged() {
+                break report;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "still kept 30 s after its last close");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(report.orphans, vec![Orphan::ThinId(held.0)]);
+    assert_eq!(thin_ids(pool), Vec::<u64>::new());
+    assert!(engine.heal().is_none(), "a converged pass ends the retries");
+    engine.shutdown(true).unwrap();
 }
 
 /// Collects a test's log lines.

@@ -448,6 +448,7 @@ mod tests {
             held: vec![DeviceId(6)],
             failed: vec![BlockFailure { id: DeviceId(7), repair: Repair::Reattach, error: "attach: EPERM".into() }],
             orphans_failed: vec![thinbox_blockstore::OrphanFailure { orphan: BlockOrphan::ThinId(8), error: "delete: EIO".into() }],
+            orphans_held: vec![BlockOrphan::ThinId(10)],
         });
         assert_eq!((r.devices_removed, r.reattached, r.detached, r.missing), (vec![1], vec![2], vec![3], vec![5]));
         assert_eq!(r.failed, [DeviceFailure { device: 7, repair: "reattach".into(), error: "attach: EPERM".into() }]);
