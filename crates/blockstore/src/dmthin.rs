@@ -673,11 +673,15 @@ impl Backend for DmThin {
             sweep.book(Orphan::DmDevice(name), apply.then(|| self.deactivate(id)));
         }
         for thin in self.thin_ls()?.into_keys().filter(|t| !known.contains(&DeviceId(*t))) {
-            let removal = apply.then(|| self.delete_thin(DeviceId(thin)));
+            let id = DeviceId(thin);
+            // A check finds what gc would: a device still open keeps its id.
+            let removal = if apply { Some(self.delete_thin(id)) } else { self.held(id)?.then_some(Err(Error::DeviceBusy(id))) };
             if let Some(Err(e @ Error::DeviceBusy(_))) = &removal {
                 // Still held open (its dm device's removal deferred): a
                 // later pass deletes it; this one carries on.
-                tracing::warn!(error = %e, "orphan thin id kept for now");
+                if apply {
+                    tracing::warn!(error = %e, "orphan thin id kept for now");
+                }
                 sweep.held.push(Orphan::ThinId(thin));
                 continue;
             }

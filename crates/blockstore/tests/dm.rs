@@ -439,6 +439,9 @@ fn an_orphan_still_open_does_not_stop_reconciliation() {
     txn.commit().unwrap();
     sh("dmsetup", &["message", &format!("{prefix}-pool"), "0", "create_thin 777"]);
 
+    let check = pool.check(&HashSet::new()).unwrap();
+    let dm = Orphan::DmDevice(format!("{prefix}-{}", held.0));
+    assert_eq!((check.orphans, check.orphans_held), (vec![dm, Orphan::ThinId(777)], vec![Orphan::ThinId(held.0)]), "check finds what gc will do");
     let report = pool.reconcile(&HashSet::new()).unwrap();
     assert_eq!(
         report.orphans,
