@@ -317,7 +317,10 @@ fn summary(r: &Report, tense: Tense) -> String {
     let devices: Vec<u64> = r.failed.iter().map(|f| f.device).collect();
     let unrepaired: Vec<String> = [
         (!devices.is_empty()).then(|| format!("{} device(s) ({})", devices.len(), ids(&devices))),
-        (!r.orphans_failed.is_empty()).then(|| format!("{} orphan(s)", r.orphans_failed.len())),
+        (!r.orphans_failed.is_empty()).then(|| {
+            let names: Vec<String> = r.orphans_failed.iter().map(|f| orphan_name(&f.orphan)).collect();
+            format!("{} orphan(s) ({})", names.len(), names.join(", "))
+        }),
     ]
     .into_iter()
     .flatten()
@@ -676,7 +679,7 @@ mod tests {
         assert_eq!(
             out,
             "FAILED  file /p/devices/9.img  remove: remove /p/devices/9.img: EPERM\n\
-             gc: cleaned up 0 finding(s); 1 orphan(s) could not be repaired and were left as they were: see the errors above\n"
+             gc: cleaned up 0 finding(s); 1 orphan(s) (file /p/devices/9.img) could not be repaired and were left as they were: see the errors above\n"
         );
         let (_, out, _) = run(&Answer::Gc(r), true);
         let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
