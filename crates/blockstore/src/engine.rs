@@ -31,8 +31,8 @@ use crate::units::DeviceId;
 const FREED_SPACE_WAIT: Duration = Duration::from_secs(2);
 
 /// The wait before reconciling again after the `n`-th reconciliation in a row
-/// (1-based) that left something unrepaired: soon at first, for a cause that
-/// clears by itself, then every ten minutes.
+/// (1-based) that did not converge: soon at first, for a cause that clears by
+/// itself, then every ten minutes.
 fn retry_after(n: u32) -> Duration {
     Duration::from_secs(1 << n.saturating_sub(1).min(10)).min(Duration::from_secs(600))
 }
@@ -237,8 +237,8 @@ impl Engine {
     /// still open) and its retry is due: a cause that goes away by itself (a
     /// full loop table, an I/O error, an operator's `chattr`, a VMM letting go)
     /// must not leave a device unattached, or its space taken, until someone
-    /// runs `thinboxctl gc` or the daemon restarts. Retries back off
-    /// from 1 s to every ten minutes; any successful reconciliation ends them.
+    /// runs `thinboxctl gc` or the daemon restarts. Retries back off from 1 s
+    /// to every ten minutes; any reconciliation that converges ends them.
     /// `None` if none was due. The daemon's maintenance loop calls this.
     pub fn heal(&self) -> Option<Result<ReconcileReport>> {
         let attempt = {

@@ -251,7 +251,7 @@ async fn sweep_forgotten(snapshots: Arc<Snapshots>, sweep: Sweep, metrics: Arc<M
     }
 }
 
-/// Reconciles again while the last reconciliation left something unrepaired
+/// Reconciles again while the last reconciliation did not converge
 /// ([`Engine::heal`]), grows the pool ahead of need where the backend can,
 /// gives freed blocks back to the root (the pool's and the `dir` volumes'),
 /// and returns the store's failure once it has failed for good: then the
