@@ -457,6 +457,7 @@ impl Pool {
                 if !apply {
                     if self.backend.held(rec.id)? {
                         known.insert(rec.id);
+                        report.held.push(rec.id);
                     } else {
                         report.devices_removed.push(rec.id);
                     }

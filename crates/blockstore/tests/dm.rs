@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, Engine, ErrorKind, Orphan, Pool, PoolConfig, ThinConfig};
+use thinbox_blockstore::{Access, BackendKind, Bytes, Devices, DmThin, Engine, ErrorKind, Orphan, Pool, PoolConfig, ReconcileReport, ThinConfig};
 
 /// A thin pool of `size` that does not grow.
 fn cfg(size: u64) -> PoolConfig {
@@ -370,10 +370,11 @@ fn a_device_still_open_keeps_its_record_until_it_is_really_deleted() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(pool.store().device(dev).unwrap().is_some(), "the record keeps the id: {err}");
     assert_eq!(thin_ids(&pool), vec![dev.0], "the thin id is still the pool's");
-    assert_eq!(pool.check(&HashSet::new()).unwrap(), Default::default(), "check offers nothing that gc would not do");
+    let check = pool.check(&HashSet::new()).unwrap();
+    assert_eq!(check, ReconcileReport { held: vec![dev], ..Default::default() }, "check offers nothing that gc would not do");
     // Reconciliation (every start, Cleanup) keeps it too, and carries on.
     let report = pool.reconcile(&HashSet::new()).unwrap();
-    assert_eq!(report.devices_removed, Vec::new());
+    assert_eq!((report.devices_removed, report.held), (Vec::new(), vec![dev]));
     assert_eq!(report.orphans, Vec::new(), "its thin id is no orphan");
     assert_eq!(thin_ids(&pool), vec![dev.0]);
 

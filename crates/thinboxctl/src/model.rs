@@ -185,6 +185,11 @@ pub struct Report {
     pub failed: Vec<Failure>,
     /// Orphans gc could not remove, likewise.
     pub orphans_failed: Vec<OrphanFailure>,
+    /// Removed devices still open (a VMM holding them): nothing for gc to do,
+    /// the daemon deletes them once let go.
+    pub held: Vec<u64>,
+    /// Orphans still open, likewise.
+    pub orphans_held: Vec<Orphan>,
 }
 
 /// An orphan reconciliation could not remove.
@@ -253,6 +258,8 @@ impl From<proto::ReconcileReport> for Report {
                 .into_iter()
                 .map(|f| OrphanFailure { orphan: f.orphan.map(Orphan::from).unwrap_or_default(), error: f.error })
                 .collect(),
+            held: r.held,
+            orphans_held: r.orphans_held.into_iter().map(Orphan::from).collect(),
         };
         out.clean = out.is_clean();
         out

@@ -299,6 +299,12 @@ fn report_text(r: &Report, tense: Tense) -> String {
     for f in &r.orphans_failed {
         rows.push(vec!["FAILED".to_owned(), orphan_name(&f.orphan), format!("remove: {}", f.error)]);
     }
+    for id in &r.held {
+        rows.push(vec!["held".to_owned(), format!("device {id}"), "removed, but still open (a VMM holding it): deleted once let go".to_owned()]);
+    }
+    for o in &r.orphans_held {
+        rows.push(vec!["held".to_owned(), orphan_name(o), "not in the store, but still open: removed once let go".to_owned()]);
+    }
     table(&rows) + &summary(r, tense) + "\n"
 }
 
@@ -330,12 +336,14 @@ fn summary(r: &Report, tense: Tense) -> String {
     } else {
         format!("; {} could not be repaired and were left as they were: see the errors above", unrepaired.join(" and "))
     };
-    let missing = missing + &failed;
+    let open = r.held.len() + r.orphans_held.len();
+    let held = if open == 0 { String::new() } else { format!("; {open} still open, the daemon removes them once let go") };
+    let missing = missing + &failed + &held;
     match tense {
-        Tense::Would if r.is_clean() => "check: the pool matches the store; nothing to clean".to_owned(),
+        Tense::Would if r.is_clean() && open == 0 => "check: the pool matches the store; nothing to clean".to_owned(),
         Tense::Would if fixable == 0 => format!("check: nothing for gc to clean{missing}"),
         Tense::Would => format!("check: {fixable} finding(s); `thinboxctl gc` cleans them up{missing}"),
-        Tense::Did if r.is_clean() => "gc: nothing to clean".to_owned(),
+        Tense::Did if r.is_clean() && open == 0 => "gc: nothing to clean".to_owned(),
         Tense::Did => format!("gc: cleaned up {fixable} finding(s){missing}"),
     }
 }
@@ -636,7 +644,8 @@ mod tests {
             v,
             serde_json::json!({
                 "clean": false, "devices_removed": [7], "reattached": [], "detached": [],
-                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": [], "failed": [], "orphans_failed": []
+                "orphans": [{"kind": "file", "what": "/p/devices/999.img"}], "missing": [], "failed": [], "orphans_failed": [],
+                "held": [], "orphans_held": []
             })
         );
         assert_eq!(err, "check: 2 finding(s); `thinboxctl gc` cleans them up\n");
@@ -684,6 +693,31 @@ mod tests {
         let (_, out, _) = run(&Answer::Gc(r), true);
         let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
         assert_eq!(v["orphans_failed"], serde_json::json!([{"kind": "file", "what": "/p/devices/9.img", "error": "remove /p/devices/9.img: EPERM"}]));
+    }
+
+    /// A removed device or an orphan still open is nothing for gc to do: it
+    /// is shown, with why it is still there, and changes no exit code.
+    #[test]
+    fn devices_and_orphans_still_open_are_shown_but_are_no_finding() {
+        let mut r = report(&[], &[], &[]);
+        r.held = vec![6];
+        r.orphans_held = vec![Orphan { kind: "thin_id".into(), what: "10".into() }];
+        r.clean = r.is_clean();
+        let (outcome, out, _) = run(&Answer::Check(r.clone()), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert_eq!(
+            out,
+            "held  device 6    removed, but still open (a VMM holding it): deleted once let go\n\
+             held  thin id 10  not in the store, but still open: removed once let go\n\
+             check: nothing for gc to clean; 2 still open, the daemon removes them once let go\n"
+        );
+        let (outcome, out, _) = run(&Answer::Gc(r.clone()), false);
+        assert_eq!(outcome, Outcome::Ok);
+        assert!(out.ends_with("gc: cleaned up 0 finding(s); 2 still open, the daemon removes them once let go\n"), "{out}");
+        let (_, out, err) = run(&Answer::Gc(r), true);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stdout is only JSON");
+        assert_eq!((&v["held"], &v["orphans_held"]), (&serde_json::json!([6]), &serde_json::json!([{"kind": "thin_id", "what": "10"}])));
+        assert_eq!(err, "", "nothing to say on stderr");
     }
 
     #[test]

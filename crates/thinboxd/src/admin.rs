@@ -303,6 +303,8 @@ fn reconcile_report(r: BlockReport) -> ReconcileReport {
         missing: ids(r.missing),
         failed: r.failed.into_iter().map(|f| DeviceFailure { device: f.id.0, repair: f.repair.as_str().to_owned(), error: f.error }).collect(),
         orphans_failed: r.orphans_failed.into_iter().map(|f| OrphanFailure { orphan: Some(orphan(f.orphan)), error: f.error }).collect(),
+        held: ids(r.held),
+        orphans_held: r.orphans_held.into_iter().map(orphan).collect(),
     }
 }
 
@@ -454,6 +456,7 @@ mod tests {
         assert_eq!(r.failed, [DeviceFailure { device: 7, repair: "reattach".into(), error: "attach: EPERM".into() }]);
         let thin = Orphan { kind: "thin_id".into(), what: "8".into() };
         assert_eq!(r.orphans_failed, [OrphanFailure { orphan: Some(thin), error: "delete: EIO".into() }]);
+        assert_eq!((r.held, r.orphans_held), (vec![6], vec![Orphan { kind: "thin_id".into(), what: "10".into() }]));
         let orphans: Vec<_> = r.orphans.iter().map(|o| (o.kind.as_str(), o.what.as_str())).collect();
         assert_eq!(orphans, [("file", "/p/devices/9.img"), ("loop", "/dev/loop9"), ("dm_device", "thinbox-x-9"), ("thin_id", "9")]);
     }
